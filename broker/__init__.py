@@ -1,0 +1,72 @@
+"""Shared plumbing of Signalbox and the agent SDK.
+
+``broker`` never imports ``services``. Public API::
+
+    from broker import Agent, Settings, EmbeddedServer, Subjects, connect
+"""
+
+from __future__ import annotations
+
+from broker.agent import Agent, CallContext
+from broker.audit import AuditEmitter, new_id
+from broker.codec import decode, encode
+from broker.connection import connect
+from broker.errors import (
+    BadRequest,
+    CallDenied,
+    CallError,
+    CallTimeout,
+    ConfigError,
+    Conflict,
+    ControlPlaneUnavailable,
+    InvalidInput,
+    InvalidSubjectToken,
+    NotFound,
+    PayloadTooLarge,
+    PortInUse,
+    RemoteError,
+    SchemaError,
+    ServerBinaryNotFound,
+    ServerError,
+    ServerStartTimeout,
+    SignalboxError,
+    TargetUnavailable,
+    UnknownTarget,
+)
+from broker.server import EmbeddedServer
+from broker.settings import Settings
+from broker.subjects import Subjects, validate_token
+
+__all__ = [
+    "Agent",
+    "AuditEmitter",
+    "BadRequest",
+    "CallContext",
+    "CallDenied",
+    "CallError",
+    "CallTimeout",
+    "ConfigError",
+    "Conflict",
+    "ControlPlaneUnavailable",
+    "EmbeddedServer",
+    "InvalidInput",
+    "InvalidSubjectToken",
+    "NotFound",
+    "PayloadTooLarge",
+    "PortInUse",
+    "RemoteError",
+    "SchemaError",
+    "ServerBinaryNotFound",
+    "ServerError",
+    "ServerStartTimeout",
+    "Settings",
+    "SignalboxError",
+    "Subjects",
+    "TargetUnavailable",
+    "UnknownTarget",
+    "connect",
+    "decode",
+    "encode",
+    "new_id",
+    "validate_token",
+]

@@ -1,0 +1,434 @@
+"""The agent SDK: register, serve capabilities, call other agents through the control plane.
+
+Example::
+
+    import msgspec
+    from broker import Agent
+    from schemas import AgentManifest
+
+    class Score(msgspec.Struct):
+        applicant: str
+
+    class Result(msgspec.Struct):
+        score: int
+
+    agent = Agent(AgentManifest(name="credit-check", version="1.0.0", owner="risk", team="risk"),
+                  nats_url="nats://127.0.0.1:4222")
+
+    @agent.capability("score", tags=("pii",))
+    async def score(req: Score) -> Result:
+        return Result(score=720)
+
+    async with agent:                                     # connect, register, serve
+        out = await agent.call("fraud-detection", "check", {"id": 1}, timeout=2.0)
+
+An agent never addresses another agent directly: ``call`` requests
+``sb.out.<self>.<target>.<capability>``; the policy service decides and
+forwards allowed calls to ``sb.in.<target>.<capability>``, where this SDK
+serves the handlers registered with :meth:`Agent.capability`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+import typing
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from broker.audit import new_id
+from broker.codec import decode, encode
+from broker.connection import connect
+from broker.errors import (
+    BadRequest,
+    CallTimeout,
+    ControlPlaneUnavailable,
+    InvalidInput,
+    RemoteError,
+    SignalboxError,
+)
+from broker.replies import (
+    H_CALL_ID,
+    H_CALLER,
+    H_DEADLINE,
+    H_MSG_ID,
+    H_TIMEOUT_MS,
+    H_TRACEPARENT,
+    error_from_reply,
+    error_reply,
+    is_error,
+)
+from broker.subjects import Subjects, inbox_prefix, validate_token
+from schemas import AgentManifest, Capability, CallMeta, Registered, UsageReport
+
+__all__ = ["Agent", "CallContext"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+HandlerFn = Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """What a capability handler knows about the call it serves.
+
+    Attributes:
+        meta: Caller, target, capability, call id, trace id, deadline.
+        headers: All NATS headers of the forwarded request.
+    """
+
+    meta: CallMeta
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def remaining(self) -> float:
+        """Seconds until the caller stops waiting (inf when unknown)."""
+        if not self.meta.deadline:
+            return float("inf")
+        return max(0.0, self.meta.deadline - time.time())
+
+
+@dataclass(slots=True)
+class _Cap:
+    spec: Capability
+    fn: HandlerFn
+    input_type: Any
+    wants_ctx: bool
+
+
+def _schema(tp: Any) -> dict[str, Any] | None:
+    if tp in (bytes, Any):
+        return None
+    try:
+        schema: dict[str, Any] = msgspec.json.schema(tp)
+    except TypeError:
+        return None
+    return schema
+
+
+class Agent:
+    """One running agent instance.
+
+    Args:
+        manifest: Who the agent is; capabilities declared with
+            :meth:`capability` are added to it at registration.
+        nats_url: Server URL(s), comma-separated.
+        subject_prefix: Prefix of Signalbox subjects (``sb``).
+        register: Register the manifest on start (set False when an operator
+            pre-registers the agent).
+        max_concurrency: Handler invocations running at once; further
+            requests wait in the subscription's buffer.
+        connect_options: Passed to :func:`nats.connect` (credentials, TLS...).
+    """
+
+    def __init__(
+        self,
+        manifest: AgentManifest,
+        *,
+        nats_url: str,
+        subject_prefix: str = "sb",
+        register: bool = True,
+        max_concurrency: int = 256,
+        **connect_options: Any,
+    ) -> None:
+        validate_token(manifest.name, what="agent name")
+        self.manifest = manifest
+        self.nats_url = nats_url
+        self.subjects = Subjects(subject_prefix)
+        self.register_on_start = register
+        self.connect_options = connect_options
+        self._caps: dict[str, _Cap] = {}
+        self._nc: Client | None = None
+        self._sub: Subscription | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self.registration: Registered | None = None
+
+    @property
+    def name(self) -> str:
+        """The agent's name (its identity on the bus)."""
+        return self.manifest.name
+
+    @property
+    def nc(self) -> Client:
+        """The agent's NATS connection (after :meth:`start`)."""
+        if self._nc is None:
+            raise RuntimeError("agent not started: use `async with agent:` or `await agent.start()`")
+        return self._nc
+
+    # -- serving ---------------------------------------------------------------
+
+    def capability(
+        self,
+        name: str | None = None,
+        *,
+        description: str = "",
+        tags: tuple[str, ...] = (),
+    ) -> Callable[[HandlerFn], HandlerFn]:
+        """Serve the decorated coroutine as capability ``name`` (default: its name).
+
+        The handler takes the decoded input (type from its first parameter's
+        annotation: a msgspec Struct, builtin types, or ``bytes`` for raw) and,
+        optionally, a ``ctx: CallContext``; its return value is encoded as the
+        reply. Raising a :class:`~broker.errors.SignalboxError` replies with
+        that error's code; any other exception replies ``remote_error``.
+        """
+
+        def register(fn: HandlerFn) -> HandlerFn:
+            cap_name = validate_token(name or fn.__name__.replace("_", "-"), what="capability")
+            hints = typing.get_type_hints(fn)
+            params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+            if not params:
+                raise TypeError(f"capability {cap_name!r}: the handler must take the input payload")
+            input_type = hints.get(params[0].name, Any)
+            wants_ctx = len(params) > 1
+            spec = Capability(
+                name=cap_name,
+                description=description or (inspect.getdoc(fn) or "").split("\n")[0],
+                input_schema=_schema(input_type),
+                output_schema=_schema(hints.get("return", Any)),
+                tags=tags,
+            )
+            self._caps[cap_name] = _Cap(spec, fn, input_type, wants_ctx)
+            return fn
+
+        return register
+
+    async def _on_request(self, msg: Msg) -> None:
+        await self._slots.acquire()
+        task = asyncio.ensure_future(self._serve(msg))
+        self._inflight.add(task)
+        task.add_done_callback(self._served)
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._slots.release()
+
+    async def _serve(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        cap_name = msg.subject.rsplit(".", 1)[-1]
+        try:
+            cap = self._caps.get(cap_name)
+            if cap is None:
+                raise InvalidInput(
+                    f"agent {self.name!r} has no capability {cap_name!r}",
+                    details={"capability": cap_name, "offered": sorted(self._caps)},
+                )
+            payload = decode(msg.data, cap.input_type)
+            if cap.wants_ctx:
+                ctx = CallContext(meta=self._meta(headers, cap_name), headers=headers)
+                result = await cap.fn(payload, ctx)
+            else:
+                result = await cap.fn(payload)
+            body, reply_headers = encode(result), None
+        except InvalidInput as err:
+            # Decode failures and unknown capabilities are the caller's fault.
+            body, reply_headers = error_reply(
+                BadRequest(f"bad request: {err.message}", details=err.details)
+            )
+        except SignalboxError as err:
+            body, reply_headers = error_reply(err)
+        except Exception as exc:
+            log.exception("%s: capability %s failed", self.name, cap_name)
+            body, reply_headers = error_reply(
+                RemoteError(
+                    f"{self.name}.{cap_name} failed: {type(exc).__name__}: {exc}",
+                    details={"exception": type(exc).__name__},
+                )
+            )
+        if msg.reply:
+            with contextlib.suppress(nats.errors.ConnectionClosedError):
+                await self.nc.publish(msg.reply, body, headers=reply_headers)
+
+    def _meta(self, headers: dict[str, str], cap_name: str) -> CallMeta:
+        deadline = headers.get(H_DEADLINE, "")
+        traceparent = headers.get(H_TRACEPARENT, "")
+        parts = traceparent.split("-")
+        return CallMeta(
+            call_id=headers.get(H_CALL_ID, ""),
+            caller=headers.get(H_CALLER, ""),
+            target=self.name,
+            capability=cap_name,
+            trace_id=parts[1] if len(parts) == 4 else "",
+            deadline=float(deadline) if deadline.replace(".", "", 1).isdigit() else 0.0,
+        )
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def full_manifest(self) -> AgentManifest:
+        """The manifest with the capabilities declared on this agent merged in."""
+        declared = {c.name: c for c in self.manifest.capabilities}
+        declared.update({name: cap.spec for name, cap in self._caps.items()})
+        return msgspec.structs.replace(self.manifest, capabilities=tuple(declared.values()))
+
+    async def start(self) -> None:
+        """Connect, register (unless disabled) and start serving capabilities."""
+        if self._nc is not None:
+            return
+        self._nc = await connect(
+            self.nats_url,
+            name=f"agent-{self.name}",
+            inbox_prefix=inbox_prefix(self.name),
+            **self.connect_options,
+        )
+        try:
+            if self.register_on_start:
+                self.registration = await self.register()
+            if self._caps:
+                self._sub = await self._nc.subscribe(
+                    self.subjects.inbound_of(self.name),
+                    queue=f"agent-{self.name}",
+                    cb=self._on_request,
+                    pending_msgs_limit=65536,
+                )
+            await self._nc.flush()
+        except BaseException:
+            await self._nc.close()
+            self._nc = None
+            raise
+
+    async def register(self, timeout: float = 5.0) -> Registered:
+        """Register :meth:`full_manifest` with the registry.
+
+        Raises:
+            SignalboxError: the registry refused (invalid manifest, conflict...).
+            ControlPlaneUnavailable: no registry is answering.
+        """
+        return await self._rpc(self.subjects.registry("register"), self.full_manifest(), Registered, timeout)
+
+    async def _rpc(self, subject: str, request: Any, returns: type[T], timeout: float) -> T:
+        try:
+            msg = await self.nc.request(subject, encode(request), timeout=timeout)
+        except nats.errors.NoRespondersError as exc:
+            raise ControlPlaneUnavailable(
+                f"nothing answers on {subject}; is `signalbox up` running?",
+                details={"subject": subject},
+            ) from exc
+        except nats.errors.TimeoutError as exc:
+            raise CallTimeout(
+                f"no reply on {subject} within {timeout:g}s", details={"subject": subject}
+            ) from exc
+        if is_error(msg.headers):
+            raise error_from_reply(msg.data, msg.headers)
+        return decode(msg.data, returns)
+
+    async def stop(self, drain_timeout: float = 10.0) -> None:
+        """Stop taking requests, finish in-flight ones (up to ``drain_timeout``), disconnect."""
+        nc, self._nc = self._nc, None
+        if nc is None:
+            return
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+        if self._inflight:
+            _, pending = await asyncio.wait(set(self._inflight), timeout=drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("%s: %d requests still running at shutdown were cancelled", self.name, len(pending))
+        with contextlib.suppress(Exception):
+            await nc.flush(timeout=2)
+        await nc.close()
+
+    async def __aenter__(self) -> Agent:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- calling ---------------------------------------------------------------
+
+    @overload
+    async def call(
+        self, target: str, capability: str, payload: Any = ..., *, returns: type[T], timeout: float = ...,
+        headers: dict[str, str] | None = ...,
+    ) -> T: ...
+
+    @overload
+    async def call(
+        self, target: str, capability: str, payload: Any = ..., *, timeout: float = ...,
+        headers: dict[str, str] | None = ...,
+    ) -> Any: ...
+
+    async def call(
+        self,
+        target: str,
+        capability: str,
+        payload: Any = None,
+        *,
+        returns: Any = Any,
+        timeout: float = 5.0,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        """Call ``target``'s ``capability`` through the control plane.
+
+        Args:
+            target: Target agent name.
+            capability: Capability name.
+            payload: A msgspec Struct, builtins, or ``bytes`` (sent as is).
+            returns: Type to decode the reply into (default: builtins).
+            timeout: Seconds to wait for the reply.
+            headers: Extra headers (``traceparent``...).
+
+        Raises:
+            CallDenied: policy refused the call (``details`` has the reason).
+            UnknownTarget: ``target`` is not registered.
+            TargetUnavailable: nobody serves the capability right now.
+            CallTimeout: no reply within ``timeout``.
+            BadRequest: the target rejected the payload.
+            RemoteError: the target's handler failed.
+            ControlPlaneUnavailable: no policy service is running.
+        """
+        subject = self.subjects.out(self.name, target, capability)
+        hdrs = {H_TIMEOUT_MS: str(int(timeout * 1000))}
+        if headers:
+            hdrs.update(headers)
+        try:
+            msg = await self.nc.request(subject, encode(payload), timeout=timeout, headers=hdrs)
+        except nats.errors.NoRespondersError as exc:
+            raise ControlPlaneUnavailable(
+                "no policy service is mediating calls; start one with `signalbox up`",
+                details={"subject": subject},
+            ) from exc
+        except nats.errors.TimeoutError as exc:
+            raise CallTimeout(
+                f"{target}.{capability} did not answer within {timeout:g}s",
+                details={"target": target, "capability": capability, "timeout": timeout},
+            ) from exc
+        if is_error(msg.headers):
+            raise error_from_reply(msg.data, msg.headers)
+        return decode(msg.data, returns)
+
+    async def report_usage(self, report: UsageReport | None = None, **fields: Any) -> str:
+        """Report LLM or tool usage to ``sb.usage.<self>`` (JetStream, deduplicated by id).
+
+        Either pass a :class:`~schemas.UsageReport` or its fields
+        (``model=``, ``input_tokens=``...). Returns the report id.
+        """
+        if report is None:
+            report = UsageReport(id=new_id(), agent=self.name, time=time.time(), **fields)
+        js = self.nc.jetstream()
+        await js.publish(
+            self.subjects.usage(self.name), encode(report), headers={H_MSG_ID: report.id}
+        )
+        return report.id
+

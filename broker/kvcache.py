@@ -1,0 +1,106 @@
+"""A local, always-current copy of a JetStream KV bucket.
+
+Services read shared state (agents, later policies, breakers and routes)
+from memory on every request; a KV watch keeps that memory current within
+milliseconds of a change on any replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from broker.codec import decode
+from broker.errors import SchemaError
+
+__all__ = ["KVCache"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class KVCache(Generic[T]):
+    """Watches every key of ``kv``, decoding values as ``type_``.
+
+    Args:
+        kv: The bucket.
+        type_: Wire type of the values.
+        on_change: Called with ``(key, value or None)`` after each change.
+    """
+
+    def __init__(
+        self,
+        kv: KeyValue,
+        type_: type[T],
+        *,
+        on_change: Callable[[str, T | None], None] | None = None,
+    ) -> None:
+        self._kv = kv
+        self._type = type_
+        self._on_change = on_change
+        self._data: dict[str, T] = {}
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.revision = 0
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Start watching; returns once the current contents are loaded."""
+        watcher = await self._kv.watchall()
+        self._task = asyncio.ensure_future(self._run(watcher))
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def _run(self, watcher: KeyValue.KeyWatcher) -> None:
+        try:
+            async for entry in watcher:
+                if entry is None:  # end of the initial snapshot
+                    self._ready.set()
+                    continue
+                self.revision = max(self.revision, entry.revision or 0)
+                if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                    self._data.pop(entry.key, None)
+                    value: T | None = None
+                else:
+                    try:
+                        value = decode(entry.value, self._type)
+                    except SchemaError as err:
+                        log.error("KV %s key %s: undecodable value ignored: %s", self._kv._name, entry.key, err)
+                        continue
+                    self._data[entry.key] = value
+                if self._on_change is not None:
+                    self._on_change(entry.key, value)
+                if entry.delta == 0:
+                    self._ready.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    async def stop(self) -> None:
+        """Stop watching."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def get(self, key: str) -> T | None:
+        """Current value of ``key`` (None if absent)."""
+        return self._data.get(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._data))
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def values(self) -> list[T]:
+        """Snapshot of all values."""
+        return list(self._data.values())

@@ -1,0 +1,66 @@
+"""Structured error replies: the one way every service and the SDK say "no".
+
+An error reply is a NATS message whose header ``Sb-Error`` holds the error
+code and whose body is an :class:`schemas.ErrorReply` (JSON). Successful
+replies never carry ``Sb-Error``, so a raw nats-py client can tell them
+apart by looking at one header.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker.codec import decode, encode
+from broker.errors import SchemaError, SignalboxError, code_to_error
+from schemas import ErrorReply
+
+__all__ = [
+    "H_CALLER",
+    "H_CALL_ID",
+    "H_CAPABILITY",
+    "H_DEADLINE",
+    "H_ERROR",
+    "H_MSG_ID",
+    "H_TARGET",
+    "H_TIMEOUT_MS",
+    "H_TRACEPARENT",
+    "error_from_reply",
+    "error_reply",
+    "is_error",
+]
+
+H_ERROR = "Sb-Error"
+H_CALL_ID = "Sb-Call-Id"
+H_CALLER = "Sb-Caller"
+H_TARGET = "Sb-Target"
+H_CAPABILITY = "Sb-Capability"
+H_DEADLINE = "Sb-Deadline"
+H_TIMEOUT_MS = "Sb-Timeout-Ms"
+H_TRACEPARENT = "traceparent"
+H_MSG_ID = "Nats-Msg-Id"
+
+
+def error_reply(err: SignalboxError | ErrorReply) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of the structured reply for ``err``."""
+    reply = (
+        err
+        if isinstance(err, ErrorReply)
+        else ErrorReply(code=err.code, message=err.message, details=err.details)
+    )
+    return encode(reply), {H_ERROR: reply.code}
+
+
+def is_error(headers: dict[str, str] | None) -> bool:
+    """True if a reply's headers mark it as a structured error."""
+    return bool(headers) and H_ERROR in headers  # type: ignore[operator]
+
+
+def error_from_reply(data: bytes, headers: dict[str, str] | None) -> SignalboxError:
+    """Turn a structured error reply back into its typed exception."""
+    code = (headers or {}).get(H_ERROR, "remote_error")
+    try:
+        reply = decode(data, ErrorReply)
+    except SchemaError:
+        details: dict[str, Any] = {"body": data[:200].decode("utf-8", "replace")}
+        return code_to_error(code, f"error reply with an unreadable body (code {code})", details)
+    return code_to_error(reply.code, reply.message, reply.details)

@@ -1,0 +1,191 @@
+"""The shape every Signalbox service shares.
+
+A service is a :class:`Service` subclass. It owns one FastStream
+``NatsBroker`` (one NATS connection), ensures the streams and buckets it
+needs, owns an :class:`~broker.audit.AuditEmitter`, and declares
+request-reply endpoints with :meth:`Service.endpoint`, which gives every
+endpoint the same contract:
+
+* the request body is decoded with msgspec into the declared type; a decode
+  failure is a ``schema_error`` reply carrying the field path;
+* a :class:`~broker.errors.SignalboxError` from the handler becomes a
+  structured error reply with its code;
+* anything else becomes an ``internal`` error reply (and is logged);
+* every rejected request is counted and audited (kind ``rejected``).
+
+Hot paths that cannot afford FastStream's per-message machinery (call
+mediation: measured ~2x the latency of a raw nats-py callback) use
+:attr:`Service.nc`, the same connection, directly.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, TypeVar
+
+from faststream import FastStream
+from faststream.nats import NatsBroker, NatsMessage, NatsResponse
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from broker.audit import AuditEmitter
+from broker.codec import decode, encode
+from broker.errors import SignalboxError
+from broker.jetstream import ensure_buckets, ensure_streams
+from broker.replies import error_reply
+from broker.settings import Settings
+from broker.subjects import Subjects
+from schemas import Wire
+
+__all__ = ["Service"]
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Handler = Callable[[Any], Awaitable[Wire]]
+
+
+class Service:
+    """Base class of the registry, policy, cost and tracing services.
+
+    Args:
+        settings: Resolved settings (``nats_url`` must be set).
+    """
+
+    #: Short name: used for the connection name, queue group and audit actor.
+    name: ClassVar[str] = "service"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.subjects = Subjects(settings.subject_prefix)
+        self.broker = NatsBroker(
+            servers=(settings.nats_url or "").split(","),
+            name=f"signalbox-{self.name}",
+            logger=None,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            error_cb=self._error_cb,
+        )
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self._audit: AuditEmitter | None = None
+        self._started = False
+
+    async def _error_cb(self, exc: Exception) -> None:
+        log.debug("%s connection: %r", self.name, exc)
+
+    @property
+    def actor(self) -> str:
+        """Audit actor of this service."""
+        return f"service:{self.name}"
+
+    @property
+    def nc(self) -> Client:
+        """The service's NATS connection (after :meth:`start`)."""
+        conn: Client = self.broker.connection
+        return conn
+
+    @property
+    def js(self) -> JetStreamContext:
+        """JetStream context on :attr:`nc`."""
+        return self.nc.jetstream()
+
+    @property
+    def audit(self) -> AuditEmitter:
+        """The service's audit emitter (after :meth:`start`)."""
+        assert self._audit is not None, "service not started"
+        return self._audit
+
+    def endpoint(
+        self, subject: str, request_type: type[Req], *, queue: str | None = None
+    ) -> Callable[[Callable[[Req], Awaitable[Wire]]], Callable[[Req], Awaitable[Wire]]]:
+        """Declare a request-reply endpoint (queue group: the service name).
+
+        The decorated coroutine takes the decoded request and returns a wire
+        Struct, or raises a :class:`SignalboxError`.
+        """
+
+        def register(fn: Callable[[Req], Awaitable[Wire]]) -> Callable[[Req], Awaitable[Wire]]:
+            async def handler(msg: NatsMessage) -> NatsResponse:
+                body, headers = await self.handle(msg.body, msg.raw_message.subject, request_type, fn)
+                return NatsResponse(body, headers=headers)
+
+            handler.__name__ = f"{self.name}_{fn.__name__}"
+            self.broker.subscriber(subject, queue=queue or f"sb-{self.name}")(handler)
+            return fn
+
+        return register
+
+    async def handle(
+        self,
+        data: bytes,
+        subject: str,
+        request_type: type[Req],
+        fn: Callable[[Req], Awaitable[Wire]],
+    ) -> tuple[bytes, dict[str, str]]:
+        """Run one request through the endpoint contract; returns body and headers."""
+        try:
+            request = decode(data, request_type)
+            return encode(await fn(request)), {}
+        except SignalboxError as err:
+            await self.reject(err, subject=subject)
+            return error_reply(err)
+        except Exception as exc:
+            log.exception("%s: unexpected error on %s", self.name, subject)
+            err = SignalboxError(
+                f"internal error in the {self.name} service; the request had no effect. "
+                "Retry, and report it if it persists",
+                details={"exception": type(exc).__name__},
+            )
+            await self.reject(err, subject=subject)
+            return error_reply(err)
+
+    async def reject(self, err: SignalboxError, *, subject: str, actor: str | None = None) -> None:
+        """Count and audit a rejected request."""
+        self.rejected[err.code] += 1
+        await self.audit.emit(
+            "rejected",
+            subject=subject,
+            actor=actor or self.actor,
+            data={"code": err.code, "message": err.message, "details": err.details},
+        )
+
+    async def on_start(self) -> None:
+        """Hook: runs after connecting and ensuring streams, before endpoints serve."""
+
+    async def on_stop(self) -> None:
+        """Hook: runs before the connection closes."""
+
+    async def _prepare(self) -> None:
+        await self.broker.connect()
+        await ensure_streams(self.js, self.settings)
+        await ensure_buckets(self.js, self.settings)
+        self._audit = AuditEmitter(self.nc, self.subjects, self.actor)
+        await self.on_start()
+        self._started = True
+
+    async def start(self) -> None:
+        """Connect, ensure streams and buckets, run :meth:`on_start`, serve endpoints."""
+        await self._prepare()
+        await self.broker.start()
+        log.info("%s service started", self.name)
+
+    async def stop(self) -> None:
+        """Stop serving, run :meth:`on_stop`, flush audit events, close the connection."""
+        if not self._started:
+            await self.broker.stop()
+            return
+        self._started = False
+        await self.on_stop()
+        if self._audit is not None:
+            await self._audit.close()
+        await self.broker.stop()
+        log.info("%s service stopped", self.name)
+
+    def app(self) -> FastStream:
+        """A FastStream application running this service (``python -m services.<name>``)."""
+        app = FastStream(self.broker, logger=logging.getLogger(f"signalbox.{self.name}"))
+        app.on_startup(self._prepare)
+        app.on_shutdown(self.stop)
+        return app

@@ -1,0 +1,44 @@
+"""Signalbox wire types: frozen, tagged msgspec Structs, one module per context.
+
+No I/O lives here, and nothing here imports ``broker`` or ``services``.
+"""
+
+from __future__ import annotations
+
+from schemas._base import SCHEMA_VERSION, Wire
+from schemas.audit import AuditEvent, AuditKind
+from schemas.calls import CallMeta, CallOutcome
+from schemas.cost import UsageReport
+from schemas.errors import ErrorReply
+from schemas.policy import Decision, Effect
+from schemas.registry import (
+    AgentList,
+    AgentManifest,
+    AgentRecord,
+    Capability,
+    DeregisterAgent,
+    GetAgent,
+    ListAgents,
+    Registered,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AgentList",
+    "AgentManifest",
+    "AgentRecord",
+    "AuditEvent",
+    "AuditKind",
+    "CallMeta",
+    "CallOutcome",
+    "Capability",
+    "Decision",
+    "DeregisterAgent",
+    "Effect",
+    "ErrorReply",
+    "GetAgent",
+    "ListAgents",
+    "Registered",
+    "UsageReport",
+    "Wire",
+]

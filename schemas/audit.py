@@ -1,0 +1,47 @@
+"""The audit envelope written to the ``SB_AUDIT`` stream."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from schemas._base import Wire
+
+__all__ = ["AuditEvent", "AuditKind"]
+
+AuditKind = Literal["call", "decision", "rejected", "registry", "usage", "admin"]
+
+
+class AuditEvent(Wire, tag="audit_event.v1"):
+    """One audited action.
+
+    Emitters fill everything up to ``data``; the tracing service, the single
+    sequencer of the audit chain, fills ``seq``, ``prev_hash`` and ``hash``
+    (``hash`` covers the canonical encoding of the event with ``hash`` empty).
+
+    Attributes:
+        id: Unique event id (also the JetStream ``Nats-Msg-Id``, for dedupe).
+        time: Unix time of the action.
+        kind: What happened (call, decision, rejected input, ...).
+        actor: Who did it (agent name or ``service:<name>``).
+        subject: The NATS subject the action concerned.
+        trace_id: W3C trace id, when known.
+        policy_version: Active policy-set version, for decisions.
+        data: Kind-specific payload (a ``Decision``, a ``CallOutcome``...).
+        seq: Position in the chain (1-based), set by the sequencer.
+        prev_hash: Hash of the previous chained record, set by the sequencer.
+        hash: Hash of this record, set by the sequencer.
+    """
+
+    id: str
+    time: float
+    kind: AuditKind
+    actor: str
+    subject: str = ""
+    trace_id: str = ""
+    policy_version: str = ""
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+    seq: int = 0
+    prev_hash: str = ""
+    hash: str = ""

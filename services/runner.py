@@ -1,0 +1,157 @@
+"""Run Signalbox in-process: the embedded server plus any set of services.
+
+This is the composition root behind ``signalbox up``, ``signalbox demo`` and
+``python -m services.<name>``; it may import every service (services never
+import each other).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from broker.server import EmbeddedServer
+from broker.service import Service
+from broker.settings import Settings
+from services.cost.service import CostService
+from services.policy.service import PolicyService
+from services.registry.service import RegistryService
+from services.tracing.service import TracingService
+
+__all__ = ["SERVICES", "Stack", "run_one", "wait_for_signal"]
+
+log = logging.getLogger(__name__)
+
+#: Every service by name, in start order (the sequencer first, so audit
+#: events emitted while the others start are chained right away).
+SERVICES: dict[str, type[Service]] = {
+    "tracing": TracingService,
+    "registry": RegistryService,
+    "policy": PolicyService,
+    "cost": CostService,
+}
+
+
+class Stack:
+    """The embedded server (unless ``settings.nats_url`` is set) and services, started together.
+
+    Args:
+        settings: Settings; ``nats_url`` unset means start an embedded server.
+        services: Names of the services to run (default: all four).
+
+    Example::
+
+        async with Stack(Settings(data_dir=tmp)) as stack:
+            print(stack.settings.nats_url)
+    """
+
+    def __init__(self, settings: Settings, services: Sequence[str] = tuple(SERVICES)) -> None:
+        unknown = sorted(set(services) - set(SERVICES))
+        if unknown:
+            raise ValueError(f"unknown services {unknown}; choose from {sorted(SERVICES)}")
+        self.settings = settings
+        self.names = [n for n in SERVICES if n in services]
+        self.server: EmbeddedServer | None = None
+        self.services: dict[str, Service] = {}
+
+    async def start(self) -> None:
+        """Start the server (if embedded) and the services."""
+        if self.settings.nats_url is None:
+            self.server = EmbeddedServer(
+                self.settings.data_dir / "nats",
+                host=self.settings.nats_host,
+                port=self.settings.nats_port,
+                sync_always=self.settings.nats_sync_always,
+                max_payload=self.settings.nats_max_payload,
+                start_timeout=self.settings.server_start_timeout,
+            )
+            url = await asyncio.to_thread(self.server.start)
+            self.settings = self.settings.model_copy(update={"nats_url": url})
+        try:
+            for name in self.names:
+                service = SERVICES[name](self.settings)
+                await service.start()
+                self.services[name] = service
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop services in reverse order, then the embedded server."""
+        for name in reversed(list(self.services)):
+            try:
+                await self.services.pop(name).stop()
+            except Exception:
+                log.exception("stopping %s failed", name)
+        if self.server is not None:
+            await asyncio.to_thread(self.server.stop)
+            self.server = None
+
+    async def __aenter__(self) -> Stack:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def wait_for_signal() -> None:
+    """Return on SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def configure_logging(level: str) -> None:
+    """Plain, readable log lines on stderr."""
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_one(name: str, argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m services.<name>``: run one service until a signal."""
+    import argparse
+
+    import uvloop
+
+    parser = argparse.ArgumentParser(
+        prog=f"python -m services.{name}",
+        description=f"Run the Signalbox {name} service against an existing NATS server.",
+    )
+    parser.add_argument(
+        "--nats-url", help="NATS URL (default: $SIGNALBOX_NATS_URL)", default=None
+    )
+    parser.add_argument("--data-dir", type=Path, default=None, help="data folder")
+    args = parser.parse_args(argv)
+    overrides: dict[str, object] = {}
+    if args.nats_url:
+        overrides["nats_url"] = args.nats_url
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    if not settings.nats_url:
+        parser.error("no NATS URL: pass --nats-url or set SIGNALBOX_NATS_URL")
+    configure_logging(settings.log_level)
+
+    async def main() -> None:
+        async with Stack(settings, [name]):
+            await wait_for_signal()
+
+    uvloop.run(main())
