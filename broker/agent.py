@@ -70,7 +70,7 @@ from broker.replies import (
     is_error,
 )
 from broker.subjects import Subjects, inbox_prefix, validate_token
-from schemas import AgentManifest, Capability, CallMeta, Registered, UsageReport
+from schemas import AgentManifest, CallMeta, Capability, Registered, UsageReport
 
 __all__ = ["Agent", "CallContext"]
 
@@ -165,7 +165,9 @@ class Agent:
     def nc(self) -> Client:
         """The agent's NATS connection (after :meth:`start`)."""
         if self._nc is None:
-            raise RuntimeError("agent not started: use `async with agent:` or `await agent.start()`")
+            raise RuntimeError(
+                "agent not started: use `async with agent:` or `await agent.start()`"
+            )
         return self._nc
 
     # -- serving ---------------------------------------------------------------
@@ -306,7 +308,9 @@ class Agent:
             SignalboxError: the registry refused (invalid manifest, conflict...).
             ControlPlaneUnavailable: no registry is answering.
         """
-        return await self._rpc(self.subjects.registry("register"), self.full_manifest(), Registered, timeout)
+        return await self._rpc(
+            self.subjects.registry("register"), self.full_manifest(), Registered, timeout
+        )
 
     async def _rpc(self, subject: str, request: Any, returns: type[T], timeout: float) -> T:
         try:
@@ -338,7 +342,11 @@ class Agent:
             for task in pending:
                 task.cancel()
             if pending:
-                log.warning("%s: %d requests still running at shutdown were cancelled", self.name, len(pending))
+                log.warning(
+                    "%s: %d requests still running at shutdown were cancelled",
+                    self.name,
+                    len(pending),
+                )
         with contextlib.suppress(Exception):
             await nc.flush(timeout=2)
         await nc.close()
@@ -359,13 +367,24 @@ class Agent:
 
     @overload
     async def call(
-        self, target: str, capability: str, payload: Any = ..., *, returns: type[T], timeout: float = ...,
+        self,
+        target: str,
+        capability: str,
+        payload: Any = ...,
+        *,
+        returns: type[T],
+        timeout: float = ...,
         headers: dict[str, str] | None = ...,
     ) -> T: ...
 
     @overload
     async def call(
-        self, target: str, capability: str, payload: Any = ..., *, timeout: float = ...,
+        self,
+        target: str,
+        capability: str,
+        payload: Any = ...,
+        *,
+        timeout: float = ...,
         headers: dict[str, str] | None = ...,
     ) -> Any: ...
 
@@ -431,4 +450,3 @@ class Agent:
             self.subjects.usage(self.name), encode(report), headers={H_MSG_ID: report.id}
         )
         return report.id
-

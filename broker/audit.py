@@ -73,6 +73,8 @@ class AuditEmitter:
         self.ack_timeout = ack_timeout
         self.stats = AuditStats()
         self._inflight: dict[str, tuple[str, bytes, dict[str, str], float]] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._retry_task: asyncio.Task[None] | None = None
 
     def event(
@@ -122,11 +124,14 @@ class AuditEmitter:
         subject = self._subjects.audit_intake(ev.kind, ev.actor)
         headers = {H_MSG_ID: ev.id}
         self._inflight[ev.id] = (subject, encode(ev), headers, time.monotonic())
+        self._idle.clear()
         if self._retry_task is None or self._retry_task.done():
             self._retry_task = asyncio.ensure_future(self._retry_loop())
         await self._publish(ev.id, subject, self._inflight[ev.id][1], headers)
 
-    async def _publish(self, ev_id: str, subject: str, data: bytes, headers: dict[str, str]) -> None:
+    async def _publish(
+        self, ev_id: str, subject: str, data: bytes, headers: dict[str, str]
+    ) -> None:
         try:
             fut = await self._js.publish_async(subject, data, headers=dict(headers))
         except Exception as exc:  # connection closed, stalled...
@@ -138,6 +143,8 @@ class AuditEmitter:
             if exc is None:
                 self.stats.acked += 1
                 self._inflight.pop(ev_id, None)
+                if not self._inflight:
+                    self._idle.set()
             else:
                 self._failed(ev_id, exc)
 
@@ -155,9 +162,7 @@ class AuditEmitter:
         while self._inflight:
             await asyncio.sleep(min(1.0, self.ack_timeout / 5))
             now = time.monotonic()
-            due = [
-                (k, v) for k, v in list(self._inflight.items()) if now - v[3] > self.ack_timeout
-            ]
+            due = [(k, v) for k, v in list(self._inflight.items()) if now - v[3] > self.ack_timeout]
             for ev_id, (subject, data, headers, _) in due:
                 self.stats.retried += 1
                 self._inflight[ev_id] = (subject, data, headers, time.monotonic())
@@ -170,10 +175,11 @@ class AuditEmitter:
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every emitted event is acknowledged; False on timeout."""
-        deadline = time.monotonic() + timeout
-        while self._inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        return not self._inflight
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def close(self, timeout: float = 10.0) -> None:
         """Flush, then stop the retry loop. Unacknowledged events are logged."""

@@ -43,7 +43,7 @@ def decode(data: bytes, type_: type[T]) -> T:
     if type_ is bytes:
         return data  # type: ignore[return-value]
     try:
-        return _decoder(type_).decode(data)  # type: ignore[no-any-return]
+        return _decoder(type_).decode(data)  # type: ignore[arg-type,no-any-return]
     except msgspec.ValidationError as exc:
         text = str(exc)
         match = _PATH.search(text)

@@ -69,7 +69,12 @@ class KVCache(Generic[T]):
                     try:
                         value = decode(entry.value, self._type)
                     except SchemaError as err:
-                        log.error("KV %s key %s: undecodable value ignored: %s", self._kv._name, entry.key, err)
+                        log.error(
+                            "KV %s key %s: undecodable value ignored: %s",
+                            self._kv._name,
+                            entry.key,
+                            err,
+                        )
                         continue
                     self._data[entry.key] = value
                 if self._on_change is not None:
@@ -78,7 +83,7 @@ class KVCache(Generic[T]):
                     self._ready.set()
         finally:
             with contextlib.suppress(Exception):
-                await watcher.stop()
+                await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def stop(self) -> None:
         """Stop watching."""

@@ -108,7 +108,9 @@ class Service:
 
         def register(fn: Callable[[Req], Awaitable[Wire]]) -> Callable[[Req], Awaitable[Wire]]:
             async def handler(msg: NatsMessage) -> NatsResponse:
-                body, headers = await self.handle(msg.body, msg.raw_message.subject, request_type, fn)
+                body, headers = await self.handle(
+                    msg.body, msg.raw_message.subject, request_type, fn
+                )
                 return NatsResponse(body, headers=headers)
 
             handler.__name__ = f"{self.name}_{fn.__name__}"
@@ -133,13 +135,13 @@ class Service:
             return error_reply(err)
         except Exception as exc:
             log.exception("%s: unexpected error on %s", self.name, subject)
-            err = SignalboxError(
+            internal = SignalboxError(
                 f"internal error in the {self.name} service; the request had no effect. "
                 "Retry, and report it if it persists",
                 details={"exception": type(exc).__name__},
             )
-            await self.reject(err, subject=subject)
-            return error_reply(err)
+            await self.reject(internal, subject=subject)
+            return error_reply(internal)
 
     async def reject(self, err: SignalboxError, *, subject: str, actor: str | None = None) -> None:
         """Count and audit a rejected request."""

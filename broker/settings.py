@@ -26,7 +26,7 @@ class Settings(BaseSettings):
 
     nats_url: str | None = Field(
         default=None,
-        description="NATS URL(s), comma-separated. Unset: `signalbox up` starts an embedded server.",
+        description="NATS URL(s), comma-separated; unset: `signalbox up` embeds a server.",
     )
     data_dir: Path = Field(
         default=Path(".signalbox"),
@@ -39,7 +39,10 @@ class Settings(BaseSettings):
     )
     nats_host: str = Field(default="127.0.0.1", description="Embedded server listen address.")
     nats_port: int = Field(
-        default=4222, ge=-1, le=65535, description="Embedded server port (0 or -1: pick a free one)."
+        default=4222,
+        ge=-1,
+        le=65535,
+        description="Embedded server port (0 or -1: pick a free one).",
     )
     nats_sync_always: bool = Field(
         default=True,
@@ -54,7 +57,7 @@ class Settings(BaseSettings):
     max_call_bytes: int = Field(
         default=256 * 1024,
         gt=0,
-        description="Largest call payload the policy service forwards; larger gets payload_too_large.",
+        description="Largest call payload policy forwards; larger gets payload_too_large.",
     )
     call_timeout: float = Field(
         default=10.0, gt=0, description="Default and maximum seconds a mediated call may take."

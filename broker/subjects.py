@@ -62,10 +62,10 @@ class Subjects:
 
     def out(self, caller: str, target: str, capability: str) -> str:
         """Subject an agent requests to call ``target``'s ``capability``."""
-        return (
-            f"{self.prefix}.out.{validate_token(caller, what='caller')}."
-            f"{validate_token(target, what='target')}.{validate_token(capability, what='capability')}"
-        )
+        caller = validate_token(caller, what="caller")
+        target = validate_token(target, what="target")
+        capability = validate_token(capability, what="capability")
+        return f"{self.prefix}.out.{caller}.{target}.{capability}"
 
     @property
     def out_wildcard(self) -> str:

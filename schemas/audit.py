@@ -13,7 +13,7 @@ __all__ = ["AuditEvent", "AuditKind"]
 AuditKind = Literal["call", "decision", "rejected", "registry", "usage", "admin"]
 
 
-class AuditEvent(Wire, tag="audit_event.v1"):
+class AuditEvent(Wire, frozen=True, tag="audit_event.v1"):
     """One audited action.
 
     Emitters fill everything up to ``data``; the tracing service, the single

@@ -12,7 +12,7 @@ from schemas._base import Wire
 __all__ = ["CallMeta", "CallOutcome"]
 
 
-class CallMeta(Wire, tag="call_meta.v1"):
+class CallMeta(Wire, frozen=True, tag="call_meta.v1"):
     """Who called whom, as the policy service forwarded it to the target.
 
     Attributes:
@@ -32,7 +32,7 @@ class CallMeta(Wire, tag="call_meta.v1"):
     deadline: float = 0.0
 
 
-class CallOutcome(Wire, tag="call_outcome.v1"):
+class CallOutcome(Wire, frozen=True, tag="call_outcome.v1"):
     """Result of a mediated call, as audited by the policy service."""
 
     call_id: str

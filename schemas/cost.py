@@ -13,7 +13,7 @@ __all__ = ["UsageReport"]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 
 
-class UsageReport(Wire, tag="usage_report.v1"):
+class UsageReport(Wire, frozen=True, tag="usage_report.v1"):
     """What an agent used for one model or tool call.
 
     Published to ``sb.usage.<agent>`` (stream ``SB_USAGE``) with a

@@ -11,7 +11,7 @@ from schemas._base import Wire
 __all__ = ["ErrorReply"]
 
 
-class ErrorReply(Wire, tag="error.v1"):
+class ErrorReply(Wire, frozen=True, tag="error.v1"):
     """What a service (or the SDK on a target agent) replies when a request fails.
 
     Attributes:

@@ -11,7 +11,7 @@ __all__ = ["Decision", "Effect"]
 Effect = Literal["allow", "deny", "needs_approval"]
 
 
-class Decision(Wire, tag="decision.v1"):
+class Decision(Wire, frozen=True, tag="decision.v1"):
     """The outcome of authorizing one request.
 
     Attributes:

@@ -26,7 +26,7 @@ ShortText = Annotated[str, msgspec.Meta(max_length=256)]
 LongText = Annotated[str, msgspec.Meta(max_length=4096)]
 
 
-class Capability(Wire, tag="capability.v1"):
+class Capability(Wire, frozen=True, tag="capability.v1"):
     """One capability an agent serves on ``sb.in.<agent>.<name>``.
 
     Attributes:
@@ -44,7 +44,7 @@ class Capability(Wire, tag="capability.v1"):
     tags: tuple[ShortText, ...] = ()
 
 
-class AgentManifest(Wire, tag="agent_manifest.v1"):
+class AgentManifest(Wire, frozen=True, tag="agent_manifest.v1"):
     """Everything the control plane knows about one version of an agent."""
 
     name: Name
@@ -60,7 +60,7 @@ class AgentManifest(Wire, tag="agent_manifest.v1"):
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
 
 
-class Registered(Wire, tag="registered.v1"):
+class Registered(Wire, frozen=True, tag="registered.v1"):
     """Registry's reply to a successful registration."""
 
     name: str
@@ -69,7 +69,7 @@ class Registered(Wire, tag="registered.v1"):
     created: bool
 
 
-class AgentRecord(Wire, tag="agent_record.v1"):
+class AgentRecord(Wire, frozen=True, tag="agent_record.v1"):
     """A registered agent as stored and mirrored in the ``sb_agents`` bucket."""
 
     manifest: AgentManifest
@@ -77,28 +77,28 @@ class AgentRecord(Wire, tag="agent_record.v1"):
     status: Literal["active", "deregistered"] = "active"
 
 
-class GetAgent(Wire, tag="get_agent.v1"):
+class GetAgent(Wire, frozen=True, tag="get_agent.v1"):
     """Ask the registry for one agent (latest version unless ``version`` is set)."""
 
     name: Name
     version: str | None = None
 
 
-class DeregisterAgent(Wire, tag="deregister_agent.v1"):
+class DeregisterAgent(Wire, frozen=True, tag="deregister_agent.v1"):
     """Remove an agent version (all versions when ``version`` is None)."""
 
     name: Name
     version: str | None = None
 
 
-class ListAgents(Wire, tag="list_agents.v1"):
+class ListAgents(Wire, frozen=True, tag="list_agents.v1"):
     """List registered agents, optionally those offering one capability."""
 
     capability: str | None = None
     team: str | None = None
 
 
-class AgentList(Wire, tag="agent_list.v1"):
+class AgentList(Wire, frozen=True, tag="agent_list.v1"):
     """Reply to :class:`ListAgents`."""
 
     agents: tuple[AgentRecord, ...]

@@ -135,9 +135,7 @@ def run_one(name: str, argv: Sequence[str] | None = None) -> None:
         prog=f"python -m services.{name}",
         description=f"Run the Signalbox {name} service against an existing NATS server.",
     )
-    parser.add_argument(
-        "--nats-url", help="NATS URL (default: $SIGNALBOX_NATS_URL)", default=None
-    )
+    parser.add_argument("--nats-url", help="NATS URL (default: $SIGNALBOX_NATS_URL)", default=None)
     parser.add_argument("--data-dir", type=Path, default=None, help="data folder")
     args = parser.parse_args(argv)
     overrides: dict[str, object] = {}

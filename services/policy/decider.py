@@ -103,7 +103,9 @@ class AllowList:
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}", details={"source": source}) from exc
+            raise ConfigError(
+                f"{source}: not valid YAML: {exc}", details={"source": source}
+            ) from exc
         try:
             doc = msgspec.convert(raw, _AllowFile)
         except msgspec.ValidationError as exc:

@@ -93,17 +93,21 @@ class PolicyService(Service):
         self.decider: Decider = decider or AllowList.from_file(settings.resolved_allowlist_path)
         self.agents: KVCache[AgentRecord] | None = None
         self._pending: dict[str, _Pending] = {}
+        self._capabilities: dict[str, frozenset[str]] = {}
         self._next = 0
         self._inbox = ""
         self._call_sub: Subscription | None = None
         self._reply_sub: Subscription | None = None
+        self._drained = asyncio.Event()  # set when the last pending call settles
         self.stats: dict[str, int] = {
             "calls": 0, "allowed": 0, "denied": 0, "rejected": 0,
             "ok": 0, "errors": 0, "timeouts": 0, "late_replies": 0,
         }  # fmt: skip
 
     async def on_start(self) -> None:
-        self.agents = KVCache(await self.js.key_value(KV_AGENTS), AgentRecord)
+        self.agents = KVCache(
+            await self.js.key_value(KV_AGENTS), AgentRecord, on_change=self._agent_changed
+        )
         await self.agents.start()
         self._inbox = self.nc.new_inbox()
         self._reply_sub = await self.nc.subscribe(
@@ -116,21 +120,31 @@ class PolicyService(Service):
             pending_msgs_limit=1_000_000,
         )
         await self.nc.flush()
-        log.info("policy: mediating %s with rules %s", self.subjects.out_wildcard, self.decider.version)
+        log.info(
+            "policy: mediating %s with rules %s", self.subjects.out_wildcard, self.decider.version
+        )
 
     async def on_stop(self) -> None:
         # Stop taking calls, let in-flight ones finish (bounded), then stop relaying.
         if self._call_sub is not None:
             with contextlib.suppress(Exception):
                 await self._call_sub.unsubscribe()
-        deadline = time.monotonic() + self.settings.call_timeout
-        while self._pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        if self._pending:
+            self._drained.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), self.settings.call_timeout)
         if self._reply_sub is not None:
             with contextlib.suppress(Exception):
                 await self._reply_sub.unsubscribe()
         if self.agents is not None:
             await self.agents.stop()
+
+    def _agent_changed(self, name: str, record: AgentRecord | None) -> None:
+        # Precompute what the hot path needs, once per registry change.
+        if record is None:
+            self._capabilities.pop(name, None)
+        else:
+            self._capabilities[name] = frozenset(c.name for c in record.manifest.capabilities)
 
     # -- hot path --------------------------------------------------------------
 
@@ -165,16 +179,14 @@ class PolicyService(Service):
         target_record = self.agents.get(target)
         call_id = new_id()
         trace_id = _trace_id(headers)
-        if target_record is None or capability not in {
-            c.name for c in target_record.manifest.capabilities
-        }:
-            err: SignalboxError = UnknownTarget(
+        if target_record is None or capability not in self._capabilities.get(target, ()):
+            unknown = UnknownTarget(
                 f"{target} is not a registered agent; `signalbox agents list` shows who is"
                 if target_record is None
                 else f"{target} has no capability {capability!r}",
                 details={"target": target, "capability": capability},
             )
-            await self._reject(err, msg, caller)
+            await self._reject(unknown, msg, caller)
             return
         decision = self.decider.decide(
             CallRequest(caller, target, capability, self.agents.get(caller), target_record)
@@ -232,6 +244,8 @@ class PolicyService(Service):
         if pending is None:
             self.stats["late_replies"] += 1  # the caller was already told it timed out
             return
+        if not self._pending:
+            self._drained.set()
         pending.timer.cancel()
         headers = msg.headers
         if headers and headers.get("Status") == "503":
@@ -243,7 +257,7 @@ class PolicyService(Service):
                 )
             )
         else:
-            body, relay_headers = msg.data, headers
+            body, relay_headers = msg.data, headers or {}
         await self.nc.publish(pending.reply, body, headers=relay_headers)
         await self._outcome(pending, relay_headers, len(body))
 
@@ -251,6 +265,8 @@ class PolicyService(Service):
         pending = self._pending.pop(token, None)
         if pending is None:
             return
+        if not self._pending:
+            self._drained.set()
         self.stats["timeouts"] += 1
         err = CallTimeout(
             f"{pending.target}.{pending.capability} did not answer in time",
@@ -264,8 +280,8 @@ class PolicyService(Service):
         await self.nc.publish(pending.reply, body, headers=headers)
         await self._outcome(pending, headers, 0)
 
-    async def _outcome(self, p: _Pending, headers: dict[str, str] | None, reply_bytes: int) -> None:
-        error_code = (headers or {}).get(H_ERROR, "")
+    async def _outcome(self, p: _Pending, headers: dict[str, str], reply_bytes: int) -> None:
+        error_code = headers.get(H_ERROR, "")
         self.stats["errors" if error_code else "ok"] += 1
         outcome = CallOutcome(
             call_id=p.call_id,

@@ -102,12 +102,20 @@ class RegistryService(Service):
             "registry",
             actor=manifest.name,
             subject=self.subjects.registry("register"),
-            data={"op": "register", "name": manifest.name, "version": manifest.version,
-                  "owner": manifest.owner, "team": manifest.team,
-                  "capabilities": [c.name for c in manifest.capabilities]},
+            data={
+                "op": "register",
+                "name": manifest.name,
+                "version": manifest.version,
+                "owner": manifest.owner,
+                "team": manifest.team,
+                "capabilities": [c.name for c in manifest.capabilities],
+            },
         )
         return Registered(
-            name=manifest.name, version=manifest.version, registered_at=record.registered_at, created=True
+            name=manifest.name,
+            version=manifest.version,
+            registered_at=record.registered_at,
+            created=True,
         )
 
     async def get(self, request: GetAgent) -> AgentRecord:

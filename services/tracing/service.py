@@ -162,7 +162,7 @@ class TracingService(Service):
         for msg, fut, event in futures:
             try:
                 ack = await asyncio.wait_for(fut, timeout=10)
-            except (APIError, asyncio.TimeoutError, nats.errors.Error) as exc:
+            except (TimeoutError, APIError, nats.errors.Error) as exc:
                 # Wrong last sequence (someone else wrote) or a server problem:
                 # redeliver this one; everything after it failed the same check.
                 log.debug("tracing: chain write of %s refused: %r", event.id, exc)
