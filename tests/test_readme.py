@@ -1,0 +1,68 @@
+"""The README's promises: set-up commands, configuration table, the agent example."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from broker.settings import Settings
+from services.runner import Stack
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _text() -> str:
+    return README.read_text()
+
+
+def test_readme_opens_with_the_two_setup_commands() -> None:
+    block = re.search(r"```bash\n(.*?)```", _text(), re.S)
+    assert block is not None
+    lines = block.group(1).strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith("pip install -e . && signalbox demo")
+    assert lines[1].endswith("pip install -e '.[test]' && pytest")
+    # CI must run the same test command.
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "pip install -e '.[test]'" in ci
+    assert re.search(r"^\s*(python -m )?pytest\b", ci, re.M)
+
+
+def test_configuration_table_lists_every_setting_and_nothing_else() -> None:
+    documented = set(re.findall(r"^\| `SIGNALBOX_([A-Z_]+)` \|", _text(), re.M))
+    fields = {name.upper() for name in Settings.model_fields}
+    assert documented == fields
+
+
+def test_agent_example_runs(settings: Settings, tmp_path: Path) -> None:
+    example = re.search(r"## An agent\n\n```python\n(.*?)```", _text(), re.S)
+    assert example is not None
+    allow = re.search(r"```yaml\n(.*?)```", _text(), re.S)
+    assert allow is not None
+    path = settings.resolved_allowlist_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(allow.group(1))
+    script = tmp_path / "example.py"
+    assert settings.nats_url
+    script.write_text(example.group(1).replace("nats://127.0.0.1:4222", settings.nats_url))
+
+    import asyncio
+
+    async def run() -> subprocess.CompletedProcess[str]:
+        async with Stack(settings):
+            return await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, str(script)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd=README.parent,
+            )
+
+    done = asyncio.run(run())
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    assert out[0] == "708"
+    assert "denied" in out[1] and "default-deny" in out[1]
