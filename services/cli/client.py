@@ -1,0 +1,49 @@
+"""Operator-side requests to the control plane (used by the CLI and the demo)."""
+
+from __future__ import annotations
+
+import nats.errors
+from nats.aio.client import Client
+
+from broker.codec import decode, encode
+from broker.errors import CallTimeout, ControlPlaneUnavailable
+from broker.replies import error_from_reply, is_error
+from broker.subjects import Subjects
+from schemas import AgentList, AgentRecord, ListAgents
+
+__all__ = ["list_agents"]
+
+
+async def list_agents(
+    nc: Client,
+    subjects: Subjects,
+    *,
+    team: str | None = None,
+    capability: str | None = None,
+    timeout: float = 5.0,
+) -> tuple[AgentRecord, ...]:
+    """Ask the registry for the registered agents (``sb.registry.list``).
+
+    Raises:
+        ControlPlaneUnavailable: no registry service answers.
+        CallTimeout: the registry did not answer within ``timeout``.
+        SignalboxError: the registry's structured error reply, typed by its code.
+    """
+    subject = subjects.registry("list")
+    request = ListAgents(team=team or None, capability=capability or None)
+    try:
+        msg = await nc.request(subject, encode(request), timeout=timeout)
+    except nats.errors.NoRespondersError as exc:
+        raise ControlPlaneUnavailable(
+            f"no registry service answers on {subject}; start Signalbox with `signalbox up`",
+            details={"subject": subject},
+        ) from exc
+    except nats.errors.TimeoutError as exc:
+        raise CallTimeout(
+            f"the registry did not answer on {subject} within {timeout:g}s; "
+            "check the services' logs (`signalbox up` output)",
+            details={"subject": subject, "timeout": timeout},
+        ) from exc
+    if is_error(msg.headers):
+        raise error_from_reply(msg.data, msg.headers)
+    return decode(msg.data, AgentList).agents

@@ -1,0 +1,410 @@
+"""``signalbox demo``: the whole control plane and four real agents, in one scripted story.
+
+Steps (each printed under its own heading):
+
+1. start the embedded nats-server and the four services with a demo allow-list;
+2. the agents register (the registry lists them);
+3. allowed calls: loan-origination scores and screens applications, then decides;
+4. a customer question, answered by customer-support from policy documents;
+5. a denied call: customer-support asks credit-check for a credit score;
+6. an unknown target: loan-origination asks an agent that does not exist;
+7. the audit trail, once the tracing service has chained every event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from broker.connection import connect
+from broker.errors import CallDenied, SignalboxError, UnknownTarget
+from broker.jetstream import AUDIT_STREAM
+from broker.settings import Settings
+from broker.subjects import Subjects
+from schemas import AuditEvent
+from services.cli.client import list_agents
+from services.cli.render import agents_table, audit_table
+from services.demo.agents import (
+    Answer,
+    CreditRequest,
+    DemoAgents,
+    LoanApplication,
+    LoanDecision,
+    Question,
+    build_agents,
+)
+from services.policy.decider import AllowList
+from services.policy.service import PolicyService
+from services.runner import Stack
+from services.tracing.chain import GENESIS, record_hash
+from services.tracing.reader import audit_filter, read
+
+__all__ = ["ALLOWLIST", "APPLICATIONS", "QUESTIONS", "run_demo"]
+
+#: The demo's allow-list (format: ``services/policy/decider.py``). Everything
+#: not listed is denied, which is how customer-support is kept away from credit files.
+ALLOWLIST = """\
+version: "demo-1"
+allow:
+  - id: loan-may-score
+    caller: loan-origination
+    target: credit-check
+    capabilities: [score]
+  - id: loan-may-check-fraud
+    caller: loan-origination
+    target: fraud-detection
+    capabilities: [check]
+  - id: loan-may-ask-support
+    caller: loan-origination
+    target: customer-support
+    capabilities: [answer]
+# customer-support may call nothing: no rule names it as a caller.
+"""
+
+APPLICATIONS: tuple[LoanApplication, ...] = (
+    LoanApplication(
+        application_id="LN-1001",
+        applicant_id="A-1815",
+        name="Ada Lovelace",
+        amount=18_000,
+        term_months=48,
+        annual_income=96_000,
+        monthly_debt=650,
+        email="ada@example.org",
+        country="GB",
+        ip_country="GB",
+    ),
+    LoanApplication(
+        application_id="LN-1002",
+        applicant_id="A-1906",
+        name="Grace Hopper",
+        amount=12_000,
+        term_months=36,
+        annual_income=52_000,
+        monthly_debt=1_500,
+        email="grace@example.com",
+        country="US",
+        ip_country="US",
+    ),
+    LoanApplication(
+        application_id="LN-1003",
+        applicant_id="A-2047",
+        name="Sam Doe",
+        amount=45_000,
+        term_months=24,
+        annual_income=38_000,
+        monthly_debt=1_400,
+        email="sam.doe@mailinator.com",
+        country="US",
+        ip_country="RO",
+    ),
+)
+
+QUESTIONS: tuple[str, ...] = (
+    "Is there a fee if I repay my loan early?",
+    "How long do you keep my credit report?",
+)
+
+_OUTCOME_STYLE = {"approved": "bold green", "referred": "bold yellow", "declined": "bold red"}
+
+
+async def run_demo(console: Console, data_dir: Path | None = None) -> int:
+    """Run the demo, printing to ``console``; returns the exit code (0: every step as expected).
+
+    Args:
+        console: Where the story is printed.
+        data_dir: Keep the demo's data (JetStream store, allow-list) here;
+            default: a temporary folder removed afterwards.
+
+    Raises:
+        SignalboxError: the stack could not start, or a step failed unexpectedly.
+    """
+    if data_dir is not None:
+        await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
+        return await _run(console, data_dir)
+    with tempfile.TemporaryDirectory(prefix="signalbox-demo-") as tmp:
+        return await _run(console, Path(tmp))
+
+
+def _step(console: Console, number: int, title: str, note: str = "") -> None:
+    console.print()
+    console.rule(f"[bold]Step {number}[/bold] · {title}", align="left", style="cyan")
+    if note:
+        console.print(Text(note, style="dim"))
+
+
+async def _run(console: Console, data_dir: Path) -> int:
+    started = time.perf_counter()
+    console.rule("[bold cyan]Signalbox demo[/] · a lending desk run by four AI agents")
+    allowlist_path = data_dir / "allowlist.yaml"
+    allowlist_path.write_text(ALLOWLIST)
+    settings = Settings(
+        nats_url=None,
+        data_dir=data_dir,
+        nats_port=0,
+        allowlist_path=allowlist_path,
+    )
+    async with contextlib.AsyncExitStack() as resources:
+        _step(console, 1, "Start the control plane")
+        stack = Stack(settings)
+        await stack.start()
+        resources.push_async_callback(stack.stop)
+        url = stack.settings.nats_url
+        assert url is not None
+        subjects = Subjects(stack.settings.subject_prefix)
+        nc = await connect(url, name="signalbox-demo", connect_timeout=5)
+        resources.push_async_callback(nc.close)
+        js = nc.jetstream()
+        baseline_seq = (await js.stream_info(AUDIT_STREAM)).state.last_seq
+        emitted_before = _emitted(stack)
+        console.print(_stack_panel(stack, allowlist_path))
+
+        _step(
+            console,
+            2,
+            "Four agents connect and register",
+            "Each agent registers its manifest with the registry; policy sees them within ms.",
+        )
+        agents = build_agents(url, stack.settings.subject_prefix)
+        for agent in agents.all:
+            await resources.enter_async_context(agent)
+        await _until_policy_knows(stack, [a.name for a in agents.all])
+        console.print(agents_table(await list_agents(nc, subjects)))
+
+        _step(
+            console,
+            3,
+            "Allowed calls: loan-origination decides three applications",
+            "For each one it calls credit-check.score and fraud-detection.check through "
+            "policy (sb.out.loan-origination.<target>.<capability>); rules allow both.",
+        )
+        decisions = [await agents.process(app) for app in APPLICATIONS]
+        console.print(_decisions_view(APPLICATIONS, decisions))
+
+        _step(
+            console,
+            4,
+            "A customer question, answered from the policy documents",
+            "loan-origination forwards customers' questions to customer-support.answer "
+            "(allowed by rule loan-may-ask-support); the answer quotes a policy paragraph.",
+        )
+        for question in QUESTIONS:
+            answer = await agents.loans.call(
+                "customer-support", "answer", Question(text=question), returns=Answer
+            )
+            console.print(_answer_panel(question, answer))
+
+        _step(
+            console,
+            5,
+            "A denied call: customer-support asks credit-check for a credit score",
+            "Credit files are tagged pii; no rule lets customer-support call credit-check.",
+        )
+        denied_ok = await _show_denied(console, agents)
+
+        _step(
+            console,
+            6,
+            "An unknown target: loan-origination asks mortgage-pricing for a quote",
+        )
+        unknown_ok = await _show_unknown(console, agents)
+
+        _step(
+            console,
+            7,
+            "The audit trail",
+            "Every decision, call outcome, registration and rejection, hash-chained by the "
+            f"tracing service into the {AUDIT_STREAM} stream.",
+        )
+        for service in stack.services.values():
+            await service.audit.flush()
+        expected = _emitted(stack) - emitted_before
+        events = await read(
+            js, audit_filter(subjects), start_seq=baseline_seq + 1, count=expected, timeout=10
+        )
+        console.print(
+            audit_table(
+                events,
+                title=f"{AUDIT_STREAM}: {len(events)} records",
+                subject=console.width >= 150,
+            )
+        )
+        trail_ok = _show_chain(console, events, expected)
+
+    ok = denied_ok and unknown_ok and trail_ok and len(decisions) == len(APPLICATIONS)
+    console.print()
+    if ok:
+        console.rule(
+            f"[bold green]Demo complete[/] in {time.perf_counter() - started:.1f}s · "
+            "server stopped, nothing left running",
+            style="green",
+        )
+        console.print(
+            "Next: [bold]signalbox up[/] runs the control plane until Ctrl-C; "
+            "[bold]signalbox agents list[/] and [bold]signalbox audit tail[/] inspect it."
+        )
+        return 0
+    console.rule("[bold red]Demo finished with unexpected results (see above)", style="red")
+    return 1
+
+
+def _emitted(stack: Stack) -> int:
+    """Audit events the stack's services have emitted so far (each becomes one record)."""
+    return sum(service.audit.stats.emitted for service in stack.services.values())
+
+
+async def _until_policy_knows(stack: Stack, names: Iterable[str], timeout: float = 5.0) -> None:
+    """Wait until the policy service's registry cache holds every agent in ``names``.
+
+    Registration returns once the registry stored the agent; policy learns of
+    it through a KV watch a moment later. Calling before that would be
+    answered ``unknown_target``, which is right, but not this demo's story.
+    """
+    policy = stack.services.get("policy")
+    if not isinstance(policy, PolicyService):
+        return
+    wanted = set(names)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if policy.agents is not None and all(n in policy.agents for n in wanted):
+            return
+        await asyncio.sleep(0.01)
+
+
+def _stack_panel(stack: Stack, allowlist_path: Path) -> Group:
+    info = Table.grid(padding=(0, 2))
+    info.add_column(style="bold")
+    info.add_column()
+    info.add_row("NATS", f"{stack.settings.nats_url}  (embedded nats-server, JetStream)")
+    info.add_row("data dir", str(stack.settings.data_dir))
+    info.add_row("services", ", ".join(stack.services))
+    info.add_row("allow-list", str(allowlist_path))
+    rules = Table(title="Allow-list (deny by default)", title_justify="left", header_style="bold")
+    rules.add_column("rule id")
+    rules.add_column("caller")
+    rules.add_column("may call")
+    for rule in AllowList.from_yaml(ALLOWLIST, source="demo allow-list").rules:
+        caps = ", ".join(f"{rule.target}.{cap}" for cap in rule.capabilities)
+        rules.add_row(rule.id, rule.caller, caps)
+    rules.add_row(Text("(none)", style="dim"), "customer-support", Text("nothing", style="dim"))
+    return Group(Panel(info, title="Control plane running", border_style="cyan"), rules)
+
+
+def _decisions_view(
+    applications: Iterable[LoanApplication], decisions: Iterable[LoanDecision]
+) -> Group:
+    table = Table(header_style="bold", title="Loan decisions", title_justify="left")
+    table.add_column("application", no_wrap=True)
+    table.add_column("applicant")
+    table.add_column("amount", justify="right", no_wrap=True)
+    table.add_column("score", justify="right", no_wrap=True)
+    table.add_column("fraud", justify="right", no_wrap=True)
+    table.add_column("decision", no_wrap=True)
+    table.add_column("APR", justify="right", no_wrap=True)
+    why = Table.grid(padding=(0, 1))
+    why.add_column(no_wrap=True)
+    why.add_column()
+    for app, decision in zip(applications, decisions, strict=True):
+        style = _OUTCOME_STYLE[decision.outcome]
+        table.add_row(
+            app.application_id,
+            app.name,
+            f"{app.amount:,.0f} · {app.term_months} mo",
+            str(decision.credit_score),
+            f"{decision.fraud_risk:.2f}",
+            Text(decision.outcome, style=style),
+            f"{decision.apr}%" if decision.apr is not None else "—",
+        )
+        why.add_row(
+            Text.assemble(f"  {app.application_id} ", (decision.outcome, style), ":"),
+            "; ".join(decision.reasons),
+        )
+    return Group(table, why)
+
+
+def _answer_panel(question: str, answer: Answer) -> Panel:
+    body = Text(answer.text)
+    source = f"source: {answer.source}" if answer.source else "no matching policy"
+    return Panel(
+        body,
+        title=f"[bold]Q:[/] {escape(question)}",
+        title_align="left",
+        subtitle=f"[dim]{escape(source)}[/]",
+        subtitle_align="right",
+        border_style="green",
+    )
+
+
+async def _show_denied(console: Console, agents: DemoAgents) -> bool:
+    try:
+        await agents.support.call(
+            "credit-check",
+            "score",
+            CreditRequest(applicant_id="A-1815", annual_income=96_000, monthly_debt=650),
+        )
+    except CallDenied as err:
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold")
+        grid.add_column()
+        grid.add_row("error", f"{type(err).__name__} (code {err.code!r})")
+        grid.add_row("message", escape(err.message))
+        grid.add_row("policy ids", ", ".join(err.details.get("policy_ids") or ()))
+        grid.add_row("policy version", str(err.details.get("policy_version", "")))
+        console.print(Panel(grid, title="[bold red]Denied[/]", border_style="red"))
+        return True
+    console.print("[bold red]unexpected:[/] the call was allowed; the allow-list was not applied")
+    return False
+
+
+async def _show_unknown(console: Console, agents: DemoAgents) -> bool:
+    try:
+        await agents.loans.call("mortgage-pricing", "quote", {"amount": 250_000})
+    except UnknownTarget as err:
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold")
+        grid.add_column()
+        grid.add_row("error", f"{type(err).__name__} (code {err.code!r})")
+        grid.add_row("message", escape(err.message))
+        console.print(Panel(grid, title="[bold yellow]Unknown target[/]", border_style="yellow"))
+        return True
+    except SignalboxError as err:
+        console.print(f"[bold red]unexpected error:[/] {escape(err.message)}")
+        return False
+    console.print("[bold red]unexpected:[/] a call to an unregistered agent succeeded")
+    return False
+
+
+def _show_chain(console: Console, events: list[AuditEvent], expected: int) -> bool:
+    """Check the records link up (each hash recomputes and names its predecessor)."""
+    ok = len(events) == expected
+    prev = None
+    for event in events:
+        if record_hash(event) != event.hash:
+            ok = False
+            console.print(f"[bold red]record {event.seq}: hash does not match its content")
+        if prev is not None and event.prev_hash != prev.hash:
+            ok = False
+            console.print(f"[bold red]record {event.seq}: not linked to record {prev.seq}")
+        prev = event
+    if len(events) < expected:
+        console.print(
+            f"[bold red]only {len(events)} of {expected} audit events were chained in time"
+        )
+    elif ok and events:
+        first = events[0]
+        origin = "genesis" if first.prev_hash == GENESIS else f"record {first.seq - 1}"
+        console.print(
+            f"[green]✔[/] {len(events)} records, each hash recomputed and linked to the one "
+            f"before it (from {origin}); head {events[-1].hash[:16]}…"
+        )
+    return ok
