@@ -219,8 +219,19 @@ class Agent:
         self._slots.release()
 
     async def _serve(self, msg: Msg) -> None:
+        # Captured now: stop() clears self._nc before draining, and the reply
+        # of a call that was running must still go out on this connection.
+        nc = self.nc
         headers = msg.headers or {}
         cap_name = msg.subject.rsplit(".", 1)[-1]
+        body, reply_headers = await self._run(msg, cap_name, headers)
+        if msg.reply:
+            with contextlib.suppress(nats.errors.ConnectionClosedError):
+                await nc.publish(msg.reply, body, headers=reply_headers)
+
+    async def _run(
+        self, msg: Msg, cap_name: str, headers: dict[str, str]
+    ) -> tuple[bytes, dict[str, str] | None]:
         try:
             cap = self._caps.get(cap_name)
             if cap is None:
@@ -229,30 +240,27 @@ class Agent:
                     details={"capability": cap_name, "offered": sorted(self._caps)},
                 )
             payload = decode(msg.data, cap.input_type)
+        except InvalidInput as err:
+            # Decode failures and unknown capabilities are the caller's fault.
+            return error_reply(BadRequest(f"bad request: {err.message}", details=err.details))
+        try:
             if cap.wants_ctx:
                 ctx = CallContext(meta=self._meta(headers, cap_name), headers=headers)
                 result = await cap.fn(payload, ctx)
             else:
                 result = await cap.fn(payload)
-            body, reply_headers = encode(result), None
-        except InvalidInput as err:
-            # Decode failures and unknown capabilities are the caller's fault.
-            body, reply_headers = error_reply(
-                BadRequest(f"bad request: {err.message}", details=err.details)
-            )
+            return encode(result), None
         except SignalboxError as err:
-            body, reply_headers = error_reply(err)
+            # The handler's own typed error keeps its code (conflict, denied...).
+            return error_reply(err)
         except Exception as exc:
             log.exception("%s: capability %s failed", self.name, cap_name)
-            body, reply_headers = error_reply(
+            return error_reply(
                 RemoteError(
                     f"{self.name}.{cap_name} failed: {type(exc).__name__}: {exc}",
                     details={"exception": type(exc).__name__},
                 )
             )
-        if msg.reply:
-            with contextlib.suppress(nats.errors.ConnectionClosedError):
-                await self.nc.publish(msg.reply, body, headers=reply_headers)
 
     def _meta(self, headers: dict[str, str], cap_name: str) -> CallMeta:
         deadline = headers.get(H_DEADLINE, "")

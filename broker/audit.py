@@ -175,6 +175,9 @@ class AuditEmitter:
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every emitted event is acknowledged; False on timeout."""
+        if self._idle.is_set():
+            # wait_for(..., 0) times out even on a set event: answer without waiting.
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from typing import Any
 
 import nats
@@ -69,6 +72,7 @@ async def connect(
     }
     if inbox_prefix:
         kwargs["inbox_prefix"] = inbox_prefix
+    deadline = time.monotonic() + connect_timeout
     async for attempt in AsyncRetrying(
         stop=stop_after_delay(connect_timeout),
         wait=wait_exponential(multiplier=0.1, max=1.0),
@@ -76,6 +80,15 @@ async def connect(
         reraise=True,
     ):
         with attempt:
-            nc: Client = await nats.connect(**kwargs)
+            nc = Client()
+            try:
+                # With max_reconnect_attempts=-1 nats-py retries the *first*
+                # connection forever too: bound it, or a down server hangs us.
+                remaining = max(deadline - time.monotonic(), 0.1)
+                await asyncio.wait_for(nc.connect(**kwargs), timeout=remaining)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                raise
             return nc
     raise AssertionError("unreachable")  # pragma: no cover

@@ -16,7 +16,7 @@ structured error replies) plus free-form ``details``::
     │   ├── PayloadTooLarge              over the size limit          "payload_too_large"
     │   └── Conflict                     clashes with stored state    "conflict"
     ├── NotFound (LookupError)           unknown entity               "not_found"
-    └── CallError                        an agent call failed
+    └── CallError                        an agent call failed         "call_error"
         ├── CallDenied (PermissionError) policy said no               "denied"
         ├── CallTimeout (TimeoutError)   no answer in time            "timeout"
         ├── UnknownTarget (LookupError)  target not registered        "unknown_target"

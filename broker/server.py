@@ -200,8 +200,13 @@ class EmbeddedServer:
             if "Server is ready" in text:
                 ports = list(self.store_dir.glob(f"nats-server_{self._proc.pid}.ports"))
                 if ports:
-                    urls: list[str] = json.loads(ports[0].read_text())["nats"]
-                    return urls[0]
+                    try:
+                        urls: list[str] = json.loads(ports[0].read_text())["nats"]
+                    except (ValueError, KeyError, OSError):
+                        # The server creates the file before it writes it: poll again.
+                        urls = []
+                    if urls:
+                        return urls[0]
             time.sleep(0.02)
         raise ServerStartTimeout(
             f"nats-server was not ready after {self.start_timeout:.0f}s; see {self.log_path}",

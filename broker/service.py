@@ -70,6 +70,7 @@ class Service:
         )
         self.rejected: collections.Counter[str] = collections.Counter()
         self._audit: AuditEmitter | None = None
+        self._js: tuple[Client, JetStreamContext] | None = None
         self._started = False
 
     async def _error_cb(self, exc: Exception) -> None:
@@ -88,8 +89,14 @@ class Service:
 
     @property
     def js(self) -> JetStreamContext:
-        """JetStream context on :attr:`nc`."""
-        return self.nc.jetstream()
+        """JetStream context on :attr:`nc` (one per connection)."""
+        # Cached: each new context's first publish_async subscribes a fresh
+        # reply inbox that is never removed, so a context per call leaks a
+        # subscription per call.
+        nc = self.nc
+        if self._js is None or self._js[0] is not nc:
+            self._js = (nc, nc.jetstream())
+        return self._js[1]
 
     @property
     def audit(self) -> AuditEmitter:

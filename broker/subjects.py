@@ -22,7 +22,7 @@ __all__ = ["Subjects", "inbox_prefix", "is_valid_token", "validate_token"]
 
 # Conservative token alphabet: safe in subjects, KV keys, stream and consumer
 # names, and file names; no wildcards, dots or whitespace.
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 
 def is_valid_token(name: str) -> bool:

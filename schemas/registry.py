@@ -19,9 +19,14 @@ __all__ = [
     "Registered",
 ]
 
-#: A NATS subject token as used for agent and capability names.
-Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-Version = Annotated[str, msgspec.Meta(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+([-+][0-9A-Za-z.-]+)?$")]
+#: A NATS subject token as used for agent and capability names. ``$(?!\n)``
+#: because Python's ``$`` also matches before a final newline (a name ending
+#: in "\n" would break the NATS protocol line); unlike ``\Z`` it stays a valid
+#: JSON Schema (ECMAScript) pattern.
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$(?!\n)")]
+Version = Annotated[
+    str, msgspec.Meta(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+([-+][0-9A-Za-z.-]+)?$(?!\n)")
+]
 ShortText = Annotated[str, msgspec.Meta(max_length=256)]
 LongText = Annotated[str, msgspec.Meta(max_length=4096)]
 

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import nats
 import pytest
+import yaml
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from broker.agent import Agent
+from broker.codec import decode as _decode
+from broker.jetstream import AUDIT_STREAM
 from broker.server import EmbeddedServer
 from broker.settings import Settings
+from broker.subjects import Subjects
+from schemas import AgentManifest, AuditEvent
 from services.runner import Stack
 
 
@@ -56,3 +66,154 @@ async def stack(settings: Settings) -> AsyncIterator[Stack]:
     """All four services running against a fresh server."""
     async with Stack(settings) as running:
         yield running
+
+
+# -- helpers for the broker/, schemas/ and services' call-path tests ----------------------
+
+StackFactory = Callable[..., Awaitable[Stack]]
+AgentFactory = Callable[..., Agent]
+
+
+Rule = tuple[str, str, Sequence[str]]
+
+
+def allowlist_yaml(rules: Sequence[Rule], *, version: str = "test-rules") -> str:
+    """An allow-list document from ``(caller, target, capabilities)`` triples."""
+    doc = {
+        "version": version,
+        "allow": [
+            {"id": f"{caller}-{target}", "caller": caller, "target": target,
+             "capabilities": list(caps)}
+            for caller, target, caps in rules
+        ],
+    }  # fmt: skip
+    return yaml.safe_dump(doc)
+
+
+@pytest.fixture
+async def make_stack(settings: Settings) -> AsyncIterator[StackFactory]:
+    """Start stacks on the fresh server: ``await make_stack(allow=..., services=..., **settings)``.
+
+    ``allow`` lists ``(caller, target, capabilities)`` rules (or ``rules`` is a
+    whole allow-list document), written before the services start; other
+    keyword arguments override settings fields.
+    Every stack started is stopped at teardown, newest first.
+    """
+    started: list[Stack] = []
+
+    async def make(
+        *,
+        allow: Sequence[Rule] | None = None,
+        rules: str | None = None,
+        services: Sequence[str] | None = None,
+        **overrides: Any,
+    ) -> Stack:
+        current = settings.model_copy(update=overrides) if overrides else settings
+        if allow is not None:
+            rules = allowlist_yaml(allow)
+        if rules is not None:
+            path = current.resolved_allowlist_path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(rules)
+        stack = Stack(current, services) if services is not None else Stack(current)
+        await stack.start()
+        started.append(stack)
+        return stack
+
+    yield make
+    for stack in reversed(started):
+        await stack.stop()
+
+
+@pytest.fixture
+async def make_agent(settings: Settings) -> AsyncIterator[AgentFactory]:
+    """Build agents on the fresh server (not started); every one is stopped at teardown."""
+    made: list[Agent] = []
+
+    def make(name: str, *, owner: str = "owner-1", team: str = "team-1", **kwargs: Any) -> Agent:
+        manifest = AgentManifest(name=name, version="1.0.0", owner=owner, team=team)
+        assert settings.nats_url is not None
+        agent = Agent(manifest, nats_url=settings.nats_url, **kwargs)
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in reversed(made):
+        await agent.stop()
+
+
+class AuditTrail:
+    """Reads the chained ``SB_AUDIT`` stream with an ephemeral JetStream pull consumer."""
+
+    def __init__(self, url: str, prefix: str = "sb") -> None:
+        self.url = url
+        self.subjects = Subjects(prefix)
+        self.records: list[AuditEvent] = []
+        self._nc: Any = None
+        self._sub: Any = None
+
+    async def _fetch(self) -> None:
+        if self._nc is None:
+            self._nc = await nats.connect(self.url)
+        js = self._nc.jetstream()
+        if self._sub is None:
+            try:
+                self._sub = await js.pull_subscribe(
+                    self.subjects.audit_log_all,
+                    stream=AUDIT_STREAM,
+                    config=ConsumerConfig(
+                        ack_policy=AckPolicy.NONE,
+                        deliver_policy=DeliverPolicy.ALL,
+                        inactive_threshold=60.0,
+                    ),
+                )
+            except nats.js.errors.NotFoundError:
+                return  # the stream does not exist yet
+        try:
+            msgs = await self._sub.fetch(1024, timeout=0.2)
+        except TimeoutError:  # nats-py raises its own or asyncio's, by timing
+            return
+        self.records.extend(_decode(m.data, AuditEvent) for m in msgs)
+
+    async def wait_for(
+        self,
+        predicate: Callable[[AuditEvent], bool],
+        *,
+        count: int = 1,
+        timeout: float = 20.0,
+    ) -> list[AuditEvent]:
+        """Poll until at least ``count`` chained records match; returns the matches."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            await self._fetch()
+            found = [r for r in self.records if predicate(r)]
+            if len(found) >= count or loop.time() > deadline:
+                break
+        assert len(found) >= count, (
+            f"expected {count} matching audit records, found {len(found)} "
+            f"among {len(self.records)}: {[(r.kind, r.actor, r.data) for r in self.records]}"
+        )
+        return found
+
+    async def settle(self) -> list[AuditEvent]:
+        """Everything chained so far (reads until a fetch comes back empty)."""
+        before = -1
+        while before != len(self.records):
+            before = len(self.records)
+            await self._fetch()
+        return list(self.records)
+
+    async def close(self) -> None:
+        """Close the connection."""
+        if self._nc is not None:
+            await self._nc.close()
+
+
+@pytest.fixture
+async def audit_trail(settings: Settings) -> AsyncIterator[AuditTrail]:
+    """The chained audit trail of the fresh server."""
+    assert settings.nats_url is not None
+    trail = AuditTrail(settings.nats_url, settings.subject_prefix)
+    yield trail
+    await trail.close()

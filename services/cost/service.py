@@ -77,7 +77,7 @@ class CostService(Service):
         while not self._stopping.is_set():
             try:
                 msgs = await self._sub.fetch(self.batch, timeout=0.5)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own or asyncio's, by timing
                 continue
             except (nats.errors.ConnectionClosedError, asyncio.CancelledError):
                 return

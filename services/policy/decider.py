@@ -56,7 +56,7 @@ class Decider(Protocol):
         ...
 
 
-Pattern = Annotated[str, msgspec.Meta(pattern=r"^(\*|[A-Za-z0-9_-]{1,64})$")]
+Pattern = Annotated[str, msgspec.Meta(pattern=r"^(\*|[A-Za-z0-9_-]{1,64})\Z")]
 
 
 class AllowRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

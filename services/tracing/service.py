@@ -3,10 +3,11 @@
 Emitters publish events to ``SB_AUDIT_IN``. This service pulls them in
 batches, gives each the next position in the chain (``seq``, the hash of the
 previous record, its own hash), writes it to ``SB_AUDIT`` and only then acks
-the intake copy. Each write carries ``Nats-Expected-Last-Sequence``, so the
-stream itself refuses a write that would fork the chain (a second replica, a
-stale view after a restart); the sequencer then reloads the head from the
-stream and retries. ``Nats-Msg-Id`` (the event id) makes a redelivered
+the intake copy. Each write carries ``Nats-Expected-Last-Sequence`` (and,
+after the first write of a batch, ``Nats-Expected-Last-Msg-Id`` naming its
+predecessor), so the stream itself refuses a write that would fork the chain
+(a second replica, a stale view after a restart); the sequencer then reloads
+the head from the stream and retries. ``Nats-Msg-Id`` (the event id) makes a redelivered
 event a no-op instead of a duplicate record.
 """
 
@@ -15,14 +16,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import time
 from typing import Any
 
 import nats.errors
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig
-from nats.js.errors import APIError, NotFoundError
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, PubAck
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from broker.audit import new_id
 from broker.codec import decode, encode
@@ -61,8 +64,14 @@ class TracingService(Service):
         self.malformed = 0
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._acks: dict[str, asyncio.Future[PubAck]] = {}
+        self._ack_inbox = ""
+        self._ack_sub: Subscription | None = None
+        self._next_ack = 0
 
     async def on_start(self) -> None:
+        self._ack_inbox = self.nc.new_inbox()
+        self._ack_sub = await self.nc.subscribe(f"{self._ack_inbox}.*", cb=self._on_ack)
         await self.js.add_consumer(
             AUDIT_INTAKE_STREAM,
             ConsumerConfig(
@@ -87,6 +96,43 @@ class TracingService(Service):
         # connection's drain does not wait on it.
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
+        if self._ack_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._ack_sub.unsubscribe()
+
+    async def _write(
+        self, subject: str, data: bytes, headers: dict[str, str]
+    ) -> asyncio.Future[PubAck]:
+        """Publish to JetStream; the future gets the ack, or the server's refusal.
+
+        Not ``js.publish_async``: nats-py 2.16 never resolves that future when
+        the server refuses a write (nats-io/nats.py#985), so every chain
+        conflict (two sequencers, a stale head) stalled the sequencer until a
+        timeout. Writes go out in order on the one connection.
+        """
+        self._next_ack += 1
+        token = str(self._next_ack)
+        fut: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
+        self._acks[token] = fut
+        fut.add_done_callback(lambda _: self._acks.pop(token, None))
+        await self.nc.publish(subject, data, reply=f"{self._ack_inbox}.{token}", headers=headers)
+        return fut
+
+    async def _on_ack(self, msg: Msg) -> None:
+        fut = self._acks.get(msg.subject.rsplit(".", 1)[-1])
+        if fut is None or fut.done():
+            return
+        if (msg.headers or {}).get("Status") == "503":
+            fut.set_exception(NoStreamResponseError())
+            return
+        try:
+            resp = json.loads(msg.data)
+            if "error" in resp:
+                fut.set_exception(APIError(**resp["error"]))
+            else:
+                fut.set_result(PubAck.from_response(resp))
+        except (ValueError, TypeError) as exc:
+            fut.set_exception(APIError(description=f"unreadable publish ack: {exc!r}"))
 
     async def _load_head(self) -> None:
         info = await self.js.stream_info(AUDIT_STREAM)
@@ -108,7 +154,7 @@ class TracingService(Service):
         while not self._stopping.is_set():
             try:
                 msgs = await self._sub.fetch(self.batch, timeout=0.5)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own or asyncio's, by timing
                 continue
             except (nats.errors.ConnectionClosedError, asyncio.CancelledError):
                 return
@@ -146,18 +192,23 @@ class TracingService(Service):
         """Chain and store ``msgs`` in order, then ack them."""
         futures: list[tuple[Msg, asyncio.Future[Any], AuditEvent]] = []
         seq, prev = self.head_seq, self.head_hash
+        prev_id = ""
         for msg in msgs:
             event = chain(self._event_of(msg), seq + 1, prev)
-            fut = await self.js.publish_async(
-                self.subjects.audit_log(event.kind, event.actor),
-                encode(event),
-                headers={
-                    H_MSG_ID: event.id,
-                    "Nats-Expected-Last-Sequence": str(seq),
-                },
+            headers = {H_MSG_ID: event.id, "Nats-Expected-Last-Sequence": str(seq)}
+            if prev_id:
+                # Writes are pipelined: the sequence check alone would let this
+                # write land after a refused predecessor whenever another
+                # sequencer's records happen to fill the gap, forking the
+                # chain. Requiring our predecessor's id as the stream's last
+                # message closes that; the batch's first write follows a head
+                # read from (or acked by) the stream, so the sequence suffices.
+                headers["Nats-Expected-Last-Msg-Id"] = prev_id
+            fut = await self._write(
+                self.subjects.audit_log(event.kind, event.actor), encode(event), headers
             )
             futures.append((msg, fut, event))
-            seq, prev = seq + 1, event.hash
+            seq, prev, prev_id = seq + 1, event.hash, event.id
         resync = False
         for msg, fut, event in futures:
             try:
