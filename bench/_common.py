@@ -308,18 +308,21 @@ class StackProcess:
         data_dir: Path,
         *,
         allowlist: Path | None = None,
+        services: Sequence[str] = (),
         ready_timeout: float = 30.0,
     ) -> None:
         self.nats_url = nats_url
         self.data_dir = data_dir
         self.allowlist = allowlist
+        self.services = tuple(services)
         self.ready_timeout = ready_timeout
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def log_path(self) -> Path:
         """The child's stderr (its log)."""
-        return self.data_dir / "stack.log"
+        suffix = "-" + "-".join(self.services) if self.services else ""
+        return self.data_dir / f"stack{suffix}.log"
 
     def start(self) -> None:
         """Spawn the child and wait for it to report ready.
@@ -340,6 +343,8 @@ class StackProcess:
         ]
         if self.allowlist is not None:
             cmd += ["--allowlist", str(self.allowlist)]
+        if self.services:
+            cmd += ["--services", ",".join(self.services)]
         with self.log_path.open("wb") as log_file:
             self.proc = subprocess.Popen(
                 cmd,
@@ -403,9 +408,11 @@ class StackProcess:
         self.stop()
 
 
-async def _run_stack(nats_url: str, data_dir: Path, allowlist: Path | None) -> None:
+async def _run_stack(
+    nats_url: str, data_dir: Path, allowlist: Path | None, services: Sequence[str]
+) -> None:
     from broker.settings import Settings
-    from services.runner import Stack
+    from services.runner import SERVICES, Stack
 
     overrides: dict[str, Any] = {"nats_url": nats_url, "data_dir": data_dir, "log_level": "WARNING"}
     if allowlist is not None:
@@ -427,7 +434,7 @@ async def _run_stack(nats_url: str, data_dir: Path, allowlist: Path | None) -> N
         loop.call_soon_threadsafe(stop.set)
 
     threading.Thread(target=watch_stdin, daemon=True).start()
-    async with Stack(settings) as stack:
+    async with Stack(settings, services or tuple(SERVICES)) as stack:
         sys.stdout.write("ready\n")
         sys.stdout.flush()
         await stop.wait()
@@ -443,12 +450,14 @@ def _main(argv: Sequence[str] | None = None) -> None:
         prog="bench/_common.py", description="Helpers of the benches; `stack` runs the services."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    stack = sub.add_parser("stack", help="run all four services until SIGTERM or stdin EOF")
+    stack = sub.add_parser("stack", help="run services until SIGTERM or stdin EOF")
     stack.add_argument("--nats-url", required=True)
     stack.add_argument("--data-dir", type=Path, required=True)
     stack.add_argument("--allowlist", type=Path, default=None)
+    stack.add_argument("--services", default="", help="comma-separated (default: all four)")
     args = parser.parse_args(argv)
-    uvloop.run(_run_stack(args.nats_url, args.data_dir, args.allowlist))
+    names = [n for n in args.services.split(",") if n]
+    uvloop.run(_run_stack(args.nats_url, args.data_dir, args.allowlist, names))
 
 
 def as_dict(obj: Any) -> dict[str, Any]:

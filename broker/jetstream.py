@@ -73,6 +73,8 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             max_age=settings.audit_max_age_days * _DAY,
             discard=DiscardPolicy.OLD,
             deny_delete=True,
+            # The sequencer writes each chained batch all-or-nothing (ADR-50).
+            allow_atomic=True,
             description="Hash-chained audit trail (tamper-evident)",
         ),
         StreamConfig(
@@ -120,6 +122,7 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         "max_age": config.max_age,
         "num_replicas": config.num_replicas,
         "duplicate_window": config.duplicate_window,
+        "allow_atomic": config.allow_atomic,
     }
     if any(getattr(current, k) != v for k, v in wanted.items()):
         await js.update_stream(config)

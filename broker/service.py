@@ -20,7 +20,9 @@ mediation: measured ~2x the latency of a raw nats-py callback) use
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, TypeVar
@@ -32,7 +34,7 @@ from nats.js import JetStreamContext
 
 from broker.audit import AuditEmitter
 from broker.codec import decode, encode
-from broker.errors import SignalboxError
+from broker.errors import NatsUnreachable, SignalboxError
 from broker.jetstream import ensure_buckets, ensure_streams
 from broker.replies import error_reply
 from broker.settings import Settings
@@ -167,7 +169,18 @@ class Service:
         """Hook: runs before the connection closes."""
 
     async def _prepare(self) -> None:
-        await self.broker.connect()
+        try:
+            # FastStream (nats-py) retries the first connection forever: bound it.
+            await asyncio.wait_for(self.broker.connect(), self.settings.connect_timeout)
+        except (TimeoutError, OSError) as exc:
+            with contextlib.suppress(Exception):
+                await self.broker.stop()
+            raise NatsUnreachable(
+                f"{self.name}: no NATS server answered at {self.settings.nats_url} within "
+                f"{self.settings.connect_timeout:g}s; start one (`signalbox up`) or fix "
+                "SIGNALBOX_NATS_URL",
+                details={"url": self.settings.nats_url},
+            ) from exc
         await ensure_streams(self.js, self.settings)
         await ensure_buckets(self.js, self.settings)
         self._audit = AuditEmitter(self.nc, self.subjects, self.actor)

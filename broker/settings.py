@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     nats_max_payload: int = Field(
         default=1024 * 1024, gt=0, description="Server max_payload in bytes (embedded server)."
     )
+    connect_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds a service waits for NATS at start before failing."
+    )
     server_start_timeout: float = Field(
         default=15.0, gt=0, description="Seconds to wait for the embedded server to be ready."
     )

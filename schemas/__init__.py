@@ -6,7 +6,7 @@ No I/O lives here, and nothing here imports ``broker`` or ``services``.
 from __future__ import annotations
 
 from schemas._base import SCHEMA_VERSION, Wire
-from schemas.audit import AuditEvent, AuditKind
+from schemas.audit import AuditBatch, AuditEvent, AuditKind
 from schemas.calls import CallMeta, CallOutcome
 from schemas.cost import UsageReport
 from schemas.errors import ErrorReply
@@ -27,6 +27,7 @@ __all__ = [
     "AgentList",
     "AgentManifest",
     "AgentRecord",
+    "AuditBatch",
     "AuditEvent",
     "AuditKind",
     "CallMeta",

@@ -8,7 +8,7 @@ import msgspec
 
 from schemas._base import Wire
 
-__all__ = ["AuditEvent", "AuditKind"]
+__all__ = ["AuditBatch", "AuditEvent", "AuditKind"]
 
 AuditKind = Literal["call", "decision", "rejected", "registry", "usage", "admin"]
 
@@ -45,3 +45,15 @@ class AuditEvent(Wire, frozen=True, tag="audit_event.v1"):
     seq: int = 0
     prev_hash: str = ""
     hash: str = ""
+
+
+class AuditBatch(Wire, frozen=True, tag="audit_batch.v1"):
+    """Several audit events shipped as one intake message.
+
+    Attributes:
+        id: Batch id (the intake ``Nats-Msg-Id``, so a re-sent batch is stored once).
+        events: The events, in emission order.
+    """
+
+    id: str
+    events: tuple[AuditEvent, ...]

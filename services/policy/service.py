@@ -24,13 +24,17 @@ from typing import Any
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.errors import InvalidKeyError, KeyNotFoundError
+from nats.js.kv import KeyValue
 
 from broker.audit import new_id
+from broker.codec import decode
 from broker.errors import (
     CallDenied,
     CallTimeout,
     InvalidInput,
     PayloadTooLarge,
+    SchemaError,
     SignalboxError,
     TargetUnavailable,
     UnknownTarget,
@@ -94,6 +98,7 @@ class PolicyService(Service):
         self.agents: KVCache[AgentRecord] | None = None
         self._pending: dict[str, _Pending] = {}
         self._capabilities: dict[str, frozenset[str]] = {}
+        self._kv: KeyValue
         self._next = 0
         self._inbox = ""
         self._call_sub: Subscription | None = None
@@ -105,9 +110,8 @@ class PolicyService(Service):
         }  # fmt: skip
 
     async def on_start(self) -> None:
-        self.agents = KVCache(
-            await self.js.key_value(KV_AGENTS), AgentRecord, on_change=self._agent_changed
-        )
+        self._kv = await self.js.key_value(KV_AGENTS)
+        self.agents = KVCache(self._kv, AgentRecord, on_change=self._agent_changed)
         await self.agents.start()
         self._inbox = self.nc.new_inbox()
         self._reply_sub = await self.nc.subscribe(
@@ -146,6 +150,27 @@ class PolicyService(Service):
         else:
             self._capabilities[name] = frozenset(c.name for c in record.manifest.capabilities)
 
+    async def _lookup(self, name: str) -> AgentRecord | None:
+        """Read one agent straight from KV when the watched cache does not have it.
+
+        Closes the window between a registration's reply and the watch update
+        reaching this replica (a caller that registers and calls at once).
+        Only cache misses pay for it.
+        """
+        assert self.agents is not None
+        try:
+            entry = await self._kv.get(name)
+        except (KeyNotFoundError, InvalidKeyError):
+            return None
+        if not entry.value:
+            return None
+        try:
+            record = decode(entry.value, AgentRecord)
+        except SchemaError:
+            return None
+        self._agent_changed(name, record)
+        return record
+
     # -- hot path --------------------------------------------------------------
 
     async def _on_call(self, msg: Msg) -> None:
@@ -176,7 +201,7 @@ class PolicyService(Service):
             await self._reject(err, msg, caller)
             return
         assert self.agents is not None
-        target_record = self.agents.get(target)
+        target_record = self.agents.get(target) or await self._lookup(target)
         call_id = new_id()
         trace_id = _trace_id(headers)
         if target_record is None or capability not in self._capabilities.get(target, ()):
@@ -189,7 +214,13 @@ class PolicyService(Service):
             await self._reject(unknown, msg, caller)
             return
         decision = self.decider.decide(
-            CallRequest(caller, target, capability, self.agents.get(caller), target_record)
+            CallRequest(
+                caller,
+                target,
+                capability,
+                self.agents.get(caller) or await self._lookup(caller),
+                target_record,
+            )
         )
         await self.audit.emit(
             "decision",
@@ -248,6 +279,7 @@ class PolicyService(Service):
             self._drained.set()
         pending.timer.cancel()
         headers = msg.headers
+        relay_headers: dict[str, str] | None
         if headers and headers.get("Status") == "503":
             body, relay_headers = error_reply(
                 TargetUnavailable(
@@ -257,7 +289,8 @@ class PolicyService(Service):
                 )
             )
         else:
-            body, relay_headers = msg.data, headers or {}
+            # No headers stays None: an empty dict still sends a header block.
+            body, relay_headers = msg.data, headers or None
         await self.nc.publish(pending.reply, body, headers=relay_headers)
         await self._outcome(pending, relay_headers, len(body))
 
@@ -280,8 +313,8 @@ class PolicyService(Service):
         await self.nc.publish(pending.reply, body, headers=headers)
         await self._outcome(pending, headers, 0)
 
-    async def _outcome(self, p: _Pending, headers: dict[str, str], reply_bytes: int) -> None:
-        error_code = headers.get(H_ERROR, "")
+    async def _outcome(self, p: _Pending, headers: dict[str, str] | None, reply_bytes: int) -> None:
+        error_code = headers.get(H_ERROR, "") if headers else ""
         self.stats["errors" if error_code else "ok"] += 1
         outcome = CallOutcome(
             call_id=p.call_id,

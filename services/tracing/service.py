@@ -3,12 +3,12 @@
 Emitters publish events to ``SB_AUDIT_IN``. This service pulls them in
 batches, gives each the next position in the chain (``seq``, the hash of the
 previous record, its own hash), writes it to ``SB_AUDIT`` and only then acks
-the intake copy. Each write carries ``Nats-Expected-Last-Sequence`` (and,
-after the first write of a batch, ``Nats-Expected-Last-Msg-Id`` naming its
-predecessor), so the stream itself refuses a write that would fork the chain
-(a second replica, a stale view after a restart); the sequencer then reloads
-the head from the stream and retries. ``Nats-Msg-Id`` (the event id) makes a redelivered
-event a no-op instead of a duplicate record.
+the intake copy. Writes go out as atomic batches whose first message carries
+``Nats-Expected-Last-Sequence``, so the stream itself refuses a batch that
+would fork the chain (a second replica, a stale view after a restart); the
+sequencer then reloads the head from the stream and the intake messages are
+redelivered. ``Nats-Msg-Id`` (the event id) keeps a redelivered event from
+being chained twice.
 """
 
 from __future__ import annotations
@@ -16,25 +16,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 import time
-from typing import Any
 
 import nats.errors
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.js.api import AckPolicy, ConsumerConfig, PubAck
-from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import NotFoundError
 
 from broker.audit import new_id
 from broker.codec import decode, encode
-from broker.errors import SchemaError
+from broker.errors import PublishRefused, SchemaError
 from broker.jetstream import AUDIT_INTAKE_STREAM, AUDIT_STREAM
+from broker.jspub import JetStreamPublisher, PubAck
 from broker.replies import H_MSG_ID
 from broker.service import Service
 from broker.settings import Settings
-from schemas import AuditEvent
+from schemas import AuditBatch, AuditEvent
 from services.tracing.chain import GENESIS, chain
 
 __all__ = ["TracingService"]
@@ -42,6 +40,10 @@ __all__ = ["TracingService"]
 log = logging.getLogger(__name__)
 
 _CONSUMER = "sb-sequencer"
+#: Events per atomic batch (the server's limit is 1,000).
+_ATOMIC_MAX = 500
+#: "atomic publish batch contains duplicate message id"
+_ERR_DUPLICATE_IN_BATCH = 10201
 
 
 class TracingService(Service):
@@ -64,14 +66,12 @@ class TracingService(Service):
         self.malformed = 0
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        self._acks: dict[str, asyncio.Future[PubAck]] = {}
-        self._ack_inbox = ""
-        self._ack_sub: Subscription | None = None
-        self._next_ack = 0
+        self._publisher: JetStreamPublisher | None = None
 
     async def on_start(self) -> None:
-        self._ack_inbox = self.nc.new_inbox()
-        self._ack_sub = await self.nc.subscribe(f"{self._ack_inbox}.*", cb=self._on_ack)
+        # Not js.publish_async: see broker.jspub (refusals must resolve).
+        self._publisher = JetStreamPublisher(self.nc)
+        await self._publisher.start()
         await self.js.add_consumer(
             AUDIT_INTAKE_STREAM,
             ConsumerConfig(
@@ -96,43 +96,8 @@ class TracingService(Service):
         # connection's drain does not wait on it.
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
-        if self._ack_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._ack_sub.unsubscribe()
-
-    async def _write(
-        self, subject: str, data: bytes, headers: dict[str, str]
-    ) -> asyncio.Future[PubAck]:
-        """Publish to JetStream; the future gets the ack, or the server's refusal.
-
-        Not ``js.publish_async``: nats-py 2.16 never resolves that future when
-        the server refuses a write (nats-io/nats.py#985), so every chain
-        conflict (two sequencers, a stale head) stalled the sequencer until a
-        timeout. Writes go out in order on the one connection.
-        """
-        self._next_ack += 1
-        token = str(self._next_ack)
-        fut: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
-        self._acks[token] = fut
-        fut.add_done_callback(lambda _: self._acks.pop(token, None))
-        await self.nc.publish(subject, data, reply=f"{self._ack_inbox}.{token}", headers=headers)
-        return fut
-
-    async def _on_ack(self, msg: Msg) -> None:
-        fut = self._acks.get(msg.subject.rsplit(".", 1)[-1])
-        if fut is None or fut.done():
-            return
-        if (msg.headers or {}).get("Status") == "503":
-            fut.set_exception(NoStreamResponseError())
-            return
-        try:
-            resp = json.loads(msg.data)
-            if "error" in resp:
-                fut.set_exception(APIError(**resp["error"]))
-            else:
-                fut.set_result(PubAck.from_response(resp))
-        except (ValueError, TypeError) as exc:
-            fut.set_exception(APIError(description=f"unreadable publish ack: {exc!r}"))
+        if self._publisher is not None:
+            await self._publisher.stop()
 
     async def _load_head(self) -> None:
         info = await self.js.stream_info(AUDIT_STREAM)
@@ -168,72 +133,112 @@ class TracingService(Service):
                 log.exception("tracing: chaining a batch failed; it will be redelivered")
                 await asyncio.sleep(0.5)
 
-    def _event_of(self, msg: Msg) -> AuditEvent:
+    def _events_of(self, msg: Msg) -> tuple[AuditEvent, ...]:
         try:
-            return decode(msg.data, AuditEvent)
+            item = decode(msg.data, AuditEvent | AuditBatch)  # type: ignore[arg-type]
         except SchemaError as err:
             # Never drop what reached the audit intake: chain a record of it.
             self.malformed += 1
-            return AuditEvent(
-                id=(msg.headers or {}).get(H_MSG_ID) or new_id(),
-                time=time.time(),
-                kind="rejected",
-                actor=self.actor,
-                subject=msg.subject,
-                data={
-                    "code": err.code,
-                    "message": err.message,
-                    "details": err.details,
-                    "raw_b64": base64.b64encode(msg.data[:4096]).decode(),
-                },
+            return (
+                AuditEvent(
+                    id=(msg.headers or {}).get(H_MSG_ID) or new_id(),
+                    time=time.time(),
+                    kind="rejected",
+                    actor=self.actor,
+                    subject=msg.subject,
+                    data={
+                        "code": err.code,
+                        "message": err.message,
+                        "details": err.details,
+                        "raw_b64": base64.b64encode(msg.data[:4096]).decode(),
+                    },
+                ),
             )
+        if isinstance(item, AuditBatch):
+            return item.events
+        assert isinstance(item, AuditEvent)
+        return (item,)
 
     async def chain_batch(self, msgs: list[Msg]) -> None:
-        """Chain and store ``msgs`` in order, then ack them."""
-        futures: list[tuple[Msg, asyncio.Future[Any], AuditEvent]] = []
-        seq, prev = self.head_seq, self.head_hash
-        prev_id = ""
-        for msg in msgs:
-            event = chain(self._event_of(msg), seq + 1, prev)
-            headers = {H_MSG_ID: event.id, "Nats-Expected-Last-Sequence": str(seq)}
-            if prev_id:
-                # Writes are pipelined: the sequence check alone would let this
-                # write land after a refused predecessor whenever another
-                # sequencer's records happen to fill the gap, forking the
-                # chain. Requiring our predecessor's id as the stream's last
-                # message closes that; the batch's first write follows a head
-                # read from (or acked by) the stream, so the sequence suffices.
-                headers["Nats-Expected-Last-Msg-Id"] = prev_id
-            fut = await self._write(
-                self.subjects.audit_log(event.kind, event.actor), encode(event), headers
-            )
-            futures.append((msg, fut, event))
-            seq, prev, prev_id = seq + 1, event.hash, event.id
-        resync = False
-        for msg, fut, event in futures:
-            try:
-                ack = await asyncio.wait_for(fut, timeout=10)
-            except (TimeoutError, APIError, nats.errors.Error) as exc:
-                # Wrong last sequence (someone else wrote) or a server problem:
-                # redeliver this one; everything after it failed the same check.
-                log.debug("tracing: chain write of %s refused: %r", event.id, exc)
-                resync = True
-                with contextlib.suppress(Exception):
-                    await msg.nak(delay=0.05)
-                continue
-            if ack.duplicate:
-                # Already chained before a restart: the intake copy is done.
-                resync = True
-                await msg.ack()
-                continue
-            if resync:
-                # Stored after an earlier refusal cannot happen with expected-seq
-                # checks, but never ack what we did not see stored in order.
-                await msg.nak()
-                continue
-            self.head_seq, self.head_hash = ack.seq, event.hash
-            self.chained += 1
-            await msg.ack()
-        if resync:
+        """Chain and store the events of ``msgs`` in order, then ack each intake message.
+
+        Fast path: the events go to ``SB_AUDIT`` as atomic batches (ADR-50):
+        all stored or none, one ack per batch, the first write carrying
+        ``Nats-Expected-Last-Sequence`` so a batch built on a stale head is
+        refused whole instead of forking the chain. If a batch is refused
+        because it repeats an event already chained (a redelivery after a
+        crash between write and ack), the events are written one at a time
+        instead, skipping those the server reports as duplicates. Intake
+        messages are acked only once all their events are in the chain.
+        """
+        events = [event for msg in msgs for event in self._events_of(msg)]
+        try:
+            for start in range(0, len(events), _ATOMIC_MAX):
+                chunk = events[start : start + _ATOMIC_MAX]
+                try:
+                    await self._write_atomic(chunk)
+                except PublishRefused as err:
+                    if err.details.get("err_code") != _ERR_DUPLICATE_IN_BATCH:
+                        raise
+                    await self._write_one_by_one(chunk)
+        except (PublishRefused, TimeoutError) as exc:
+            # Another sequencer moved the head, or the server is unavailable:
+            # reload the head and let JetStream redeliver the whole fetch.
+            log.debug("tracing: chain write refused (%r); resyncing", exc)
             self.resyncs += 1
             await self._load_head()
+            for msg in msgs:
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=0.05)
+            return
+        for msg in msgs:
+            with contextlib.suppress(Exception):
+                await msg.ack()
+
+    async def _write_atomic(self, events: list[AuditEvent]) -> None:
+        assert self._publisher is not None
+        batch_id = new_id()
+        seq, prev = self.head_seq, self.head_hash
+        chained: list[AuditEvent] = []
+        ack_fut: asyncio.Future[PubAck] | None = None
+        last = len(events) - 1
+        for i, raw_event in enumerate(events):
+            event = chain(raw_event, seq + 1, prev)
+            headers = {
+                "Nats-Batch-Id": batch_id,
+                "Nats-Batch-Sequence": str(i + 1),
+                H_MSG_ID: event.id,
+            }
+            if i == 0:
+                headers["Nats-Expected-Last-Sequence"] = str(self.head_seq)
+            subject = self.subjects.audit_log(event.kind, event.actor)
+            if i == last:
+                headers["Nats-Batch-Commit"] = "1"
+                ack_fut = await self._publisher.publish(subject, encode(event), headers)
+            else:
+                await self.nc.publish(subject, encode(event), headers=headers)
+            chained.append(event)
+            seq, prev = seq + 1, event.hash
+        assert ack_fut is not None
+        try:
+            ack = await asyncio.wait_for(ack_fut, timeout=10)
+        except TimeoutError:
+            self._publisher.forget(ack_fut)
+            raise
+        self.head_seq, self.head_hash = ack.seq, chained[-1].hash
+        self.chained += len(chained)
+
+    async def _write_one_by_one(self, events: list[AuditEvent]) -> None:
+        assert self._publisher is not None
+        await self._load_head()
+        for raw_event in events:
+            event = chain(raw_event, self.head_seq + 1, self.head_hash)
+            headers = {H_MSG_ID: event.id, "Nats-Expected-Last-Sequence": str(self.head_seq)}
+            fut = await self._publisher.publish(
+                self.subjects.audit_log(event.kind, event.actor), encode(event), headers
+            )
+            ack = await asyncio.wait_for(fut, timeout=10)
+            if ack.duplicate:
+                continue  # already in the chain
+            self.head_seq, self.head_hash = ack.seq, event.hash
+            self.chained += 1

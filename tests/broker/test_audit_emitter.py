@@ -1,4 +1,4 @@
-"""AuditEmitter: events reach the intake stream, acknowledged, once each."""
+"""AuditEmitter: events reach the intake stream in batches, acknowledged, once each."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from broker.connection import connect
 from broker.jetstream import AUDIT_INTAKE_STREAM, ensure_streams
 from broker.settings import Settings
 from broker.subjects import Subjects
-from schemas import AuditEvent, CallOutcome
+from schemas import AuditBatch, AuditEvent, CallOutcome
 
 
 @pytest.fixture
@@ -25,14 +25,18 @@ async def nc(settings: Settings) -> AsyncIterator[Client]:
     await conn.close()
 
 
-async def _intake(nc: Client) -> list[tuple[str, AuditEvent]]:
+async def _batches(nc: Client) -> list[tuple[str, AuditBatch]]:
     js = nc.jetstream()
     info = await js.stream_info(AUDIT_INTAKE_STREAM)
     out = []
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         raw = await js.get_msg(AUDIT_INTAKE_STREAM, seq=seq)
-        out.append((raw.subject or "", decode(raw.data or b"", AuditEvent)))
+        out.append((raw.subject or "", decode(raw.data or b"", AuditBatch)))
     return out
+
+
+async def _intake(nc: Client) -> list[tuple[str, AuditEvent]]:
+    return [(subject, ev) for subject, batch in await _batches(nc) for ev in batch.events]
 
 
 async def test_emitted_events_are_acknowledged_and_stored(nc: Client) -> None:
@@ -46,17 +50,48 @@ async def test_emitted_events_are_acknowledged_and_stored(nc: Client) -> None:
     assert emitter.stats.by_kind["decision"] == 25
     stored = await _intake(nc)
     assert [ev for _, ev in stored] == sent
-    assert {subject for subject, _ in stored} == {"sb.audit.in.decision.service_test"}
+    assert {subject for subject, _ in stored} == {"sb.audit.in.batch.service_test"}
     await emitter.close()
 
 
-async def test_a_republished_event_is_stored_once(nc: Client) -> None:
-    emitter = AuditEmitter(nc, Subjects("sb"), "agent-a")
-    event = emitter.event("call", data={"n": 1})
-    await emitter.publish(event)
-    await emitter.publish(event)  # e.g. a retry after a lost ack
+async def test_events_emitted_together_share_one_batch(nc: Client) -> None:
+    emitter = AuditEmitter(nc, Subjects("sb"), "service:test", max_batch=10, linger=60)
+    for i in range(25):
+        await emitter.emit("call", data={"i": i})
+    # Two full batches shipped at once; the last 5 wait for flush (linger is long).
+    assert emitter.stats.batches == 2
     assert await emitter.flush()
-    assert [ev.id for _, ev in await _intake(nc)] == [event.id]
+    batches = await _batches(nc)
+    assert [len(batch.events) for _, batch in batches] == [10, 10, 5]
+    assert len({batch.id for _, batch in batches}) == 3
+    await emitter.close()
+
+
+async def test_a_resent_batch_is_stored_once(nc: Client) -> None:
+    emitter = AuditEmitter(nc, Subjects("sb"), "agent-a", linger=60)
+    await emitter.emit("call", data={"n": 1})
+    emitter._ship()
+    [(batch_id, entry)] = emitter._inflight.items()
+    # What the retry loop does when an ack is lost: send the same batch again.
+    await emitter._send(batch_id, entry)
+    assert await emitter.flush()
+    assert len(await _batches(nc)) == 1
+    assert emitter.stats.acked == 1
+    await emitter.close()
+
+
+async def test_a_refused_batch_is_retried_until_it_is_stored(nc: Client) -> None:
+    # No stream captures "zz.audit.in.>" yet: the server answers 503.
+    emitter = AuditEmitter(nc, Subjects("zz"), "agent-a", ack_timeout=0.1)
+    await emitter.emit("call", data={"n": 1})
+    assert not await emitter.flush(timeout=0.5)
+    assert emitter.stats.failed >= 1
+    assert emitter.pending == 1
+    await nc.jetstream().add_stream(name="ZZ_AUDIT_IN", subjects=["zz.audit.in.>"])
+    assert await emitter.flush(timeout=5)
+    assert emitter.stats.retried >= 1
+    info = await nc.jetstream().stream_info("ZZ_AUDIT_IN")
+    assert info.state.messages == 1
     await emitter.close()
 
 
@@ -73,7 +108,7 @@ async def test_events_carry_structs_as_builtins_and_a_chosen_actor(nc: Client) -
     assert event.seq == 0 and event.hash == ""  # chaining is the sequencer's job
     assert await emitter.flush()
     [(subject, stored)] = await _intake(nc)
-    assert subject == "sb.audit.in.call.alice"
+    assert subject == "sb.audit.in.batch.service_policy"  # the emitter ships batches
     assert stored == event
     await emitter.close()
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner, Result
 
 from broker.agent import Agent
 from broker.errors import CallDenied
+from broker.jetstream import AUDIT_STREAM
 from broker.server import EmbeddedServer
 from broker.settings import Settings
 from schemas import AgentManifest, AuditEvent
@@ -167,6 +168,13 @@ async def _audited_activity(stack: Stack, settings: Settings, denied_calls: int)
                 await agent.call("credit-check", "score", {"x": 1})
     for service in stack.services.values():
         assert await service.audit.flush()
+    # Flushed means in the intake stream; wait until the sequencer chained it all.
+    js = stack.services["tracing"].js
+    for _ in range(500):
+        if (await js.stream_info(AUDIT_STREAM)).state.last_seq >= 1 + denied_calls:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the audit chain did not catch up")
 
 
 def parse_lines(stdout: str) -> list[AuditEvent]:
