@@ -257,7 +257,8 @@ class PolicyService(Service):
             H_CALL_ID: call_id,
             H_CALLER: caller,
             H_CAPABILITY: capability,
-            H_DEADLINE: f"{time.time() + timeout:.3f}",
+            # Microseconds: rounding to ms could put the deadline past the timeout.
+            H_DEADLINE: f"{time.time() + timeout:.6f}",
         }
         for name in _PASSTHROUGH:
             if name in headers:
