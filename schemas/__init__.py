@@ -12,18 +12,25 @@ from schemas.cost import UsageReport
 from schemas.errors import ErrorReply
 from schemas.policy import Decision, Effect
 from schemas.registry import (
+    AgentInstance,
     AgentList,
     AgentManifest,
     AgentRecord,
     Capability,
     DeregisterAgent,
+    DiscoverAgents,
+    DiscoverResult,
     GetAgent,
+    Health,
+    Heartbeat,
+    InstanceStats,
     ListAgents,
     Registered,
 )
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AgentInstance",
     "AgentList",
     "AgentManifest",
     "AgentRecord",
@@ -35,9 +42,14 @@ __all__ = [
     "Capability",
     "Decision",
     "DeregisterAgent",
+    "DiscoverAgents",
+    "DiscoverResult",
     "Effect",
     "ErrorReply",
     "GetAgent",
+    "Health",
+    "Heartbeat",
+    "InstanceStats",
     "ListAgents",
     "Registered",
     "UsageReport",

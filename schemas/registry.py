@@ -9,15 +9,25 @@ import msgspec
 from schemas._base import Wire
 
 __all__ = [
+    "AgentInstance",
     "AgentList",
     "AgentManifest",
     "AgentRecord",
     "Capability",
     "DeregisterAgent",
+    "DiscoverAgents",
+    "DiscoverResult",
     "GetAgent",
+    "Health",
+    "Heartbeat",
+    "InstanceStats",
     "ListAgents",
     "Registered",
 ]
+
+#: Liveness from heartbeats: ``healthy`` within the heartbeat interval times
+#: the stale threshold, ``stale`` until the down threshold, then ``down``.
+Health = Literal["healthy", "stale", "down"]
 
 #: A NATS subject token as used for agent and capability names. ``$(?!\n)``
 #: because Python's ``$`` also matches before a final newline (a name ending
@@ -75,11 +85,23 @@ class Registered(Wire, frozen=True, tag="registered.v1"):
 
 
 class AgentRecord(Wire, frozen=True, tag="agent_record.v1"):
-    """A registered agent as stored and mirrored in the ``sb_agents`` bucket."""
+    """A registered agent version as stored and mirrored in the ``sb_agents`` bucket.
+
+    Attributes:
+        manifest: The registered manifest.
+        registered_at: Unix time of the (latest) registration.
+        status: ``deregistered`` only in the reply to a deregistration.
+        last_heartbeat: Unix time of the last heartbeat from any instance.
+        health: Computed by the registry when it answers (``down`` in KV copies).
+        instances: Instances that sent a heartbeat within the stale threshold.
+    """
 
     manifest: AgentManifest
     registered_at: float
     status: Literal["active", "deregistered"] = "active"
+    last_heartbeat: float = 0.0
+    health: Health = "down"
+    instances: int = 0
 
 
 class GetAgent(Wire, frozen=True, tag="get_agent.v1"):
@@ -107,3 +129,77 @@ class AgentList(Wire, frozen=True, tag="agent_list.v1"):
     """Reply to :class:`ListAgents`."""
 
     agents: tuple[AgentRecord, ...]
+
+
+class InstanceStats(Wire, frozen=True, tag="instance_stats.v1"):
+    """Counters of one running agent instance (reported in heartbeats)."""
+
+    started: float = 0.0
+    requests: Annotated[int, msgspec.Meta(ge=0)] = 0
+    errors: Annotated[int, msgspec.Meta(ge=0)] = 0
+    processing_time_ns: Annotated[int, msgspec.Meta(ge=0)] = 0
+    last_error: ShortText = ""
+
+
+class Heartbeat(Wire, frozen=True, tag="heartbeat.v1"):
+    """Sent by the SDK every heartbeat interval to ``sb.registry.heartbeat``.
+
+    Attributes:
+        name: Agent name.
+        version: Agent version.
+        instance: Id of the running instance (unique per process).
+        stats: Its counters, shown through ``$SRV.STATS``.
+    """
+
+    name: Name
+    version: Version
+    instance: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$(?!\n)")]
+    stats: InstanceStats = InstanceStats()
+
+
+class AgentInstance(Wire, frozen=True, tag="agent_instance.v1"):
+    """One running instance of an agent version, as the registry knows it."""
+
+    name: str
+    version: str
+    instance: str
+    last_heartbeat: float
+    stats: InstanceStats = InstanceStats()
+
+
+class DiscoverAgents(Wire, frozen=True, tag="discover_agents.v1"):
+    """Capability discovery query; every filter is optional and they combine with AND.
+
+    Attributes:
+        name: Exact agent name.
+        capability: Offers this capability.
+        tag: Offers a capability carrying this tag (``pii``, ``pci-dss``...).
+        team: Owning team.
+        owner: Owner.
+        region: Region.
+        versions: npm-style semver range (``^1.2``, ``>=1.0.0 <2.0.0``, ``1.x``).
+        health: Only agents in this health state.
+        all_versions: Every matching version, not only the highest per name.
+        limit: Page size (1-1000).
+        cursor: ``next_cursor`` of the previous page.
+    """
+
+    name: Name | None = None
+    capability: Name | None = None
+    tag: ShortText | None = None
+    team: ShortText | None = None
+    owner: ShortText | None = None
+    region: ShortText | None = None
+    versions: ShortText | None = None
+    health: Health | None = None
+    all_versions: bool = False
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 50
+    cursor: ShortText = ""
+
+
+class DiscoverResult(Wire, frozen=True, tag="discover_result.v1"):
+    """One page of discovery results, ordered by name then version (highest first)."""
+
+    agents: tuple[AgentRecord, ...]
+    total: int
+    next_cursor: str = ""
