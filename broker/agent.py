@@ -49,12 +49,13 @@ from nats.aio.subscription import Subscription
 
 from broker.audit import new_id
 from broker.codec import decode, encode
-from broker.connection import connect
+from broker.connection import connect, sync_connection
 from broker.errors import (
     BadRequest,
     CallTimeout,
     ControlPlaneUnavailable,
     InvalidInput,
+    NotFound,
     RemoteError,
     SignalboxError,
 )
@@ -62,6 +63,7 @@ from broker.replies import (
     H_CALL_ID,
     H_CALLER,
     H_DEADLINE,
+    H_ERROR,
     H_MSG_ID,
     H_TIMEOUT_MS,
     H_TRACEPARENT,
@@ -70,7 +72,18 @@ from broker.replies import (
     is_error,
 )
 from broker.subjects import Subjects, inbox_prefix, validate_token
-from schemas import AgentManifest, CallMeta, Capability, Registered, UsageReport
+from schemas import (
+    AgentManifest,
+    AgentRecord,
+    CallMeta,
+    Capability,
+    DiscoverAgents,
+    DiscoverResult,
+    Heartbeat,
+    InstanceStats,
+    Registered,
+    UsageReport,
+)
 
 __all__ = ["Agent", "CallContext"]
 
@@ -130,6 +143,7 @@ class Agent:
             pre-registers the agent).
         max_concurrency: Handler invocations running at once; further
             requests wait in the subscription's buffer.
+        heartbeat_interval: Seconds between heartbeats to the registry (0: none).
         connect_options: Passed to :func:`nats.connect` (credentials, TLS...).
     """
 
@@ -141,6 +155,7 @@ class Agent:
         subject_prefix: str = "sb",
         register: bool = True,
         max_concurrency: int = 256,
+        heartbeat_interval: float = 5.0,
         **connect_options: Any,
     ) -> None:
         validate_token(manifest.name, what="agent name")
@@ -155,6 +170,15 @@ class Agent:
         self._inflight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(max_concurrency)
         self.registration: Registered | None = None
+        self.heartbeat_interval = heartbeat_interval
+        #: Unique id of this running instance (shown by ``$SRV.PING``).
+        self.instance_id = new_id()[:22]
+        self._started_at = 0.0
+        self._requests = 0
+        self._errors = 0
+        self._processing_ns = 0
+        self._last_error = ""
+        self._heartbeat_task: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
@@ -224,7 +248,13 @@ class Agent:
         nc = self.nc
         headers = msg.headers or {}
         cap_name = msg.subject.rsplit(".", 1)[-1]
+        started = time.perf_counter_ns()
         body, reply_headers = await self._run(msg, cap_name, headers)
+        self._requests += 1
+        self._processing_ns += time.perf_counter_ns() - started
+        if reply_headers and H_ERROR in reply_headers:
+            self._errors += 1
+            self._last_error = f"{cap_name}: {reply_headers[H_ERROR]}"
         if msg.reply:
             with contextlib.suppress(nats.errors.ConnectionClosedError):
                 await nc.publish(msg.reply, body, headers=reply_headers)
@@ -303,11 +333,65 @@ class Agent:
                     cb=self._on_request,
                     pending_msgs_limit=65536,
                 )
-            await self._nc.flush()
+            # Not nc.flush(): see sync_connection (nats-py can PONG before our SUB).
+            await sync_connection(self._nc)
         except BaseException:
             await self._nc.close()
             self._nc = None
             raise
+        self._started_at = time.time()
+        if self.heartbeat_interval > 0:
+            self._heartbeat_task = asyncio.ensure_future(self._heartbeats())
+
+    def stats(self) -> InstanceStats:
+        """This instance's counters (sent with every heartbeat)."""
+        return InstanceStats(
+            started=self._started_at,
+            requests=self._requests,
+            errors=self._errors,
+            processing_time_ns=self._processing_ns,
+            last_error=self._last_error[:256],
+        )
+
+    async def heartbeat(self, timeout: float = 2.0) -> AgentRecord:
+        """Send one heartbeat now; returns the registry's view of this agent.
+
+        Raises:
+            NotFound: this version is no longer registered (deregistered or revoked).
+        """
+        beat = Heartbeat(
+            name=self.name,
+            version=self.manifest.version,
+            instance=self.instance_id,
+            stats=self.stats(),
+        )
+        return await self._rpc(self.subjects.registry("heartbeat"), beat, AgentRecord, timeout)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            try:
+                await self.heartbeat()
+            except NotFound:
+                # Not re-registering on our own: an operator may have revoked us.
+                log.error(
+                    "%s %s is no longer registered; heartbeats stop. Restart the agent "
+                    "to register again (if it was not revoked on purpose)",
+                    self.name,
+                    self.manifest.version,
+                )
+                return
+            except (SignalboxError, RuntimeError) as exc:
+                log.debug("%s: heartbeat failed: %r", self.name, exc)
+
+    async def discover(self, query: DiscoverAgents | None = None, **filters: Any) -> DiscoverResult:
+        """Ask the registry who offers what (see :class:`schemas.DiscoverAgents`).
+
+        Example:
+            ``await agent.discover(capability="score", versions="^1")``
+        """
+        q = query or DiscoverAgents(**filters)
+        return await self._rpc(self.subjects.registry("discover"), q, DiscoverResult, 5.0)
 
     async def register(self, timeout: float = 5.0) -> Registered:
         """Register :meth:`full_manifest` with the registry.
@@ -341,6 +425,11 @@ class Agent:
         nc, self._nc = self._nc, None
         if nc is None:
             return
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat_task
+            self._heartbeat_task = None
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()

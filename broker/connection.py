@@ -10,11 +10,12 @@ from typing import Any
 
 import nats
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from broker.errors import ConfigError
 
-__all__ = ["Client", "connect"]
+__all__ = ["Client", "connect", "sync_connection"]
 
 log = logging.getLogger(__name__)
 
@@ -92,3 +93,32 @@ async def connect(
                 raise
             return nc
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def sync_connection(nc: Client, timeout: float = 5.0) -> None:
+    """Return once the server has processed everything ``nc`` sent before the call.
+
+    ``Client.flush()`` is not enough in nats-py 2.16: it writes its PING straight
+    to the socket while earlier SUB/PUB commands may still wait in the client's
+    pending buffer, so the PONG can come back before the server has seen them
+    (a subscription made then "flushed" misses a message published right after,
+    about once in a hundred tries here). A message to ourselves goes through
+    the same buffer, after those commands; once it arrives, they have all been
+    processed.
+
+    Raises:
+        TimeoutError: the echo did not come back within ``timeout`` seconds.
+    """
+    echoed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def on_echo(_msg: Msg) -> None:
+        if not echoed.done():
+            echoed.set_result(None)
+
+    sub = await nc.subscribe(nc.new_inbox(), cb=on_echo)
+    try:
+        await nc.publish(sub.subject, b"")
+        async with asyncio.timeout(timeout):
+            await echoed
+    finally:
+        await sub.unsubscribe()

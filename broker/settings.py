@@ -75,6 +75,15 @@ class Settings(BaseSettings):
     audit_replicas: int = Field(
         default=1, ge=1, le=5, description="JetStream replicas of SB_AUDIT (3 on a cluster)."
     )
+    heartbeat_interval: float = Field(
+        default=5.0, gt=0, description="Seconds between agent heartbeats (SDK default)."
+    )
+    heartbeat_stale_missed: int = Field(
+        default=3, ge=1, description="Missed heartbeats after which an agent is stale."
+    )
+    heartbeat_down_missed: int = Field(
+        default=6, ge=1, description="Missed heartbeats after which an agent is down."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level of services."
     )
@@ -85,6 +94,18 @@ class Settings(BaseSettings):
         from broker.subjects import validate_token
 
         return validate_token(value, what="subject prefix")
+
+    @property
+    def stale_after(self) -> float:
+        """Seconds without a heartbeat after which an agent is stale."""
+        return self.heartbeat_interval * self.heartbeat_stale_missed
+
+    @property
+    def down_after(self) -> float:
+        """Seconds without a heartbeat after which an agent is down."""
+        return self.heartbeat_interval * max(
+            self.heartbeat_down_missed, self.heartbeat_stale_missed
+        )
 
     @property
     def resolved_allowlist_path(self) -> Path:

@@ -25,9 +25,14 @@ from services.runner import Stack
 
 @pytest.fixture(autouse=True)
 def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never see the developer's SIGNALBOX_* settings (the database URL excepted)."""
+    """Tests never see the developer's or CI's SIGNALBOX_* settings.
+
+    ``SIGNALBOX_DATABASE_URL`` included: ``Settings()`` would otherwise put
+    every stack test on that one shared database. The store tests get it
+    through :func:`postgres_url` instead.
+    """
     for key in list(os.environ):
-        if key.startswith("SIGNALBOX_") and key != "SIGNALBOX_DATABASE_URL":
+        if key.startswith("SIGNALBOX_"):
             monkeypatch.delenv(key)
 
 
@@ -217,3 +222,49 @@ async def audit_trail(settings: Settings) -> AsyncIterator[AuditTrail]:
     trail = AuditTrail(settings.nats_url, settings.subject_prefix)
     yield trail
     await trail.close()
+
+
+# -- SQL store -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str | None:
+    """``SIGNALBOX_DATABASE_URL`` as the session found it (``.ci/run`` sets it).
+
+    Session-scoped fixtures are set up before the function-scoped
+    ``_clean_environ`` hides the variable, so this still sees it.
+    """
+    return os.environ.get("SIGNALBOX_DATABASE_URL") or None
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_url: str | None
+) -> Iterator[str]:
+    """URL of an empty SQL database: a SQLite file, and PostgreSQL when configured.
+
+    The PostgreSQL variant needs ``SIGNALBOX_DATABASE_URL`` (``.ci/run`` starts
+    a server and sets it); each test gets a schema of its own, selected
+    through ``search_path`` and dropped afterwards.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store' / 'signalbox.db'}"
+        return
+    base = postgres_url or ""
+    if not base.startswith("postgresql"):
+        pytest.skip("PostgreSQL store tests need SIGNALBOX_DATABASE_URL=postgresql+psycopg://...")
+    import uuid
+
+    from sqlalchemy import create_engine, make_url, text
+
+    schema = f"sb_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        url = make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()

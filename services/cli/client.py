@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 import nats.errors
 from nats.aio.client import Client
 
@@ -11,26 +13,28 @@ from broker.replies import error_from_reply, is_error
 from broker.subjects import Subjects
 from schemas import AgentList, AgentRecord, ListAgents
 
-__all__ = ["list_agents"]
+__all__ = ["list_agents", "registry_request"]
+
+T = TypeVar("T")
 
 
-async def list_agents(
+async def registry_request(
     nc: Client,
     subjects: Subjects,
+    op: str,
+    request: Any,
+    returns: type[T],
     *,
-    team: str | None = None,
-    capability: str | None = None,
     timeout: float = 5.0,
-) -> tuple[AgentRecord, ...]:
-    """Ask the registry for the registered agents (``sb.registry.list``).
+) -> T:
+    """Send ``request`` to ``sb.registry.<op>`` and decode the reply as ``returns``.
 
     Raises:
         ControlPlaneUnavailable: no registry service answers.
         CallTimeout: the registry did not answer within ``timeout``.
         SignalboxError: the registry's structured error reply, typed by its code.
     """
-    subject = subjects.registry("list")
-    request = ListAgents(team=team or None, capability=capability or None)
+    subject = subjects.registry(op)
     try:
         msg = await nc.request(subject, encode(request), timeout=timeout)
     except nats.errors.NoRespondersError as exc:
@@ -46,4 +50,18 @@ async def list_agents(
         ) from exc
     if is_error(msg.headers):
         raise error_from_reply(msg.data, msg.headers)
-    return decode(msg.data, AgentList).agents
+    return decode(msg.data, returns)
+
+
+async def list_agents(
+    nc: Client,
+    subjects: Subjects,
+    *,
+    team: str | None = None,
+    capability: str | None = None,
+    timeout: float = 5.0,
+) -> tuple[AgentRecord, ...]:
+    """Ask the registry for the registered agents (``sb.registry.list``)."""
+    request = ListAgents(team=team or None, capability=capability or None)
+    listed = await registry_request(nc, subjects, "list", request, AgentList, timeout=timeout)
+    return listed.agents

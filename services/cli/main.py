@@ -22,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
+import msgspec
 import nats.errors
 import typer
 import uvloop
@@ -36,9 +37,10 @@ from typer.core import TyperGroup
 from broker.connection import connect
 from broker.errors import SchemaError, SignalboxError
 from broker.settings import Settings
-from broker.subjects import Subjects
-from services.cli.client import list_agents
-from services.cli.render import agents_table, audit_header, audit_line, to_json
+from broker.subjects import Subjects, validate_token
+from schemas import AgentRecord, DiscoverAgents, DiscoverResult, GetAgent
+from services.cli.client import list_agents, registry_request
+from services.cli.render import agent_panel, agents_table, audit_header, audit_line, to_json
 from services.tracing.reader import audit_filter, follow, start_of_last
 
 if TYPE_CHECKING:
@@ -286,6 +288,103 @@ def agents_list(
         console.print(f"No agents registered{wanted} at {url}.")
         return
     console.print(agents_table(records))
+
+
+async def _registry(url: str, subjects: Subjects, op: str, request: Any, returns: type[T]) -> T:
+    nc = await _connect(url)
+    try:
+        return await registry_request(nc, subjects, op, request, returns)
+    finally:
+        await nc.close()
+
+
+@agents_app.command("show")
+def agents_show(
+    name: Annotated[str, typer.Argument(help="Agent name.")],
+    version: Annotated[
+        str | None, typer.Option("--version", help="This version (default: the highest).")
+    ] = None,
+    nats_url: NatsUrlOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Show one agent version: manifest, health, capabilities."""
+    url, settings = _client_url(nats_url)
+    subjects = Subjects(settings.subject_prefix)
+    try:
+        request = GetAgent(name=name, version=version)
+        validate_token(name, what="agent name")
+    except SignalboxError as err:
+        _fail(err.message)
+    record = _run(_registry(url, subjects, "get", request, AgentRecord))
+    if json_out:
+        typer.echo(to_json(record))
+        return
+    Console().print(
+        Panel(agent_panel(record), title=f"{record.manifest.name} {record.manifest.version}")
+    )
+
+
+@agents_app.command("discover")
+def agents_discover(
+    capability: Annotated[
+        str | None, typer.Option("--capability", help="Offers this capability.")
+    ] = None,
+    tag: Annotated[
+        str | None, typer.Option("--tag", help="Has a capability with this tag (pii...).")
+    ] = None,
+    team: Annotated[str | None, typer.Option("--team", help="Owning team.")] = None,
+    owner: Annotated[str | None, typer.Option("--owner", help="Owner.")] = None,
+    region: Annotated[str | None, typer.Option("--region", help="Region.")] = None,
+    versions: Annotated[
+        str | None,
+        typer.Option("--versions", help="npm-style semver range: '^1.2', '>=1.0.0 <2', '1.x'."),
+    ] = None,
+    health: Annotated[str | None, typer.Option("--health", help="healthy, stale or down.")] = None,
+    all_versions: Annotated[
+        bool, typer.Option("--all-versions", help="Every matching version, not just the highest.")
+    ] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="Page size.")] = 50,
+    cursor: Annotated[str, typer.Option("--cursor", help="Next page (from a previous run).")] = "",
+    nats_url: NatsUrlOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Find agents by capability, tag, team, owner, region, version range and health."""
+    url, settings = _client_url(nats_url)
+    subjects = Subjects(settings.subject_prefix)
+    fields = {
+        "capability": capability,
+        "tag": tag,
+        "team": team,
+        "owner": owner,
+        "region": region,
+        "versions": versions,
+        "health": health,
+    }
+    try:
+        query = msgspec.convert(
+            {
+                **{k: v for k, v in fields.items() if v is not None},
+                "all_versions": all_versions,
+                "limit": limit,
+                "cursor": cursor,
+                "type": "discover_agents.v1",
+            },
+            DiscoverAgents,
+        )
+    except msgspec.ValidationError as exc:
+        _fail(f"{exc}; see `signalbox agents discover --help`")
+    result = _run(_registry(url, subjects, "discover", query, DiscoverResult))
+    if json_out:
+        typer.echo(to_json(result))
+        return
+    console = Console()
+    if not result.agents:
+        console.print(f"No agents match at {url}.")
+        return
+    shown = f"{len(result.agents)} of {result.total}"
+    console.print(agents_table(result.agents, title=f"Discovered agents ({shown})"))
+    if result.next_cursor:
+        console.print(f"More: add --cursor {result.next_cursor}", style="dim")
 
 
 @audit_app.command("tail")

@@ -161,6 +161,8 @@ def agents_table(records: Iterable[AgentRecord], *, title: str = "Registered age
     table.add_column("version", no_wrap=True)
     table.add_column("team")
     table.add_column("owner")
+    table.add_column("region")
+    table.add_column("health")
     table.add_column("capabilities")
     table.add_column("tags")
     for record in records:
@@ -168,5 +170,43 @@ def agents_table(records: Iterable[AgentRecord], *, title: str = "Registered age
         caps = ", ".join(c.name for c in m.capabilities) or "—"
         tags = sorted({t for c in m.capabilities for t in c.tags})
         name = m.name if record.status == "active" else f"{m.name} ({record.status})"
-        table.add_row(name, m.version, m.team, m.owner, caps, ", ".join(tags) or "—")
+        health = Text(record.health, style=_HEALTH_STYLE.get(record.health, ""))
+        if record.instances:
+            health.append(f" ({record.instances} up)", style="dim")
+        table.add_row(
+            name, m.version, m.team, m.owner, m.region or "—", health, caps, ", ".join(tags) or "—"
+        )
     return table
+
+
+_HEALTH_STYLE = {"healthy": "green", "stale": "yellow", "down": "red"}
+
+
+def agent_panel(record: AgentRecord) -> Table:
+    """Everything about one agent version, as a two-column table."""
+    m = record.manifest
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    when = _clock(record.last_heartbeat, with_date=True) if record.last_heartbeat else "never"
+    rows: list[tuple[str, str | Text]] = [
+        ("name", m.name),
+        ("version", m.version),
+        ("owner / team", f"{m.owner} / {m.team}"),
+        ("project", m.project or "—"),
+        ("region", m.region or "—"),
+        ("health", Text(record.health, style=_HEALTH_STYLE.get(record.health, ""))),
+        ("instances", str(record.instances)),
+        ("last heartbeat", when),
+        ("registered", _clock(record.registered_at, with_date=True)),
+        ("models", ", ".join(m.models) or "—"),
+        ("tools", ", ".join(m.tools) or "—"),
+        ("description", m.description or "—"),
+    ]
+    rows += [(f"metadata.{k}", v) for k, v in sorted(m.metadata.items())]
+    for key, value in rows:
+        grid.add_row(key, value)
+    for cap in m.capabilities:
+        tags = f"  [{', '.join(cap.tags)}]" if cap.tags else ""
+        grid.add_row("capability", Text(f"{cap.name}{tags}  {cap.description}".rstrip()))
+    return grid

@@ -29,6 +29,7 @@ from nats.js.kv import KeyValue
 
 from broker.audit import new_id
 from broker.codec import decode
+from broker.connection import sync_connection
 from broker.errors import (
     CallDenied,
     CallTimeout,
@@ -123,7 +124,8 @@ class PolicyService(Service):
             cb=self._on_call,
             pending_msgs_limit=1_000_000,
         )
-        await self.nc.flush()
+        # Not nc.flush(): see sync_connection (nats-py can PONG before our SUB).
+        await sync_connection(self.nc)
         log.info(
             "policy: mediating %s with rules %s", self.subjects.out_wildcard, self.decider.version
         )

@@ -1,34 +1,49 @@
-"""Registry service: agent registration and lookup.
+"""Registry service: agent registration, versions, heartbeats, discovery.
 
-The KV bucket ``sb_agents`` holds one :class:`~schemas.AgentRecord` per
-agent name (its latest registered version); every other service watches it.
-Writes use compare-and-set on the key's revision, so two registrations
-racing for one name cannot overwrite each other unnoticed.
+The SQL store (:mod:`services.registry.store`; SQLite under the data dir by
+default, PostgreSQL when ``SIGNALBOX_DATABASE_URL`` says so) is the source of
+truth. The KV bucket ``sb_agents`` mirrors the highest registered version of
+each agent so the other services watch it instead of querying. Store calls
+are synchronous SQLAlchemy and run in a worker thread.
+
+Endpoints (request-reply, queue group ``sb-registry``)::
+
+    sb.registry.register    AgentManifest    -> Registered
+    sb.registry.heartbeat   Heartbeat        -> AgentRecord
+    sb.registry.get         GetAgent         -> AgentRecord
+    sb.registry.list        ListAgents       -> AgentList
+    sb.registry.discover    DiscoverAgents   -> DiscoverResult
+    sb.registry.deregister  DeregisterAgent  -> AgentRecord
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import time
 
-import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from broker.codec import decode, encode
-from broker.errors import Conflict, NotFound
+from broker.codec import encode
 from broker.jetstream import KV_AGENTS
 from broker.service import Service
 from broker.settings import Settings
 from schemas import (
+    AgentInstance,
     AgentList,
     AgentManifest,
     AgentRecord,
     DeregisterAgent,
+    DiscoverAgents,
+    DiscoverResult,
     GetAgent,
+    Heartbeat,
     ListAgents,
     Registered,
 )
+from services.registry.micro import MicroInstance, MicroResponder, instances_from_records
+from services.registry.store import AgentStore
 
 __all__ = ["RegistryService"]
 
@@ -36,17 +51,26 @@ log = logging.getLogger(__name__)
 
 
 class RegistryService(Service):
-    """Answers ``sb.registry.{register,get,list,deregister}``."""
+    """Answers ``sb.registry.*`` from the SQL store and mirrors it into ``sb_agents``."""
 
     name = "registry"
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self._kv: KeyValue | None = None
+        self._store: AgentStore | None = None
+        self.micro: MicroResponder | None = None
+        # Mirror writes of one name are serialized so the KV copy ends on the
+        # store's latest state even when registrations of a name race.
+        self._name_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
+            asyncio.Lock
+        )
         s = self.subjects
         self.endpoint(s.registry("register"), AgentManifest)(self.register)
+        self.endpoint(s.registry("heartbeat"), Heartbeat)(self.heartbeat)
         self.endpoint(s.registry("get"), GetAgent)(self.get)
         self.endpoint(s.registry("list"), ListAgents)(self.list)
+        self.endpoint(s.registry("discover"), DiscoverAgents)(self.discover)
         self.endpoint(s.registry("deregister"), DeregisterAgent)(self.deregister)
 
     @property
@@ -55,49 +79,66 @@ class RegistryService(Service):
         assert self._kv is not None, "registry not started"
         return self._kv
 
-    async def on_start(self) -> None:
-        self._kv = await self.js.key_value(KV_AGENTS)
+    @property
+    def store(self) -> AgentStore:
+        """The SQL store."""
+        assert self._store is not None, "registry not started"
+        return self._store
 
-    async def _load(self, name: str) -> tuple[AgentRecord | None, int]:
-        try:
-            entry = await self.kv.get(name)
-        except KeyNotFoundError:
-            return None, 0
-        if not entry.value:
-            return None, entry.revision or 0
-        return decode(entry.value, AgentRecord), entry.revision or 0
+    async def on_start(self) -> None:
+        self._store = AgentStore(self.settings.resolved_database_url)
+        await asyncio.to_thread(self._store.create_schema)
+        self._kv = await self.js.key_value(KV_AGENTS)
+        # Registered agents answer the standard NATS micro discovery protocol.
+        self.micro = MicroResponder(self.nc, self._micro_view)
+        await self.micro.start()
+
+    async def on_stop(self) -> None:
+        if self.micro is not None:
+            await self.micro.stop()
+        if self._store is not None:
+            await asyncio.to_thread(self._store.close)
+
+    async def _mirror(self, name: str) -> None:
+        """Make ``sb_agents[name]`` the store's highest version of ``name`` (or absent)."""
+        async with self._name_locks[name]:
+            latest = await asyncio.to_thread(self.store.latest, name)
+            if latest is None:
+                await self.kv.delete(name)
+            else:
+                await self.kv.put(name, encode(latest))
+
+    async def _micro_view(self) -> list[MicroInstance]:
+        """Every registered version and its live instances, as micro services."""
+
+        def load() -> tuple[list[AgentRecord], list[AgentInstance]]:
+            now = time.time()
+            records: list[AgentRecord] = []
+            cursor = ""
+            while True:
+                page = self.store.discover(
+                    DiscoverAgents(all_versions=True, limit=1000, cursor=cursor),
+                    now=now,
+                    stale_after=self.settings.stale_after,
+                    down_after=self.settings.down_after,
+                )
+                records.extend(page.agents)
+                cursor = page.next_cursor
+                if not cursor:
+                    break
+            return records, self.store.instances(since=now - self.settings.stale_after)
+
+        records, instances = await asyncio.to_thread(load)
+        return instances_from_records(records, instances, self.subjects)
 
     async def register(self, manifest: AgentManifest) -> Registered:
         """Register (or re-register) one agent version.
 
         Raises:
-            Conflict: the name belongs to another owner, or a concurrent write won.
+            Conflict: the name belongs to another owner.
         """
-        current, revision = await self._load(manifest.name)
-        if current is not None and current.manifest.owner != manifest.owner:
-            raise Conflict(
-                f"agent {manifest.name!r} is owned by {current.manifest.owner!r}; "
-                f"{manifest.owner!r} cannot register it. Pick another name or ask that owner",
-                details={"name": manifest.name, "owner": current.manifest.owner},
-            )
-        if current is not None and current.manifest == manifest and current.status == "active":
-            return Registered(
-                name=manifest.name,
-                version=manifest.version,
-                registered_at=current.registered_at,
-                created=False,
-            )
-        record = AgentRecord(manifest=manifest, registered_at=time.time())
-        try:
-            if revision:
-                await self.kv.update(manifest.name, encode(record), last=revision)
-            else:
-                await self.kv.create(manifest.name, encode(record))
-        except KeyWrongLastSequenceError as exc:
-            raise Conflict(
-                f"agent {manifest.name!r} was changed concurrently; retry the registration",
-                details={"name": manifest.name},
-            ) from exc
+        record, created = await asyncio.to_thread(self.store.register, manifest, now=time.time())
+        await self._mirror(manifest.name)
         await self.audit.emit(
             "registry",
             actor=manifest.name,
@@ -108,6 +149,7 @@ class RegistryService(Service):
                 "version": manifest.version,
                 "owner": manifest.owner,
                 "team": manifest.team,
+                "created": created,
                 "capabilities": [c.name for c in manifest.capabilities],
             },
         )
@@ -115,56 +157,78 @@ class RegistryService(Service):
             name=manifest.name,
             version=manifest.version,
             registered_at=record.registered_at,
-            created=True,
+            created=created,
         )
 
+    async def heartbeat(self, beat: Heartbeat) -> AgentRecord:
+        """Record that an instance is alive.
+
+        Raises:
+            NotFound: that version is not registered (deregistered or revoked).
+        """
+        await asyncio.to_thread(self.store.heartbeat, beat, now=time.time())
+        return await self.get(GetAgent(name=beat.name, version=beat.version))
+
     async def get(self, request: GetAgent) -> AgentRecord:
-        """Look up one agent.
+        """Look up one agent version (the highest when ``version`` is not given).
 
         Raises:
             NotFound: no such agent (or not that version).
         """
-        record, _ = await self._load(request.name)
-        if record is None or (request.version and record.manifest.version != request.version):
-            raise NotFound(
-                f"no agent {request.name!r}"
-                + (f" at version {request.version}" if request.version else "")
-                + "; `signalbox agents list` shows registered agents",
-                details={"name": request.name, "version": request.version},
-            )
-        return record
+        return await asyncio.to_thread(
+            self.store.get,
+            request.name,
+            request.version,
+            now=time.time(),
+            stale_after=self.settings.stale_after,
+            down_after=self.settings.down_after,
+        )
 
     async def list(self, request: ListAgents) -> AgentList:
-        """List agents, filtered by capability and team."""
-        records: list[AgentRecord] = []
-        try:
-            keys = await self.kv.keys()
-        except Exception:  # nats-py raises NoKeysError on an empty bucket
-            keys = []
-        for key in sorted(keys):
-            record, _ = await self._load(key)
-            if record is None:
-                continue
-            m = record.manifest
-            if request.team and m.team != request.team:
-                continue
-            if request.capability and request.capability not in {c.name for c in m.capabilities}:
-                continue
-            records.append(record)
-        return AgentList(agents=tuple(records))
+        """Every agent's highest version, filtered by capability and team."""
+        agents: list[AgentRecord] = []
+        cursor = ""
+        while True:
+            page = await self.discover(
+                DiscoverAgents(
+                    capability=request.capability, team=request.team, limit=1000, cursor=cursor
+                )
+            )
+            agents.extend(page.agents)
+            cursor = page.next_cursor
+            if not cursor:
+                return AgentList(agents=tuple(agents))
+
+    async def discover(self, query: DiscoverAgents) -> DiscoverResult:
+        """Capability discovery (filters, semver range, health, pagination).
+
+        Raises:
+            InvalidInput: an invalid semver range or cursor.
+        """
+        return await asyncio.to_thread(
+            self.store.discover,
+            query,
+            now=time.time(),
+            stale_after=self.settings.stale_after,
+            down_after=self.settings.down_after,
+        )
 
     async def deregister(self, request: DeregisterAgent) -> AgentRecord:
-        """Remove an agent; returns its last record.
+        """Remove one version (or all versions) of an agent; returns the last removed record.
 
         Raises:
             NotFound: no such agent (or not that version).
         """
-        record = await self.get(GetAgent(name=request.name, version=request.version))
-        await self.kv.delete(request.name)
+        removed = await asyncio.to_thread(self.store.deregister, request.name, request.version)
+        await self._mirror(request.name)
         await self.audit.emit(
             "registry",
             actor=request.name,
             subject=self.subjects.registry("deregister"),
-            data={"op": "deregister", "name": request.name, "version": record.manifest.version},
+            data={
+                "op": "deregister",
+                "name": request.name,
+                "versions": [r.manifest.version for r in removed],
+            },
         )
-        return msgspec.structs.replace(record, status="deregistered")
+        return removed[-1]

@@ -90,15 +90,18 @@ async def test_registering_the_same_manifest_again_changes_nothing(registry: Reg
     assert again.registered_at == first.registered_at
 
 
-async def test_a_new_version_by_the_same_owner_replaces_the_record(registry: Registry) -> None:
+async def test_versions_coexist_and_get_returns_the_highest(registry: Registry) -> None:
     await registry.ok("register", manifest(), Registered)
-    upgraded = await registry.ok("register", manifest(version="1.1.0"), Registered)
+    upgraded = await registry.ok("register", manifest(version="1.10.0"), Registered)
     assert upgraded.created
+    await registry.ok("register", manifest(version="1.9.0"), Registered)
     record = await registry.ok("get", GetAgent(name="credit-check"), AgentRecord)
-    assert record.manifest.version == "1.1.0"
-    old = await registry.fails("get", GetAgent(name="credit-check", version="1.0.0"))
-    assert isinstance(old, NotFound)
-    assert "at version 1.0.0" in old.message
+    assert record.manifest.version == "1.10.0"  # semver order, not string order
+    old = await registry.ok("get", GetAgent(name="credit-check", version="1.0.0"), AgentRecord)
+    assert old.manifest.version == "1.0.0"
+    missing = await registry.fails("get", GetAgent(name="credit-check", version="2.0.0"))
+    assert isinstance(missing, NotFound)
+    assert "2.0.0" in missing.message
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,167 @@
+"""Heartbeats, health, discovery and NATS micro visibility, end to end through the SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import msgspec
+import nats
+import pytest
+from nats.aio.msg import Msg
+
+from broker.connection import sync_connection
+from broker.errors import InvalidInput, NotFound
+from broker.settings import Settings
+from schemas import AgentRecord, DiscoverAgents, GetAgent, Health
+
+if TYPE_CHECKING:
+    from conftest import AgentFactory, StackFactory
+
+
+class Score(msgspec.Struct):
+    applicant: str
+
+
+async def _health_becomes(
+    get: Callable[[], Awaitable[AgentRecord]], want: Health, timeout: float = 10.0
+) -> AgentRecord:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        record = await get()
+        if record.health == want:
+            return record
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"health stayed {record.health!r}, wanted {want!r}")
+        await asyncio.sleep(0.05)
+
+
+async def test_heartbeats_make_an_agent_healthy_then_stale_then_down(
+    make_stack: StackFactory, make_agent: AgentFactory, settings: Settings
+) -> None:
+    # 0.2 s beats; stale after 1 missed, down after 2.
+    await make_stack(heartbeat_interval=0.2, heartbeat_stale_missed=1, heartbeat_down_missed=2)
+    agent = make_agent("credit-check", heartbeat_interval=0.1)
+    observer = make_agent("observer", heartbeat_interval=0.1)
+
+    @agent.capability("score", tags=("pii",))
+    async def score(req: Score) -> int:
+        return 700
+
+    await agent.start()
+    await observer.start()
+
+    async def current() -> AgentRecord:
+        [record] = (await observer.discover(name="credit-check")).agents
+        return record
+
+    live = await _health_becomes(current, "healthy")
+    await asyncio.sleep(0.3)  # several beats later it is still healthy, with one instance
+    live = await _health_becomes(current, "healthy")
+    assert live.instances == 1
+    assert live.last_heartbeat > live.registered_at
+    await agent.stop()  # no more heartbeats
+    await _health_becomes(current, "stale")
+    down = await _health_becomes(current, "down")
+    assert down.instances == 0
+    healthy_only = await observer.discover(health="healthy")
+    assert [r.manifest.name for r in healthy_only.agents] == ["observer"]
+
+
+async def test_heartbeat_after_deregistration_is_not_found(
+    make_stack: StackFactory, make_agent: AgentFactory
+) -> None:
+    stack = await make_stack()
+    agent = make_agent("credit-check", heartbeat_interval=0)
+    await agent.start()
+    assert (await agent.heartbeat()).instances == 1
+    registry = stack.services["registry"]
+    await registry.deregister(msgspec.convert({"name": "credit-check"}, type=_Dereg))
+    with pytest.raises(NotFound):
+        await agent.heartbeat()
+
+
+class _Dereg(msgspec.Struct):
+    name: str
+    version: str | None = None
+
+
+async def test_discovery_filters_versions_and_rejects_bad_ranges(
+    make_stack: StackFactory, make_agent: AgentFactory, settings: Settings
+) -> None:
+    await make_stack()
+    from broker import Agent
+    from schemas import AgentManifest, Capability
+
+    assert settings.nats_url
+    for version, region in (("1.2.0", "eu-west"), ("1.9.3", "eu-west"), ("2.0.0", "us-east")):
+        check = Capability(name="check", tags=("pci-dss",))
+        a = Agent(
+            AgentManifest(name="fraud", version=version, owner="risk", team="risk",
+                          region=region, capabilities=(check,)),
+            nats_url=settings.nats_url, heartbeat_interval=0,
+        )  # fmt: skip
+        await a.start()
+        await a.stop()
+    asker = make_agent("asker", heartbeat_interval=0)
+    await asker.start()
+    latest = await asker.discover(capability="check")
+    assert [r.manifest.version for r in latest.agents] == ["2.0.0"]
+    v1 = await asker.discover(capability="check", versions="^1")
+    assert [r.manifest.version for r in v1.agents] == ["1.9.3"]
+    every = await asker.discover(tag="pci-dss", all_versions=True)
+    assert [r.manifest.version for r in every.agents] == ["2.0.0", "1.9.3", "1.2.0"]
+    eu = await asker.discover(DiscoverAgents(region="eu-west", all_versions=True, limit=1))
+    assert eu.total == 2 and len(eu.agents) == 1 and eu.next_cursor
+    rest = await asker.discover(
+        DiscoverAgents(region="eu-west", all_versions=True, limit=1, cursor=eu.next_cursor)
+    )
+    assert {eu.agents[0].manifest.version, rest.agents[0].manifest.version} == {"1.9.3", "1.2.0"}
+    assert not rest.next_cursor
+    with pytest.raises(InvalidInput) as bad:
+        await asker.discover(versions="not a range")
+    assert bad.value.details.get("field") == "versions"
+    exact = await asker._rpc(  # the SDK's own request helper
+        asker.subjects.registry("get"), GetAgent(name="fraud", version="1.2.0"), AgentRecord, 5
+    )
+    assert exact.manifest.region == "eu-west"
+
+
+async def test_running_agents_answer_a_raw_srv_ping(
+    make_stack: StackFactory, make_agent: AgentFactory, settings: Settings
+) -> None:
+    await make_stack()
+    agent = make_agent("credit-check", heartbeat_interval=0.1)
+
+    @agent.capability("score")
+    async def score(req: Score) -> int:
+        return 1
+
+    await agent.start()
+    await agent.heartbeat()
+    nc = await nats.connect(settings.nats_url or "")
+    try:
+        inbox = nc.new_inbox()
+        replies: list[dict[str, object]] = []
+
+        first = asyncio.Event()
+
+        async def collect(msg: Msg) -> None:
+            replies.append(json.loads(msg.data))
+            first.set()
+
+        sub = await nc.subscribe(inbox, cb=collect)
+        await sync_connection(nc)
+        await nc.publish("$SRV.PING", b"", reply=inbox)
+        await asyncio.wait_for(first.wait(), 5)
+        await asyncio.sleep(0.2)  # let any further (duplicate) replies arrive
+        await sub.unsubscribe()
+    finally:
+        await nc.close()
+    mine = [r for r in replies if r["name"] == "credit-check"]
+    assert len(mine) == 1
+    assert mine[0]["type"] == "io.nats.micro.v1.ping_response"
+    assert mine[0]["id"] == agent.instance_id
+    assert mine[0]["version"] == "1.0.0"
