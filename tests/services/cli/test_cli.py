@@ -229,7 +229,21 @@ async def test_audit_tail_follows_new_records(stack: Stack, settings: Settings) 
     await _audited_activity(stack, settings, denied_calls=1)  # seq 1 and 2 exist already
 
     tail = asyncio.ensure_future(
-        ainvoke(["audit", "tail", "--last", "0", "--count", "1", "--json", "--nats-url", url])
+        ainvoke(
+            [
+                "audit",
+                "tail",
+                "--kind",
+                "decision",
+                "--last",
+                "0",
+                "--count",
+                "1",
+                "--json",
+                "--nats-url",
+                url,
+            ]
+        )
     )
     # Keep producing until the tail has printed one new record: it may
     # subscribe after the first of them.
