@@ -9,17 +9,14 @@ terminated (never redelivered forever, never silently dropped).
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
 import logging
 
 import msgspec
-import nats.errors
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig
 
 from broker.codec import decode
+from broker.consumer import PullWorker
 from broker.errors import InvalidInput, SchemaError, SignalboxError
 from broker.jetstream import USAGE_STREAM
 from broker.service import Service
@@ -46,46 +43,15 @@ class CostService(Service):
         super().__init__(settings)
         self.batch = batch
         self.tokens: collections.Counter[tuple[str, str]] = collections.Counter()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
+        self._worker: PullWorker | None = None
 
     async def on_start(self) -> None:
-        await self.js.add_consumer(
-            USAGE_STREAM,
-            ConsumerConfig(
-                durable_name=_CONSUMER,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=30,
-                max_ack_pending=self.batch * 8,
-            ),
-        )
-        self._sub = await self.js.pull_subscribe_bind(_CONSUMER, stream=USAGE_STREAM)
-        self._stopping.clear()
-        self._task = asyncio.ensure_future(self._run())
+        self._worker = PullWorker(self.js, USAGE_STREAM, _CONSUMER, self.meter, batch=self.batch)
+        await self._worker.start()
 
     async def on_stop(self) -> None:
-        self._stopping.set()
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(self._task, timeout=5)
-        # A pull subscription has no callback draining it: unsubscribe so the
-        # connection's drain does not wait on it.
-        with contextlib.suppress(Exception):
-            await self._sub.unsubscribe()
-
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                msgs = await self._sub.fetch(self.batch, timeout=0.5)
-            except TimeoutError:  # nats-py raises its own or asyncio's, by timing
-                continue
-            except (nats.errors.ConnectionClosedError, asyncio.CancelledError):
-                return
-            except Exception as exc:
-                log.warning("cost: fetch failed: %r", exc)
-                await asyncio.sleep(0.5)
-                continue
-            await self.meter(msgs)
+        if self._worker is not None:
+            await self._worker.stop()
 
     def _report_of(self, msg: Msg) -> UsageReport:
         report = decode(msg.data, UsageReport)

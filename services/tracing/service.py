@@ -19,13 +19,12 @@ import contextlib
 import logging
 import time
 
-import nats.errors
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
 
 from broker.audit import new_id
 from broker.codec import decode, encode
+from broker.consumer import PullWorker
 from broker.errors import PublishRefused, SchemaError
 from broker.jetstream import AUDIT_INTAKE_STREAM, AUDIT_STREAM
 from broker.jspub import JetStreamPublisher, PubAck
@@ -64,38 +63,22 @@ class TracingService(Service):
         self.chained = 0
         self.resyncs = 0
         self.malformed = 0
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
+        self._worker: PullWorker | None = None
         self._publisher: JetStreamPublisher | None = None
 
     async def on_start(self) -> None:
         # Not js.publish_async: see broker.jspub (refusals must resolve).
         self._publisher = JetStreamPublisher(self.nc)
         await self._publisher.start()
-        await self.js.add_consumer(
-            AUDIT_INTAKE_STREAM,
-            ConsumerConfig(
-                durable_name=_CONSUMER,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=30,
-                max_ack_pending=self.batch * 8,
-                max_deliver=-1,
-            ),
-        )
-        self._sub = await self.js.pull_subscribe_bind(_CONSUMER, stream=AUDIT_INTAKE_STREAM)
         await self._load_head()
-        self._stopping.clear()
-        self._task = asyncio.ensure_future(self._run())
+        self._worker = PullWorker(
+            self.js, AUDIT_INTAKE_STREAM, _CONSUMER, self.chain_batch, batch=self.batch
+        )
+        await self._worker.start()
 
     async def on_stop(self) -> None:
-        self._stopping.set()
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(self._task, timeout=5)
-        # A pull subscription has no callback draining it: unsubscribe so the
-        # connection's drain does not wait on it.
-        with contextlib.suppress(Exception):
-            await self._sub.unsubscribe()
+        if self._worker is not None:
+            await self._worker.stop()
         if self._publisher is not None:
             await self._publisher.stop()
 
@@ -114,24 +97,6 @@ class TracingService(Service):
             return
         head = decode(raw.data or b"", AuditEvent)
         self.head_seq, self.head_hash = last, head.hash
-
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                msgs = await self._sub.fetch(self.batch, timeout=0.5)
-            except TimeoutError:  # nats-py raises its own or asyncio's, by timing
-                continue
-            except (nats.errors.ConnectionClosedError, asyncio.CancelledError):
-                return
-            except Exception as exc:
-                log.warning("tracing: fetch failed: %r", exc)
-                await asyncio.sleep(0.5)
-                continue
-            try:
-                await self.chain_batch(msgs)
-            except Exception:
-                log.exception("tracing: chaining a batch failed; it will be redelivered")
-                await asyncio.sleep(0.5)
 
     def _events_of(self, msg: Msg) -> tuple[AuditEvent, ...]:
         try:
