@@ -166,8 +166,10 @@ class RegistryService(Service):
         Raises:
             NotFound: that version is not registered (deregistered or revoked).
         """
-        await asyncio.to_thread(self.store.heartbeat, beat, now=time.time())
-        return await self.get(GetAgent(name=beat.name, version=beat.version))
+        # One SQL round trip: the store's heartbeat returns the fresh record.
+        return await asyncio.to_thread(
+            self.store.heartbeat, beat, now=time.time(), stale_after=self.settings.stale_after
+        )
 
     async def get(self, request: GetAgent) -> AgentRecord:
         """Look up one agent version (the highest when ``version`` is not given).
