@@ -8,6 +8,7 @@ and stops it with SIGTERM, escalating to SIGKILL.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -47,6 +48,26 @@ def find_server_binary() -> str:
             details={"searched": [scripts, str(Path(sys.executable).parent), "PATH"]},
         )
     return found
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the launching thread dies (Linux).
+
+    A server we started must not outlive us, even if we are SIGKILLed and
+    never run :meth:`EmbeddedServer.stop`. The kernel ties this to the
+    *thread* that forked, so start servers from a long-lived thread (the
+    main thread, as :class:`services.runner.Stack` does). Elsewhere a no-op.
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - no prctl: best effort
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -170,6 +191,7 @@ class EmbeddedServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, not the server.
+            preexec_fn=_die_with_parent,
         )
         try:
             self.url = self._wait_ready()

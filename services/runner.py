@@ -71,7 +71,10 @@ class Stack:
                 max_payload=self.settings.nats_max_payload,
                 start_timeout=self.settings.server_start_timeout,
             )
-            url = await asyncio.to_thread(self.server.start)
+            # In this (long-lived) thread, not a worker thread: the server is
+            # tied to the thread that starts it (see EmbeddedServer); start-up
+            # blocks only until the server logs readiness (~100 ms).
+            url = self.server.start()
             self.settings = self.settings.model_copy(update={"nats_url": url})
         try:
             for name in self.names:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -132,3 +135,38 @@ def test_a_server_not_ready_in_time_is_stopped(
     assert server.pid is None
     assert len(spawned) == 1
     assert spawned[0].poll() is not None  # the half-started server was stopped
+
+
+def test_the_server_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """A SIGKILLed parent never runs stop(); the kernel still ends its server."""
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from broker.server import EmbeddedServer\n"
+        f"s = EmbeddedServer(Path({str(tmp_path / 'nats')!r}), port=0, sync_always=False)\n"
+        "s.start()\n"
+        "print(s.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    server_pid = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(5)
+    parent.stdout.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not _alive(server_pid):
+            return
+        time.sleep(0.05)
+    os.kill(server_pid, signal.SIGKILL)
+    raise AssertionError("nats-server outlived the process that started it")
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper counts as dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
