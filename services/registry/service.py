@@ -22,6 +22,8 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from nats.js.kv import KeyValue
 
@@ -49,6 +51,8 @@ __all__ = ["RegistryService"]
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 class RegistryService(Service):
     """Answers ``sb.registry.*`` from the SQL store and mirrors it into ``sb_agents``."""
@@ -60,6 +64,7 @@ class RegistryService(Service):
         self._kv: KeyValue | None = None
         self._store: AgentStore | None = None
         self.micro: MicroResponder | None = None
+        self._inline_db = False
         # Mirror writes of one name are serialized so the KV copy ends on the
         # store's latest state even when registrations of a name race.
         self._name_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
@@ -79,6 +84,18 @@ class RegistryService(Service):
         assert self._kv is not None, "registry not started"
         return self._kv
 
+    async def _db(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run a store call: inline for SQLite, in a worker thread for a network database.
+
+        A local SQLite query takes well under a millisecond; handing it to a
+        thread costs a good part of that again (thread switch, GIL), which
+        discovery latency pays on every request. A PostgreSQL round trip must
+        not block the event loop, so it goes to a thread.
+        """
+        if self._inline_db:
+            return fn(*args, **kwargs)
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
     @property
     def store(self) -> AgentStore:
         """The SQL store."""
@@ -86,8 +103,10 @@ class RegistryService(Service):
         return self._store
 
     async def on_start(self) -> None:
-        self._store = AgentStore(self.settings.resolved_database_url)
-        await asyncio.to_thread(self._store.create_schema)
+        url = self.settings.resolved_database_url
+        self._inline_db = url.startswith("sqlite")
+        self._store = AgentStore(url)
+        await self._db(self._store.create_schema)
         self._kv = await self.js.key_value(KV_AGENTS)
         # Registered agents answer the standard NATS micro discovery protocol.
         self.micro = MicroResponder(self.nc, self._micro_view)
@@ -97,12 +116,12 @@ class RegistryService(Service):
         if self.micro is not None:
             await self.micro.stop()
         if self._store is not None:
-            await asyncio.to_thread(self._store.close)
+            await self._db(self._store.close)
 
     async def _mirror(self, name: str) -> None:
         """Make ``sb_agents[name]`` the store's highest version of ``name`` (or absent)."""
         async with self._name_locks[name]:
-            latest = await asyncio.to_thread(self.store.latest, name)
+            latest = await self._db(self.store.latest, name)
             if latest is None:
                 await self.kv.delete(name)
             else:
@@ -128,6 +147,7 @@ class RegistryService(Service):
                     break
             return records, self.store.instances(since=now - self.settings.stale_after)
 
+        # A full scan: always off the event loop, whatever the database.
         records, instances = await asyncio.to_thread(load)
         return instances_from_records(records, instances, self.subjects)
 
@@ -137,7 +157,7 @@ class RegistryService(Service):
         Raises:
             Conflict: the name belongs to another owner.
         """
-        record, created = await asyncio.to_thread(self.store.register, manifest, now=time.time())
+        record, created = await self._db(self.store.register, manifest, now=time.time())
         await self._mirror(manifest.name)
         await self.audit.emit(
             "registry",
@@ -167,7 +187,7 @@ class RegistryService(Service):
             NotFound: that version is not registered (deregistered or revoked).
         """
         # One SQL round trip: the store's heartbeat returns the fresh record.
-        return await asyncio.to_thread(
+        return await self._db(
             self.store.heartbeat, beat, now=time.time(), stale_after=self.settings.stale_after
         )
 
@@ -177,7 +197,7 @@ class RegistryService(Service):
         Raises:
             NotFound: no such agent (or not that version).
         """
-        return await asyncio.to_thread(
+        return await self._db(
             self.store.get,
             request.name,
             request.version,
@@ -207,7 +227,7 @@ class RegistryService(Service):
         Raises:
             InvalidInput: an invalid semver range or cursor.
         """
-        return await asyncio.to_thread(
+        return await self._db(
             self.store.discover,
             query,
             now=time.time(),
@@ -221,7 +241,7 @@ class RegistryService(Service):
         Raises:
             NotFound: no such agent (or not that version).
         """
-        removed = await asyncio.to_thread(self.store.deregister, request.name, request.version)
+        removed = await self._db(self.store.deregister, request.name, request.version)
         await self._mirror(request.name)
         await self.audit.emit(
             "registry",
