@@ -3,7 +3,7 @@
 Steps (each printed under its own heading):
 
 1. start the embedded nats-server and the four services with a demo allow-list;
-2. the agents register (the registry lists them);
+2. the agents register (the registry lists them; discovery finds the pii-tagged ones);
 3. allowed calls: loan-origination scores and screens applications, then decides;
 4. a customer question, answered by customer-support from policy documents;
 5. a denied call: customer-support asks credit-check for a credit score;
@@ -180,6 +180,12 @@ async def _run(console: Console, data_dir: Path) -> int:
             await resources.enter_async_context(agent)
         await _until_policy_knows(stack, [a.name for a in agents.all])
         console.print(agents_table(await list_agents(nc, subjects)))
+        # Capability discovery, as an agent would ask it (sb.registry.discover).
+        pii = await agents.loans.discover(tag="pii", health="healthy")
+        console.print(
+            "Discovery · healthy agents offering a [bold]pii[/]-tagged capability: "
+            + (", ".join(f"{r.manifest.name} {r.manifest.version}" for r in pii.agents) or "none")
+        )
 
         _step(
             console,

@@ -46,6 +46,8 @@ async def test_run_demo_end_to_end(tmp_path: Path) -> None:
     # (b) a customer question answered from the fee schedule
     assert "no fee for paying off your loan early" in text
     assert "source: Fee Schedule" in text
+    # Step 2: capability discovery finds the only pii-tagged agent.
+    assert re.search(r"pii-tagged\s+capability:\s+credit-check\s+1\.0\.0", text)
     # (c) the denial and its reason
     assert "CallDenied" in text
     assert "no rule allows customer-support to call credit-check.score" in text
