@@ -70,6 +70,7 @@ from broker.replies import (
     error_from_reply,
     error_reply,
     is_error,
+    request,
 )
 from broker.subjects import Subjects, inbox_prefix, validate_token
 from schemas import (
@@ -404,21 +405,8 @@ class Agent:
             self.subjects.registry("register"), self.full_manifest(), Registered, timeout
         )
 
-    async def _rpc(self, subject: str, request: Any, returns: type[T], timeout: float) -> T:
-        try:
-            msg = await self.nc.request(subject, encode(request), timeout=timeout)
-        except nats.errors.NoRespondersError as exc:
-            raise ControlPlaneUnavailable(
-                f"nothing answers on {subject}; is `signalbox up` running?",
-                details={"subject": subject},
-            ) from exc
-        except nats.errors.TimeoutError as exc:
-            raise CallTimeout(
-                f"no reply on {subject} within {timeout:g}s", details={"subject": subject}
-            ) from exc
-        if is_error(msg.headers):
-            raise error_from_reply(msg.data, msg.headers)
-        return decode(msg.data, returns)
+    async def _rpc(self, subject: str, body: Any, returns: type[T], timeout: float) -> T:
+        return await request(self.nc, subject, body, returns, timeout=timeout)
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
         """Stop taking requests, finish in-flight ones (up to ``drain_timeout``), disconnect."""

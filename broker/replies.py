@@ -8,10 +8,19 @@ apart by looking at one header.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
+
+import nats.errors
+from nats.aio.client import Client
 
 from broker.codec import decode, encode
-from broker.errors import SchemaError, SignalboxError, code_to_error
+from broker.errors import (
+    CallTimeout,
+    ControlPlaneUnavailable,
+    SchemaError,
+    SignalboxError,
+    code_to_error,
+)
 from schemas import ErrorReply
 
 __all__ = [
@@ -27,7 +36,10 @@ __all__ = [
     "error_from_reply",
     "error_reply",
     "is_error",
+    "request",
 ]
+
+T = TypeVar("T")
 
 H_ERROR = "Sb-Error"
 H_CALL_ID = "Sb-Call-Id"
@@ -64,3 +76,38 @@ def error_from_reply(data: bytes, headers: dict[str, str] | None) -> SignalboxEr
         details: dict[str, Any] = {"body": data[:200].decode("utf-8", "replace")}
         return code_to_error(code, f"error reply with an unreadable body (code {code})", details)
     return code_to_error(reply.code, reply.message, reply.details)
+
+
+async def request(
+    nc: Client,
+    subject: str,
+    body: Any,
+    returns: type[T],
+    *,
+    timeout: float = 5.0,
+    hint: str = "is `signalbox up` running?",
+) -> T:
+    """Request-reply to a Signalbox service endpoint, decoding the reply as ``returns``.
+
+    The one way clients (the SDK, the CLI, the demo) talk to service endpoints.
+
+    Raises:
+        ControlPlaneUnavailable: nothing answers on ``subject`` (``hint`` says what to do).
+        CallTimeout: no reply within ``timeout`` seconds.
+        SignalboxError: the service's structured error reply, typed by its code.
+        SchemaError: the reply does not decode as ``returns``.
+    """
+    try:
+        msg = await nc.request(subject, encode(body), timeout=timeout)
+    except nats.errors.NoRespondersError as exc:
+        raise ControlPlaneUnavailable(
+            f"nothing answers on {subject}; {hint}", details={"subject": subject}
+        ) from exc
+    except nats.errors.TimeoutError as exc:
+        raise CallTimeout(
+            f"no reply on {subject} within {timeout:g}s; check the services' logs",
+            details={"subject": subject, "timeout": timeout},
+        ) from exc
+    if is_error(msg.headers):
+        raise error_from_reply(msg.data, msg.headers)
+    return decode(msg.data, returns)

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-import nats.errors
 from nats.aio.client import Client
 
-from broker.codec import decode, encode
-from broker.errors import CallTimeout, ControlPlaneUnavailable
-from broker.replies import error_from_reply, is_error
+from broker.replies import request
 from broker.subjects import Subjects
 from schemas import AgentList, AgentRecord, ListAgents
 
@@ -22,35 +19,26 @@ async def registry_request(
     nc: Client,
     subjects: Subjects,
     op: str,
-    request: Any,
+    body: Any,
     returns: type[T],
     *,
     timeout: float = 5.0,
 ) -> T:
-    """Send ``request`` to ``sb.registry.<op>`` and decode the reply as ``returns``.
+    """Send ``body`` to ``sb.registry.<op>`` and decode the reply as ``returns``.
 
     Raises:
         ControlPlaneUnavailable: no registry service answers.
         CallTimeout: the registry did not answer within ``timeout``.
         SignalboxError: the registry's structured error reply, typed by its code.
     """
-    subject = subjects.registry(op)
-    try:
-        msg = await nc.request(subject, encode(request), timeout=timeout)
-    except nats.errors.NoRespondersError as exc:
-        raise ControlPlaneUnavailable(
-            f"no registry service answers on {subject}; start Signalbox with `signalbox up`",
-            details={"subject": subject},
-        ) from exc
-    except nats.errors.TimeoutError as exc:
-        raise CallTimeout(
-            f"the registry did not answer on {subject} within {timeout:g}s; "
-            "check the services' logs (`signalbox up` output)",
-            details={"subject": subject, "timeout": timeout},
-        ) from exc
-    if is_error(msg.headers):
-        raise error_from_reply(msg.data, msg.headers)
-    return decode(msg.data, returns)
+    return await request(
+        nc,
+        subjects.registry(op),
+        body,
+        returns,
+        timeout=timeout,
+        hint="start Signalbox with `signalbox up` (no registry service answers)",
+    )
 
 
 async def list_agents(
