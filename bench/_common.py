@@ -6,7 +6,7 @@
   in a child process, the deployment shape (``signalbox up`` in one process,
   agents in others). The child is this file run as a script::
 
-      python bench/_common.py stack --nats-url URL --data-dir DIR [--allowlist FILE]
+      python bench/_common.py stack --nats-url URL --data-dir DIR [--policy-dir DIR]
 
   It prints ``ready`` once every service is up, and stops on SIGTERM, SIGINT
   or when its stdin closes (so it never outlives a killed parent).
@@ -273,14 +273,24 @@ def table(
 
 
 @contextlib.contextmanager
-def embedded_server(store_dir: Path, *, sync_always: bool = False) -> Iterator[EmbeddedServer]:
+def embedded_server(
+    store_dir: Path, *, sync_always: bool = False, secrets_dir: Path | None = None
+) -> Iterator[EmbeddedServer]:
     """A ``nats-server`` on a free port storing under ``store_dir``; stopped on exit.
 
     ``sync_always=False`` is right for benches of the call path, which never
     waits on a JetStream write (audit events are acknowledged in the
     background); benches of durable writes should pass ``True``.
+    ``secrets_dir`` turns identity on as ``signalbox up`` does (secrets
+    generated there; services with ``data_dir`` = its parent find them).
     """
-    server = EmbeddedServer(store_dir, port=0, sync_always=sync_always)
+    auth = None
+    if secrets_dir is not None:
+        from broker.identity import ServerSecrets, auth_config
+        from broker.subjects import Subjects
+
+        auth = auth_config(ServerSecrets.load_or_create(secrets_dir), Subjects("sb"))
+    server = EmbeddedServer(store_dir, port=0, sync_always=sync_always, auth=auth)
     server.start()
     try:
         yield server
@@ -294,7 +304,7 @@ class StackProcess:
     Args:
         nats_url: Server to join.
         data_dir: Data dir of the services (their settings' ``data_dir``).
-        allowlist: Allow-list file for the policy service.
+        policy_dir: Cedar policy folder of the policy service (default: the shipped one).
         ready_timeout: Seconds to wait for the child's ``ready`` line.
 
     The child's log goes to ``<data_dir>/stack.log``. Use as a context manager
@@ -307,13 +317,13 @@ class StackProcess:
         nats_url: str,
         data_dir: Path,
         *,
-        allowlist: Path | None = None,
+        policy_dir: Path | None = None,
         services: Sequence[str] = (),
         ready_timeout: float = 30.0,
     ) -> None:
         self.nats_url = nats_url
         self.data_dir = data_dir
-        self.allowlist = allowlist
+        self.policy_dir = policy_dir
         self.services = tuple(services)
         self.ready_timeout = ready_timeout
         self.proc: subprocess.Popen[bytes] | None = None
@@ -341,8 +351,8 @@ class StackProcess:
             "--data-dir",
             str(self.data_dir),
         ]
-        if self.allowlist is not None:
-            cmd += ["--allowlist", str(self.allowlist)]
+        if self.policy_dir is not None:
+            cmd += ["--policy-dir", str(self.policy_dir)]
         if self.services:
             cmd += ["--services", ",".join(self.services)]
         with self.log_path.open("wb") as log_file:
@@ -409,14 +419,14 @@ class StackProcess:
 
 
 async def _run_stack(
-    nats_url: str, data_dir: Path, allowlist: Path | None, services: Sequence[str]
+    nats_url: str, data_dir: Path, policy_dir: Path | None, services: Sequence[str]
 ) -> None:
     from broker.settings import Settings
     from services.runner import SERVICES, Stack
 
     overrides: dict[str, Any] = {"nats_url": nats_url, "data_dir": data_dir, "log_level": "WARNING"}
-    if allowlist is not None:
-        overrides["allowlist_path"] = allowlist
+    if policy_dir is not None:
+        overrides["policy_dir"] = policy_dir
     settings = Settings(**overrides)
     logging.basicConfig(
         level=settings.log_level,
@@ -453,11 +463,11 @@ def _main(argv: Sequence[str] | None = None) -> None:
     stack = sub.add_parser("stack", help="run services until SIGTERM or stdin EOF")
     stack.add_argument("--nats-url", required=True)
     stack.add_argument("--data-dir", type=Path, required=True)
-    stack.add_argument("--allowlist", type=Path, default=None)
+    stack.add_argument("--policy-dir", type=Path, default=None)
     stack.add_argument("--services", default="", help="comma-separated (default: all four)")
     args = parser.parse_args(argv)
     names = [n for n in args.services.split(",") if n]
-    uvloop.run(_run_stack(args.nats_url, args.data_dir, args.allowlist, names))
+    uvloop.run(_run_stack(args.nats_url, args.data_dir, args.policy_dir, names))
 
 
 def as_dict(obj: Any) -> dict[str, Any]:

@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -40,6 +41,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import uvloop
 from _common import (
@@ -62,10 +64,13 @@ from nats.js.errors import NotFoundError
 from rich.console import Console
 
 from broker import Agent, UnknownTarget, connect
+from broker.identity import service_connect_options
 from broker.jetstream import AUDIT_INTAKE_STREAM, AUDIT_STREAM
 from broker.replies import error_from_reply, is_error
 from broker.settings import Settings
+from broker.subjects import inbox_prefix
 from schemas import AgentManifest
+from services.policy.cedar import SCHEMA_FILE, shipped_policy_dir
 
 CALLER, TARGET, CAPABILITY = "A", "B", "echo"
 RAW_SUBJECT = "bench.raw.echo"
@@ -185,10 +190,12 @@ def _check(msg: Msg, payload: bytes) -> None:
 
 
 @asynccontextmanager
-async def raw_path(url: str, payload: bytes, timeout: float) -> AsyncIterator[Request]:
+async def raw_path(
+    url: str, payload: bytes, timeout: float, credentials: dict[str, Any]
+) -> AsyncIterator[Request]:
     """A nats-py responder and a requester, each on its own connection."""
-    responder = await connect(url, name="bench-raw-responder")
-    requester = await connect(url, name="bench-raw-requester")
+    responder = await connect(url, name="bench-raw-responder", **credentials)
+    requester = await connect(url, name="bench-raw-requester", **credentials)
     try:
 
         async def echo(msg: Msg) -> None:
@@ -207,10 +214,15 @@ async def raw_path(url: str, payload: bytes, timeout: float) -> AsyncIterator[Re
 
 
 @asynccontextmanager
-async def agents(url: str) -> AsyncIterator[Agent]:
-    """Agent B serving ``echo`` (bytes in, bytes out) and agent A; yields A."""
+async def agents(url: str, tokens: dict[str, str]) -> AsyncIterator[Agent]:
+    """Agent B serving ``echo`` (bytes in, bytes out) and agent A; yields A.
+
+    Each connects with its own credential (identity on, as deployed).
+    """
     b = Agent(
-        AgentManifest(name=TARGET, version="1.0.0", owner="bench", team="bench"), nats_url=url
+        AgentManifest(name=TARGET, version="1.0.0", owner="bench", team="bench"),
+        nats_url=url,
+        credential=tokens[TARGET],
     )
 
     @b.capability(CAPABILITY)
@@ -218,7 +230,9 @@ async def agents(url: str) -> AsyncIterator[Agent]:
         return payload
 
     a = Agent(
-        AgentManifest(name=CALLER, version="1.0.0", owner="bench", team="bench"), nats_url=url
+        AgentManifest(name=CALLER, version="1.0.0", owner="bench", team="bench"),
+        nats_url=url,
+        credential=tokens[CALLER],
     )
     async with b, a:
         yield a
@@ -253,6 +267,17 @@ def raw_client_request(nc: Client, payload: bytes, timeout: float) -> Request:
         _check(await nc.request(subject, payload, timeout=timeout), payload)
 
     return request
+
+
+def enroll_agents(settings: Settings, names: tuple[str, ...]) -> dict[str, str]:
+    """A credential per agent, issued straight into the registry's store."""
+    from services.registry.credentials import CredentialStore
+
+    store = CredentialStore(settings.resolved_database_url)
+    try:
+        return {name: store.issue(name, 3600.0, created_by="bench").token for name in names}
+    finally:
+        store.close()
 
 
 # -- measuring -------------------------------------------------------------------
@@ -320,12 +345,17 @@ async def run(
             from services.runner import Stack
 
             await stack.enter_async_context(Stack(settings))
-        nc = await connect(url, name="bench-observer")
+        service = service_connect_options(settings)
+        tokens = enroll_agents(settings, (CALLER, TARGET))
+        nc = await connect(url, name="bench-observer", **service)
         stack.push_async_callback(nc.close)
-        raw = await stack.enter_async_context(raw_path(url, payload, plan.timeout))
-        a = await stack.enter_async_context(agents(url))
+        raw = await stack.enter_async_context(raw_path(url, payload, plan.timeout, service))
+        a = await stack.enter_async_context(agents(url, tokens))
         await wait_until_routable(a, payload)
-        client = await connect(url, name="bench-raw-client")
+        # A plain nats-py client holding A's credential (its private inbox prefix).
+        client = await connect(
+            url, name="bench-raw-client", token=tokens[CALLER], inbox_prefix=inbox_prefix(CALLER)
+        )
         stack.push_async_callback(client.close)
         requests = {
             "raw": raw,
@@ -496,12 +526,17 @@ def report_tables(
 # -- entry point -----------------------------------------------------------------
 
 
-def allowlist_yaml() -> str:
-    return (
-        "version: bench-calls\nallow:\n"
-        f"  - {{id: bench-echo, caller: {CALLER}, target: {TARGET}, "
-        f"capabilities: [{CAPABILITY}]}}\n"
+def write_policies(folder: Path) -> Path:
+    """A Cedar policy folder permitting A -> B echo (and nothing else)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shipped_policy_dir() / SCHEMA_FILE, folder / SCHEMA_FILE)
+    (folder / "bench.cedar").write_text(
+        '@id("bench-echo")\n'
+        f'permit (principal == Signalbox::Agent::"{CALLER}", '
+        'action == Signalbox::Action::"call", '
+        f'resource == Signalbox::Capability::"{TARGET}/{CAPABILITY}");\n'
     )
+    return folder
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -518,11 +553,16 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, PathResult]
     with tempfile.TemporaryDirectory(prefix="sb-bench-calls-") as tmp:
         root = Path(tmp)
-        with embedded_server(root / "nats", sync_always=False) as server:
-            settings = Settings(nats_url=server.url, data_dir=root / "data", log_level="WARNING")
-            allowlist = settings.resolved_allowlist_path
-            allowlist.parent.mkdir(parents=True, exist_ok=True)
-            allowlist.write_text(allowlist_yaml())
+        with embedded_server(
+            root / "nats", sync_always=False, secrets_dir=root / "data" / "secrets"
+        ) as server:
+            policy_dir = write_policies(root / "policies")
+            settings = Settings(
+                nats_url=server.url,
+                data_dir=root / "data",
+                policy_dir=policy_dir,
+                log_level="WARNING",
+            )
             assert server.pid is not None
             pids = {"nats-server": server.pid}
             children: list[StackProcess] = []
@@ -539,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
                         label = "+".join(group) or "services"
                         log.log(f"starting {label} in a child process")
                         child = StackProcess(
-                            server.url, settings.data_dir, allowlist=allowlist, services=group
+                            server.url, settings.data_dir, policy_dir=policy_dir, services=group
                         )
                         children.append(child)
                         child.start()

@@ -12,6 +12,7 @@ from broker.audit import AuditEmitter, new_id
 from broker.codec import decode, encode
 from broker.connection import connect
 from broker.errors import (
+    AuthenticationFailed,
     BadRequest,
     CallDenied,
     CallError,
@@ -19,6 +20,7 @@ from broker.errors import (
     ConfigError,
     Conflict,
     ControlPlaneUnavailable,
+    IdentityMismatch,
     InvalidInput,
     InvalidSubjectToken,
     NatsUnreachable,
@@ -42,6 +44,7 @@ from broker.subjects import Subjects, validate_token
 __all__ = [
     "Agent",
     "AuditEmitter",
+    "AuthenticationFailed",
     "BadRequest",
     "CallContext",
     "CallDenied",
@@ -51,6 +54,7 @@ __all__ = [
     "Conflict",
     "ControlPlaneUnavailable",
     "EmbeddedServer",
+    "IdentityMismatch",
     "InvalidInput",
     "InvalidSubjectToken",
     "NatsUnreachable",

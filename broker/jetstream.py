@@ -27,6 +27,7 @@ __all__ = [
     "AUDIT_INTAKE_STREAM",
     "AUDIT_STREAM",
     "KV_AGENTS",
+    "KV_POLICIES",
     "USAGE_STREAM",
     "bucket_configs",
     "ensure_bucket",
@@ -42,6 +43,8 @@ AUDIT_STREAM = "SB_AUDIT"
 AUDIT_INTAKE_STREAM = "SB_AUDIT_IN"
 USAGE_STREAM = "SB_USAGE"
 KV_AGENTS = "sb_agents"
+#: Versioned policy sets (layout: :mod:`services.policy.lifecycle`).
+KV_POLICIES = "sb_policies"
 
 _DAY = 86_400.0
 
@@ -99,6 +102,15 @@ def bucket_configs(settings: Settings) -> list[KeyValueConfig]:
             storage=StorageType.FILE,
             replicas=settings.audit_replicas,
             description="Registered agents (mirror of the registry)",
+        ),
+        KeyValueConfig(
+            bucket=KV_POLICIES,
+            # Every version is its own key (set.<n>), kept forever; the
+            # history of the `active` pointer is kept too, for the record.
+            history=64,
+            storage=StorageType.FILE,
+            replicas=settings.audit_replicas,
+            description="Versioned Cedar policy sets and the active pointer",
         ),
     ]
 

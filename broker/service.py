@@ -30,6 +30,7 @@ from typing import Any, ClassVar, TypeVar
 
 from faststream import FastStream
 from faststream.nats import NatsBroker
+from faststream.nats.security import NatsUserPassword
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -39,6 +40,7 @@ from broker.audit import AuditEmitter
 from broker.codec import decode, encode
 from broker.connection import sync_connection
 from broker.errors import NatsUnreachable, SignalboxError
+from broker.identity import service_connect_options
 from broker.jetstream import ensure_buckets, ensure_streams
 from broker.replies import error_reply
 from broker.settings import Settings
@@ -66,6 +68,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.subjects = Subjects(settings.subject_prefix)
+        credentials = service_connect_options(settings)
         self.broker = NatsBroker(
             servers=(settings.nats_url or "").split(","),
             name=f"signalbox-{self.name}",
@@ -73,6 +76,11 @@ class Service:
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
             error_cb=self._error_cb,
+            security=(
+                NatsUserPassword(credentials["user"], credentials["password"])
+                if credentials
+                else None
+            ),
         )
         self.rejected: collections.Counter[str] = collections.Counter()
         self._audit: AuditEmitter | None = None

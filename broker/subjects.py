@@ -4,9 +4,14 @@ All subjects hang under one configurable prefix (default ``sb``)::
 
     sb.out.<caller>.<target>.<capability>   caller -> policy (request)
     sb.in.<target>.<capability>             policy -> target (request)
-    sb.registry.<op>                        registry endpoints
+    sb.registry.<op>.<agent>                agent-scoped registry endpoints
+                                            (register, heartbeat, deregister)
+    sb.registry.<op>                        read-only registry endpoints
+                                            (get, list, discover)
+    sb.registry.changed                     registry replicas' change feed
     sb.audit.in.<kind>.<actor>              audit intake (stream SB_AUDIT_IN)
     sb.audit.log.<kind>.<actor>             chained audit (stream SB_AUDIT)
+    sb.authz.<agent>                        agent -> policy: may I use this model/tool?
     sb.usage.<agent>                        usage reports (stream SB_USAGE)
     sb.admin.<service>.<op>                 operator-only endpoints
 """
@@ -15,10 +20,23 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Final
 
-from broker.errors import InvalidSubjectToken
+from broker.errors import InvalidInput, InvalidSubjectToken
 
-__all__ = ["Subjects", "inbox_prefix", "is_valid_token", "validate_token"]
+__all__ = [
+    "AGENT_REGISTRY_OPS",
+    "REGISTRY_READ_OPS",
+    "Subjects",
+    "inbox_prefix",
+    "is_valid_token",
+    "validate_token",
+]
+
+#: Registry operations on one agent's own entry: their subjects end in the agent's name.
+AGENT_REGISTRY_OPS: Final = ("register", "heartbeat", "deregister")
+#: Read-only registry operations (any agent may ask about any other).
+REGISTRY_READ_OPS: Final = ("get", "list", "discover")
 
 # Conservative token alphabet: safe in subjects, KV keys, stream and consumer
 # names, and file names; no wildcards, dots or whitespace.
@@ -47,8 +65,13 @@ def validate_token(name: str, *, what: str = "name") -> str:
 
 
 def inbox_prefix(agent: str) -> str:
-    """Private inbox prefix of an agent (replies to its requests land under it)."""
-    return f"_INBOX.{validate_token(agent, what='agent name')}"
+    """Private inbox prefix of an agent (replies to its requests land under it).
+
+    ``_INBOX.agent.<name>``: the fixed ``agent`` token keeps agents' inboxes
+    apart from nats-py's default ``_INBOX.<22-character nuid>`` inboxes of
+    services, whatever an agent is named.
+    """
+    return f"_INBOX.agent.{validate_token(agent, what='agent name')}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +111,49 @@ class Subjects:
         return f"{self.prefix}.in.{validate_token(target, what='target')}.*"
 
     def registry(self, op: str) -> str:
-        """Registry endpoint subject (``register``, ``get``, ``list``, ``deregister``)."""
+        """Registry endpoint subject of a read-only operation (``get``, ``list``, ``discover``).
+
+        Operations that change one agent's entry are bound to that agent's
+        name: see :meth:`registry_for`.
+        """
         return f"{self.prefix}.registry.{validate_token(op, what='registry operation')}"
+
+    def registry_for(self, op: str, agent: str) -> str:
+        """Agent-scoped registry subject ``sb.registry.<op>.<agent>``.
+
+        ``op`` is one of :data:`AGENT_REGISTRY_OPS` (``register``,
+        ``heartbeat``, ``deregister``). The agent's name is in the subject so
+        the NATS server can let each agent publish only under its own; the
+        registry refuses a body naming another agent (``identity_mismatch``).
+
+        Raises:
+            InvalidInput: ``op`` is not agent-scoped.
+            InvalidSubjectToken: ``agent`` is not a valid subject token.
+        """
+        if op not in AGENT_REGISTRY_OPS:
+            raise InvalidInput(
+                f"registry operation {op!r} is not agent-scoped; use one of "
+                f"{', '.join(AGENT_REGISTRY_OPS)} (read-only operations: Subjects.registry)",
+                details={"op": op},
+            )
+        return f"{self.prefix}.registry.{op}.{validate_token(agent, what='agent name')}"
+
+    def registry_wildcard(self, op: str) -> str:
+        """What the registry subscribes to for an agent-scoped ``op`` (``sb.registry.<op>.*``)."""
+        self.registry_for(op, "_")  # validates op
+        return f"{self.prefix}.registry.{op}.*"
+
+    def registry_of(self, agent: str) -> tuple[str, ...]:
+        """Every registry subject ``agent`` may publish on (its own scoped ones, the reads)."""
+        return (
+            *(self.registry_for(op, agent) for op in AGENT_REGISTRY_OPS),
+            *(self.registry(op) for op in REGISTRY_READ_OPS),
+        )
+
+    @property
+    def registry_changes(self) -> str:
+        """Core subject on which registry replicas tell each other what changed (services only)."""
+        return f"{self.prefix}.registry.changed"
 
     def audit_intake(self, kind: str, actor: str) -> str:
         """Where emitters publish audit events before they are chained."""
@@ -108,6 +172,15 @@ class Subjects:
     def audit_log_all(self) -> str:
         """Filter of the chained audit stream."""
         return f"{self.prefix}.audit.log.>"
+
+    def authz(self, agent: str) -> str:
+        """Where ``agent`` asks the policy service before an LLM or tool call."""
+        return f"{self.prefix}.authz.{validate_token(agent, what='agent name')}"
+
+    @property
+    def authz_wildcard(self) -> str:
+        """Every agent's authorization requests (the policy service subscribes here)."""
+        return f"{self.prefix}.authz.*"
 
     def usage(self, agent: str) -> str:
         """Where an agent reports LLM/tool usage."""

@@ -10,7 +10,7 @@ from schemas._base import Wire
 
 __all__ = ["AuditBatch", "AuditEvent", "AuditKind"]
 
-AuditKind = Literal["call", "decision", "rejected", "registry", "usage", "admin"]
+AuditKind = Literal["call", "decision", "rejected", "registry", "usage", "admin", "auth"]
 
 
 class AuditEvent(Wire, frozen=True, tag="audit_event.v1"):

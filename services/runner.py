@@ -16,9 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from broker.identity import ServerSecrets, auth_config, resolve_secrets_dir
 from broker.server import EmbeddedServer
 from broker.service import Service
 from broker.settings import Settings
+from broker.subjects import Subjects
 from services.cost.service import CostService
 from services.policy.service import PolicyService
 from services.registry.service import RegistryService
@@ -63,6 +65,9 @@ class Stack:
     async def start(self) -> None:
         """Start the server (if embedded) and the services."""
         if self.settings.nats_url is None:
+            # Identity on: secrets generated on first start (0600 files), the
+            # server configured for the registry's auth callout.
+            secrets = ServerSecrets.load_or_create(resolve_secrets_dir(self.settings))
             self.server = EmbeddedServer(
                 self.settings.data_dir / "nats",
                 host=self.settings.nats_host,
@@ -70,6 +75,7 @@ class Stack:
                 sync_always=self.settings.nats_sync_always,
                 max_payload=self.settings.nats_max_payload,
                 start_timeout=self.settings.server_start_timeout,
+                auth=auth_config(secrets, Subjects(self.settings.subject_prefix)),
             )
             # In this (long-lived) thread, not a worker thread: the server is
             # tied to the thread that starts it (see EmbeddedServer); start-up

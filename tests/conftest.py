@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -10,16 +11,19 @@ from typing import Any
 
 import nats
 import pytest
-import yaml
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from broker.agent import Agent
 from broker.codec import decode as _decode
+from broker.connection import Client, connect
+from broker.identity import ServerSecrets, auth_config, service_connect_options
 from broker.jetstream import AUDIT_STREAM
 from broker.server import EmbeddedServer
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import AgentManifest, AuditEvent
+from services.policy.cedar import LABEL_FILE, SCHEMA_FILE, shipped_policy_dir
+from services.registry.credentials import CredentialStore
 from services.runner import Stack
 
 
@@ -38,7 +42,13 @@ def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    """One real nats-server (JetStream, random port, temp store) for the session."""
+    """One real nats-server (JetStream, random port, temp store) for the session.
+
+    An *open* server (no identity): for tests of plumbing that does not care
+    who connects (codec, streams, the audit emitter). Everything that runs
+    services or agents uses :func:`fresh_server`, which enforces identity
+    as ``signalbox up`` does.
+    """
     server = EmbeddedServer(tmp_path_factory.mktemp("nats"), port=0, sync_always=False)
     server.start()
     yield server
@@ -52,9 +62,21 @@ def nats_url(nats_server: EmbeddedServer) -> str:
 
 
 @pytest.fixture
-def fresh_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
-    """A server of its own, for tests that need empty streams or kill it."""
-    server = EmbeddedServer(tmp_path / "nats", port=0, sync_always=False)
+def server_secrets(tmp_path: Path) -> ServerSecrets:
+    """The test deployment's secrets, where :func:`settings` looks for them."""
+    return ServerSecrets.load_or_create(tmp_path / "data" / "secrets")
+
+
+@pytest.fixture
+def fresh_server(tmp_path: Path, server_secrets: ServerSecrets) -> Iterator[EmbeddedServer]:
+    """A server of its own with identity enforced (auth callout to the registry),
+    as ``signalbox up`` runs it; for tests that need empty streams or kill it."""
+    server = EmbeddedServer(
+        tmp_path / "nats",
+        port=0,
+        sync_always=False,
+        auth=auth_config(server_secrets, Subjects("sb")),
+    )
     server.start()
     yield server
     server.stop()
@@ -62,8 +84,38 @@ def fresh_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
 
 @pytest.fixture
 def settings(fresh_server: EmbeddedServer, tmp_path: Path) -> Settings:
-    """Settings pointing at a fresh server, with a temp data dir."""
+    """Settings pointing at a fresh server, with a temp data dir (holding the secrets)."""
     return Settings(nats_url=fresh_server.url, data_dir=tmp_path / "data", call_timeout=5.0)
+
+
+ServiceConnector = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+async def service_nc(settings: Settings) -> AsyncIterator[ServiceConnector]:
+    """Connect to the fresh server as a service (``await service_nc()``); closed at teardown."""
+    made: list[Client] = []
+
+    async def make(name: str = "test-service", **options: Any) -> Client:
+        assert settings.nats_url is not None
+        nc = await connect(
+            settings.nats_url, name=name, **service_connect_options(settings), **options
+        )
+        made.append(nc)
+        return nc
+
+    yield make
+    for nc in made:
+        await nc.close()
+
+
+def enroll(settings: Settings, name: str, ttl: float = 3600.0) -> str:
+    """Issue a credential for agent ``name`` straight into the registry's store."""
+    store = CredentialStore(settings.resolved_database_url)
+    try:
+        return store.issue(name, ttl, created_by="test").token
+    finally:
+        store.close()
 
 
 @pytest.fixture
@@ -82,26 +134,42 @@ AgentFactory = Callable[..., Agent]
 Rule = tuple[str, str, Sequence[str]]
 
 
-def allowlist_yaml(rules: Sequence[Rule], *, version: str = "test-rules") -> str:
-    """An allow-list document from ``(caller, target, capabilities)`` triples."""
-    doc = {
-        "version": version,
-        "allow": [
-            {"id": f"{caller}-{target}", "caller": caller, "target": target,
-             "capabilities": list(caps)}
-            for caller, target, caps in rules
-        ],
-    }  # fmt: skip
-    return yaml.safe_dump(doc)
+def cedar_policies(rules: Sequence[Rule]) -> str:
+    """A Cedar policy file from ``(caller, target, capabilities)`` triples.
+
+    Each triple becomes ``@id("<caller>-<target>")``, a permit for ``caller``
+    to call those capabilities of ``target``; ``"*"`` stands for any agent or
+    any capability.
+    """
+    out = []
+    for caller, target, caps in rules:
+        principal = "principal"
+        if caller != "*":
+            principal += f" == Signalbox::Agent::{json.dumps(caller)}"
+        conditions = []
+        if target != "*":
+            conditions.append(f"resource.owner == Signalbox::Agent::{json.dumps(target)}")
+        if "*" not in caps:
+            conditions.append(f"{json.dumps(list(caps))}.contains(resource.name)")
+        when = f" when {{ {' && '.join(conditions)} }}" if conditions else ""
+        out.append(
+            f"@id({json.dumps(f'{caller}-{target}')})\n"
+            f'permit ({principal}, action == Signalbox::Action::"call", resource){when};\n'
+        )
+    return "".join(out)
 
 
 @pytest.fixture
 async def make_stack(settings: Settings) -> AsyncIterator[StackFactory]:
     """Start stacks on the fresh server: ``await make_stack(allow=..., services=..., **settings)``.
 
-    ``allow`` lists ``(caller, target, capabilities)`` rules (or ``rules`` is a
-    whole allow-list document), written before the services start; other
-    keyword arguments override settings fields.
+    ``allow`` lists ``(caller, target, capabilities)`` rules, turned into Cedar
+    permits (:func:`cedar_policies`), or ``rules`` is the text of a whole Cedar
+    policy file. They are written, with the shipped schema and the label
+    ``test-rules``, to a policy folder in the data dir before the services
+    start; later stacks of the test reuse that folder, and a first stack
+    without rules gets an empty set (everything denied). Other keyword
+    arguments override settings fields (``policy_dir=`` included).
     Every stack started is stopped at teardown, newest first.
     """
     started: list[Stack] = []
@@ -115,11 +183,16 @@ async def make_stack(settings: Settings) -> AsyncIterator[StackFactory]:
     ) -> Stack:
         current = settings.model_copy(update=overrides) if overrides else settings
         if allow is not None:
-            rules = allowlist_yaml(allow)
-        if rules is not None:
-            path = current.resolved_allowlist_path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(rules)
+            rules = cedar_policies(allow)
+        folder = current.data_dir / "test-policies"
+        if rules is not None or not folder.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            schema = (shipped_policy_dir() / SCHEMA_FILE).read_text()
+            (folder / SCHEMA_FILE).write_text(schema)
+            (folder / LABEL_FILE).write_text("test-rules\n")
+            (folder / "rules.cedar").write_text(rules or "")
+        if "policy_dir" not in overrides:
+            current = current.model_copy(update={"policy_dir": folder})
         stack = Stack(current, services) if services is not None else Stack(current)
         await stack.start()
         started.append(stack)
@@ -132,12 +205,15 @@ async def make_stack(settings: Settings) -> AsyncIterator[StackFactory]:
 
 @pytest.fixture
 async def make_agent(settings: Settings) -> AsyncIterator[AgentFactory]:
-    """Build agents on the fresh server (not started); every one is stopped at teardown."""
+    """Build agents on the fresh server (not started), each enrolled with a credential of
+    its own (pass ``credential=`` to override); every one is stopped at teardown."""
     made: list[Agent] = []
 
     def make(name: str, *, owner: str = "owner-1", team: str = "team-1", **kwargs: Any) -> Agent:
         manifest = AgentManifest(name=name, version="1.0.0", owner=owner, team=team)
         assert settings.nats_url is not None
+        if "credential" not in kwargs:
+            kwargs["credential"] = enroll(settings, name)
         agent = Agent(manifest, nats_url=settings.nats_url, **kwargs)
         made.append(agent)
         return agent
@@ -150,8 +226,9 @@ async def make_agent(settings: Settings) -> AsyncIterator[AgentFactory]:
 class AuditTrail:
     """Reads the chained ``SB_AUDIT`` stream with an ephemeral JetStream pull consumer."""
 
-    def __init__(self, url: str, prefix: str = "sb") -> None:
+    def __init__(self, url: str, prefix: str = "sb", **options: Any) -> None:
         self.url = url
+        self.options = options
         self.subjects = Subjects(prefix)
         self.records: list[AuditEvent] = []
         self._nc: Any = None
@@ -159,7 +236,7 @@ class AuditTrail:
 
     async def _fetch(self) -> None:
         if self._nc is None:
-            self._nc = await nats.connect(self.url)
+            self._nc = await nats.connect(self.url, **self.options)
         js = self._nc.jetstream()
         if self._sub is None:
             try:
@@ -219,7 +296,9 @@ class AuditTrail:
 async def audit_trail(settings: Settings) -> AsyncIterator[AuditTrail]:
     """The chained audit trail of the fresh server."""
     assert settings.nats_url is not None
-    trail = AuditTrail(settings.nats_url, settings.subject_prefix)
+    trail = AuditTrail(
+        settings.nats_url, settings.subject_prefix, **service_connect_options(settings)
+    )
     yield trail
     await trail.close()
 

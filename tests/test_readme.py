@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import enroll
 
 from broker.settings import Settings
 from services.runner import Stack
@@ -39,14 +42,18 @@ def test_configuration_table_lists_every_setting_and_nothing_else() -> None:
 def test_agent_example_runs(settings: Settings, tmp_path: Path) -> None:
     example = re.search(r"## An agent\n\n```python\n(.*?)```", _text(), re.S)
     assert example is not None
-    allow = re.search(r"```yaml\n(.*?)```", _text(), re.S)
-    assert allow is not None
-    path = settings.resolved_allowlist_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(allow.group(1))
+    # The shipped policies (policies/lending-demo.cedar) decide its two calls.
+    assert "policies/lending-demo.cedar" in _text()
     script = tmp_path / "example.py"
     assert settings.nats_url
     script.write_text(example.group(1).replace("nats://127.0.0.1:4222", settings.nats_url))
+
+    # Each agent with a credential of its own, as `signalbox agents enroll` issues them.
+    env = {
+        **os.environ,
+        "CREDIT_CHECK_CREDENTIAL": enroll(settings, "credit-check"),
+        "LOAN_ORIGINATION_CREDENTIAL": enroll(settings, "loan-origination"),
+    }
 
     import asyncio
 
@@ -59,6 +66,7 @@ def test_agent_example_runs(settings: Settings, tmp_path: Path) -> None:
                 text=True,
                 timeout=30,
                 cwd=README.parent,
+                env=env,
             )
 
     done = asyncio.run(run())

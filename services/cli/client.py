@@ -10,7 +10,7 @@ from broker.replies import request
 from broker.subjects import Subjects
 from schemas import AgentList, AgentRecord, ListAgents
 
-__all__ = ["list_agents", "registry_request"]
+__all__ = ["admin_request", "list_agents", "registry_request"]
 
 T = TypeVar("T")
 
@@ -38,6 +38,32 @@ async def registry_request(
         returns,
         timeout=timeout,
         hint="start Signalbox with `signalbox up` (no registry service answers)",
+    )
+
+
+async def admin_request(
+    nc: Client,
+    subjects: Subjects,
+    op: str,
+    body: Any,
+    returns: type[T],
+    *,
+    service: str = "registry",
+    timeout: float = 5.0,
+) -> T:
+    """Send ``body`` to the operator-only ``sb.admin.<service>.<op>`` and decode the reply.
+
+    Raises:
+        ControlPlaneUnavailable: the service is not running.
+        SignalboxError: the service's structured error reply, typed by its code.
+    """
+    return await request(
+        nc,
+        subjects.admin(service, op),
+        body,
+        returns,
+        timeout=timeout,
+        hint=f"start Signalbox with `signalbox up` (no {service} service answers)",
     )
 
 

@@ -5,7 +5,13 @@
     signalbox up [--nats-url URL] [--data-dir DIR] [--port N]    run the control plane
     signalbox demo [--data-dir DIR]                             scripted demo, real agents
     signalbox agents list [--team T] [--capability C] [--json]  registered agents
+    signalbox agents enroll NAME [--ttl 7d] [--note N]          issue an agent credential
+    signalbox agents revoke NAME [--credential ID]              revoke and disconnect
+    signalbox agents credentials [NAME] [--all] [--json]        list credentials
     signalbox audit tail [--kind K] [--agent A] [--last N] [--count N] [--json]
+    signalbox audit verify [--since T] | replay --since T [filters]   (services/cli/audit_cmds.py)
+    signalbox policy validate|apply|show|diff|history|rollback        (services/cli/policy_cmds.py)
+    signalbox identity init [--secrets-dir DIR] [--server-config FILE]
     signalbox version
 
 Exit status: 0 on success, 1 on any error (one line on stderr saying what to do
@@ -16,7 +22,9 @@ be reached, a refused request or a bad argument).
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
+import time
 from collections.abc import Coroutine
 from importlib import metadata
 from pathlib import Path
@@ -35,12 +43,38 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from broker.connection import connect
-from broker.errors import SchemaError, SignalboxError
+from broker.errors import AuthenticationFailed, SchemaError, SignalboxError
+from broker.identity import (
+    ServerSecrets,
+    auth_config,
+    operator_connect_options,
+    resolve_secrets_dir,
+)
+from broker.server import render_blocks
 from broker.settings import Settings
 from broker.subjects import Subjects, validate_token
-from schemas import AgentRecord, DiscoverAgents, DiscoverResult, GetAgent
-from services.cli.client import list_agents, registry_request
-from services.cli.render import agent_panel, agents_table, audit_header, audit_line, to_json
+from schemas import (
+    AgentRecord,
+    CredentialList,
+    DiscoverAgents,
+    DiscoverResult,
+    EnrollAgent,
+    Enrolled,
+    GetAgent,
+    ListCredentials,
+    RevokeAgent,
+    Revoked,
+)
+from services.cli.client import admin_request, list_agents, registry_request
+from services.cli.policy_cmds import policy_app
+from services.cli.render import (
+    agent_panel,
+    agents_table,
+    audit_header,
+    audit_line,
+    credentials_table,
+    to_json,
+)
 from services.tracing.reader import audit_filter, follow, start_of_last
 
 if TYPE_CHECKING:
@@ -80,8 +114,13 @@ app = typer.Typer(
 )
 agents_app = typer.Typer(help="Inspect registered agents.", no_args_is_help=True)
 audit_app = typer.Typer(help="Read the hash-chained audit trail.", no_args_is_help=True)
+identity_app = typer.Typer(
+    help="Secrets and server configuration of server-enforced identity.", no_args_is_help=True
+)
 app.add_typer(agents_app, name="agents")
+app.add_typer(identity_app, name="identity")
 app.add_typer(audit_app, name="audit")
+app.add_typer(policy_app, name="policy")
 
 NatsUrlOption = Annotated[
     str | None,
@@ -135,10 +174,22 @@ def _run(main: Coroutine[Any, Any, T], *, interrupted: int = 130) -> T:
 
 
 async def _connect(
-    url: str, *, hint: str = "start it with `signalbox up` or pass --nats-url"
+    url: str,
+    settings: Settings,
+    *,
+    hint: str = "start it with `signalbox up` or pass --nats-url",
 ) -> Client:
+    """Connect as an operator (credentials from the secrets folder or SIGNALBOX_NATS_USER)."""
     try:
-        return await connect(url, name="signalbox-cli", connect_timeout=CONNECT_TIMEOUT)
+        options = operator_connect_options(settings)
+        return await connect(url, name="signalbox-cli", connect_timeout=CONNECT_TIMEOUT, **options)
+    except AuthenticationFailed as exc:
+        raise SignalboxError(
+            f"NATS at {url} refused the operator credentials; run the command where "
+            "`signalbox up` keeps its data (or set SIGNALBOX_DATA_DIR / SIGNALBOX_SECRETS_DIR "
+            "to that folder), or set SIGNALBOX_NATS_USER and SIGNALBOX_NATS_PASSWORD",
+            details={"url": url},
+        ) from exc
     except (OSError, nats.errors.Error) as exc:
         raise SignalboxError(
             f"cannot reach NATS at {url}; {hint}", details={"url": url, "error": repr(exc)}
@@ -173,7 +224,7 @@ def up(
         Path | None,
         typer.Option(
             "--data-dir",
-            help="Data folder: JetStream store, allow-list (default: $SIGNALBOX_DATA_DIR "
+            help="Data folder: JetStream store, SQLite database (default: $SIGNALBOX_DATA_DIR "
             "or .signalbox)",
             show_default=False,
         ),
@@ -201,7 +252,7 @@ def up(
             # The services reconnect forever by design; fail fast instead when
             # the server is not there at all at start-up.
             hint = "check that server is running, or drop --nats-url for an embedded one"
-            await (await _connect(settings.nats_url, hint=hint)).close()
+            await (await _connect(settings.nats_url, settings, hint=hint)).close()
         stack = Stack(settings)
         await stack.start()
         try:
@@ -223,18 +274,19 @@ def _up_panel(stack: Stack) -> Panel:
     where = "embedded nats-server" if stack.server is not None else "external server"
     grid.add_row("NATS", f"{s.nats_url}  ({where})")
     grid.add_row("data dir", str(s.data_dir.resolve()))
-    allowlist = s.resolved_allowlist_path
-    if allowlist.exists():
-        grid.add_row("allow-list", str(allowlist.resolve()))
-    else:
+    policy = stack.services.get("policy")
+    version = getattr(getattr(policy, "decider", None), "version", "")
+    policies = s.policy_dir or "shipped policies"
+    grid.add_row("policies", f"{policies}" + (f"  (version {version})" if version else ""))
+    if stack.server is not None:
         grid.add_row(
-            "allow-list",
-            f"{allowlist} [yellow](missing: every call is denied until you create it; "
-            "format in services/policy/decider.py)[/]",
+            "identity",
+            f"enforced by the server; secrets in {resolve_secrets_dir(s).resolve()} (0600)",
         )
     grid.add_row("services", ", ".join(stack.services))
     flag = "" if s.nats_url == DEFAULT_NATS_URL else f" --nats-url {s.nats_url}"
     grid.add_row("try", f"signalbox agents list{flag}  ·  signalbox audit tail{flag}")
+    grid.add_row("agents", f"signalbox agents enroll <name>{flag}  (a credential per agent)")
     return Panel(grid, title="Signalbox is up · Ctrl-C to stop", border_style="green")
 
 
@@ -272,7 +324,7 @@ def agents_list(
     subjects = Subjects(settings.subject_prefix)
 
     async def main() -> tuple[Any, ...]:
-        nc = await _connect(url)
+        nc = await _connect(url, settings)
         try:
             return await list_agents(nc, subjects, team=team, capability=capability)
         finally:
@@ -290,10 +342,18 @@ def agents_list(
     console.print(agents_table(records))
 
 
-async def _registry(url: str, subjects: Subjects, op: str, request: Any, returns: type[T]) -> T:
-    nc = await _connect(url)
+async def _registry(url: str, settings: Settings, op: str, request: Any, returns: type[T]) -> T:
+    nc = await _connect(url, settings)
     try:
-        return await registry_request(nc, subjects, op, request, returns)
+        return await registry_request(nc, Subjects(settings.subject_prefix), op, request, returns)
+    finally:
+        await nc.close()
+
+
+async def _admin(url: str, settings: Settings, op: str, request: Any, returns: type[T]) -> T:
+    nc = await _connect(url, settings)
+    try:
+        return await admin_request(nc, Subjects(settings.subject_prefix), op, request, returns)
     finally:
         await nc.close()
 
@@ -309,13 +369,12 @@ def agents_show(
 ) -> None:
     """Show one agent version: manifest, health, capabilities."""
     url, settings = _client_url(nats_url)
-    subjects = Subjects(settings.subject_prefix)
     try:
         request = GetAgent(name=name, version=version)
         validate_token(name, what="agent name")
     except SignalboxError as err:
         _fail(err.message)
-    record = _run(_registry(url, subjects, "get", request, AgentRecord))
+    record = _run(_registry(url, settings, "get", request, AgentRecord))
     if json_out:
         typer.echo(to_json(record))
         return
@@ -350,7 +409,6 @@ def agents_discover(
 ) -> None:
     """Find agents by capability, tag, team, owner, region, version range and health."""
     url, settings = _client_url(nats_url)
-    subjects = Subjects(settings.subject_prefix)
     fields = {
         "capability": capability,
         "tag": tag,
@@ -373,7 +431,7 @@ def agents_discover(
         )
     except msgspec.ValidationError as exc:
         _fail(f"{exc}; see `signalbox agents discover --help`")
-    result = _run(_registry(url, subjects, "discover", query, DiscoverResult))
+    result = _run(_registry(url, settings, "discover", query, DiscoverResult))
     if json_out:
         typer.echo(to_json(result))
         return
@@ -385,6 +443,183 @@ def agents_discover(
     console.print(agents_table(result.agents, title=f"Discovered agents ({shown})"))
     if result.next_cursor:
         console.print(f"More: add --cursor {result.next_cursor}", style="dim")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90``, ``90s``, ``30m``, ``12h``, ``7d`` or ``2w``.
+
+    Raises:
+        typer.BadParameter: anything else.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if match is None or float(match.group(1)) <= 0:
+        raise typer.BadParameter(f"{text!r} is not a duration: use e.g. 3600, 30m, 12h, 7d")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+
+AgentName = Annotated[str, typer.Argument(help="Agent name.")]
+
+
+def _agent_name(name: str) -> str:
+    try:
+        return validate_token(name, what="agent name")
+    except SignalboxError as err:
+        _fail(err.message)
+
+
+@agents_app.command("enroll")
+def agents_enroll(
+    name: AgentName,
+    ttl: Annotated[
+        str | None,
+        typer.Option(
+            "--ttl",
+            help="Lifetime: 3600, 30m, 12h, 7d... (default: $SIGNALBOX_AGENT_CREDENTIAL_TTL, 7d)",
+            show_default=False,
+        ),
+    ] = None,
+    note: Annotated[str, typer.Option("--note", help="Kept with the credential.")] = "",
+    nats_url: NatsUrlOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Issue a credential for an agent; it is shown once: hand it to the agent."""
+    url, settings = _client_url(nats_url)
+    request = EnrollAgent(
+        name=_agent_name(name), ttl=parse_duration(ttl) if ttl else 0.0, note=note
+    )
+    enrolled = _run(_admin(url, settings, "enroll", request, Enrolled))
+    if json_out:
+        typer.echo(to_json(enrolled))
+        return
+    cred = enrolled.credential
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("agent", cred.agent)
+    grid.add_row("credential id", cred.id)
+    grid.add_row("expires", time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(cred.expires_at)))
+    grid.add_row("token", enrolled.token)
+    grid.add_row(
+        "use",
+        f"SIGNALBOX_AGENT_CREDENTIAL='{enrolled.token}' (or Agent(..., credential=...))",
+    )
+    Console(soft_wrap=True).print(
+        Panel(grid, title="Agent credential · shown once, store it now", border_style="green")
+    )
+
+
+@agents_app.command("revoke")
+def agents_revoke(
+    name: AgentName,
+    credential: Annotated[
+        str | None,
+        typer.Option("--credential", help="Only this credential id (default: all of the agent's)."),
+    ] = None,
+    reason: Annotated[str, typer.Option("--reason", help="Kept in the audit trail.")] = "",
+    nats_url: NatsUrlOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Revoke an agent's credentials and disconnect it now; it cannot reconnect with them."""
+    url, settings = _client_url(nats_url)
+    try:
+        request = msgspec.convert(
+            {"type": "revoke_agent.v1", "name": _agent_name(name), "credential": credential,
+             "reason": reason},
+            RevokeAgent,
+        )  # fmt: skip
+    except msgspec.ValidationError as exc:
+        _fail(f"{exc}; credential ids look like `abcdefgh23456789` (see `agents credentials`)")
+    revoked = _run(_admin(url, settings, "revoke", request, Revoked))
+    if json_out:
+        typer.echo(to_json(revoked))
+        return
+    if not revoked.credentials:
+        Console().print(f"{name} had no active credential to revoke.")
+        return
+    Console().print(
+        f"Revoked {len(revoked.credentials)} credential(s) of [bold]{escape(name)}[/] "
+        f"({', '.join(revoked.credentials)}); closed {revoked.disconnected} live connection(s)."
+    )
+
+
+@agents_app.command("credentials")
+def agents_credentials(
+    name: Annotated[str | None, typer.Argument(help="Only this agent's.")] = None,
+    all_: Annotated[
+        bool, typer.Option("--all", help="Include expired and revoked credentials.")
+    ] = False,
+    nats_url: NatsUrlOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """List agent credentials (ids and lifetimes; secrets are never stored or shown)."""
+    url, settings = _client_url(nats_url)
+    request = ListCredentials(name=_agent_name(name) if name else None, include_inactive=all_)
+    listed = _run(_admin(url, settings, "credentials", request, CredentialList))
+    if json_out:
+        typer.echo(to_json(listed))
+        return
+    if not listed.items:
+        Console().print("No credentials" + (f" for {name}." if name else "."))
+        return
+    Console().print(credentials_table(listed.items, now=time.time()))
+
+
+@identity_app.command("init")
+def identity_init(
+    secrets_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--secrets-dir",
+            help="Where the secrets live (default: $SIGNALBOX_SECRETS_DIR, "
+            "else <data dir>/secrets)",
+            show_default=False,
+        ),
+    ] = None,
+    server_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--server-config",
+            help="Also write the accounts/users/auth-callout part of a nats-server config here, "
+            "for servers you run yourself (`include` it from each node's config)",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Generate the deployment's secrets (kept if present) for an external NATS server.
+
+    `signalbox up` does this by itself for its embedded server; run this for a
+    cluster you operate (compose.yaml does, in its `identity` service).
+    """
+    settings = _settings(secrets_dir=secrets_dir)
+    folder = resolve_secrets_dir(settings)
+    try:
+        secrets = ServerSecrets.load_or_create(folder)
+        if server_config is not None:
+            config = auth_config(secrets, Subjects(settings.subject_prefix))
+            text = "# Generated by `signalbox identity init`: accounts, users, auth callout.\n"
+            text += render_blocks(config)
+            server_config.parent.mkdir(parents=True, exist_ok=True)
+            # Bcrypt hashes and a public key only: readable by the server's user.
+            server_config.write_text(text)
+            server_config.chmod(0o644)
+    except (SignalboxError, OSError) as exc:
+        _fail(f"cannot set up identity in {folder}: {exc}")
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("secrets", f"{folder.resolve()} (0700; files 0600)")
+    grid.add_row("issuer", secrets.issuer_public_key)
+    if server_config is not None:
+        grid.add_row(
+            "server config",
+            f"{server_config}  (`include` it from each node's config, by a path relative to "
+            "that config file: nats-server resolves every include against the including "
+            "file's folder)",
+        )
+    grid.add_row("services", f"SIGNALBOX_SECRETS_DIR={folder} (or SIGNALBOX_NATS_USER/_PASSWORD)")
+    Console(soft_wrap=True).print(Panel(grid, title="Identity ready", border_style="green"))
 
 
 @audit_app.command("tail")
@@ -422,7 +657,7 @@ def audit_tail(
         status.print(f"[yellow]warning:[/] audit record {seq} is unreadable: {escape(err.message)}")
 
     async def main() -> None:
-        nc = await _connect(url)
+        nc = await _connect(url, settings)
         try:
             js = nc.jetstream()
             start = await start_of_last(js, subject, last)
@@ -450,3 +685,4 @@ def audit_tail(
             await nc.close()
 
     _run(main(), interrupted=0)
+from services.cli import audit_cmds as _audit_cmds  # noqa: E402, F401  (audit verify, replay)

@@ -12,7 +12,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from schemas import AgentRecord, AuditEvent
+from schemas import AgentRecord, AuditEvent, CredentialInfo
 
 __all__ = [
     "KIND_STYLES",
@@ -20,6 +20,7 @@ __all__ = [
     "audit_header",
     "audit_line",
     "audit_table",
+    "credentials_table",
     "summarize",
     "to_json",
 ]
@@ -32,6 +33,7 @@ KIND_STYLES: dict[str, str] = {
     "registry": "blue",
     "usage": "green",
     "admin": "bright_white",
+    "auth": "bright_red",
 }
 
 
@@ -210,3 +212,24 @@ def agent_panel(record: AgentRecord) -> Table:
         tags = f"  [{', '.join(cap.tags)}]" if cap.tags else ""
         grid.add_row("capability", Text(f"{cap.name}{tags}  {cap.description}".rstrip()))
     return grid
+
+
+def credentials_table(items: Sequence[CredentialInfo], *, now: float) -> Table:
+    """Agent credentials (ids, status, lifetimes; never secrets)."""
+    table = Table(title="Agent credentials", box=box.SIMPLE_HEAD)
+    for column in ("agent", "credential", "status"):
+        table.add_column(column, no_wrap=True)
+    for column in ("created", "expires", "note"):
+        table.add_column(column, overflow="fold")
+    styles = {"active": "green", "expired": "yellow", "revoked": "red"}
+    for item in items:
+        status = item.status(now)
+        table.add_row(
+            item.agent,
+            item.id,
+            Text(status, style=styles[status]),
+            _clock(item.created_at, with_date=True),
+            _clock(item.expires_at, with_date=True),
+            item.note,
+        )
+    return table

@@ -13,6 +13,7 @@ same story every run.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,6 +24,7 @@ from schemas import AgentManifest
 from services.demo.docs import retrieve
 
 __all__ = [
+    "AGENT_NAMES",
     "Answer",
     "CreditReport",
     "CreditRequest",
@@ -265,17 +267,28 @@ def _manifest(name: str, team: str, owner: str, description: str) -> AgentManife
     )
 
 
-def build_agents(nats_url: str, subject_prefix: str = "sb") -> DemoAgents:
-    """Build the four demo agents against ``nats_url`` (start them with ``async with``)."""
+#: The demo's agents, by name (each is enrolled with a credential of its own).
+AGENT_NAMES = ("credit-check", "fraud-detection", "customer-support", "loan-origination")
+
+
+def build_agents(
+    nats_url: str, credentials: Mapping[str, str], subject_prefix: str = "sb"
+) -> DemoAgents:
+    """Build the four demo agents against ``nats_url`` (start them with ``async with``).
+
+    ``credentials`` maps each of :data:`AGENT_NAMES` to its enrolled credential.
+    """
     credit = Agent(
         _manifest("credit-check", "risk", "risk-eng", "Scores applicants from their credit file"),
         nats_url=nats_url,
         subject_prefix=subject_prefix,
+        credential=credentials["credit-check"],
     )
     fraud = Agent(
         _manifest("fraud-detection", "risk", "fraud-ops", "Screens applications for fraud"),
         nats_url=nats_url,
         subject_prefix=subject_prefix,
+        credential=credentials["fraud-detection"],
     )
     support = Agent(
         _manifest(
@@ -283,11 +296,13 @@ def build_agents(nats_url: str, subject_prefix: str = "sb") -> DemoAgents:
         ),
         nats_url=nats_url,
         subject_prefix=subject_prefix,
+        credential=credentials["customer-support"],
     )
     loans = Agent(
         _manifest("loan-origination", "lending", "lending-eng", "Decides personal loans"),
         nats_url=nats_url,
         subject_prefix=subject_prefix,
+        credential=credentials["loan-origination"],
     )
     agents = DemoAgents(credit=credit, fraud=fraud, support=support, loans=loans)
 

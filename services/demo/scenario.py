@@ -2,7 +2,8 @@
 
 Steps (each printed under its own heading):
 
-1. start the embedded nats-server and the four services with a demo allow-list;
+1. start the embedded nats-server and the four services with the shipped Cedar
+   policies (``policies/``: deny by default, permits for this lending desk);
 2. the agents register (the registry lists them; discovery finds the pii-tagged ones);
 3. allowed calls: loan-origination scores and screens applications, then decides;
 4. a customer question, answered by customer-support from policy documents;
@@ -28,13 +29,15 @@ from rich.text import Text
 
 from broker.connection import connect
 from broker.errors import CallDenied, SignalboxError, UnknownTarget
+from broker.identity import operator_connect_options
 from broker.jetstream import AUDIT_STREAM
 from broker.settings import Settings
 from broker.subjects import Subjects
-from schemas import AuditEvent
-from services.cli.client import list_agents
+from schemas import AuditEvent, EnrollAgent, Enrolled
+from services.cli.client import admin_request, list_agents
 from services.cli.render import agents_table, audit_table
 from services.demo.agents import (
+    AGENT_NAMES,
     Answer,
     CreditRequest,
     DemoAgents,
@@ -43,33 +46,13 @@ from services.demo.agents import (
     Question,
     build_agents,
 )
-from services.policy.decider import AllowList
+from services.policy.cedar import CedarDecider, shipped_policy_dir
 from services.policy.service import PolicyService
 from services.runner import Stack
 from services.tracing.chain import GENESIS, record_hash
 from services.tracing.reader import audit_filter, read
 
-__all__ = ["ALLOWLIST", "APPLICATIONS", "QUESTIONS", "run_demo"]
-
-#: The demo's allow-list (format: ``services/policy/decider.py``). Everything
-#: not listed is denied, which is how customer-support is kept away from credit files.
-ALLOWLIST = """\
-version: "demo-1"
-allow:
-  - id: loan-may-score
-    caller: loan-origination
-    target: credit-check
-    capabilities: [score]
-  - id: loan-may-check-fraud
-    caller: loan-origination
-    target: fraud-detection
-    capabilities: [check]
-  - id: loan-may-ask-support
-    caller: loan-origination
-    target: customer-support
-    capabilities: [answer]
-# customer-support may call nothing: no rule names it as a caller.
-"""
+__all__ = ["APPLICATIONS", "QUESTIONS", "run_demo"]
 
 APPLICATIONS: tuple[LoanApplication, ...] = (
     LoanApplication(
@@ -123,7 +106,7 @@ async def run_demo(console: Console, data_dir: Path | None = None) -> int:
 
     Args:
         console: Where the story is printed.
-        data_dir: Keep the demo's data (JetStream store, allow-list) here;
+        data_dir: Keep the demo's data (JetStream store) here;
             default: a temporary folder removed afterwards.
 
     Raises:
@@ -146,13 +129,12 @@ def _step(console: Console, number: int, title: str, note: str = "") -> None:
 async def _run(console: Console, data_dir: Path) -> int:
     started = time.perf_counter()
     console.rule("[bold cyan]Signalbox demo[/] · a lending desk run by four AI agents")
-    allowlist_path = data_dir / "allowlist.yaml"
-    allowlist_path.write_text(ALLOWLIST)
+    # The shipped policies: policies/lending-demo.cedar permits this desk's calls.
     settings = Settings(
         nats_url=None,
         data_dir=data_dir,
         nats_port=0,
-        allowlist_path=allowlist_path,
+        policy_dir=shipped_policy_dir(),
     )
     async with contextlib.AsyncExitStack() as resources:
         _step(console, 1, "Start the control plane")
@@ -162,20 +144,36 @@ async def _run(console: Console, data_dir: Path) -> int:
         url = stack.settings.nats_url
         assert url is not None
         subjects = Subjects(stack.settings.subject_prefix)
-        nc = await connect(url, name="signalbox-demo", connect_timeout=5)
+        # The demo acts as an operator (credentials from the data dir's secrets).
+        nc = await connect(
+            url,
+            name="signalbox-demo",
+            connect_timeout=5,
+            **operator_connect_options(stack.settings),
+        )
         resources.push_async_callback(nc.close)
         js = nc.jetstream()
         baseline_seq = (await js.stream_info(AUDIT_STREAM)).state.last_seq
         emitted_before = _emitted(stack)
-        console.print(_stack_panel(stack, allowlist_path))
+        console.print(_stack_panel(stack))
 
         _step(
             console,
             2,
-            "Four agents connect and register",
-            "Each agent registers its manifest with the registry; policy sees them within ms.",
+            "Four agents are enrolled, connect and register",
+            "Each gets a credential of its own; the NATS server checks it through the "
+            "registry's auth callout and lets the agent publish and subscribe only on its "
+            "own subjects. Each registers its manifest; policy sees them within ms.",
         )
-        agents = build_agents(url, stack.settings.subject_prefix)
+        credentials = {
+            name: (
+                await admin_request(
+                    nc, subjects, "enroll", EnrollAgent(name=name, ttl=3600, note="demo"), Enrolled
+                )
+            ).token
+            for name in AGENT_NAMES
+        }
+        agents = build_agents(url, credentials, stack.settings.subject_prefix)
         for agent in agents.all:
             await resources.enter_async_context(agent)
         await _until_policy_knows(stack, [a.name for a in agents.all])
@@ -214,7 +212,7 @@ async def _run(console: Console, data_dir: Path) -> int:
             console,
             5,
             "A denied call: customer-support asks credit-check for a credit score",
-            "Credit files are tagged pii; no rule lets customer-support call credit-check.",
+            "Credit files are tagged pii; no policy lets customer-support call credit-check.",
         )
         denied_ok = await _show_denied(console, agents)
 
@@ -287,23 +285,39 @@ async def _until_policy_knows(stack: Stack, names: Iterable[str], timeout: float
         await asyncio.sleep(0.01)
 
 
-def _stack_panel(stack: Stack, allowlist_path: Path) -> Group:
+def _stack_panel(stack: Stack) -> Group:
     info = Table.grid(padding=(0, 2))
     info.add_column(style="bold")
     info.add_column()
     info.add_row("NATS", f"{stack.settings.nats_url}  (embedded nats-server, JetStream)")
     info.add_row("data dir", str(stack.settings.data_dir))
     info.add_row("services", ", ".join(stack.services))
-    info.add_row("allow-list", str(allowlist_path))
-    rules = Table(title="Allow-list (deny by default)", title_justify="left", header_style="bold")
-    rules.add_column("rule id")
-    rules.add_column("caller")
-    rules.add_column("may call")
-    for rule in AllowList.from_yaml(ALLOWLIST, source="demo allow-list").rules:
-        caps = ", ".join(f"{rule.target}.{cap}" for cap in rule.capabilities)
-        rules.add_row(rule.id, rule.caller, caps)
-    rules.add_row(Text("(none)", style="dim"), "customer-support", Text("nothing", style="dim"))
-    return Group(Panel(info, title="Control plane running", border_style="cyan"), rules)
+    panel = Panel(info, title="Control plane running", border_style="cyan")
+    policy = stack.services.get("policy")
+    decider = policy.decider if isinstance(policy, PolicyService) else None
+    if not isinstance(decider, CedarDecider):
+        return Group(panel)
+    policies = decider.policies
+    info.add_row("policies", f"{stack.settings.policy_dir}  (Cedar, version {policies.version})")
+    rules = Table(
+        title="Cedar policies (deny by default: what no permit allows is denied)",
+        title_justify="left",
+        header_style="bold",
+    )
+    rules.add_column("policy id")
+    rules.add_column("effect")
+    rules.add_column("file")
+    rules.add_column("what it says")
+    for p in policies.policies.values():
+        effect = "forbid unless approved" if p.needs_approval else p.effect
+        rules.add_row(p.id, effect, p.source, p.description)
+    rules.add_row(
+        Text("(none)", style="dim"),
+        "",
+        "",
+        Text("customer-support: no permit names it, so it may call nothing", style="dim"),
+    )
+    return Group(panel, rules)
 
 
 def _decisions_view(
@@ -368,7 +382,7 @@ async def _show_denied(console: Console, agents: DemoAgents) -> bool:
         grid.add_row("policy version", str(err.details.get("policy_version", "")))
         console.print(Panel(grid, title="[bold red]Denied[/]", border_style="red"))
         return True
-    console.print("[bold red]unexpected:[/] the call was allowed; the allow-list was not applied")
+    console.print("[bold red]unexpected:[/] the call was allowed; the policies were not applied")
     return False
 
 

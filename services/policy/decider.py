@@ -1,163 +1,210 @@
-"""Call decisions behind one small interface.
+"""Authorization requests and decisions behind one small interface.
 
 :class:`Decider` is the seam: the policy service asks it about every
-mediated call and never cares how it decides. This module ships the
-allow-list decider (deny by default); the Cedar engine plugs in behind the
-same interface.
+mediated call (:class:`CallRequest`) and every model or tool use an agent
+asks about on ``sb.authz.<agent>`` (:class:`UseRequest`), and never cares
+how it decides. The engine is Cedar (:class:`services.policy.cedar.CedarDecider`).
 
-Allow-list file (YAML)::
+A decider never raises for a bad request: it denies, with a reason code
+(:data:`REASON_CODES`) saying why. Anything it cannot evaluate is denied
+(fail closed).
 
-    version: "2026-11-25.1"          # shown in every decision and audit event
-    allow:
-      - id: loan-may-score           # policy id reported with the decision
-        caller: loan-origination     # agent name or "*"
-        target: credit-check         # agent name or "*"
-        capabilities: [score]        # names, or ["*"]
+Mediated calls may carry context in headers (all optional; a caller that
+sends none is evaluated with zero estimated tokens and no tags)::
+
+    Sb-Estimated-Tokens: 12000              # this one invocation, an integer >= 0
+    Sb-Data-Tags: pii,pci-dss               # comma-separated
+    Sb-On-Behalf-Of: user:ada,support-bot   # comma-separated, outermost first
+
+They are the caller's own claims: policies may use them to refuse or to ask
+for approval; granting on a claim is the policy author's risk.
 """
 
 from __future__ import annotations
 
-import hashlib
-import time
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Final, Literal, Protocol, get_args
 
-import msgspec
-import yaml
-
-from broker.errors import ConfigError
 from schemas import AgentRecord, Decision
 
-__all__ = ["AllowList", "AllowRule", "CallRequest", "Decider"]
+__all__ = [
+    "ACTIONS",
+    "DEFAULT_DENY_ID",
+    "H_DATA_TAGS",
+    "H_ESTIMATED_TOKENS",
+    "H_ON_BEHALF_OF",
+    "MAX_ESTIMATED_TOKENS",
+    "REASON_CODES",
+    "AccessRequest",
+    "CallRequest",
+    "Decider",
+    "ReasonCode",
+    "RequestContext",
+    "UseRequest",
+]
+
+#: Actions of the Cedar schema (``Signalbox::Action::"<name>"``).
+ACTIONS: Final = ("call", "use_model", "use_tool")
+
+#: Policy id reported when no permit allowed a request (Cedar's implicit deny).
+DEFAULT_DENY_ID: Final = "default-deny"
+
+#: Why a decision came out as it did (``Decision.reason_code``).
+ReasonCode = Literal[
+    "allowed",  # a permit matched, no forbid did
+    "needs_approval",  # only @effect("needs_approval") forbids stand in the way
+    "forbidden",  # a forbid matched
+    "default_deny",  # no permit matched (Cedar's deny by default)
+    "unknown_agent",  # the principal is not registered
+    "unknown_action",  # not one of ACTIONS
+    "missing_entity",  # the resource (target, capability, model, tool) does not exist
+    "malformed_context",  # context values out of range or unreadable
+    "evaluation_error",  # Cedar reported an error (entities, policy evaluation)
+]
+REASON_CODES: Final[tuple[str, ...]] = get_args(ReasonCode)
+
+H_ESTIMATED_TOKENS: Final = "Sb-Estimated-Tokens"
+H_DATA_TAGS: Final = "Sb-Data-Tags"
+H_ON_BEHALF_OF: Final = "Sb-On-Behalf-Of"
+
+#: Largest estimate accepted (a Cedar Long holds far more; nothing real needs it).
+MAX_ESTIMATED_TOKENS: Final = 10**12
+_MAX_TAGS = 64
+_MAX_CHAIN = 32
+_MAX_TEXT = 256
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """What Cedar sees as ``context``, besides the time of the decision.
+
+    Attributes:
+        estimated_tokens: Tokens this one invocation is expected to use.
+        data_tags: Classification tags of the data the request carries.
+        on_behalf_of: The delegation chain (agents or users), outermost first.
+        time: Unix time of the request; None: the decider's clock.
+        error: Set when the context could not be read (a malformed header):
+            the request is denied with ``malformed_context``.
+    """
+
+    estimated_tokens: int = 0
+    data_tags: tuple[str, ...] = ()
+    on_behalf_of: tuple[str, ...] = ()
+    time: float | None = None
+    error: str = ""
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> RequestContext:
+        """Read the context headers of a mediated call; never raises (see ``error``)."""
+        tokens = 0
+        raw = headers.get(H_ESTIMATED_TOKENS)
+        if raw is not None:
+            text = raw.strip()
+            if not (text.isascii() and text.isdigit()) or len(text) > 20:
+                return cls(
+                    error=f"header {H_ESTIMATED_TOKENS} must be an integer from 0 to "
+                    f"{MAX_ESTIMATED_TOKENS:,}, got {raw[:32]!r}"
+                )
+            tokens = int(text)
+        return cls(
+            estimated_tokens=tokens,
+            data_tags=_split(headers.get(H_DATA_TAGS, "")),
+            on_behalf_of=_split(headers.get(H_ON_BEHALF_OF, "")),
+        )
+
+    def problem(self) -> str:
+        """Why this context cannot be evaluated ("" when it can)."""
+        if self.error:
+            return self.error
+        tokens = self.estimated_tokens
+        if type(tokens) is not int or not 0 <= tokens <= MAX_ESTIMATED_TOKENS:
+            return f"estimated tokens must be an integer from 0 to {MAX_ESTIMATED_TOKENS:,}"
+        for what, values, limit in (
+            ("data tags", self.data_tags, _MAX_TAGS),
+            ("on-behalf-of chain", self.on_behalf_of, _MAX_CHAIN),
+        ):
+            if len(values) > limit:
+                return f"{what}: at most {limit} entries, got {len(values)}"
+            for value in values:
+                if not isinstance(value, str) or not 0 < len(value) <= _MAX_TEXT:
+                    return f"{what}: every entry must be text of 1-{_MAX_TEXT} characters"
+                if _CONTROL.search(value):
+                    return f"{what}: entries may not contain control characters"
+        if self.time is not None and not 0 <= self.time < 2**62:
+            return "time must be a Unix time in seconds"
+        return ""
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 @dataclass(frozen=True, slots=True)
 class CallRequest:
-    """What a decider sees about one call."""
+    """What a decider sees about one mediated call (action ``call``).
+
+    Attributes:
+        caller: Calling agent (from the subject, which NATS permissions bind).
+        target: Target agent.
+        capability: Capability called.
+        caller_record: The caller's registry record (None: not registered).
+        target_record: The target's registry record (None: not registered).
+        context: Estimated tokens, data tags, on-behalf-of chain.
+    """
 
     caller: str
     target: str
     capability: str
     caller_record: AgentRecord | None
     target_record: AgentRecord | None
+    context: RequestContext = RequestContext()
+
+    @property
+    def action(self) -> str:
+        """Always ``call``."""
+        return "call"
+
+
+@dataclass(frozen=True, slots=True)
+class UseRequest:
+    """An agent asks whether it may use a model or a tool (``sb.authz.<agent>``).
+
+    Attributes:
+        agent: The asking agent (from the subject).
+        agent_record: Its registry record (None: not registered).
+        action: ``use_model`` or ``use_tool`` (anything else is denied).
+        resource: Model or tool id (``gpt-4o``, ``web-search``).
+        provider: Model or tool provider.
+        region: Region of the endpoint the agent would use.
+        price_per_1k_tokens: Model price in USD per 1,000 tokens.
+        context: Estimated tokens, data tags, on-behalf-of chain.
+    """
+
+    agent: str
+    agent_record: AgentRecord | None
+    action: str
+    resource: str
+    provider: str = ""
+    region: str = ""
+    price_per_1k_tokens: float = 0.0
+    context: RequestContext = RequestContext()
+
+
+#: Everything a decider is asked about.
+AccessRequest = CallRequest | UseRequest
 
 
 class Decider(Protocol):
-    """Decides calls. Implementations must be fast (cached), pure, and fail closed."""
+    """Decides requests. Implementations must be fast (cached), pure, and fail closed."""
 
     @property
     def version(self) -> str:
-        """Version of the active rule set."""
+        """Version of the active policy set."""
         ...
 
-    def decide(self, request: CallRequest) -> Decision:
+    def decide(self, request: AccessRequest) -> Decision:
         """Allow, deny or ask for approval; never raise for a bad request, deny instead."""
         ...
-
-
-Pattern = Annotated[str, msgspec.Meta(pattern=r"^(\*|[A-Za-z0-9_-]{1,64})\Z")]
-
-
-class AllowRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One allow rule of the allow-list file."""
-
-    id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-    caller: Pattern
-    target: Pattern
-    capabilities: tuple[Pattern, ...] = ("*",)
-
-
-class _AllowFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    version: str = ""
-    allow: tuple[AllowRule, ...] = ()
-
-
-class AllowList:
-    """Deny-by-default allow-list.
-
-    Rules are indexed by (caller, target) at load, so a decision is a few
-    dict lookups, whatever the number of rules.
-    """
-
-    def __init__(self, rules: tuple[AllowRule, ...] = (), version: str = "") -> None:
-        self.rules = rules
-        digest = hashlib.sha256(msgspec.json.encode(rules)).hexdigest()[:12]
-        self._version = version or f"allowlist-{digest}"
-        self._index: dict[tuple[str, str], list[AllowRule]] = {}
-        for rule in rules:
-            self._index.setdefault((rule.caller, rule.target), []).append(rule)
-
-    @property
-    def version(self) -> str:
-        """Version of this rule set (from the file, else a content digest)."""
-        return self._version
-
-    @classmethod
-    def from_yaml(cls, text: str, *, source: str = "<string>") -> AllowList:
-        """Parse an allow-list document.
-
-        Raises:
-            ConfigError: not YAML, or not the documented shape (with the path).
-        """
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(
-                f"{source}: not valid YAML: {exc}", details={"source": source}
-            ) from exc
-        try:
-            doc = msgspec.convert(raw, _AllowFile)
-        except msgspec.ValidationError as exc:
-            raise ConfigError(
-                f"{source}: {exc}; see the allow-list format in services/policy/decider.py",
-                details={"source": source, "error": str(exc)},
-            ) from exc
-        return cls(doc.allow, str(doc.version))
-
-    @classmethod
-    def from_file(cls, path: Path) -> AllowList:
-        """Load ``path``; a missing file is an empty list (everything denied)."""
-        if not path.exists():
-            return cls((), "deny-all")
-        return cls.from_yaml(path.read_text(), source=str(path))
-
-    def decide(self, request: CallRequest) -> Decision:
-        """Allow if a rule matches caller, target and capability; deny otherwise."""
-        start = time.perf_counter()
-        if request.caller_record is None:
-            return self._deny(
-                start,
-                f"caller {request.caller!r} is not registered; register it before it calls",
-                "unregistered-caller",
-            )
-        for key in (
-            (request.caller, request.target),
-            (request.caller, "*"),
-            ("*", request.target),
-            ("*", "*"),
-        ):
-            for rule in self._index.get(key, ()):
-                if "*" in rule.capabilities or request.capability in rule.capabilities:
-                    return Decision(
-                        effect="allow",
-                        reasons=(f"allowed by rule {rule.id!r}",),
-                        policy_ids=(rule.id,),
-                        policy_version=self._version,
-                        eval_us=(time.perf_counter() - start) * 1e6,
-                    )
-        return self._deny(
-            start,
-            f"no rule allows {request.caller} to call {request.target}.{request.capability} "
-            "(deny by default)",
-            "default-deny",
-        )
-
-    def _deny(self, start: float, reason: str, policy_id: str) -> Decision:
-        return Decision(
-            effect="deny",
-            reasons=(reason,),
-            policy_ids=(policy_id,),
-            policy_version=self._version,
-            eval_us=(time.perf_counter() - start) * 1e6,
-        )

@@ -1,10 +1,30 @@
-"""Policy service: decides every mediated call and relays allowed ones.
+"""Policy service: decides every mediated call and relays allowed ones; answers ``sb.authz``.
 
 Flow of one call (all on the service's raw nats-py connection, which is the
 hot path)::
 
     A --request sb.out.A.B.cap--> policy --(decide, audit)--> sb.in.B.cap --> B
     A <-------- reply (relayed) -- policy <------------ reply ------------- B
+
+Decisions come from the Cedar engine (:mod:`services.policy.cedar`) over the
+active policy set of the KV bucket ``sb_policies``
+(:mod:`services.policy.lifecycle`). The folder ``settings.policy_dir``
+(default: the shipped ``policies/``) is loaded at start (an invalid set stops
+the service with Cedar's messages) and seeds the bucket when it is empty;
+after that the bucket decides. Every replica watches the bucket's ``active``
+pointer and swaps the new set in when it moves (no redeploy, no restart).
+Operators manage sets on ``sb.admin.policy.<op>``::
+
+    validate  ValidatePolicies      -> PolicyValidation
+    apply     ApplyPolicies         -> PolicyApplied     (audited, kind admin)
+    rollback  RollbackPolicies      -> PolicyApplied     (audited, kind admin)
+    show      ShowPolicies          -> PolicyShown
+    history   PolicyHistoryRequest  -> PolicyHistory
+    diff      DiffPolicies          -> PolicyDiff
+
+Before an LLM or tool call, an agent asks ``sb.authz.<agent>``
+(:class:`schemas.AuthzRequest`) and gets a :class:`schemas.Decision`; those
+decisions are audited like call decisions.
 
 The service is a queue group, so replicas share calls and no call is
 delivered twice. It relays B's reply itself (rather than letting B answer A
@@ -17,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -33,14 +54,17 @@ from broker.connection import sync_connection
 from broker.errors import (
     CallDenied,
     CallTimeout,
+    ConfigError,
+    Conflict,
     InvalidInput,
+    NotFound,
     PayloadTooLarge,
     SchemaError,
     SignalboxError,
     TargetUnavailable,
     UnknownTarget,
 )
-from broker.jetstream import KV_AGENTS
+from broker.jetstream import KV_AGENTS, KV_POLICIES
 from broker.kvcache import KVCache
 from broker.replies import (
     H_CALL_ID,
@@ -54,14 +78,41 @@ from broker.replies import (
 )
 from broker.service import Service
 from broker.settings import Settings
-from schemas import AgentRecord, CallOutcome, Decision
-from services.policy.decider import AllowList, CallRequest, Decider
+from schemas import (
+    ActivePolicy,
+    AgentRecord,
+    ApplyPolicies,
+    AuthzRequest,
+    CallOutcome,
+    Decision,
+    DiffPolicies,
+    PolicyApplied,
+    PolicyDiff,
+    PolicyHistory,
+    PolicyHistoryRequest,
+    PolicySetRecord,
+    PolicyShown,
+    PolicyValidation,
+    RollbackPolicies,
+    ShowPolicies,
+    ValidatePolicies,
+)
+from services.policy.cedar import CedarDecider, shipped_policy_dir
+from services.policy.decider import CallRequest, Decider, RequestContext, UseRequest
+from services.policy.lifecycle import (
+    ACTIVE_KEY,
+    PolicyStore,
+    diff_sets,
+    parse_candidate,
+    policies_of,
+)
 
 __all__ = ["PolicyService"]
 
 log = logging.getLogger(__name__)
 
 _PASSTHROUGH = (H_TRACEPARENT, "tracestate")
+_NO_CONTEXT = RequestContext()
 
 
 @dataclass(slots=True)
@@ -83,19 +134,24 @@ def _trace_id(headers: dict[str, str]) -> str:
 
 
 class PolicyService(Service):
-    """Mediates ``sb.out.*.*.*``.
+    """Mediates ``sb.out.*.*.*`` and answers ``sb.authz.*``.
 
     Args:
         settings: Settings.
-        decider: Decision engine; default: the allow-list at
-            ``settings.resolved_allowlist_path``.
+        decider: Decision engine; default: Cedar over ``settings.policy_dir``
+            (unset: the shipped policies).
+
+    Raises:
+        ConfigError: the policy folder is missing or its set is invalid.
     """
 
     name = "policy"
 
     def __init__(self, settings: Settings, decider: Decider | None = None) -> None:
         super().__init__(settings)
-        self.decider: Decider = decider or AllowList.from_file(settings.resolved_allowlist_path)
+        self.decider: Decider = decider or CedarDecider.from_dir(
+            settings.policy_dir or shipped_policy_dir()
+        )
         self.agents: KVCache[AgentRecord] | None = None
         self._pending: dict[str, _Pending] = {}
         self._capabilities: dict[str, frozenset[str]] = {}
@@ -104,16 +160,32 @@ class PolicyService(Service):
         self._inbox = ""
         self._call_sub: Subscription | None = None
         self._reply_sub: Subscription | None = None
+        self._authz_sub: Subscription | None = None
         self._drained = asyncio.Event()  # set when the last pending call settles
+        #: The versioned sets in KV (after start).
+        self.policy_store: PolicyStore | None = None
+        #: Stored version this replica evaluates (0: its folder's set, not from KV).
+        self.active_version = 0
+        self._policy_watch: asyncio.Task[None] | None = None
+        self._activation = asyncio.Lock()
+        s = self.subjects
+        self.endpoint(s.admin("policy", "validate"), ValidatePolicies)(self.validate_set)
+        self.endpoint(s.admin("policy", "apply"), ApplyPolicies)(self.apply_set)
+        self.endpoint(s.admin("policy", "rollback"), RollbackPolicies)(self.rollback_set)
+        self.endpoint(s.admin("policy", "show"), ShowPolicies)(self.show_set)
+        self.endpoint(s.admin("policy", "history"), PolicyHistoryRequest)(self.set_history)
+        self.endpoint(s.admin("policy", "diff"), DiffPolicies)(self.diff_sets)
         self.stats: dict[str, int] = {
             "calls": 0, "allowed": 0, "denied": 0, "rejected": 0,
             "ok": 0, "errors": 0, "timeouts": 0, "late_replies": 0,
+            "authz": 0, "authz_allowed": 0, "authz_denied": 0,
         }  # fmt: skip
 
     async def on_start(self) -> None:
         self._kv = await self.js.key_value(KV_AGENTS)
         self.agents = KVCache(self._kv, AgentRecord, on_change=self._agent_changed)
         await self.agents.start()
+        await self._start_lifecycle()
         self._inbox = self.nc.new_inbox()
         self._reply_sub = await self.nc.subscribe(
             f"{self._inbox}.*", cb=self._on_reply, pending_msgs_limit=1_000_000
@@ -124,17 +196,27 @@ class PolicyService(Service):
             cb=self._on_call,
             pending_msgs_limit=1_000_000,
         )
+        self._authz_sub = await self.nc.subscribe(
+            self.subjects.authz_wildcard,
+            queue="sb-policy",
+            cb=self._on_authz,
+            pending_msgs_limit=100_000,
+        )
         # Not nc.flush(): see sync_connection (nats-py can PONG before our SUB).
         await sync_connection(self.nc)
         log.info(
-            "policy: mediating %s with rules %s", self.subjects.out_wildcard, self.decider.version
+            "policy: mediating %s and answering %s with policy set %s",
+            self.subjects.out_wildcard,
+            self.subjects.authz_wildcard,
+            self.decider.version,
         )
 
     async def on_stop(self) -> None:
         # Stop taking calls, let in-flight ones finish (bounded), then stop relaying.
-        if self._call_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._call_sub.unsubscribe()
+        for sub in (self._call_sub, self._authz_sub):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
         if self._pending:
             self._drained.clear()
             with contextlib.suppress(TimeoutError):
@@ -144,6 +226,11 @@ class PolicyService(Service):
                 await self._reply_sub.unsubscribe()
         if self.agents is not None:
             await self.agents.stop()
+        if self._policy_watch is not None:
+            self._policy_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._policy_watch
+            self._policy_watch = None
 
     def _agent_changed(self, name: str, record: AgentRecord | None) -> None:
         # Precompute what the hot path needs, once per registry change.
@@ -172,6 +259,234 @@ class PolicyService(Service):
             return None
         self._agent_changed(name, record)
         return record
+
+    # -- policy lifecycle ------------------------------------------------------
+
+    async def _start_lifecycle(self) -> None:
+        """Seed the bucket if empty, load its active set, then watch the pointer."""
+        store = self.policy_store = PolicyStore(await self.js.key_value(KV_POLICIES))
+        pointer, _ = await store.active()
+        if pointer is None and isinstance(self.decider, CedarDecider):
+            # Exactly version 1 and only if absent: racing replicas agree on one seed.
+            seed = self.decider.policies
+            await store.add(seed, self.actor, version=1)
+            with contextlib.suppress(Conflict):
+                await store.move(
+                    ActivePolicy(
+                        version=1,
+                        digest=(await store.get(1)).digest,
+                        changed_by=self.actor,
+                        changed_at=time.time(),
+                        reason="seed",
+                    ),
+                    0,
+                )
+            pointer, _ = await store.active()
+        if pointer is not None:
+            await self._activate(pointer)
+        watcher = await store.kv.watch(ACTIVE_KEY)
+        self._policy_watch = asyncio.ensure_future(self._watch_policies(watcher))
+
+    async def _watch_policies(self, watcher: Any) -> None:
+        try:
+            async for entry in watcher:
+                if entry is None or not entry.value:
+                    continue
+                try:
+                    pointer = decode(entry.value, ActivePolicy)
+                except SchemaError as err:
+                    await self.reject(err, subject=f"$KV.{KV_POLICIES}.{ACTIVE_KEY}")
+                    continue
+                try:
+                    await self._activate(pointer)
+                except Exception:  # keep watching: the next change may load
+                    log.exception("policy: failed to activate policy set %d", pointer.version)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    async def _activate(self, pointer: ActivePolicy) -> None:
+        """Load, re-validate and swap in the set ``pointer`` names; keep the old one on error."""
+        assert self.policy_store is not None
+        if not isinstance(self.decider, CedarDecider):
+            return  # a custom decider manages its own rules
+        async with self._activation:
+            if pointer.version == self.active_version and (
+                pointer.digest == self.decider.policies.digest
+            ):
+                return
+            try:
+                record = await self.policy_store.get(pointer.version)
+                policies = policies_of(record)
+                if policies.digest != pointer.digest:
+                    raise ConfigError(
+                        f"sb_policies: the active pointer names version {pointer.version} "
+                        f"with digest {pointer.digest[:12]}, but that version's digest is "
+                        f"{policies.digest[:12]}",
+                        details={"version": pointer.version},
+                    )
+            except SignalboxError as err:
+                log.error(
+                    "policy: cannot load policy set version %d, keeping %s: %s",
+                    pointer.version,
+                    self.decider.version,
+                    err.message,
+                )
+                await self.reject(
+                    ConfigError(
+                        f"policy set version {pointer.version} could not be loaded; this "
+                        f"replica keeps {self.decider.version}: {err.message}",
+                        details={"version": pointer.version, "kept": self.decider.version},
+                    ),
+                    subject=f"$KV.{KV_POLICIES}.{ACTIVE_KEY}",
+                )
+                return
+            self.decider.swap(policies)
+            self.active_version = pointer.version
+            log.info(
+                "policy: now evaluating policy set version %d (%s)",
+                pointer.version,
+                policies.version,
+            )
+
+    async def validate_set(self, request: ValidatePolicies) -> PolicyValidation:
+        """``validate``: Cedar's verdict on a candidate set (nothing is stored)."""
+        try:
+            policies = parse_candidate(request.candidate)
+        except InvalidInput as err:
+            return PolicyValidation(ok=False, errors=tuple(err.details["errors"]))
+        return PolicyValidation(
+            ok=True, digest=policies.digest, policy_ids=tuple(policies.policies)
+        )
+
+    def _who(self, requested_by: str) -> str:
+        return f"operator:{requested_by}" if requested_by else "operator"
+
+    async def apply_set(self, request: ApplyPolicies) -> PolicyApplied:
+        """``apply``: validate, store as the next version, move the pointer (compare-and-set)."""
+        store = self._store()
+        policies = parse_candidate(request.candidate)
+        pointer, revision = await store.active()
+        current = pointer.version if pointer else 0
+        if request.expected_active and request.expected_active != current:
+            raise Conflict(
+                f"version {request.expected_active} is no longer active (version {current} "
+                "is); nothing was applied. Check `signalbox policy diff` and retry",
+                details={"expected": request.expected_active, "active": current},
+            )
+        if pointer is not None and pointer.digest == policies.digest:
+            return PolicyApplied(
+                version=current, previous=current, digest=policies.digest,
+                label=policies.label, unchanged=True,
+            )  # fmt: skip
+        who = self._who(request.requested_by)
+        record = await store.add(policies, who)
+        assert record is not None
+        try:
+            await self._move(store, record, who, "apply", current, revision)
+        except Conflict:
+            await store.withdraw(record.version)
+            raise
+        return PolicyApplied(
+            version=record.version, previous=current, digest=record.digest, label=record.label
+        )
+
+    async def rollback_set(self, request: RollbackPolicies) -> PolicyApplied:
+        """``rollback``: re-validate an earlier version and make it active again."""
+        store = self._store()
+        pointer, revision = await store.active()
+        current = pointer.version if pointer else 0
+        target = request.to or (pointer.previous if pointer else 0)
+        if not target:
+            raise NotFound(
+                "there is no earlier policy set version to roll back to; "
+                "pass --to N (see `signalbox policy history`)",
+                details={"active": current},
+            )
+        record = await store.get(target)
+        if target == current:
+            return PolicyApplied(
+                version=current, previous=current, digest=record.digest,
+                label=record.label, unchanged=True,
+            )  # fmt: skip
+        try:
+            policies_of(record)
+        except ConfigError as err:
+            raise InvalidInput(
+                f"version {target} cannot be activated (the active set stays): {err.message}",
+                details={"version": target, "errors": list(err.details.get("errors", []))},
+            ) from err
+        who = self._who(request.requested_by)
+        await self._move(store, record, who, "rollback", current, revision)
+        return PolicyApplied(
+            version=target, previous=current, digest=record.digest, label=record.label
+        )
+
+    async def _move(
+        self,
+        store: PolicyStore,
+        record: PolicySetRecord,
+        who: str,
+        reason: str,
+        current: int,
+        revision: int,
+    ) -> None:
+        pointer = ActivePolicy(
+            version=record.version, digest=record.digest, changed_by=who,
+            changed_at=time.time(), reason=reason, previous=current,
+        )  # fmt: skip
+        await store.move(pointer, revision)
+        await self.audit.emit(
+            "admin",
+            actor=who,
+            subject=self.subjects.admin("policy", reason),
+            policy_version=f"{record.label}@{record.digest[:12]}" if record.label
+            else record.digest[:12],
+            data={
+                "op": f"policy.{reason}", "version": record.version, "previous": current,
+                "digest": record.digest, "label": record.label,
+                "policy_ids": list(record.policy_ids),
+            },
+        )  # fmt: skip
+
+    async def show_set(self, request: ShowPolicies) -> PolicyShown:
+        """``show``: one stored version (default: the active one) with its texts."""
+        store = self._store()
+        pointer, _ = await store.active()
+        active = pointer.version if pointer else 0
+        record = await store.get(request.version or active or 1)
+        return PolicyShown(record=record, active=record.version == active, active_version=active)
+
+    async def set_history(self, request: PolicyHistoryRequest) -> PolicyHistory:
+        """``history``: stored versions, newest first, the active one marked."""
+        store = self._store()
+        pointer, _ = await store.active()
+        active = pointer.version if pointer else 0
+        versions = (await store.versions())[::-1][: request.limit]
+        infos = [await store.info(v, active) for v in versions]
+        return PolicyHistory(
+            versions=tuple(i for i in infos if i is not None), active_version=active
+        )
+
+    async def diff_sets(self, request: DiffPolicies) -> PolicyDiff:
+        """``diff``: two stored versions, or a candidate against one (default: the active)."""
+        store = self._store()
+        pointer, _ = await store.active()
+        active = pointer.version if pointer else 0
+        old = await store.get(request.from_version or active or 1)
+        if request.to_version or request.candidate is None:
+            new = await store.get(request.to_version or active or 1)
+            name = f"v{new.version}"
+            return diff_sets(old, new.files, new.schema, new.policy_ids, to_name=name)
+        candidate = parse_candidate(request.candidate)
+        return diff_sets(
+            old, candidate.files, candidate.schema_text, tuple(candidate.policies),
+            to_name="candidate",
+        )  # fmt: skip
+
+    def _store(self) -> PolicyStore:
+        assert self.policy_store is not None, "policy service not started"
+        return self.policy_store
 
     # -- hot path --------------------------------------------------------------
 
@@ -215,6 +530,7 @@ class PolicyService(Service):
             )
             await self._reject(unknown, msg, caller)
             return
+        context = RequestContext.from_headers(headers)
         decision = self.decider.decide(
             CallRequest(
                 caller,
@@ -222,19 +538,28 @@ class PolicyService(Service):
                 capability,
                 self.agents.get(caller) or await self._lookup(caller),
                 target_record,
+                context,
             )
         )
+        data: dict[str, Any] = {
+            "call_id": call_id, "caller": caller, "target": target,
+            "capability": capability, "decision": _builtins(decision),
+        }  # fmt: skip
+        if context != _NO_CONTEXT:  # the inputs a what-if replay needs
+            data["context"] = {
+                "estimated_tokens": context.estimated_tokens,
+                "data_tags": list(context.data_tags),
+                "on_behalf_of": list(context.on_behalf_of),
+                "error": context.error,
+            }
         await self.audit.emit(
             "decision",
             actor=caller,
             subject=msg.subject,
             trace_id=trace_id,
             policy_version=decision.policy_version,
-            data={
-                "call_id": call_id, "caller": caller, "target": target,
-                "capability": capability, "decision": _builtins(decision),
-            },
-        )  # fmt: skip
+            data=data,
+        )
         if decision.effect != "allow":
             self.stats["denied"] += 1
             body, hdrs = error_reply(_denied(decision, caller, target, capability))
@@ -271,6 +596,66 @@ class PolicyService(Service):
             reply=f"{self._inbox}.{token}",
             headers=forward,
         )
+
+    async def _on_authz(self, msg: Msg) -> None:
+        """``sb.authz.<agent>``: decide a model or tool use, audit it, answer a Decision."""
+        agent = msg.subject.rsplit(".", 1)[1]
+        if not msg.reply:
+            await self._reject(
+                InvalidInput(
+                    "authorization request without a reply subject; use request-reply "
+                    "(Agent.authorize or nc.request)",
+                    details={"agent": agent},
+                ),
+                msg,
+                agent,
+            )
+            return
+        decide = functools.partial(
+            self._authorize, agent, msg.subject, _trace_id(msg.headers or {})
+        )
+        body, headers = await self.handle(msg.data, msg.subject, AuthzRequest, decide)
+        await self.nc.publish(msg.reply, body, headers=headers or None)
+
+    async def _authorize(
+        self, agent: str, subject: str, trace_id: str, request: AuthzRequest
+    ) -> Decision:
+        assert self.agents is not None
+        self.stats["authz"] += 1
+        decision = self.decider.decide(
+            UseRequest(
+                agent=agent,
+                agent_record=self.agents.get(agent) or await self._lookup(agent),
+                action=request.action,
+                resource=request.resource,
+                provider=request.provider,
+                region=request.region,
+                price_per_1k_tokens=request.price_per_1k_tokens,
+                context=RequestContext(
+                    estimated_tokens=request.estimated_tokens,
+                    data_tags=request.data_tags,
+                    on_behalf_of=request.on_behalf_of,
+                ),
+            )
+        )
+        self.stats["authz_allowed" if decision.effect == "allow" else "authz_denied"] += 1
+        await self.audit.emit(
+            "decision",
+            actor=agent,
+            subject=subject,
+            trace_id=trace_id,
+            policy_version=decision.policy_version,
+            data={
+                "request_id": new_id(), "agent": agent, "action": request.action,
+                "resource": request.resource, "provider": request.provider,
+                "region": request.region, "price_per_1k_tokens": request.price_per_1k_tokens,
+                "estimated_tokens": request.estimated_tokens,
+                "data_tags": list(request.data_tags),
+                "on_behalf_of": list(request.on_behalf_of),
+                "decision": _builtins(decision),
+            },
+        )  # fmt: skip
+        return decision
 
     async def _on_reply(self, msg: Msg) -> None:
         token = msg.subject[len(self._inbox) + 1 :]
@@ -369,6 +754,7 @@ def _denied(decision: Decision, caller: str, target: str, capability: str) -> Ca
         f"call {caller} -> {target}.{capability} {verb}: {'; '.join(decision.reasons)}",
         details={
             "effect": decision.effect,
+            "reason_code": decision.reason_code,
             "reasons": list(decision.reasons),
             "policy_ids": list(decision.policy_ids),
             "policy_version": decision.policy_version,

@@ -2,35 +2,61 @@
 
 The SQL store (:mod:`services.registry.store`; SQLite under the data dir by
 default, PostgreSQL when ``SIGNALBOX_DATABASE_URL`` says so) is the source of
-truth. The KV bucket ``sb_agents`` mirrors the highest registered version of
-each agent so the other services watch it instead of querying. Store calls
-are synchronous SQLAlchemy and run in a worker thread.
+truth. Each replica answers discovery, list and get from an in-memory copy
+(:mod:`services.registry.index`), kept current from its own writes and, across
+replicas, through the change feed ``sb.registry.changed``. The KV bucket
+``sb_agents`` mirrors the highest registered version of each agent so the
+other services watch it instead of querying.
 
 Endpoints (request-reply, queue group ``sb-registry``)::
 
-    sb.registry.register    AgentManifest    -> Registered
-    sb.registry.heartbeat   Heartbeat        -> AgentRecord
-    sb.registry.get         GetAgent         -> AgentRecord
-    sb.registry.list        ListAgents       -> AgentList
-    sb.registry.discover    DiscoverAgents   -> DiscoverResult
-    sb.registry.deregister  DeregisterAgent  -> AgentRecord
+    sb.registry.register.<agent>    AgentManifest    -> Registered
+    sb.registry.heartbeat.<agent>   Heartbeat        -> AgentRecord
+    sb.registry.deregister.<agent>  DeregisterAgent  -> AgentRecord
+    sb.registry.get                 GetAgent         -> AgentRecord
+    sb.registry.list                ListAgents       -> AgentList
+    sb.registry.discover            DiscoverAgents   -> DiscoverResult
+    sb.admin.registry.deregister    DeregisterAgent  -> AgentRecord   (operators)
+
+Agent-scoped subjects end in the agent's name, which the NATS server binds to
+the agent's credentials; a body naming another agent is refused with
+``identity_mismatch`` (audited and counted) before anything is written.
+
+Heartbeats are answered from the index at once and written to SQL in
+batches: a flusher writes the latest beat of every (name, version, instance)
+in one transaction every ``heartbeat_flush_interval`` seconds (and on stop),
+then sends the batch to the other replicas. A crash loses at most one
+interval of heartbeats, which agents repeat anyway.
+
+Store access: for SQLite, reads and writes run inline (a local query costs
+less than a thread switch), writes one at a time behind an asyncio lock that
+the heartbeat flusher holds while it writes its batch in a worker thread; for
+PostgreSQL, every call goes to a worker thread. Full scans always do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, TypeVar
 
-from nats.js.kv import KeyValue
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.kv import KV_DEL, KV_OP, KeyValue
 
-from broker.codec import encode
+from broker.audit import new_id
+from broker.codec import decode, encode
+from broker.connection import sync_connection
+from broker.errors import IdentityMismatch, NotFound, SignalboxError
 from broker.jetstream import KV_AGENTS
 from broker.service import Service
 from broker.settings import Settings
+from broker.subjects import AGENT_REGISTRY_OPS
 from schemas import (
     AgentInstance,
     AgentList,
@@ -43,9 +69,12 @@ from schemas import (
     Heartbeat,
     ListAgents,
     Registered,
+    Wire,
 )
+from services.registry.identity import Identity
+from services.registry.index import AgentIndex, RegistryChange
 from services.registry.micro import MicroInstance, MicroResponder, instances_from_records
-from services.registry.store import AgentStore
+from services.registry.store import AgentStore, StoredVersion, heartbeat_not_found
 
 __all__ = ["RegistryService"]
 
@@ -53,9 +82,23 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Names re-read from the store per query when a replica catches up on every name.
+_RESYNC_CHUNK: Final = 500
+#: Heartbeats per change event (keeps events far below the server's max_payload).
+_BEATS_PER_EVENT: Final = 256
+#: Attempts at writing the KV mirror of a name when other replicas keep changing it.
+_MIRROR_ATTEMPTS: Final = 20
+#: JetStream error codes of a failed "expected last subject sequence" check.
+_WRONG_LAST_SEQUENCE: Final = (10071, 10164)
+_EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
+
+
+class _MirrorConflict(Exception):
+    """Another replica wrote the KV mirror of a name since we read its revision."""
+
 
 class RegistryService(Service):
-    """Answers ``sb.registry.*`` from the SQL store and mirrors it into ``sb_agents``."""
+    """Answers ``sb.registry.*`` from an in-memory index of the SQL store; mirrors ``sb_agents``."""
 
     name = "registry"
 
@@ -65,18 +108,37 @@ class RegistryService(Service):
         self._store: AgentStore | None = None
         self.micro: MicroResponder | None = None
         self._inline_db = False
-        # Mirror writes of one name are serialized so the KV copy ends on the
-        # store's latest state even when registrations of a name race.
+        self._sqlite_writes = asyncio.Lock()
+        #: This replica's copy of the store (see services.registry.index).
+        self.index = AgentIndex()
+        #: Id of this replica in the change feed.
+        self.replica_id = new_id()[:22]
+        self._seq = 0
+        self._peers: dict[str, int] = {}
+        self._baseline_until = 0.0
+        self._changes: asyncio.Queue[RegistryChange] = asyncio.Queue()
+        self._changes_sub: Subscription | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        #: Heartbeats answered but not yet written to SQL, latest per instance.
+        self._pending: dict[tuple[str, str, str], AgentInstance] = {}
+        self._last_prune = 0.0
+        # Index re-reads and mirror writes of one name are serialized, so this
+        # replica never applies an older read of a name over a newer one.
         self._name_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
             asyncio.Lock
         )
+        #: KV revision of each name as of this replica's last mirror write.
+        self._kv_revisions: dict[str, int] = {}
         s = self.subjects
-        self.endpoint(s.registry("register"), AgentManifest)(self.register)
-        self.endpoint(s.registry("heartbeat"), Heartbeat)(self.heartbeat)
+        self.endpoint(s.registry_wildcard("register"), AgentManifest)(self.register)
+        self.endpoint(s.registry_wildcard("heartbeat"), Heartbeat)(self.heartbeat)
+        self.endpoint(s.registry_wildcard("deregister"), DeregisterAgent)(self._deregister_self)
+        self.endpoint(s.admin("registry", "deregister"), DeregisterAgent)(self.deregister)
         self.endpoint(s.registry("get"), GetAgent)(self.get)
         self.endpoint(s.registry("list"), ListAgents)(self.list)
         self.endpoint(s.registry("discover"), DiscoverAgents)(self.discover)
-        self.endpoint(s.registry("deregister"), DeregisterAgent)(self.deregister)
+        #: Enrollment, revocation and the auth callout (adds sb.admin.registry.* endpoints).
+        self.identity = Identity(self)
 
     @property
     def kv(self) -> KeyValue:
@@ -84,72 +146,154 @@ class RegistryService(Service):
         assert self._kv is not None, "registry not started"
         return self._kv
 
-    async def _db(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """Run a store call: inline for SQLite, in a worker thread for a network database.
-
-        A local SQLite query takes well under a millisecond; handing it to a
-        thread costs a good part of that again (thread switch, GIL), which
-        discovery latency pays on every request. A PostgreSQL round trip must
-        not block the event loop, so it goes to a thread.
-        """
-        if self._inline_db:
-            return fn(*args, **kwargs)
-        return await asyncio.to_thread(fn, *args, **kwargs)
-
     @property
     def store(self) -> AgentStore:
         """The SQL store."""
         assert self._store is not None, "registry not started"
         return self._store
 
+    @property
+    def pending_heartbeats(self) -> int:
+        """Heartbeats answered and not yet written to the store."""
+        return len(self._pending)
+
+    async def _db(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run a store read: inline for SQLite, in a worker thread for a network database.
+
+        A local SQLite query takes well under a millisecond; handing it to a
+        thread costs a good part of that again. A PostgreSQL round trip must
+        not block the event loop, so it goes to a thread.
+        """
+        if self._inline_db:
+            return fn(*args, **kwargs)
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def _write(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run a store write: inline for SQLite (one at a time), in a worker thread otherwise.
+
+        SQLite takes one writer at a time. This replica's writes queue on an
+        asyncio lock, which the heartbeat flusher holds while it writes in a
+        thread, so a write does not wait for SQLite's lock with the event
+        loop held (unless another process writes the same file: run several
+        replicas on PostgreSQL). A worker thread per write measured ~25%
+        slower registrations here: the threads and the loop contend for the GIL.
+        """
+        if not self._inline_db:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        async with self._sqlite_writes:
+            return fn(*args, **kwargs)
+
+    async def _write_in_thread(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run a long store write (the heartbeat flush) in a worker thread, on any database."""
+        if not self._inline_db:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        async with self._sqlite_writes:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
     async def on_start(self) -> None:
         url = self.settings.resolved_database_url
         self._inline_db = url.startswith("sqlite")
         self._store = AgentStore(url)
-        await self._db(self._store.create_schema)
+        await asyncio.to_thread(self._store.create_schema)
         self._kv = await self.js.key_value(KV_AGENTS)
+        # Subscribe to the other replicas' changes before reading the store:
+        # whatever changes after the read arrives as an event (queued until
+        # the index is loaded, then applied).
+        self._changes_sub = await self.nc.subscribe(
+            self.subjects.registry_changes, cb=self._on_change, pending_msgs_limit=1_000_000
+        )
+        await sync_connection(self.nc)
+        # A full scan: off the event loop, whatever the database.
+        versions = await asyncio.to_thread(self.store.snapshot, since=self._instances_since())
+        self.index.replace_many((), versions)
+        loop = asyncio.get_running_loop()
+        # Replicas already running are learnt from their first event; each sends
+        # one per flush interval, so after two intervals every live one is known.
+        self._baseline_until = loop.time() + 2 * self.settings.heartbeat_flush_interval
+        self._tasks = [
+            asyncio.ensure_future(self._apply_changes()),
+            asyncio.ensure_future(self._flush_periodically()),
+        ]
         # Registered agents answer the standard NATS micro discovery protocol.
         self.micro = MicroResponder(self.nc, self._micro_view)
         await self.micro.start()
+        # Agent credentials and the NATS auth callout (services.registry.identity).
+        await self.identity.start()
 
     async def on_stop(self) -> None:
+        await self.identity.stop()
         if self.micro is not None:
             await self.micro.stop()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
         if self._store is not None:
-            await self._db(self._store.close)
+            # Endpoints have stopped: no heartbeat arrives after this flush.
+            try:
+                await self.flush_heartbeats()
+            except Exception:
+                log.exception("registry: the last heartbeat flush failed")
+        if self._changes_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._changes_sub.unsubscribe()
+            self._changes_sub = None
+        if self._store is not None:
+            await asyncio.to_thread(self._store.close)
 
-    async def _mirror(self, name: str) -> None:
-        """Make ``sb_agents[name]`` the store's highest version of ``name`` (or absent)."""
-        async with self._name_locks[name]:
-            latest = await self._db(self.store.latest, name)
-            if latest is None:
-                await self.kv.delete(name)
-            else:
-                await self.kv.put(name, encode(latest))
+    def _instances_since(self) -> float:
+        """Oldest heartbeat of an instance still worth loading (older ones count nowhere)."""
+        return time.time() - self.settings.down_after
 
-    async def _micro_view(self) -> list[MicroInstance]:
-        """Every registered version and its live instances, as micro services."""
+    # -- identity-bound subjects ---------------------------------------------------------
 
-        def load() -> tuple[list[AgentRecord], list[AgentInstance]]:
-            now = time.time()
-            records: list[AgentRecord] = []
-            cursor = ""
-            while True:
-                page = self.store.discover(
-                    DiscoverAgents(all_versions=True, limit=1000, cursor=cursor),
-                    now=now,
-                    stale_after=self.settings.stale_after,
-                    down_after=self.settings.down_after,
+    def _bound_agent(self, subject: str) -> tuple[str, str] | None:
+        """``(op, agent)`` of an agent-scoped registry subject; None for any other subject."""
+        prefix = f"{self.subjects.prefix}.registry."
+        if not subject.startswith(prefix):
+            return None
+        op, _, agent = subject[len(prefix) :].partition(".")
+        return (op, agent) if op in AGENT_REGISTRY_OPS else None
+
+    async def handle(
+        self,
+        data: bytes,
+        subject: str,
+        request_type: type[Any],
+        fn: Callable[[Any], Awaitable[Wire]],
+    ) -> tuple[bytes, dict[str, str]]:
+        """The endpoint contract, plus: an agent-scoped request must name its subject's agent.
+
+        Raises nothing: an ``identity_mismatch`` becomes a structured error
+        reply, audited and counted like every rejection, and nothing is written.
+        """
+        bound = self._bound_agent(subject)
+        if bound is None:
+            return await super().handle(data, subject, request_type, fn)
+        op, agent = bound
+
+        async def checked(request: Any) -> Wire:
+            if request.name != agent:
+                raise IdentityMismatch(
+                    f"{subject} acts for agent {agent!r} only, but the request names "
+                    f"{request.name!r}: an agent may {op} only itself (publish on "
+                    f"{self.subjects.prefix}.registry.{op}.<its own name>)",
+                    details={
+                        "path": "$.name",
+                        "field": "name",
+                        "name": request.name,
+                        "subject_agent": agent,
+                        "op": op,
+                    },
                 )
-                records.extend(page.agents)
-                cursor = page.next_cursor
-                if not cursor:
-                    break
-            return records, self.store.instances(since=now - self.settings.stale_after)
+            return await fn(request)
 
-        # A full scan: always off the event loop, whatever the database.
-        records, instances = await asyncio.to_thread(load)
-        return instances_from_records(records, instances, self.subjects)
+        return await super().handle(data, subject, request_type, checked)
+
+    # -- writes --------------------------------------------------------------------------
 
     async def register(self, manifest: AgentManifest) -> Registered:
         """Register (or re-register) one agent version.
@@ -157,12 +301,15 @@ class RegistryService(Service):
         Raises:
             Conflict: the name belongs to another owner.
         """
-        record, created = await self._db(self.store.register, manifest, now=time.time())
-        await self._mirror(manifest.name)
+        async with self._name_locks[manifest.name]:
+            record, created, versions = await self._write(
+                self.store.register_and_read, manifest, now=time.time()
+            )
+            await self._committed(manifest.name, versions)
         await self.audit.emit(
             "registry",
             actor=manifest.name,
-            subject=self.subjects.registry("register"),
+            subject=self.subjects.registry_for("register", manifest.name),
             data={
                 "op": "register",
                 "name": manifest.name,
@@ -180,16 +327,272 @@ class RegistryService(Service):
             created=created,
         )
 
+    async def _deregister_self(self, request: DeregisterAgent) -> AgentRecord:
+        """``sb.registry.deregister.<agent>``: an agent removing itself (name checked)."""
+        return await self.deregister(
+            request, subject=self.subjects.registry_for("deregister", request.name)
+        )
+
+    async def deregister(self, request: DeregisterAgent, *, subject: str = "") -> AgentRecord:
+        """Remove one version (or all versions) of an agent; returns the last removed record.
+
+        The one place every deregistration goes through, whoever asks (the
+        agent itself on ``sb.registry.deregister.<agent>``, an operator on
+        ``sb.admin.registry.deregister``).
+
+        Args:
+            request: Name, and version (None: every version).
+            subject: Where the request came in (for the audit record); empty
+                means an operator.
+
+        Raises:
+            NotFound: no such agent (or not that version).
+        """
+        async with self._name_locks[request.name]:
+            removed, versions = await self._write(
+                self.store.deregister_and_read, request.name, request.version
+            )
+            await self._committed(request.name, versions)
+        await self.audit.emit(
+            "registry",
+            actor=request.name,
+            subject=subject or self.subjects.admin("registry", "deregister"),
+            data={
+                "op": "deregister",
+                "name": request.name,
+                "versions": [r.manifest.version for r in removed],
+                "by": "agent" if subject else "operator",
+            },
+        )
+        if not versions:
+            # Its last version is gone: so are its credentials. An operator's
+            # deregistration also closes its live connections; an agent
+            # deregistering itself keeps its connection (the reply must reach
+            # it) until its session ends, and cannot reconnect.
+            await self.identity.revoke_all(
+                request.name, reason="deregistered", disconnect=not subject
+            )
+        return removed[-1]
+
     async def heartbeat(self, beat: Heartbeat) -> AgentRecord:
-        """Record that an instance is alive.
+        """Record that an instance is alive (in memory now, in SQL at the next flush).
 
         Raises:
             NotFound: that version is not registered (deregistered or revoked).
         """
-        # One SQL round trip: the store's heartbeat returns the fresh record.
-        return await self._db(
-            self.store.heartbeat, beat, now=time.time(), stale_after=self.settings.stale_after
+        inst = AgentInstance(
+            name=beat.name,
+            version=beat.version,
+            instance=beat.instance,
+            last_heartbeat=time.time(),
+            stats=beat.stats,
         )
+        stale_after = self.settings.stale_after
+        record = self.index.beat(inst, stale_after=stale_after)
+        if record is None:
+            # Registered through another replica whose event has not arrived yet?
+            await self._refresh([beat.name])
+            record = self.index.beat(inst, stale_after=stale_after)
+            if record is None:
+                raise heartbeat_not_found(beat.name, beat.version)
+        self._pending[(beat.name, beat.version, beat.instance)] = inst
+        return record
+
+    async def flush_heartbeats(self) -> int:
+        """Write the pending heartbeats to SQL in one transaction, then tell the other replicas.
+
+        Also sends an (empty) event when nothing is pending, so the other
+        replicas notice lost events within one flush interval.
+
+        Returns:
+            How many heartbeats were written.
+        """
+        batch, self._pending = self._pending, {}
+        beats = list(batch.values())
+        if beats:
+            try:
+                await self._write_in_thread(self.store.record_heartbeats, beats)
+            except Exception:
+                # Keep them for the next flush, unless a newer beat arrived meanwhile.
+                for key, inst in batch.items():
+                    self._pending.setdefault(key, inst)
+                raise
+            # As the store now has them (a version registered again since a
+            # beat was answered gets that beat's instance in SQL too).
+            self.index.merge_beats(beats)
+        for start in range(0, max(len(beats), 1), _BEATS_PER_EVENT):
+            await self._announce(beats=beats[start : start + _BEATS_PER_EVENT])
+        return len(beats)
+
+    async def _flush_periodically(self) -> None:
+        interval = self.settings.heartbeat_flush_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.flush_heartbeats()
+            except Exception:
+                log.exception("registry: heartbeat flush failed; retrying in %gs", interval)
+            now = time.time()
+            if now - self._last_prune >= self.settings.down_after:
+                self._last_prune = now
+                self.index.prune(before=now - self.settings.down_after)
+
+    # -- keeping the index and the mirror current ----------------------------------------
+    # Re-reads of a name and applying them to the index happen under the name's
+    # lock (writes hold it too), so this replica applies reads in order.
+
+    async def _committed(self, name: str, versions: list[StoredVersion]) -> None:
+        """After a commit to ``name`` (its lock held): tell the others, update the index, mirror.
+
+        Args:
+            name: The agent name written.
+            versions: Its versions as the write left them (read in the write transaction).
+        """
+        await self._announce(names=(name,))
+        self.index.replace(name, versions)
+        # The KV revision must be known before the store state being mirrored
+        # was read (see _mirror): first, that of our own last write of the
+        # name, or 0 ("never written") for a name new to this replica; after
+        # a conflict, the bucket's, then the store is read again.
+        revision = self._kv_revisions.get(name, 0)
+        for _ in range(_MIRROR_ATTEMPTS):
+            try:
+                await self._mirror(name, versions, revision)
+                return
+            except _MirrorConflict:
+                self._kv_revisions.pop(name, None)
+            revision = await self._kv_revision(name)
+            versions = await self._db(self.store.snapshot, [name])
+            self.index.replace(name, versions)
+        log.error(
+            "registry: gave up mirroring %s into KV after %d conflicting writes; the KV "
+            "copy may be stale until its next change",
+            name,
+            _MIRROR_ATTEMPTS,
+        )
+
+    async def _refresh(self, names: Sequence[str]) -> None:
+        """Re-read ``names`` from the store into the index (no mirror write)."""
+        async with contextlib.AsyncExitStack() as stack:
+            # Sorted: two refreshes of overlapping names cannot deadlock.
+            for name in sorted(set(names)):
+                await stack.enter_async_context(self._name_locks[name])
+            versions = await self._db(self.store.snapshot, names, since=self._instances_since())
+            self.index.replace_many(names, versions)
+
+    async def _resync(self) -> None:
+        """Re-read every name (the store's and the index's): after lost change events."""
+        names = sorted(set(await self._db(self.store.names)) | set(self.index.names()))
+        for start in range(0, len(names), _RESYNC_CHUNK):
+            await self._refresh(names[start : start + _RESYNC_CHUNK])
+
+    async def _kv_revision(self, name: str) -> int:
+        """Current revision of ``sb_agents[name]``, read from the bucket (0 if never written)."""
+        try:
+            entry = await self.kv.get(name)
+        except nats.js.errors.KeyNotFoundError as exc:  # absent, or a delete marker
+            return int(exc.entry.revision or 0) if exc.entry is not None else 0
+        return int(entry.revision or 0)
+
+    async def _mirror(self, name: str, versions: Sequence[StoredVersion], revision: int) -> None:
+        """Write ``name``'s highest version (or its absence) to KV if still at ``revision``.
+
+        Every replica that commits a change to a name mirrors it afterwards:
+        it takes a KV revision it learnt before reading the store (read from
+        the bucket, the ack of its own last write, or 0 for "never written"),
+        reads the store, and writes with "expected last subject sequence" =
+        that revision. If the write succeeds, no other replica wrote since
+        that revision, in particular none that read the store after us; any
+        later commit is mirrored by its own replica after it, and that write
+        either follows ours or fails and retries on a fresh read. So the last
+        write always carries the store's latest state, however registrations
+        race.
+
+        Raises:
+            _MirrorConflict: the revision moved; read again and retry.
+        """
+        headers = {_EXPECTED_LAST_SUBJECT_SEQUENCE: str(revision)}
+        if versions:
+            top = versions[0]  # highest version first
+            value = AgentRecord(
+                manifest=top.manifest,
+                registered_at=top.registered_at,
+                last_heartbeat=top.last_heartbeat,
+                instances=len(top.instances),
+            )
+            data = encode(value)
+        else:
+            headers[KV_OP] = KV_DEL
+            data = b""
+        try:
+            ack = await self.js.publish(f"$KV.{KV_AGENTS}.{name}", data, headers=headers)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
+                raise _MirrorConflict(name) from exc
+            raise
+        self._kv_revisions[name] = ack.seq
+
+    async def _announce(
+        self, *, names: Sequence[str] = (), beats: Sequence[AgentInstance] = ()
+    ) -> None:
+        """Publish one change event to the other replicas (numbered, so losses show)."""
+        self._seq += 1
+        event = RegistryChange(
+            origin=self.replica_id, seq=self._seq, names=tuple(names), beats=tuple(beats)
+        )
+        try:
+            await self.nc.publish(self.subjects.registry_changes, encode(event))
+        except Exception as exc:  # the others notice the gap and re-read everything
+            log.warning("registry: change event %d not sent: %r", self._seq, exc)
+
+    async def _on_change(self, msg: Msg) -> None:
+        try:
+            event = decode(msg.data, RegistryChange)
+        except SignalboxError as err:
+            await self.reject(err, subject=msg.subject)
+            return
+        if event.origin != self.replica_id:
+            self._changes.put_nowait(event)
+
+    async def _apply_changes(self) -> None:
+        """Apply the other replicas' events in arrival order (after the initial load)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            event = await self._changes.get()
+            try:
+                last = self._peers.get(event.origin)
+                self._peers[event.origin] = event.seq
+                if last is None:
+                    # A replica heard of for the first time: it started after us
+                    # (its numbers start at 1), or it was running before we
+                    # loaded the store (anything older is in what we loaded).
+                    lost = event.seq != 1 and loop.time() > self._baseline_until
+                else:
+                    lost = event.seq != last + 1
+                if lost:
+                    log.warning(
+                        "registry: change events from replica %s were lost (got %d after %s); "
+                        "re-reading every agent",
+                        event.origin,
+                        event.seq,
+                        last,
+                    )
+                    await self._resync()
+                elif event.names:
+                    await self._refresh(event.names)
+                if event.beats:
+                    self.index.merge_beats(event.beats)
+            except Exception:
+                log.exception("registry: applying a change event failed; re-reading everything")
+                with contextlib.suppress(Exception):
+                    await self._resync()
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def _micro_view(self) -> list[MicroInstance]:
+        """Every registered version and its live instances, as micro services."""
+        records, instances = self.index.view(since=time.time() - self.settings.stale_after)
+        return instances_from_records(records, instances, self.subjects)
 
     async def get(self, request: GetAgent) -> AgentRecord:
         """Look up one agent version (the highest when ``version`` is not given).
@@ -197,13 +600,24 @@ class RegistryService(Service):
         Raises:
             NotFound: no such agent (or not that version).
         """
-        return await self._db(
-            self.store.get,
+        settings = self.settings
+        try:
+            return self.index.get(
+                request.name,
+                request.version,
+                now=time.time(),
+                stale_after=settings.stale_after,
+                down_after=settings.down_after,
+            )
+        except NotFound:
+            # Just registered through another replica, whose event is on its way?
+            await self._refresh([request.name])
+        return self.index.get(
             request.name,
             request.version,
             now=time.time(),
-            stale_after=self.settings.stale_after,
-            down_after=self.settings.down_after,
+            stale_after=settings.stale_after,
+            down_after=settings.down_after,
         )
 
     async def list(self, request: ListAgents) -> AgentList:
@@ -222,35 +636,14 @@ class RegistryService(Service):
                 return AgentList(agents=tuple(agents))
 
     async def discover(self, query: DiscoverAgents) -> DiscoverResult:
-        """Capability discovery (filters, semver range, health, pagination).
+        """Capability discovery (filters, semver range, health, pagination), from the index.
 
         Raises:
             InvalidInput: an invalid semver range or cursor.
         """
-        return await self._db(
-            self.store.discover,
+        return self.index.discover(
             query,
             now=time.time(),
             stale_after=self.settings.stale_after,
             down_after=self.settings.down_after,
         )
-
-    async def deregister(self, request: DeregisterAgent) -> AgentRecord:
-        """Remove one version (or all versions) of an agent; returns the last removed record.
-
-        Raises:
-            NotFound: no such agent (or not that version).
-        """
-        removed = await self._db(self.store.deregister, request.name, request.version)
-        await self._mirror(request.name)
-        await self.audit.emit(
-            "registry",
-            actor=request.name,
-            subject=self.subjects.registry("deregister"),
-            data={
-                "op": "deregister",
-                "name": request.name,
-                "versions": [r.manifest.version for r in removed],
-            },
-        )
-        return removed[-1]

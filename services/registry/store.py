@@ -52,6 +52,7 @@ import msgspec
 import semantic_version  # type: ignore[import-untyped]  # ships no type hints
 from sqlalchemy import (
     BigInteger,
+    BindParameter,
     ColumnElement,
     Float,
     Index,
@@ -97,7 +98,16 @@ __all__ = [
     "AgentVersionRow",
     "CapabilityRow",
     "CapabilityTagRow",
+    "Cutoffs",
     "InstanceRow",
+    "StoredVersion",
+    "check_range",
+    "decode_cursor",
+    "encode_cursor",
+    "heartbeat_not_found",
+    "in_range",
+    "not_found",
+    "version_rank",
 ]
 
 T = TypeVar("T")
@@ -263,9 +273,26 @@ def _parse_range(spec: str) -> semantic_version.NpmSpec:
 
 
 @functools.lru_cache(maxsize=65536)
-def _in_range(spec: str, version: str) -> bool:
+def in_range(spec: str, version: str) -> bool:
+    """True if ``version`` satisfies the npm range ``spec`` (validate it with check_range)."""
     # Matching costs microseconds and a fleet repeats the same few versions.
     return bool(_parse_range(spec).match(_parse_version(version)))
+
+
+def check_range(spec: str) -> None:
+    """Refuse an invalid npm-style version range.
+
+    Raises:
+        InvalidInput: ``spec`` does not parse (``details['field'] == 'versions'``).
+    """
+    try:
+        _parse_range(spec)
+    except ValueError as exc:
+        raise InvalidInput(
+            f"invalid version range {spec!r}: {exc}; use npm syntax such as "
+            "'^1.2', '>=1.0.0 <2.0.0' or '1.x'",
+            details={"field": "versions"},
+        ) from exc
 
 
 def _put_number(out: bytearray, number: int) -> None:
@@ -279,7 +306,7 @@ _INVERT: Final = bytes(range(255, -1, -1))
 
 
 @functools.lru_cache(maxsize=4096)
-def _rank(version: str) -> str:
+def version_rank(version: str) -> str:
     """The sort key of ``version``: ascending = highest semver precedence first.
 
     The byte string built here orders like semver precedence, then like the
@@ -319,7 +346,12 @@ def _manifest(text_: str) -> AgentManifest:
     return decode(text_.encode(), AgentManifest)
 
 
-class _Cutoffs:
+@functools.lru_cache(maxsize=_MANIFEST_CACHE_SIZE)
+def _stats(text_: str) -> InstanceStats:
+    return decode(text_.encode(), InstanceStats)
+
+
+class Cutoffs:
     """Heartbeat times separating healthy, stale and down at one instant."""
 
     __slots__ = ("down", "stale")
@@ -329,6 +361,7 @@ class _Cutoffs:
         self.down = now - down_after
 
     def health(self, last_heartbeat: float) -> Health:
+        """Health of a version whose last heartbeat was at ``last_heartbeat``."""
         # The same comparisons as _health_condition, so filters and labels agree.
         if last_heartbeat >= self.stale:
             return "healthy"
@@ -361,7 +394,7 @@ _RECORD_COLUMNS: Final = (
 )
 
 
-def _to_record(row: Any, cutoffs: _Cutoffs | None) -> AgentRecord:
+def _to_record(row: Any, cutoffs: Cutoffs | None) -> AgentRecord:
     # Unpacked rather than read by attribute: a Row attribute costs ~10x more.
     _id, _name, _version, manifest, registered_at, last_heartbeat, live = row
     return AgentRecord(
@@ -408,6 +441,33 @@ _VERSION_LIST: Final = (
     select(_V.c.version).where(_V.c.name == bindparam("p_name")).order_by(_V.c.rank)
 )
 _ANY_VERSION: Final = select(_V.c.id).where(_V.c.name == bindparam("p_name")).limit(1)
+#: A batched heartbeat: never moves a version's heartbeat time backwards.
+_BEAT_LATER: Final = (
+    update(_V)
+    .where(
+        _V.c.name == bindparam("p_name"),
+        _V.c.version == bindparam("p_version"),
+        _V.c.last_heartbeat < bindparam("p_now"),
+    )
+    .values(last_heartbeat=bindparam("p_now"))
+)
+_SNAPSHOT_VERSIONS: Final = select(
+    _V.c.id, _V.c.name, _V.c.manifest, _V.c.registered_at, _V.c.last_heartbeat
+).order_by(_V.c.name, _V.c.rank)
+_SNAPSHOT_INSTANCES: Final = select(
+    _I.c.agent_id, _I.c.name, _I.c.version, _I.c.instance, _I.c.last_heartbeat, _I.c.stats
+).where(_I.c.last_heartbeat >= bindparam("p_since"))
+_NAMES_IN: Final[BindParameter[Any]] = bindparam("p_names", expanding=True)
+#: (versions, instances) statements of a snapshot: of every name, of some, of one.
+_SNAPSHOT_ALL: Final = (_SNAPSHOT_VERSIONS, _SNAPSHOT_INSTANCES)
+_SNAPSHOT_SOME: Final = (
+    _SNAPSHOT_VERSIONS.where(_V.c.name.in_(_NAMES_IN)),
+    _SNAPSHOT_INSTANCES.where(_I.c.name.in_(_NAMES_IN)),
+)
+_SNAPSHOT_ONE: Final = (
+    _SNAPSHOT_VERSIONS.where(_V.c.name == bindparam("p_name")),
+    _SNAPSHOT_INSTANCES.where(_I.c.name == bindparam("p_name")),
+)
 _BY_IDS: Final = select(*_RECORD_COLUMNS).where(_V.c.id.in_(bindparam("p_ids", expanding=True)))
 _INSERT_VERSION: Final = insert(_V).returning(_V.c.id)
 
@@ -514,17 +574,22 @@ def _statements(shape: _Shape) -> _Statements:
 # -- cursors -----------------------------------------------------------------------------
 
 
-def _encode_cursor(name: str, version: str) -> str:
+def encode_cursor(name: str, version: str) -> str:
+    """The opaque pagination cursor of a page that ended on ``name`` ``version``."""
     return base64.urlsafe_b64encode(encode([name, version])).decode("ascii")
 
 
-def _decode_cursor(cursor: str) -> tuple[str, str]:
-    """The (agent name, rank) the previous page ended on."""
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    """The (agent name, rank) the previous page ended on.
+
+    Raises:
+        InvalidInput: not a cursor this registry made (``details['field'] == 'cursor'``).
+    """
     try:
         name, version = msgspec.json.decode(
             base64.urlsafe_b64decode(cursor.encode("ascii")), type=tuple[str, str]
         )
-        return name, _rank(version)
+        return name, version_rank(version)
     except (binascii.Error, UnicodeError, msgspec.DecodeError, ValueError) as exc:
         raise InvalidInput(
             "invalid cursor: pass the next_cursor of the previous page unchanged, "
@@ -608,6 +673,24 @@ def _make_engine(url: str) -> Engine:
 # -- the store ---------------------------------------------------------------------------
 
 
+class StoredVersion(NamedTuple):
+    """One registered version as the store holds it: what the in-memory index is built from.
+
+    Attributes:
+        id: Row id; a version deregistered and registered again gets a new one.
+        manifest: The registered manifest.
+        registered_at: Unix time of the (latest) registration.
+        last_heartbeat: Unix time of the last heartbeat written to the store.
+        instances: Its instances seen since the snapshot's ``since``.
+    """
+
+    id: int
+    manifest: AgentManifest
+    registered_at: float
+    last_heartbeat: float
+    instances: tuple[AgentInstance, ...]
+
+
 class AgentStore:
     """Agent versions, capabilities and instances in SQL (SQLite or PostgreSQL).
 
@@ -635,11 +718,40 @@ class AgentStore:
         self._engine = _make_engine(url)
         self._writer = self._engine.execution_options(sb_write=True)
         self._postgres = self._engine.dialect.name == "postgresql"
-        upsert = (postgresql.insert if self._postgres else sqlite.insert)(_I)
+        dialect_insert = postgresql.insert if self._postgres else sqlite.insert
+        upsert = dialect_insert(_I)
         self._upsert_instance = upsert.on_conflict_do_update(
             index_elements=[_I.c.agent_id, _I.c.instance],
             set_={"last_heartbeat": upsert.excluded.last_heartbeat, "stats": upsert.excluded.stats},
         )
+        # A batched heartbeat of an instance: the version is looked up by name
+        # and version in the same statement (nothing is written if it is gone),
+        # and an older beat never overwrites a newer one.
+        beat = dialect_insert(_I).from_select(
+            ["agent_id", "instance", "name", "version", "last_heartbeat", "stats"],
+            select(
+                _V.c.id,
+                bindparam("p_instance", type_=String),
+                _V.c.name,
+                _V.c.version,
+                bindparam("p_now", type_=Float),
+                bindparam("p_stats", type_=Text),
+            ).where(_V.c.name == bindparam("p_name"), _V.c.version == bindparam("p_version")),
+        )
+        upsert_beat = beat.on_conflict_do_update(
+            index_elements=[_I.c.agent_id, _I.c.instance],
+            set_={"last_heartbeat": beat.excluded.last_heartbeat, "stats": beat.excluded.stats},
+            where=beat.excluded.last_heartbeat >= _I.c.last_heartbeat,
+        )
+        self._beat_later_sql = self._driver_sql(_BEAT_LATER)
+        self._upsert_beat_sql = self._driver_sql(upsert_beat)
+
+    def _driver_sql(self, statement: Any) -> tuple[str, tuple[str, ...] | None]:
+        """``statement`` compiled once for this database: SQL text and, for drivers
+        taking positional parameters, the order of the parameter names."""
+        compiled = statement.compile(dialect=self._engine.dialect)
+        order = compiled.positiontup if self._engine.dialect.positional else None
+        return compiled.string, None if order is None else tuple(order)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -685,14 +797,28 @@ class AgentStore:
             Conflict: the name is owned by another owner.
         """
         now = float(now)
-        data = encode(manifest)
-        manifest = decode(data, AgentManifest)  # enforce the wire constraints here too
-        version = _checked_version(manifest.version)
-        _check_capabilities(manifest)
-        stored_json = data.decode()
+        manifest, stored_json, version = _prepared(manifest)
 
         def attempt(conn: Connection) -> tuple[AgentRecord, bool]:
             return self._register(conn, manifest, stored_json, version, now)
+
+        return self._write(attempt, manifest.name)
+
+    def register_and_read(
+        self, manifest: AgentManifest, *, now: float
+    ) -> tuple[AgentRecord, bool, list[StoredVersion]]:
+        """:meth:`register`, also returning every version of the name as the write left them.
+
+        Read inside the write transaction, so it is exactly the state the
+        write committed (what the registry's in-memory index needs, without
+        another round trip).
+        """
+        now = float(now)
+        manifest, stored_json, version = _prepared(manifest)
+
+        def attempt(conn: Connection) -> tuple[AgentRecord, bool, list[StoredVersion]]:
+            record, created = self._register(conn, manifest, stored_json, version, now)
+            return record, created, _read_versions(conn, [manifest.name], _NO_CUTOFF)
 
         return self._write(attempt, manifest.name)
 
@@ -730,7 +856,7 @@ class AgentStore:
                 instances=self._live(conn, existing.id, _NO_CUTOFF),
             )
             return record, False
-        rank = _rank(manifest.version)
+        rank = version_rank(manifest.version)
         values = {
             "owner": manifest.owner,
             "team": manifest.team,
@@ -809,11 +935,7 @@ class AgentStore:
                 _BEAT, {"p_name": hb.name, "p_version": hb.version, "p_now": now}
             ).first()
             if row is None:
-                raise NotFound(
-                    f"agent {hb.name!r} version {hb.version} is not registered; register it "
-                    "again (the SDK does so when a heartbeat is refused)",
-                    details={"name": hb.name, "version": hb.version},
-                )
+                raise heartbeat_not_found(hb.name, hb.version)
             conn.execute(
                 self._upsert_instance,
                 {
@@ -851,21 +973,68 @@ class AgentStore:
             NotFound: nothing matched.
         """
 
-        def attempt(conn: Connection) -> list[AgentRecord]:
-            conn.execute(_LOCK_NAME, {"p_name": name})
-            params = {"p_name": name, "p_version": version, "p_stale": _NO_CUTOFF}
-            rows = conn.execute(_ALL_VERSIONS if version is None else _ONE_VERSION, params).all()
-            if not rows:
-                raise self._not_found(conn, name, version)
-            # Capabilities, tags and instances go with them (ON DELETE CASCADE).
-            conn.execute(delete(_V).where(_V.c.id.in_([r.id for r in rows])))
-            if conn.execute(_ANY_VERSION, {"p_name": name}).first() is None:
-                conn.execute(delete(_N).where(_N.c.name == name))
-            return [
-                msgspec.structs.replace(_to_record(r, None), status="deregistered") for r in rows
-            ]
+        return self._write(lambda conn: self._deregister(conn, name, version), name)
+
+    def deregister_and_read(
+        self, name: str, version: str | None = None
+    ) -> tuple[list[AgentRecord], list[StoredVersion]]:
+        """:meth:`deregister`, also returning the versions of ``name`` left (read in the write)."""
+
+        def attempt(conn: Connection) -> tuple[list[AgentRecord], list[StoredVersion]]:
+            removed = self._deregister(conn, name, version)
+            return removed, _read_versions(conn, [name], _NO_CUTOFF)
 
         return self._write(attempt, name)
+
+    def _deregister(self, conn: Connection, name: str, version: str | None) -> list[AgentRecord]:
+        conn.execute(_LOCK_NAME, {"p_name": name})
+        params = {"p_name": name, "p_version": version, "p_stale": _NO_CUTOFF}
+        rows = conn.execute(_ALL_VERSIONS if version is None else _ONE_VERSION, params).all()
+        if not rows:
+            raise self._not_found(conn, name, version)
+        # Capabilities, tags and instances go with them (ON DELETE CASCADE).
+        conn.execute(delete(_V).where(_V.c.id.in_([r.id for r in rows])))
+        if conn.execute(_ANY_VERSION, {"p_name": name}).first() is None:
+            conn.execute(delete(_N).where(_N.c.name == name))
+        return [msgspec.structs.replace(_to_record(r, None), status="deregistered") for r in rows]
+
+    def record_heartbeats(self, beats: Sequence[AgentInstance]) -> None:
+        """Write a batch of heartbeats in one transaction (the registry's heartbeat flush).
+
+        Each beat sets its instance's heartbeat time and stats and its
+        version's ``last_heartbeat``, unless the store already holds a later
+        time (beats may arrive out of order from several replicas). Beats of
+        versions that are no longer registered are skipped.
+
+        Args:
+            beats: At most one per (name, version, instance) is useful; the
+                latest of several wins either way.
+        """
+        if not beats:
+            return
+        latest: dict[tuple[str, str], float] = {}
+        for b in beats:
+            key = (b.name, b.version)
+            latest[key] = max(float(b.last_heartbeat), latest.get(key, _NO_CUTOFF))
+        versions = [{"p_name": n, "p_version": v, "p_now": t} for (n, v), t in latest.items()]
+        instances = [
+            {
+                "p_name": b.name,
+                "p_version": b.version,
+                "p_instance": b.instance,
+                "p_now": float(b.last_heartbeat),
+                "p_stats": encode(b.stats).decode(),
+            }
+            for b in beats
+        ]
+        with self._writer.begin() as conn:
+            # Straight to the driver's executemany: SQLAlchemy's per-row
+            # parameter processing would hold the GIL for about half the
+            # flush, stalling the event loop of the registry meanwhile.
+            for (sql, order), rows in ((self._beat_later_sql, versions),
+                                       (self._upsert_beat_sql, instances)):  # fmt: skip
+                params = rows if order is None else [tuple(r[k] for k in order) for r in rows]
+                conn.exec_driver_sql(sql, params)
 
     def prune_instances(self, *, before: float) -> int:
         """Forget instances whose last heartbeat is older than ``before``; returns how many."""
@@ -896,7 +1065,7 @@ class AgentStore:
         Raises:
             NotFound: no such agent or version (the message lists the registered versions).
         """
-        cutoffs = _Cutoffs(now, stale_after, down_after)
+        cutoffs = Cutoffs(now, stale_after, down_after)
         params = {"p_name": name, "p_version": version, "p_stale": cutoffs.stale}
         with self._engine.connect() as conn:
             row = conn.execute(_LATEST if version is None else _ONE_VERSION, params).first()
@@ -936,6 +1105,32 @@ class AgentStore:
             for r in rows
         ]
 
+    def snapshot(
+        self, names: Sequence[str] | None = None, *, since: float = _NO_CUTOFF
+    ) -> list[StoredVersion]:
+        """Every version of ``names`` (all names when None), read in one transaction.
+
+        Args:
+            names: Agent names to read; names with no version are simply absent.
+            since: Only instances that sent a heartbeat at or after this time.
+
+        Returns:
+            The versions ordered by name (bytewise), then highest version first.
+        """
+        if names is not None and not names:
+            return []
+        conn_ = self._engine.connect()
+        if self._postgres:
+            # One snapshot for both statements (READ COMMITTED takes one per statement).
+            conn_ = conn_.execution_options(isolation_level="REPEATABLE READ")
+        with conn_ as conn:
+            return _read_versions(conn, names, since)
+
+    def names(self) -> list[str]:
+        """Every registered agent name, bytewise ascending."""
+        with self._engine.connect() as conn:
+            return [n for (n,) in conn.execute(select(_N.c.name).order_by(_N.c.name))]
+
     def count(self) -> int:
         """Number of registered agent versions (all names, all versions)."""
         with self._engine.connect() as conn:
@@ -973,16 +1168,9 @@ class AgentStore:
             InvalidInput: invalid ``versions`` range or ``cursor`` (``details['field']``).
         """
         if q.versions:
-            try:
-                _parse_range(q.versions)
-            except ValueError as exc:
-                raise InvalidInput(
-                    f"invalid version range {q.versions!r}: {exc}; use npm syntax such as "
-                    "'^1.2', '>=1.0.0 <2.0.0' or '1.x'",
-                    details={"field": "versions"},
-                ) from exc
-        after = _decode_cursor(q.cursor) if q.cursor else None
-        cutoffs = _Cutoffs(now, stale_after, down_after)
+            check_range(q.versions)
+        after = decode_cursor(q.cursor) if q.cursor else None
+        cutoffs = Cutoffs(now, stale_after, down_after)
         driver = (
             "capability" if q.capability is not None else "tag" if q.tag is not None else "version"
         )
@@ -1020,7 +1208,7 @@ class AgentStore:
             else:
                 total, rows, more = self._page_in_range(conn, q, statements, params, after)
         records = tuple(_to_record(r, cutoffs) for r in rows)
-        next_cursor = _encode_cursor(rows[-1][1], rows[-1][2]) if more and rows else ""
+        next_cursor = encode_cursor(rows[-1][1], rows[-1][2]) if more and rows else ""
         return DiscoverResult(agents=records, total=total, next_cursor=next_cursor)
 
     # -- helpers -------------------------------------------------------------------------
@@ -1040,7 +1228,7 @@ class AgentStore:
         for agent_id, agent, rank, version in conn.execute(statements.keys, params):
             if not q.all_versions and agent == taken:
                 continue  # a higher version of this name already matched
-            if _in_range(spec, version):
+            if in_range(spec, version):
                 matches.append((agent_id, agent, rank))
                 taken = agent
         start = 0
@@ -1087,15 +1275,82 @@ class AgentStore:
     @staticmethod
     def _not_found(conn: Connection, name: str, version: str | None) -> NotFound:
         versions = [v for (v,) in conn.execute(_VERSION_LIST, {"p_name": name})]
-        if not versions:
-            return NotFound(
-                f"no agent {name!r} is registered; `signalbox agents list` shows registered agents",
-                details={"name": name, "version": version},
+        return not_found(name, version, versions)
+
+
+def _read_versions(
+    conn: Connection, names: Sequence[str] | None, since: float
+) -> list[StoredVersion]:
+    """The versions of ``names`` (all when None) with instances seen since ``since``."""
+    params: dict[str, Any] = {"p_since": since}
+    if names is None:
+        versions, instances = _SNAPSHOT_ALL
+    elif len(names) == 1:
+        versions, instances = _SNAPSHOT_ONE
+        params["p_name"] = names[0]
+    else:
+        versions, instances = _SNAPSHOT_SOME
+        params["p_names"] = list(names)
+    version_rows = conn.execute(versions, params).all()
+    instance_rows = conn.execute(instances, params).all() if version_rows else []
+    by_version: dict[int, list[AgentInstance]] = {}
+    for agent_id, name, version, instance, last_heartbeat, stats in instance_rows:
+        by_version.setdefault(agent_id, []).append(
+            AgentInstance(
+                name=name,
+                version=version,
+                instance=instance,
+                last_heartbeat=float(last_heartbeat),
+                stats=_stats(stats),
             )
-        return NotFound(
-            f"agent {name!r} has no version {version}; registered versions: {', '.join(versions)}",
-            details={"name": name, "version": version, "versions": versions},
         )
+    return [
+        StoredVersion(
+            id=agent_id,
+            manifest=_manifest(manifest),
+            registered_at=float(registered_at),
+            last_heartbeat=float(last_heartbeat),
+            instances=tuple(by_version.get(agent_id, ())),
+        )
+        for agent_id, _name, manifest, registered_at, last_heartbeat in version_rows
+    ]
+
+
+def not_found(name: str, version: str | None, versions: Sequence[str]) -> NotFound:
+    """The error for a lookup of ``name`` (``version``) that matched nothing.
+
+    Args:
+        name: Agent name asked for.
+        version: Version asked for (None: any).
+        versions: The versions of ``name`` that do exist, highest first.
+    """
+    if not versions:
+        return NotFound(
+            f"no agent {name!r} is registered; `signalbox agents list` shows registered agents",
+            details={"name": name, "version": version},
+        )
+    return NotFound(
+        f"agent {name!r} has no version {version}; registered versions: {', '.join(versions)}",
+        details={"name": name, "version": version, "versions": list(versions)},
+    )
+
+
+def heartbeat_not_found(name: str, version: str) -> NotFound:
+    """The error for a heartbeat of a version that is not registered."""
+    return NotFound(
+        f"agent {name!r} version {version} is not registered; register it "
+        "again (the SDK does so when a heartbeat is refused)",
+        details={"name": name, "version": version},
+    )
+
+
+def _prepared(manifest: AgentManifest) -> tuple[AgentManifest, str, semantic_version.Version]:
+    """Check a manifest to register; returns it decoded, its JSON and its parsed version."""
+    data = encode(manifest)
+    manifest = decode(data, AgentManifest)  # enforce the wire constraints here too
+    version = _checked_version(manifest.version)
+    _check_capabilities(manifest)
+    return manifest, data.decode(), version
 
 
 def _checked_version(version: str) -> semantic_version.Version:

@@ -51,13 +51,16 @@ class TracingService(Service):
     Args:
         settings: Settings.
         batch: Events fetched and chained per round trip.
+        ack_wait: Seconds before intake messages fetched but never acked (a
+            sequencer killed mid-batch) are redelivered to the next one.
     """
 
     name = "tracing"
 
-    def __init__(self, settings: Settings, *, batch: int = 512) -> None:
+    def __init__(self, settings: Settings, *, batch: int = 512, ack_wait: float = 30.0) -> None:
         super().__init__(settings)
         self.batch = batch
+        self.ack_wait = ack_wait
         self.head_seq = 0
         self.head_hash = GENESIS
         self.chained = 0
@@ -72,7 +75,12 @@ class TracingService(Service):
         await self._publisher.start()
         await self._load_head()
         self._worker = PullWorker(
-            self.js, AUDIT_INTAKE_STREAM, _CONSUMER, self.chain_batch, batch=self.batch
+            self.js,
+            AUDIT_INTAKE_STREAM,
+            _CONSUMER,
+            self.chain_batch,
+            batch=self.batch,
+            ack_wait=self.ack_wait,
         )
         await self._worker.start()
 

@@ -11,6 +11,7 @@ import pytest
 
 from broker import (
     Agent,
+    AuthenticationFailed,
     CallContext,
     CallDenied,
     CallTimeout,
@@ -300,9 +301,11 @@ async def test_calls_without_a_policy_service_say_the_control_plane_is_down(
 async def test_starting_without_a_registry_fails_and_leaves_no_connection(
     make_stack: StackFactory, make_agent: AgentFactory
 ) -> None:
+    # The registry answers the server's auth callout: without it no agent
+    # gets in, and the error says where to look.
     await make_stack(services=["policy"])
     a = make_agent("a")
-    with pytest.raises(ControlPlaneUnavailable):
+    with pytest.raises(AuthenticationFailed, match="registry"):
         await a.start()
     with pytest.raises(RuntimeError, match="not started"):
         _ = a.nc
@@ -311,7 +314,7 @@ async def test_starting_without_a_registry_fails_and_leaves_no_connection(
 async def test_an_agent_that_is_not_registered_can_still_serve_and_connect(
     make_stack: StackFactory, make_agent: AgentFactory
 ) -> None:
-    await make_stack(services=["policy"])
+    await make_stack(services=["registry", "policy"])
     a = make_agent("a", register=False)
     await a.start()
     assert a.registration is None

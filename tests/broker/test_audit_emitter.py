@@ -11,6 +11,7 @@ from nats.aio.client import Client
 from broker.audit import AuditEmitter, new_id
 from broker.codec import decode
 from broker.connection import connect
+from broker.identity import service_connect_options
 from broker.jetstream import AUDIT_INTAKE_STREAM, ensure_streams
 from broker.settings import Settings
 from broker.subjects import Subjects
@@ -19,7 +20,9 @@ from schemas import AuditBatch, AuditEvent, CallOutcome
 
 @pytest.fixture
 async def nc(settings: Settings) -> AsyncIterator[Client]:
-    conn = await connect(settings.nats_url, name="test-audit")
+    conn = await connect(
+        settings.nats_url, name="test-audit", **service_connect_options(settings)
+    )
     await ensure_streams(conn.jetstream(), settings)
     yield conn
     await conn.close()

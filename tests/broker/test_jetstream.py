@@ -12,10 +12,12 @@ from nats.js.api import RetentionPolicy, StorageType
 
 from broker.connection import connect
 from broker.errors import ConfigError
+from broker.identity import service_connect_options
 from broker.jetstream import (
     AUDIT_INTAKE_STREAM,
     AUDIT_STREAM,
     KV_AGENTS,
+    KV_POLICIES,
     USAGE_STREAM,
     ensure_buckets,
     ensure_streams,
@@ -27,7 +29,9 @@ from broker.settings import Settings
 
 @pytest.fixture
 async def nc(settings: Settings) -> AsyncIterator[Client]:
-    conn = await connect(settings.nats_url, name="test-jetstream")
+    conn = await connect(
+        settings.nats_url, name="test-jetstream", **service_connect_options(settings)
+    )
     yield conn
     await conn.close()
 
@@ -74,7 +78,7 @@ async def test_ensure_buckets_twice_returns_the_same_bucket(nc: Client, settings
     first = await ensure_buckets(js, settings)
     await first[KV_AGENTS].put("a", b"1")
     second = await ensure_buckets(js, settings)
-    assert set(second) == {KV_AGENTS}
+    assert set(second) == {KV_AGENTS, KV_POLICIES}
     entry = await second[KV_AGENTS].get("a")
     assert entry.value == b"1"  # not recreated: the value survived
     status = await second[KV_AGENTS].status()
@@ -87,8 +91,8 @@ async def test_connect_without_a_url_is_a_config_error() -> None:
     assert "SIGNALBOX_NATS_URL" in info.value.message
 
 
-async def test_connect_sets_a_private_inbox_prefix(settings: Settings) -> None:
-    conn = await connect(settings.nats_url, name="x", inbox_prefix="_INBOX.alice")
+async def test_connect_sets_a_private_inbox_prefix(nats_url: str) -> None:
+    conn = await connect(nats_url, name="x", inbox_prefix="_INBOX.alice")
     try:
         assert conn.new_inbox().startswith("_INBOX.alice.")
     finally:

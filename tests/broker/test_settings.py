@@ -15,7 +15,7 @@ def test_defaults_describe_an_embedded_local_setup() -> None:
     assert s.nats_url is None
     assert s.subject_prefix == "sb"
     assert s.nats_sync_always is True
-    assert s.resolved_allowlist_path == Path(".signalbox") / "allowlist.yaml"
+    assert s.policy_dir is None  # the shipped policies
     assert s.resolved_database_url.startswith("sqlite:///")
     assert s.resolved_database_url.endswith("signalbox.db")
 
@@ -36,7 +36,6 @@ def test_signalbox_env_vars_are_read(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert s.max_call_bytes == 1024
     assert s.nats_sync_always is False
     assert s.log_level == "DEBUG"
-    assert s.resolved_allowlist_path == tmp_path / "allowlist.yaml"
 
 
 def test_arguments_win_over_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,8 +90,8 @@ def test_settings_are_immutable_once_built() -> None:
 def test_explicit_paths_win_over_the_data_dir(tmp_path: Path) -> None:
     s = Settings(
         data_dir=tmp_path,
-        allowlist_path=tmp_path / "rules.yaml",
+        policy_dir=tmp_path / "policies",
         database_url="postgresql+psycopg://u:p@h/db",
     )
-    assert s.resolved_allowlist_path == tmp_path / "rules.yaml"
+    assert s.policy_dir == tmp_path / "policies"
     assert s.resolved_database_url == "postgresql+psycopg://u:p@h/db"

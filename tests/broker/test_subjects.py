@@ -111,6 +111,6 @@ def test_audit_subjects_sanitise_service_actors() -> None:
 
 
 def test_inbox_prefix_is_private_to_the_agent() -> None:
-    assert inbox_prefix("loan-origination") == "_INBOX.loan-origination"
+    assert inbox_prefix("loan-origination") == "_INBOX.agent.loan-origination"
     with pytest.raises(InvalidSubjectToken):
         inbox_prefix("a.>")

@@ -7,9 +7,11 @@ import itertools
 import json
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 
 import msgspec
 import pytest
+from conftest import enroll
 from typer.testing import CliRunner, Result
 
 from broker.agent import Agent
@@ -57,11 +59,19 @@ def _short_connect(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "CONNECT_TIMEOUT", 0.5)
 
 
+@pytest.fixture(autouse=True)
+def _operator_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The CLI is an operator: it reads the secrets of the test's server
+    # (conftest's `settings` keeps them in <tmp_path>/data/secrets).
+    monkeypatch.setenv("SIGNALBOX_SECRETS_DIR", str(tmp_path / "data" / "secrets"))
+
+
 def make_agent(settings: Settings, name: str, team: str = "risk") -> Agent:
     assert settings.nats_url is not None
     agent = Agent(
         AgentManifest(name=name, version="1.2.0", owner="risk-eng", team=team),
         nats_url=settings.nats_url,
+        credential=enroll(settings, name),
     )
 
     @agent.capability("score", tags=("pii",))
@@ -161,7 +171,8 @@ async def test_agents_list(stack: Stack, settings: Settings) -> None:
 
 
 async def _audited_activity(stack: Stack, settings: Settings, denied_calls: int) -> None:
-    """One registration, then ``denied_calls`` denied calls (one decision record each)."""
+    """An agent connects (one ``auth`` record) and registers (one ``registry`` record),
+    then makes ``denied_calls`` denied calls (one ``decision`` record each)."""
     async with make_agent(settings, "credit-check") as agent:
         for _ in range(denied_calls):
             with pytest.raises(CallDenied):
@@ -171,7 +182,7 @@ async def _audited_activity(stack: Stack, settings: Settings, denied_calls: int)
     # Flushed means in the intake stream; wait until the sequencer chained it all.
     js = stack.services["tracing"].js
     for _ in range(500):
-        if (await js.stream_info(AUDIT_STREAM)).state.last_seq >= 1 + denied_calls:
+        if (await js.stream_info(AUDIT_STREAM)).state.last_seq >= 2 + denied_calls:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the audit chain did not catch up")
@@ -186,18 +197,18 @@ async def test_audit_tail_json_prints_count_records(stack: Stack, settings: Sett
     assert url is not None
     await _audited_activity(stack, settings, denied_calls=3)
 
-    result = await ainvoke(["audit", "tail", "--count", "4", "--json", "--nats-url", url])
+    result = await ainvoke(["audit", "tail", "--count", "5", "--json", "--nats-url", url])
     assert result.exit_code == 0, result.output
     events = parse_lines(result.stdout)
-    assert [e.kind for e in events] == ["registry", "decision", "decision", "decision"]
-    assert [e.seq for e in events] == [1, 2, 3, 4]
+    assert [e.kind for e in events] == ["auth", "registry", "decision", "decision", "decision"]
+    assert [e.seq for e in events] == [1, 2, 3, 4, 5]
     assert all(e.prev_hash == p.hash for p, e in itertools.pairwise(events))
 
 
 async def test_audit_tail_last_n_with_filters(stack: Stack, settings: Settings) -> None:
     url = stack.settings.nats_url
     assert url is not None
-    await _audited_activity(stack, settings, denied_calls=5)  # seq 1 registry, 2-6 decisions
+    await _audited_activity(stack, settings, denied_calls=5)  # 1 auth, 2 registry, 3-7 decisions
 
     decisions = await ainvoke(
         ["audit", "tail", "--kind", "decision", "--last", "2", "--count", "2", "--json",
@@ -205,8 +216,8 @@ async def test_audit_tail_last_n_with_filters(stack: Stack, settings: Settings) 
     )  # fmt: skip
     assert decisions.exit_code == 0, decisions.output
     assert [(e.kind, e.seq) for e in parse_lines(decisions.stdout)] == [
-        ("decision", 5),
         ("decision", 6),
+        ("decision", 7),
     ]
 
     registry = await ainvoke(
@@ -214,7 +225,7 @@ async def test_audit_tail_last_n_with_filters(stack: Stack, settings: Settings) 
          "--json", "--nats-url", url]
     )  # fmt: skip
     [event] = parse_lines(registry.stdout)
-    assert (event.kind, event.actor, event.seq) == ("registry", "credit-check", 1)
+    assert (event.kind, event.actor, event.seq) == ("registry", "credit-check", 2)
 
     table = await ainvoke(["audit", "tail", "--last", "3", "--count", "3", "--nats-url", url])
     assert table.exit_code == 0, table.output
@@ -226,7 +237,7 @@ async def test_audit_tail_last_n_with_filters(stack: Stack, settings: Settings) 
 async def test_audit_tail_follows_new_records(stack: Stack, settings: Settings) -> None:
     url = stack.settings.nats_url
     assert url is not None
-    await _audited_activity(stack, settings, denied_calls=1)  # seq 1 and 2 exist already
+    await _audited_activity(stack, settings, denied_calls=1)  # seq 1 to 3 exist already
 
     tail = asyncio.ensure_future(
         ainvoke(
@@ -255,5 +266,75 @@ async def test_audit_tail_follows_new_records(stack: Stack, settings: Settings) 
     result = tail.result()
     assert result.exit_code == 0, result.output
     [event] = parse_lines(result.stdout)
-    assert event.seq > 2
+    assert event.seq > 3
     assert event.kind == "decision"
+
+
+# -- identity: enroll, list, revoke ---------------------------------------------------------
+
+
+async def test_enroll_list_and_revoke_credentials(stack: Stack, settings: Settings) -> None:
+    url = stack.settings.nats_url
+    assert url is not None
+    enrolled = await ainvoke(
+        ["agents", "enroll", "credit-check", "--ttl", "2h", "--note", "ticket-1", "--json",
+         "--nats-url", url]
+    )  # fmt: skip
+    assert enrolled.exit_code == 0, enrolled.output
+    body = json.loads(enrolled.stdout)
+    token, cred_id = body["token"], body["credential"]["id"]
+    assert 7190 < body["credential"]["expires_at"] - body["credential"]["created_at"] <= 7200
+
+    table = await ainvoke(["agents", "enroll", "triage", "--nats-url", url])
+    assert table.exit_code == 0, table.output
+    assert "shown once" in table.stdout and "SIGNALBOX_AGENT_CREDENTIAL" in table.stdout
+
+    # The token works for an agent.
+    agent = Agent(
+        AgentManifest(name="credit-check", version="1.2.0", owner="risk-eng", team="risk"),
+        nats_url=url,
+        credential=token,
+    )
+    async with agent:
+        listed = await ainvoke(["agents", "credentials", "credit-check", "--nats-url", url])
+        assert listed.exit_code == 0, listed.output
+        for text in (cred_id, "active", "ticket-1"):
+            assert text in listed.stdout
+        assert token.split(".")[2] not in listed.stdout
+
+        revoked = await ainvoke(
+            ["agents", "revoke", "credit-check", "--reason", "left the team", "--nats-url", url]
+        )
+        assert revoked.exit_code == 0, revoked.output
+        assert cred_id in revoked.stdout and "closed 1 live" in revoked.stdout
+
+    after = await ainvoke(["agents", "credentials", "--all", "--json", "--nats-url", url])
+    statuses = {c["id"]: c["revoked_at"] is not None for c in json.loads(after.stdout)["items"]}
+    assert statuses[cred_id] is True
+    assert len(statuses) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["agents", "enroll", "a.b"], "not a valid subject token"),
+        (["agents", "enroll", "a", "--ttl", "soon"], "is not a duration"),
+        (["agents", "revoke", "a", "--credential", "NOPE"], "credential ids look like"),
+    ],
+)
+def test_identity_commands_reject_bad_arguments(args: list[str], needle: str) -> None:
+    assert_clean_failure(invoke(args), needle)
+
+
+async def test_identity_init_writes_secrets_and_a_server_config(tmp_path: Path) -> None:
+    folder = tmp_path / "ids"
+    conf = tmp_path / "auth.conf"
+    result = await ainvoke(
+        ["identity", "init", "--secrets-dir", str(folder), "--server-config", str(conf)]
+    )
+    assert result.exit_code == 0, result.output
+    assert (folder / "issuer.nk").stat().st_mode & 0o777 == 0o600
+    assert "auth_callout" in conf.read_text()
+    again = await ainvoke(["identity", "init", "--secrets-dir", str(folder)])
+    assert again.exit_code == 0
+    assert (folder / "issuer.nk").read_text() == (folder / "issuer.nk").read_text()

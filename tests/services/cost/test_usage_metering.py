@@ -13,6 +13,7 @@ from nats.aio.client import Client
 
 from broker import Agent
 from broker.codec import encode
+from broker.identity import service_connect_options
 from broker.jetstream import USAGE_STREAM
 from broker.replies import H_MSG_ID
 from broker.settings import Settings
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 @pytest.fixture
 async def nc(settings: Settings) -> AsyncIterator[Client]:
-    conn = await nats.connect(settings.nats_url or "")
+    conn = await nats.connect(settings.nats_url or "", **service_connect_options(settings))
     yield conn
     await conn.close()
 

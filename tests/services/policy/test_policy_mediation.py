@@ -21,6 +21,7 @@ from broker import (
     UnknownTarget,
 )
 from broker.codec import decode
+from broker.identity import service_connect_options
 from broker.replies import H_ERROR, H_TIMEOUT_MS
 from broker.settings import Settings
 from schemas import ErrorReply
@@ -44,7 +45,7 @@ class Customer(msgspec.Struct):
 @pytest.fixture
 async def raw(settings: Settings) -> AsyncIterator[Client]:
     """A plain nats-py client, as a non-SDK agent would use."""
-    nc = await nats.connect(settings.nats_url or "")
+    nc = await nats.connect(settings.nats_url or "", **service_connect_options(settings))
     yield nc
     await nc.close()
 
@@ -99,9 +100,11 @@ async def test_an_allowed_call_is_forwarded_and_audited(
     [decision] = await audit_trail.wait_for(lambda r: r.kind == "decision")
     assert decision.actor == "a"
     assert decision.subject == "sb.out.a.b.lookup"
-    assert decision.policy_version == "test-rules"
+    assert decision.policy_version.startswith("test-rules@")
     assert decision.data["decision"]["effect"] == "allow"
     assert decision.data["decision"]["policy_ids"] == ["a-b"]
+    assert decision.data["decision"]["reason_code"] == "allowed"
+    assert "context" not in decision.data  # the caller sent none
     [call] = await audit_trail.wait_for(lambda r: r.kind == "call")
     assert call.data["ok"] is True
     assert call.data["call_id"] == decision.data["call_id"]
@@ -120,8 +123,9 @@ async def test_a_call_no_rule_allows_is_denied_with_reason_and_audited(
     err = info.value
     assert err.details["policy_ids"] == ["default-deny"]
     assert err.details["effect"] == "deny"
+    assert err.details["reason_code"] == "default_deny"
     assert "deny by default" in err.details["reasons"][0]
-    assert err.details["policy_version"] == "test-rules"
+    assert err.details["policy_version"].startswith("test-rules@")
     assert "a -> b.secret denied" in err.message
     [decision] = await audit_trail.wait_for(lambda r: r.kind == "decision")
     assert decision.data["decision"]["effect"] == "deny"
@@ -139,7 +143,9 @@ async def test_an_unregistered_caller_is_denied(
     await stranger.start()
     with pytest.raises(CallDenied) as info:
         await stranger.call("b", "lookup", GOOD)
-    assert info.value.details["policy_ids"] == ["unregistered-caller"]
+    assert info.value.details["reason_code"] == "unknown_agent"
+    assert info.value.details["policy_ids"] == []
+    assert "not registered" in info.value.details["reasons"][0]
     await audit_trail.wait_for(
         lambda r: r.kind == "decision" and r.actor == "a-twin"
         and r.data["decision"]["effect"] == "deny"

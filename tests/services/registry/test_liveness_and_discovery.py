@@ -13,6 +13,7 @@ from nats.aio.msg import Msg
 
 from broker.connection import sync_connection
 from broker.errors import InvalidInput, NotFound
+from broker.identity import service_connect_options
 from broker.settings import Settings
 from schemas import AgentRecord, DiscoverAgents, GetAgent
 
@@ -49,38 +50,32 @@ async def test_heartbeats_keep_an_agent_healthy_with_its_instance_counted(
 async def test_heartbeat_after_deregistration_is_not_found(
     make_stack: StackFactory, make_agent: AgentFactory
 ) -> None:
-    stack = await make_stack()
+    await make_stack()
     agent = make_agent("credit-check", heartbeat_interval=0)
     await agent.start()
     assert (await agent.heartbeat()).instances == 1
-    registry = stack.services["registry"]
-    await registry.deregister(msgspec.convert({"name": "credit-check"}, type=_Dereg))
+    # Deregistering itself keeps the agent's connection (an operator's
+    # deregistration of the last version would also cut it off).
+    await agent.deregister()
     with pytest.raises(NotFound):
         await agent.heartbeat()
-
-
-class _Dereg(msgspec.Struct):
-    name: str
-    version: str | None = None
 
 
 async def test_discovery_filters_versions_and_rejects_bad_ranges(
     make_stack: StackFactory, make_agent: AgentFactory, settings: Settings
 ) -> None:
-    await make_stack()
-    from broker import Agent
+    stack = await make_stack()
     from schemas import AgentManifest, Capability
+    from services.registry.service import RegistryService
 
-    assert settings.nats_url
+    registry = stack.services["registry"]
+    assert isinstance(registry, RegistryService)
     for version, region in (("1.2.0", "eu-west"), ("1.9.3", "eu-west"), ("2.0.0", "us-east")):
         check = Capability(name="check", tags=("pci-dss",))
-        a = Agent(
+        await registry.register(
             AgentManifest(name="fraud", version=version, owner="risk", team="risk",
-                          region=region, capabilities=(check,)),
-            nats_url=settings.nats_url, heartbeat_interval=0,
+                          region=region, capabilities=(check,))
         )  # fmt: skip
-        await a.start()
-        await a.stop()
     asker = make_agent("asker", heartbeat_interval=0)
     await asker.start()
     latest = await asker.discover(capability="check")
@@ -117,7 +112,7 @@ async def test_running_agents_answer_a_raw_srv_ping(
 
     await agent.start()
     await agent.heartbeat()
-    nc = await nats.connect(settings.nats_url or "")
+    nc = await nats.connect(settings.nats_url or "", **service_connect_options(settings))
     try:
         inbox = nc.new_inbox()
         replies: list[dict[str, object]] = []

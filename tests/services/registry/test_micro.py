@@ -23,7 +23,9 @@ from nats.micro import add_service
 from nats.micro.service import ServiceInfo, ServicePing, ServiceStats
 
 from broker.connection import sync_connection
+from broker.identity import service_connect_options
 from broker.server import EmbeddedServer
+from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import AgentInstance, AgentManifest, AgentRecord, Capability, InstanceStats
 from services.registry.micro import (
@@ -237,12 +239,12 @@ ResponderFactory = Callable[[View], Awaitable[MicroResponder]]
 
 @pytest.fixture
 async def connections(
-    fresh_server: EmbeddedServer,
+    fresh_server: EmbeddedServer, settings: Settings
 ) -> AsyncIterator[Callable[[], Awaitable[Client]]]:
     opened: list[Client] = []
 
     async def open_one() -> Client:
-        nc = await nats.connect(fresh_server.url)
+        nc = await nats.connect(fresh_server.url, **service_connect_options(settings))
         opened.append(nc)
         return nc
 

@@ -13,8 +13,10 @@ from nats.aio.client import Client
 
 from broker.codec import decode, encode
 from broker.errors import Conflict, NotFound, SchemaError, SignalboxError
+from broker.identity import service_connect_options
 from broker.replies import H_ERROR, error_from_reply
 from broker.settings import Settings
+from broker.subjects import AGENT_REGISTRY_OPS
 from schemas import (
     AgentList,
     AgentManifest,
@@ -33,23 +35,34 @@ T = TypeVar("T")
 
 
 class Registry:
-    """A raw nats-py client of the registry endpoints."""
+    """A raw nats-py client of the registry endpoints.
+
+    Agent-scoped operations go to ``sb.registry.<op>.<agent>``, the agent
+    being the name in the body (``credit-check`` for raw bodies) unless
+    ``as_agent`` says otherwise.
+    """
 
     def __init__(self, nc: Client) -> None:
         self.nc = nc
 
-    async def send(self, op: str, body: Any) -> tuple[bytes, dict[str, str]]:
+    async def send(
+        self, op: str, body: Any, *, as_agent: str | None = None
+    ) -> tuple[bytes, dict[str, str]]:
         data = body if isinstance(body, bytes) else encode(body)
-        reply = await self.nc.request(f"sb.registry.{op}", data, timeout=5)
+        subject = f"sb.registry.{op}"
+        if op in AGENT_REGISTRY_OPS:
+            agent = as_agent or (body.name if not isinstance(body, bytes) else "credit-check")
+            subject = f"{subject}.{agent}"
+        reply = await self.nc.request(subject, data, timeout=5)
         return reply.data, reply.headers or {}
 
-    async def ok(self, op: str, body: Any, returns: type[T]) -> T:
-        data, headers = await self.send(op, body)
+    async def ok(self, op: str, body: Any, returns: type[T], *, as_agent: str | None = None) -> T:
+        data, headers = await self.send(op, body, as_agent=as_agent)
         assert H_ERROR not in headers, data
         return decode(data, returns)
 
-    async def fails(self, op: str, body: Any) -> SignalboxError:
-        data, headers = await self.send(op, body)
+    async def fails(self, op: str, body: Any, *, as_agent: str | None = None) -> SignalboxError:
+        data, headers = await self.send(op, body, as_agent=as_agent)
         assert H_ERROR in headers, data
         return error_from_reply(data, headers)
 
@@ -57,7 +70,7 @@ class Registry:
 @pytest.fixture
 async def registry(make_stack: StackFactory, settings: Settings) -> AsyncIterator[Registry]:
     await make_stack(services=["tracing", "registry"])
-    nc = await nats.connect(settings.nats_url or "")
+    nc = await nats.connect(settings.nats_url or "", **service_connect_options(settings))
     yield Registry(nc)
     await nc.close()
 
@@ -202,7 +215,7 @@ async def test_registry_changes_and_rejections_are_audited(
     assert ops[0].actor == "credit-check"
     [rejected] = await audit_trail.wait_for(lambda r: r.kind == "rejected")
     assert rejected.data["code"] == "conflict"
-    assert rejected.subject == "sb.registry.register"
+    assert rejected.subject == "sb.registry.register.credit-check"
     assert rejected.actor == "service:registry"
 
 

@@ -18,6 +18,7 @@ import semantic_version  # type: ignore[import-untyped]
 
 from broker.errors import ConfigError, Conflict, InvalidInput, NotFound, SchemaError
 from schemas import (
+    AgentInstance,
     AgentManifest,
     AgentRecord,
     Capability,
@@ -272,6 +273,78 @@ def test_a_heartbeat_for_an_unregistered_version_is_not_found(store: AgentStore)
         store.heartbeat(Heartbeat(name="summarizer", version="1.0.1", instance="i"), now=T0)
     assert "register" in err.value.message
     assert store.instances(since=0) == []
+
+
+def test_a_batch_of_heartbeats_is_written_latest_first_and_never_backwards(
+    store: AgentStore,
+) -> None:
+    store.register(manifest(version="1.0.0"), now=T0)
+    store.register(manifest(version="2.0.0"), now=T0)
+
+    def inst(instance: str, at: float, version: str = "1.0.0", **stats: Any) -> AgentInstance:
+        return AgentInstance(
+            name="summarizer",
+            version=version,
+            instance=instance,
+            last_heartbeat=at,
+            stats=InstanceStats(**stats),
+        )
+
+    store.record_heartbeats(
+        [
+            inst("a", T0 + 20, requests=2),
+            inst("b", T0 + 10),
+            inst("c", T0 + 5, version="2.0.0"),
+            inst("z", T0 + 30, version="9.9.9"),  # not registered: skipped
+            AgentInstance(name="ghost", version="1.0.0", instance="g", last_heartbeat=T0 + 30),
+        ]
+    )
+    assert get(store, "summarizer", "1.0.0", now=T0 + 20).last_heartbeat == T0 + 20
+    assert get(store, "summarizer", "2.0.0", now=T0 + 20).last_heartbeat == T0 + 5
+    listed = {(i.version, i.instance): (i.last_heartbeat, i.stats.requests)
+              for i in store.instances(since=0)}  # fmt: skip
+    assert listed == {
+        ("1.0.0", "a"): (T0 + 20, 2),
+        ("1.0.0", "b"): (T0 + 10, 0),
+        ("2.0.0", "c"): (T0 + 5, 0),
+    }
+    # An older batch (from a slower replica) changes nothing; a newer one does.
+    store.record_heartbeats([inst("a", T0 + 15, requests=1), inst("b", T0 + 40, requests=9)])
+    listed = {i.instance: (i.last_heartbeat, i.stats.requests) for i in store.instances(since=0)}
+    assert listed == {"a": (T0 + 20, 2), "b": (T0 + 40, 9), "c": (T0 + 5, 0)}
+    assert get(store, "summarizer", "1.0.0", now=T0 + 40).last_heartbeat == T0 + 40
+    store.record_heartbeats([])  # nothing to do
+
+
+def test_a_snapshot_holds_versions_in_order_with_their_recent_instances(
+    store: AgentStore,
+) -> None:
+    store.register(manifest(name="b", version="1.0.0"), now=T0)
+    store.register(manifest(name="a", version="1.10.0"), now=T0)
+    store.register(manifest(name="a", version="1.9.0"), now=T0 + 1)
+    store.heartbeat(Heartbeat(name="a", version="1.9.0", instance="old"), now=T0 + 2)
+    store.heartbeat(Heartbeat(name="a", version="1.9.0", instance="new"), now=T0 + 50)
+    everything = store.snapshot()
+    assert [(v.manifest.name, v.manifest.version) for v in everything] == [
+        ("a", "1.10.0"),
+        ("a", "1.9.0"),
+        ("b", "1.0.0"),
+    ]
+    a19 = everything[1]
+    assert (a19.registered_at, a19.last_heartbeat) == (T0 + 1, T0 + 50)
+    assert sorted(i.instance for i in a19.instances) == ["new", "old"]
+    [recent] = [v for v in store.snapshot(["a"], since=T0 + 10) if v.instances]
+    assert [i.instance for i in recent.instances] == ["new"]
+    assert [v.manifest.name for v in store.snapshot(["b", "nobody"])] == ["b"]
+    assert store.snapshot([]) == []
+    assert store.names() == ["a", "b"]
+    # A changed manifest keeps the row; registering again after removal makes a new one.
+    store.register(manifest(name="b", version="1.0.0", team="other"), now=T0 + 60)
+    [b_changed] = store.snapshot(["b"])
+    assert b_changed.id == everything[2].id and b_changed.manifest.team == "other"
+    store.deregister("b")
+    store.register(manifest(name="b", version="1.0.0"), now=T0 + 70)
+    assert store.snapshot(["b"])[0].id != everything[2].id
 
 
 # -- deregistration ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 from nats.aio.client import Client
 
 from broker.audit import AuditEmitter
+from broker.identity import service_connect_options
 from broker.jetstream import AUDIT_INTAKE_STREAM, AUDIT_STREAM
 from broker.settings import Settings
 from broker.subjects import Subjects
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 @pytest.fixture
 async def nc(settings: Settings) -> AsyncIterator[Client]:
-    conn = await nats.connect(settings.nats_url or "")
+    conn = await nats.connect(settings.nats_url or "", **service_connect_options(settings))
     yield conn
     await conn.close()
 

@@ -1,0 +1,333 @@
+"""``signalbox audit verify`` and ``signalbox audit replay``: reading the whole trail.
+
+::
+
+    signalbox audit verify [--since 2h|ISO] [--json]
+    signalbox audit replay --since 2h [--until T] [--agent A] [--kind K] [--trace T]
+                           [--format table|json|ndjson]
+
+Both read ``SB_AUDIT`` in stream order through an ordered consumer
+(:func:`services.tracing.reader.scan`), as the operator (whose permissions
+allow read-only JetStream access to the audit stream). ``verify`` exits 1 at
+the first problem, naming its sequence (:mod:`services.tracing.verify`).
+
+The commands attach to :data:`services.cli.main.audit_app`; ``main`` imports
+this module (last) to register them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import sys
+import time
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+import msgspec
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from broker.errors import SchemaError, SignalboxError
+from broker.jetstream import AUDIT_STREAM
+from broker.subjects import Subjects
+from schemas import AuditEvent
+from services.cli.main import (
+    JsonOption,
+    NatsUrlOption,
+    _client_url,
+    _connect,
+    _fail,
+    _run,
+    audit_app,
+    parse_duration,
+)
+from services.cli.render import audit_table, to_json
+from services.tracing.chain import GENESIS
+from services.tracing.reader import audit_filter, scan, stream_bounds
+from services.tracing.verify import ChainVerifier, VerifyReport
+
+__all__ = ["PROGRESS_MIN", "audit_replay", "audit_verify", "parse_since"]
+
+#: Runs over fewer records than this show no progress bar.
+PROGRESS_MIN = 20_000
+#: ``--until`` stops reading once records are this many seconds past it
+#: (records reach the chain within seconds of the action; a little slack
+#: keeps a late one).
+UNTIL_SLACK = 60.0
+#: Progress is redrawn every this many records.
+_TICK = 2_000
+
+Format = Literal["table", "json", "ndjson"]
+
+
+def parse_since(text: str, *, now: float | None = None) -> float:
+    """Unix time of ``--since``/``--until``: a duration back from now (``2h``, ``90m``,
+    ``7d``) or an ISO 8601 time (``2026-11-24T09:00``, local time unless it has an offset).
+
+    Raises:
+        typer.BadParameter: neither.
+    """
+    try:
+        return (time.time() if now is None else now) - parse_duration(text)
+    except typer.BadParameter:
+        pass
+    try:
+        stamp = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is neither a duration (2h, 30m, 7d) nor an ISO time (2026-11-24T09:00)"
+        ) from None
+    return stamp.timestamp()  # naive: local time
+
+
+def _when(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="milliseconds")
+
+
+@contextlib.contextmanager
+def _progress(total: int, what: str) -> Iterator[Progress | None]:
+    """A Rich progress bar on stderr for long runs on a terminal; ``None`` otherwise."""
+    console = Console(stderr=True)
+    if total < PROGRESS_MIN or not console.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn(what),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        yield progress
+
+
+SinceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--since",
+        help="Start at the first record at or after this time: 2h, 30m, 7d or an ISO time.",
+        show_default=False,
+    ),
+]
+
+
+# -- verify -------------------------------------------------------------------------------
+
+
+def _report_dict(report: VerifyReport, *, stream: str, since: float | None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "ok": report.ok,
+        "stream": stream,
+        "checked": report.checked,
+        "first_seq": report.first_seq,
+        "last_seq": report.last_seq,
+        "first_time": report.first_time,
+        "last_time": report.last_time,
+        "anchor": report.anchor,
+        "anchored_on_genesis": since is None,
+        "head_hash": report.head_hash,
+        "since": since,
+        "problem": None,
+    }
+    if report.problem is not None:
+        p = report.problem
+        out["problem"] = {"kind": p.kind, "seq": p.seq, "message": p.message, "details": p.details}
+    return out
+
+
+@audit_app.command("verify")
+def audit_verify(
+    since: SinceOption = None,
+    nats_url: NatsUrlOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Check the hash chain: every record's hash, every link, no gap, no reorder, no duplicate.
+
+    Exits 1 at the first problem, naming the stream sequence where it is.
+    Without --since the chain must start at record 1 after the genesis hash;
+    with it, it is checked from the first record at or after that time,
+    anchored on that record's prev_hash (taken on trust).
+    """
+    url, settings = _client_url(nats_url)
+    start_time = parse_since(since) if since else None
+    subjects = Subjects(settings.subject_prefix)
+
+    async def main() -> tuple[VerifyReport, int]:
+        nc = await _connect(url, settings)
+        try:
+            js = nc.jetstream()
+            first, last = await stream_bounds(js)
+            verifier = ChainVerifier(anchor=None if start_time is not None else GENESIS)
+            if last == 0 or first > last:
+                return verifier.finish(), last
+            total = last - first + 1
+            with _progress(total, "verifying") as bar:
+                task = bar.add_task("verify", total=total) if bar else None
+                n = 0
+                async with contextlib.aclosing(
+                    scan(js, subjects.audit_log_all, start_seq=first, start_time=start_time)
+                ) as records:
+                    async for pos, record, raw in records:
+                        if verifier.feed(pos, record, raw) is not None:
+                            break
+                        n += 1
+                        if bar is not None and task is not None and n % _TICK == 0:
+                            bar.update(task, completed=pos - first + 1)
+            return verifier.finish(last), last
+        finally:
+            await nc.close()
+
+    report, last = _run(main())
+    summary = _report_dict(report, stream=AUDIT_STREAM, since=start_time)
+    if json_out:
+        typer.echo(msgspec.json.encode(summary).decode())
+        if not report.ok:
+            raise typer.Exit(1)
+        return
+    if report.problem is not None:
+        _fail(f"audit chain broken at seq {report.problem.seq}: {report.problem.message}")
+    console = Console(soft_wrap=True)
+    if report.checked == 0:
+        where = f" at or after {_when(start_time)}" if start_time is not None else ""
+        console.print(
+            f"No audit records{where} in {AUDIT_STREAM} (last seq {last}): nothing to check."
+        )
+        return
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("records", f"{report.checked:,} checked")
+    grid.add_row("first", f"seq {report.first_seq} at {_when(report.first_time)}")
+    grid.add_row("last", f"seq {report.last_seq} at {_when(report.last_time)}")
+    if start_time is None:
+        grid.add_row("anchor", "genesis (the chain is complete from record 1)")
+    else:
+        grid.add_row(
+            "anchor",
+            f"{report.anchor}  (prev_hash of seq {report.first_seq}, the first record at or "
+            f"after {_when(start_time)}; taken on trust: earlier records were not checked)",
+        )
+    grid.add_row("head hash", f"{report.head_hash}  (keep it to detect a rewritten tail)")
+    console.print(f"[bold green]Audit chain OK[/] ({AUDIT_STREAM})")
+    console.print(grid)
+
+
+# -- replay -------------------------------------------------------------------------------
+
+
+@audit_app.command("replay")
+def audit_replay(
+    since: Annotated[
+        str,
+        typer.Option(
+            "--since",
+            help="Start at the first record at or after this time: 2h, 30m, 7d or an ISO time.",
+            show_default=False,
+        ),
+    ],
+    until: Annotated[
+        str | None,
+        typer.Option("--until", help="Only records up to this time (duration ago or ISO time)."),
+    ] = None,
+    agent: Annotated[
+        str | None, typer.Option("--agent", help="Only records whose actor is this agent.")
+    ] = None,
+    kind: Annotated[
+        str | None,
+        typer.Option("--kind", help="Only this kind: call, decision, registry, usage, admin..."),
+    ] = None,
+    trace: Annotated[
+        str | None, typer.Option("--trace", help="Only records of this trace id.")
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="table, json (one array) or ndjson (one per line).")
+    ] = "table",
+    nats_url: NatsUrlOption = None,
+) -> None:
+    """Replay the audit trail from a time, in chain order, with filters.
+
+    Kind and agent are filtered by the server (they are subject tokens);
+    trace id and --until by the client.
+    """
+    if fmt not in ("table", "json", "ndjson"):
+        _fail(f"unknown --format {fmt!r}; choose table, json or ndjson")
+    url, settings = _client_url(nats_url)
+    start = parse_since(since)
+    end = parse_since(until) if until else None
+    if end is not None and end < start:
+        _fail(f"--until ({_when(end)}) is before --since ({_when(start)})")
+    try:
+        subject = audit_filter(Subjects(settings.subject_prefix), kind=kind, actor=agent)
+    except SignalboxError as err:
+        _fail(err.message)
+    status = Console(stderr=True, soft_wrap=True)
+    out = sys.stdout
+    events: list[AuditEvent] = []
+    unreadable: list[int] = []
+
+    def emit(event: AuditEvent, first: bool) -> None:
+        if fmt == "table":
+            events.append(event)
+        elif fmt == "ndjson":
+            out.write(to_json(event) + "\n")
+        else:
+            out.write(("[\n" if first else ",\n") + to_json(event))
+
+    async def main() -> int:
+        nc = await _connect(url, settings)
+        try:
+            js = nc.jetstream()
+            first, last = await stream_bounds(js)
+            total = max(0, last - first + 1)
+            shown = 0
+            with _progress(total, "replaying") as bar:
+                task = bar.add_task("replay", total=total) if bar else None
+                n = 0
+                async with contextlib.aclosing(scan(js, subject, start_time=start)) as records:
+                    async for pos, record, _raw in records:
+                        n += 1
+                        if bar is not None and task is not None and n % _TICK == 0:
+                            bar.update(task, completed=pos - first + 1)
+                        if isinstance(record, SchemaError):
+                            unreadable.append(pos)
+                            continue
+                        if end is not None and record.time > end:
+                            if record.time > end + UNTIL_SLACK:
+                                break
+                            continue
+                        if trace is not None and record.trace_id != trace:
+                            continue
+                        emit(record, shown == 0)
+                        shown += 1
+            return shown
+        finally:
+            await nc.close()
+
+    shown = _run(main())
+    if fmt == "json":
+        out.write("[]\n" if shown == 0 else "\n]\n")
+    elif fmt == "table" and events:
+        Console(soft_wrap=True).print(audit_table(events, title="Audit replay"))
+    for pos in unreadable:
+        status.print(f"[yellow]warning:[/] audit record {pos} is unreadable (run `audit verify`)")
+    window = f"from {_when(start)}" + (f" to {_when(end)}" if end is not None else "")
+    filters = ", ".join(
+        f"{k} {escape(v)}" for k, v in (("kind", kind), ("agent", agent), ("trace", trace)) if v
+    )
+    status.print(
+        f"[dim]{shown} record(s) {window}" + (f" ({filters})" if filters else "") + "[/]",
+        highlight=False,
+    )

@@ -1,0 +1,366 @@
+"""``signalbox policy``: manage the versioned Cedar policy sets without redeploying.
+
+::
+
+    signalbox policy validate DIR [--remote] [--json]     check a policy folder (offline)
+    signalbox policy apply DIR [--label L] [--expect N]   store it as a new version, activate
+    signalbox policy show [--version N] [--json]          a stored version (default: active)
+    signalbox policy diff DIR | --from N --to M [--json]  per-file diff, policy ids added/removed
+    signalbox policy history [--limit N] [--json]         stored versions, newest first
+    signalbox policy rollback [--to N]                    re-activate an earlier version
+
+Every command but ``validate`` asks the policy service on the operator-only
+subjects ``sb.admin.policy.<op>`` (see :mod:`services.policy.service`);
+``validate`` parses and validates the folder locally with Cedar, so it needs
+no server (``--remote`` asks the running service instead).
+
+The shared plumbing (``_connect``, ``_fail``, ``_run``, ``_client_url``) lives
+in :mod:`services.cli.main`, which registers this group; it is imported when
+a command runs, not at import time, because ``main`` imports this module.
+"""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import Coroutine
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from nats.aio.client import Client
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from broker.errors import SignalboxError
+from broker.settings import Settings
+from broker.subjects import Subjects
+from schemas import (
+    ApplyPolicies,
+    DiffPolicies,
+    PolicyApplied,
+    PolicyDiff,
+    PolicyFiles,
+    PolicyHistory,
+    PolicyHistoryRequest,
+    PolicyShown,
+    PolicyValidation,
+    RollbackPolicies,
+    ShowPolicies,
+    ValidatePolicies,
+)
+from services.cli.client import admin_request
+from services.cli.render import to_json
+
+__all__ = ["policy_app"]
+
+T = TypeVar("T")
+
+policy_app = typer.Typer(
+    help="Validate, apply, inspect and roll back Cedar policy sets (no redeploy).",
+    no_args_is_help=True,
+)
+
+NatsUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--nats-url",
+        help="NATS URL (default: $SIGNALBOX_NATS_URL, else nats://127.0.0.1:4222)",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+DirArgument = Annotated[
+    Path,
+    typer.Argument(
+        help="Policy folder: schema.cedarschema, *.cedar files, optional label.txt.",
+        show_default=False,
+    ),
+]
+
+
+# services.cli.main imports this module to register it, so its helpers are
+# imported when a command runs.
+
+
+def _fail(message: str) -> NoReturn:
+    from services.cli.main import _fail as fail
+
+    fail(message)
+
+
+async def _connect(url: str, settings: Settings) -> Client:
+    from services.cli.main import _connect as connect
+
+    return await connect(url, settings)
+
+
+def _client_url(flag: str | None) -> tuple[str, Settings]:
+    from services.cli.main import _client_url as client_url
+
+    return client_url(flag)
+
+
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    from services.cli.main import _run as run
+
+    return run(main)
+
+
+def _who() -> str:
+    try:
+        return getpass.getuser()[:128]
+    except (KeyError, OSError):  # no login name (a bare container)
+        return ""
+
+
+def _read(folder: Path, label: str | None = None) -> PolicyFiles:
+    from services.policy.lifecycle import read_policy_dir
+
+    try:
+        return read_policy_dir(folder, label=label)
+    except SignalboxError as err:
+        _fail(err.message)
+
+
+async def _policy(url: str, settings: Settings, op: str, request: Any, returns: type[T]) -> T:
+    nc = await _connect(url, settings)
+    try:
+        return await admin_request(
+            nc, Subjects(settings.subject_prefix), op, request, returns, service="policy"
+        )
+    finally:
+        await nc.close()
+
+
+def _call(nats_url: str | None, op: str, request: Any, returns: type[T]) -> T:
+    url, settings = _client_url(nats_url)
+    return _run(_policy(url, settings, op, request, returns))
+
+
+def _clock(t: float) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else ""
+
+
+def _version(label: str, digest: str) -> str:
+    return f"{label}@{digest[:12]}" if label else digest[:12]
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+@policy_app.command("validate")
+def validate(
+    folder: DirArgument,
+    remote: Annotated[
+        bool,
+        typer.Option("--remote", help="Ask the running policy service instead of parsing here."),
+    ] = False,
+    nats_url: NatsUrlOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Check a policy folder against its Cedar schema; prints Cedar's messages if invalid."""
+    candidate = _read(folder)
+    if remote:
+        result = _call(
+            nats_url, "validate", ValidatePolicies(candidate=candidate), PolicyValidation
+        )
+    else:
+        from services.policy.lifecycle import parse_candidate
+
+        try:
+            policies = parse_candidate(candidate, source=str(folder))
+            result = PolicyValidation(
+                ok=True, digest=policies.digest, policy_ids=tuple(policies.policies)
+            )
+        except SignalboxError as err:
+            result = PolicyValidation(ok=False, errors=tuple(err.details.get("errors", [])))
+    if json_out:
+        typer.echo(to_json(result))
+        if not result.ok:
+            raise typer.Exit(1)
+        return
+    if not result.ok:
+        err_console = Console(stderr=True, soft_wrap=True)
+        err_console.print(f"[bold]{escape(str(folder))}[/] is not a valid policy set:")
+        for message in result.errors:
+            err_console.print(f"  [red]-[/] {escape(message)}", highlight=False)
+        _fail(
+            f"{len(result.errors)} problem{'s' if len(result.errors) != 1 else ''} in {folder}; "
+            "fix each policy named above (Cedar's message says what it expected) and re-run "
+            "`signalbox policy validate`"
+        )
+    Console().print(
+        f"[green]valid[/]: {escape(str(folder))} holds {len(result.policy_ids)} policies "
+        f"({escape(', '.join(result.policy_ids))}); digest {result.digest[:12]}",
+        highlight=False,
+    )
+
+
+@policy_app.command("apply")
+def apply(
+    folder: DirArgument,
+    label: Annotated[
+        str | None,
+        typer.Option("--label", help="Label of the new version (default: the folder's label.txt)."),
+    ] = None,
+    expect: Annotated[
+        int,
+        typer.Option(
+            "--expect", min=0, help="Apply only if version N is still the active one (0: any)."
+        ),
+    ] = 0,
+    nats_url: NatsUrlOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Validate a policy folder, store it as a new version and make it active everywhere."""
+    request = ApplyPolicies(
+        candidate=_read(folder, label), requested_by=_who(), expected_active=expect
+    )
+    result = _call(nats_url, "apply", request, PolicyApplied)
+    if json_out:
+        typer.echo(to_json(result))
+        return
+    name = _version(result.label, result.digest)
+    if result.unchanged:
+        Console().print(f"unchanged: {escape(str(folder))} is already active as version "
+                        f"{result.version} ({escape(name)})", highlight=False)  # fmt: skip
+        return
+    Console().print(
+        f"[green]applied[/] {escape(str(folder))} as version {result.version} ({escape(name)}), "
+        f"was version {result.previous}; every policy-service replica switches to it now",
+        highlight=False,
+    )
+
+
+@policy_app.command("rollback")
+def rollback(
+    to: Annotated[
+        int,
+        typer.Option("--to", min=0, help="Version to activate (default: the one active before)."),
+    ] = 0,
+    nats_url: NatsUrlOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Make an earlier version active again (re-validated first; audited)."""
+    result = _call(
+        nats_url, "rollback", RollbackPolicies(to=to, requested_by=_who()), PolicyApplied
+    )
+    if json_out:
+        typer.echo(to_json(result))
+        return
+    name = escape(_version(result.label, result.digest))
+    if result.unchanged:
+        Console().print(f"unchanged: version {result.version} ({name}) is already active")
+        return
+    Console().print(
+        f"[green]rolled back[/] to version {result.version} ({name}), was version "
+        f"{result.previous}",
+        highlight=False,
+    )
+
+
+@policy_app.command("show")
+def show(
+    version: Annotated[
+        int, typer.Option("--version", min=0, help="This version (default: the active one).")
+    ] = 0,
+    nats_url: NatsUrlOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Show a stored version: metadata, policy ids and every file."""
+    shown = _call(nats_url, "show", ShowPolicies(version=version), PolicyShown)
+    if json_out:
+        typer.echo(to_json(shown))
+        return
+    r = shown.record
+    console = Console()
+    meta = Table(box=box.SIMPLE_HEAD, show_header=False, title=f"Policy set version {r.version}")
+    meta.add_column(style="bold")
+    meta.add_column(overflow="fold")
+    meta.add_row("status", Text("active", "green") if shown.active else
+                 Text(f"stored (active: {shown.active_version})", "dim"))  # fmt: skip
+    meta.add_row("label", r.label)
+    meta.add_row("digest", r.digest)
+    meta.add_row("created", f"{_clock(r.created_at)} by {r.created_by}")
+    meta.add_row("policies", ", ".join(r.policy_ids))
+    console.print(meta)
+    for name, text in [("schema.cedarschema", r.schema), *sorted(r.files.items())]:
+        console.rule(escape(name))
+        console.print(text, markup=False, highlight=False)
+
+
+@policy_app.command("history")
+def history(
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Newest N versions.")] = 100,
+    nats_url: NatsUrlOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Stored versions, newest first; the active one is marked."""
+    result = _call(nats_url, "history", PolicyHistoryRequest(limit=limit), PolicyHistory)
+    if json_out:
+        typer.echo(to_json(result))
+        return
+    table = Table(title="Policy set versions", box=box.SIMPLE_HEAD)
+    for column in ("version", "active", "label", "digest", "policies"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    table.add_column("by", overflow="fold")
+    for v in result.versions:
+        table.add_row(
+            str(v.version),
+            Text("active", "green") if v.active else "",
+            v.label,
+            v.digest[:12],
+            str(len(v.policy_ids)),
+            _clock(v.created_at),
+            v.created_by,
+        )
+    Console().print(table)
+
+
+@policy_app.command("diff")
+def diff(
+    folder: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Candidate folder to compare with --from (default: the active set).",
+            show_default=False,
+        ),
+    ] = None,
+    from_version: Annotated[
+        int, typer.Option("--from", min=0, help="Old side (default: the active version).")
+    ] = 0,
+    to_version: Annotated[int, typer.Option("--to", min=0, help="New side: a stored version.")] = 0,
+    nats_url: NatsUrlOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Per-file unified diff of two versions, or of a folder against a version."""
+    if folder is not None and to_version:
+        _fail("give either a folder or --to N as the new side, not both")
+    if folder is None and not to_version:
+        _fail("nothing to compare: give a policy folder, or --from N --to M")
+    candidate = _read(folder) if folder is not None else None
+    request = DiffPolicies(from_version=from_version, to_version=to_version, candidate=candidate)
+    result = _call(nats_url, "diff", request, PolicyDiff)
+    if json_out:
+        typer.echo(to_json(result))
+        return
+    console = Console()
+    if not result.files:
+        console.print(f"no differences between {result.from_name} and {result.to_name}")
+        return
+    styles = {"+": "green", "-": "red", "@": "cyan"}
+    for change in result.files:
+        console.rule(f"{escape(change.name)} ({change.change})")
+        for line in change.diff.splitlines():
+            console.print(Text(line, style=styles.get(line[:1], "")), highlight=False)
+    ids = Table(title=f"Policy ids, {result.from_name} -> {result.to_name}", box=box.SIMPLE_HEAD)
+    ids.add_column("change")
+    ids.add_column("policy ids", overflow="fold")
+    ids.add_row(Text("added", "green"), ", ".join(result.added_ids) or "-")
+    ids.add_row(Text("removed", "red"), ", ".join(result.removed_ids) or "-")
+    console.print(ids)
