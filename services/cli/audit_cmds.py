@@ -1,10 +1,11 @@
-"""``signalbox audit verify`` and ``signalbox audit replay``: reading the whole trail.
+"""``signalbox audit verify``, ``audit replay`` and ``audit report``: reading the whole trail.
 
 ::
 
     signalbox audit verify [--since 2h|ISO] [--json]
     signalbox audit replay --since 2h [--until T] [--agent A] [--kind K] [--trace T]
                            [--format table|json|ndjson]
+    signalbox audit report --tag pii --since 24h [--until T] [--json]
 
 Both read ``SB_AUDIT`` in stream order through an ordered consumer
 (:func:`services.tracing.reader.scan`), as the operator (whose permissions
@@ -41,7 +42,8 @@ from rich.table import Table
 from broker.errors import SchemaError, SignalboxError
 from broker.jetstream import AUDIT_STREAM
 from broker.subjects import Subjects
-from schemas import AuditEvent
+from schemas import AuditEvent, DiscoverAgents, DiscoverResult
+from services.cli.client import registry_request
 from services.cli.main import (
     JsonOption,
     NatsUrlOption,
@@ -55,9 +57,10 @@ from services.cli.main import (
 from services.cli.render import audit_table, to_json
 from services.tracing.chain import GENESIS
 from services.tracing.reader import audit_filter, scan, stream_bounds
+from services.tracing.report import TagUsage, tag_report, tagged_capabilities
 from services.tracing.verify import ChainVerifier, VerifyReport
 
-__all__ = ["PROGRESS_MIN", "audit_replay", "audit_verify", "parse_since"]
+__all__ = ["PROGRESS_MIN", "audit_replay", "audit_report", "audit_verify", "parse_since"]
 
 #: Runs over fewer records than this show no progress bar.
 PROGRESS_MIN = 20_000
@@ -331,3 +334,122 @@ def audit_replay(
         f"[dim]{shown} record(s) {window}" + (f" ({filters})" if filters else "") + "[/]",
         highlight=False,
     )
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def _usage_dict(row: TagUsage) -> dict[str, Any]:
+    return {
+        "caller": row.caller,
+        "target": row.target,
+        "capability": row.capability,
+        "attempts": row.attempts,
+        "effects": row.effects,
+        "first_time": row.first_time,
+        "last_time": row.last_time,
+    }
+
+
+@audit_app.command("report")
+def audit_report(
+    tag: Annotated[
+        str, typer.Option("--tag", help="Capability tag: pii, pci-dss...", show_default=False)
+    ],
+    since: Annotated[
+        str,
+        typer.Option("--since", help="Window start: 24h, 7d or an ISO time.", show_default=False),
+    ],
+    until: Annotated[
+        str | None, typer.Option("--until", help="Window end (duration ago or ISO time).")
+    ] = None,
+    nats_url: NatsUrlOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Which agents called capabilities carrying a tag, how often, with which decisions.
+
+    The tagged capabilities are the registry's (every registered version);
+    the calls are the decision records of the window (one per call attempt).
+    """
+    url, settings = _client_url(nats_url)
+    start = parse_since(since)
+    end = parse_since(until) if until else None
+    if end is not None and end < start:
+        _fail(f"--until ({_when(end)}) is before --since ({_when(start)})")
+    subjects = Subjects(settings.subject_prefix)
+    decisions = audit_filter(subjects, kind="decision")
+
+    async def main() -> tuple[set[tuple[str, str]], list[TagUsage], int]:
+        nc = await _connect(url, settings)
+        try:
+            tagged: set[tuple[str, str]] = set()
+            cursor = ""
+            while True:
+                try:
+                    query = DiscoverAgents(tag=tag, all_versions=True, limit=1000, cursor=cursor)
+                except msgspec.ValidationError as exc:
+                    raise SignalboxError(f"invalid --tag: {exc}") from exc
+                page = await registry_request(nc, subjects, "discover", query, DiscoverResult)
+                tagged |= tagged_capabilities(page.agents, tag)
+                cursor = page.next_cursor
+                if not cursor:
+                    break
+            matching: list[AuditEvent] = []
+            unreadable = 0
+            if tagged:
+                js = nc.jetstream()
+                async with contextlib.aclosing(scan(js, decisions, start_time=start)) as records:
+                    async for _pos, record, _raw in records:
+                        if isinstance(record, SchemaError):
+                            unreadable += 1
+                            continue
+                        if end is not None and record.time > end:
+                            if record.time > end + UNTIL_SLACK:
+                                break
+                            continue
+                        data = record.data
+                        if (data.get("target"), data.get("capability")) in tagged:
+                            matching.append(record)
+            return tagged, tag_report(matching, tagged), unreadable
+        finally:
+            await nc.close()
+
+    tagged, rows, unreadable = _run(main())
+    window = f"from {_when(start)}" + (f" to {_when(end)}" if end is not None else "")
+    if json_out:
+        typer.echo(
+            msgspec.json.encode(
+                {
+                    "tag": tag,
+                    "since": start,
+                    "until": end,
+                    "capabilities": sorted(f"{a}.{c}" for a, c in tagged),
+                    "rows": [_usage_dict(r) for r in rows],
+                    "unreadable": unreadable,
+                }
+            ).decode()
+        )
+        return
+    console = Console(soft_wrap=True)
+    status = Console(stderr=True, soft_wrap=True)
+    if unreadable:
+        status.print(f"[yellow]warning:[/] {unreadable} unreadable record(s) (run `audit verify`)")
+    if not tagged:
+        console.print(f"No registered capability carries the tag {escape(tag)!r}.")
+        return
+    names = ", ".join(sorted(f"{a}.{c}" for a, c in tagged))
+    if not rows:
+        console.print(f"No calls to capabilities tagged {escape(tag)!r} ({names}) {window}.")
+        return
+    out = Table(title=f"Calls to capabilities tagged {tag!r} {window}", title_justify="left")
+    out.add_column("caller", overflow="fold")
+    out.add_column("capability", overflow="fold")
+    out.add_column("attempts", justify="right")
+    out.add_column("decisions", overflow="fold")
+    out.add_column("last", no_wrap=True)
+    for row in rows:
+        effects = ", ".join(f"{k} {v}" for k, v in sorted(row.effects.items()))
+        last = datetime.datetime.fromtimestamp(row.last_time).strftime("%Y-%m-%d %H:%M:%S")
+        out.add_row(row.caller, f"{row.target}.{row.capability}", str(row.attempts), effects, last)
+    console.print(out)
+    status.print(f"[dim]tagged {escape(tag)!r}: {escape(names)}[/]", highlight=False)

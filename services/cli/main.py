@@ -9,7 +9,9 @@
     signalbox agents revoke NAME [--credential ID]              revoke and disconnect
     signalbox agents credentials [NAME] [--all] [--json]        list credentials
     signalbox audit tail [--kind K] [--agent A] [--last N] [--count N] [--json]
-    signalbox audit verify [--since T] | replay --since T [filters]   (services/cli/audit_cmds.py)
+    signalbox audit verify [--since 2h|ISO] [--json]             (services/cli/audit_cmds.py)
+    signalbox audit replay --since 2h [--until T] [--agent A] [--kind K] [--trace T] [--format F]
+    signalbox audit report --tag T --since 24h [--json]
     signalbox policy validate|apply|show|diff|history|rollback        (services/cli/policy_cmds.py)
     signalbox identity init [--secrets-dir DIR] [--server-config FILE]
     signalbox version
@@ -685,4 +687,4 @@ def audit_tail(
             await nc.close()
 
     _run(main(), interrupted=0)
-from services.cli import audit_cmds as _audit_cmds  # noqa: E402, F401  (audit verify, replay)
+from services.cli import audit_cmds as _audit_cmds  # noqa: E402, F401  (verify, replay, report)

@@ -118,7 +118,7 @@ def _who() -> str:
 
 
 def _read(folder: Path, label: str | None = None) -> PolicyFiles:
-    from services.policy.lifecycle import read_policy_dir
+    from services.policy.cedar import read_policy_dir
 
     try:
         return read_policy_dir(folder, label=label)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import nats
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.panel import Panel
@@ -32,7 +33,7 @@ from broker.errors import CallDenied, SignalboxError, UnknownTarget
 from broker.identity import operator_connect_options
 from broker.jetstream import AUDIT_STREAM
 from broker.settings import Settings
-from broker.subjects import Subjects
+from broker.subjects import Subjects, inbox_prefix
 from schemas import AuditEvent, EnrollAgent, Enrolled
 from services.cli.client import admin_request, list_agents
 from services.cli.render import agents_table, audit_table
@@ -219,13 +220,22 @@ async def _run(console: Console, data_dir: Path) -> int:
         _step(
             console,
             6,
+            "Impostors are stopped by the NATS server itself",
+            "A plain nats-py client holding customer-support's credential tries to call as "
+            "loan-origination and to read credit-check's calls; no Signalbox code is asked.",
+        )
+        impostor_ok = await _show_impostor(console, url, credentials["customer-support"])
+
+        _step(
+            console,
+            7,
             "An unknown target: loan-origination asks mortgage-pricing for a quote",
         )
         unknown_ok = await _show_unknown(console, agents)
 
         _step(
             console,
-            7,
+            8,
             "The audit trail",
             "Every decision, call outcome, registration and rejection, hash-chained by the "
             f"tracing service into the {AUDIT_STREAM} stream.",
@@ -245,7 +255,13 @@ async def _run(console: Console, data_dir: Path) -> int:
         )
         trail_ok = _show_chain(console, events, expected)
 
-    ok = denied_ok and unknown_ok and trail_ok and len(decisions) == len(APPLICATIONS)
+    ok = (
+        denied_ok
+        and impostor_ok
+        and unknown_ok
+        and trail_ok
+        and len(decisions) == len(APPLICATIONS)
+    )
     console.print()
     if ok:
         console.rule(
@@ -384,6 +400,52 @@ async def _show_denied(console: Console, agents: DemoAgents) -> bool:
         return True
     console.print("[bold red]unexpected:[/] the call was allowed; the policies were not applied")
     return False
+
+
+async def _show_impostor(console: Console, url: str, credential: str) -> bool:
+    """Try what customer-support's credential must not allow; show the server's refusals."""
+    refusals: list[str] = []
+    got_one = asyncio.Event()
+
+    async def on_error(exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower():
+            refusals.append(str(exc).removeprefix("nats: "))
+            got_one.set()
+
+    nc = await nats.connect(
+        url,
+        token=credential,
+        inbox_prefix=inbox_prefix("customer-support"),
+        error_cb=on_error,
+        allow_reconnect=False,
+    )
+    attempts = [
+        ("call credit-check.score as loan-origination",
+         nc.publish("sb.out.loan-origination.credit-check.score", b"{}")),
+        ("read credit-check's incoming calls", nc.subscribe("sb.in.credit-check.>")),
+        ("read the audit stream", nc.subscribe("sb.audit.>")),
+        ("enroll a new agent", nc.publish("sb.admin.registry.enroll", b"{}")),
+    ]  # fmt: skip
+    table = Table(title="customer-support's credential, used by a plain nats-py client")
+    table.add_column("attempt")
+    table.add_column("the NATS server says", style="red")
+    refused = 0
+    try:
+        for what, attempt in attempts:
+            got_one.clear()
+            before = len(refusals)
+            await attempt
+            try:
+                await asyncio.wait_for(got_one.wait(), 2.0)
+            except TimeoutError:
+                table.add_row(what, "[bold]allowed?![/]")
+                continue
+            refused += 1
+            table.add_row(what, escape(refusals[before]))
+    finally:
+        await nc.close()
+    console.print(table)
+    return refused == len(attempts)
 
 
 async def _show_unknown(console: Console, agents: DemoAgents) -> bool:

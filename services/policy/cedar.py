@@ -64,7 +64,7 @@ import cedarpy
 import msgspec
 
 from broker.errors import ConfigError
-from schemas import AgentRecord, Decision, Effect
+from schemas import AgentRecord, Decision, Effect, PolicyFiles
 from services.policy.decider import (
     ACTIONS,
     DEFAULT_DENY_ID,
@@ -86,6 +86,7 @@ __all__ = [
     "PolicySlice",
     "agent_entity",
     "capability_entity",
+    "read_policy_dir",
     "shipped_policy_dir",
 ]
 
@@ -217,30 +218,8 @@ class CedarPolicies:
             ConfigError: no such folder, no schema, or an invalid set (the
                 message and ``details["errors"]`` carry Cedar's messages).
         """
-        if not path.is_dir():
-            raise ConfigError(
-                f"policy folder {path} does not exist; set SIGNALBOX_POLICY_DIR to a folder "
-                f"holding {SCHEMA_FILE} and *.cedar files",
-                details={"source": str(path)},
-            )
-        schema_path = path / SCHEMA_FILE
-        if not schema_path.is_file():
-            raise ConfigError(
-                f"{path}: no {SCHEMA_FILE}; every policy folder needs the Cedar schema "
-                "(copy the shipped one from policies/)",
-                details={"source": str(path)},
-            )
-        files = {
-            p.name: p.read_text(encoding="utf-8")
-            for p in sorted(path.iterdir())
-            if p.suffix == POLICY_SUFFIX and p.is_file() and not p.name.startswith(".")
-        }
-        if label is None:
-            label_path = path / LABEL_FILE
-            label = label_path.read_text(encoding="utf-8").strip() if label_path.is_file() else ""
-        return cls.from_texts(
-            files, schema_path.read_text(encoding="utf-8"), label=label, source=str(path)
-        )
+        read = read_policy_dir(path, label=label)
+        return cls.from_texts(dict(read.files), read.schema, label=read.label, source=str(path))
 
     @classmethod
     def from_texts(
@@ -876,3 +855,37 @@ def _evaluate(
 
 def _errors(errors: list[str]) -> str:
     return "Cedar could not evaluate the request, so it is denied: " + "; ".join(errors[:5])
+
+
+def read_policy_dir(path: Path, *, label: str | None = None) -> PolicyFiles:
+    """Read a policy folder (the layout :meth:`CedarPolicies.from_dir` loads) as a candidate.
+
+    Args:
+        path: The folder.
+        label: Label of the set; default: the folder's ``label.txt``, if any.
+
+    Raises:
+        ConfigError: no such folder, or no schema in it.
+    """
+    if not path.is_dir():
+        raise ConfigError(
+            f"policy folder {path} does not exist; set SIGNALBOX_POLICY_DIR to (or pass) a "
+            f"folder holding {SCHEMA_FILE} and *.cedar files",
+            details={"source": str(path)},
+        )
+    schema_path = path / SCHEMA_FILE
+    if not schema_path.is_file():
+        raise ConfigError(
+            f"{path}: no {SCHEMA_FILE}; every policy folder needs the Cedar schema "
+            "(copy the shipped one from policies/)",
+            details={"source": str(path)},
+        )
+    files = {
+        p.name: p.read_text(encoding="utf-8")
+        for p in sorted(path.iterdir())
+        if p.suffix == POLICY_SUFFIX and p.is_file() and not p.name.startswith(".")
+    }
+    if label is None:
+        label_path = path / LABEL_FILE
+        label = label_path.read_text(encoding="utf-8").strip() if label_path.is_file() else ""
+    return PolicyFiles(files=files, schema=schema_path.read_text(encoding="utf-8"), label=label)

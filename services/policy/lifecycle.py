@@ -30,7 +30,6 @@ from __future__ import annotations
 import difflib
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Literal
 
 import msgspec
@@ -51,7 +50,7 @@ from schemas import (
     PolicySetRecord,
     PolicyVersionInfo,
 )
-from services.policy.cedar import LABEL_FILE, POLICY_SUFFIX, SCHEMA_FILE, CedarPolicies
+from services.policy.cedar import SCHEMA_FILE, CedarPolicies
 
 __all__ = [
     "ACTIVE_KEY",
@@ -59,47 +58,12 @@ __all__ = [
     "diff_sets",
     "parse_candidate",
     "policies_of",
-    "read_policy_dir",
     "set_key",
 ]
 
 #: Key of the pointer to the active version.
 ACTIVE_KEY = "active"
 _SET_PREFIX = "set."
-
-
-def read_policy_dir(path: Path, *, label: str | None = None) -> PolicyFiles:
-    """Read a policy folder (the layout :meth:`CedarPolicies.from_dir` loads) as a candidate.
-
-    Args:
-        path: The folder.
-        label: Label of the set; default: the folder's ``label.txt``, if any.
-
-    Raises:
-        ConfigError: no such folder, or no schema in it.
-    """
-    if not path.is_dir():
-        raise ConfigError(
-            f"policy folder {path} does not exist; pass a folder holding {SCHEMA_FILE} "
-            "and *.cedar files",
-            details={"source": str(path)},
-        )
-    schema_path = path / SCHEMA_FILE
-    if not schema_path.is_file():
-        raise ConfigError(
-            f"{path}: no {SCHEMA_FILE}; every policy folder needs the Cedar schema "
-            "(copy the shipped one from policies/)",
-            details={"source": str(path)},
-        )
-    files = {
-        p.name: p.read_text(encoding="utf-8")
-        for p in sorted(path.iterdir())
-        if p.suffix == POLICY_SUFFIX and p.is_file() and not p.name.startswith(".")
-    }
-    if label is None:
-        label_path = path / LABEL_FILE
-        label = label_path.read_text(encoding="utf-8").strip() if label_path.is_file() else ""
-    return PolicyFiles(files=files, schema=schema_path.read_text(encoding="utf-8"), label=label)
 
 
 def set_key(version: int) -> str:

@@ -134,17 +134,12 @@ class Identity:
             created_by="operator",
             note=request.note,
         )
-        await self.service.audit.emit(
-            "admin",
-            subject=self.service.subjects.admin("registry", "enroll"),
-            actor="operator",
-            data={
-                "op": "enroll",
-                "agent": request.name,
-                "credential": issued.row.id,
-                "expires_at": issued.row.expires_at,
-                "note": request.note,
-            },
+        await self._audit(
+            "enroll",
+            agent=request.name,
+            credential=issued.row.id,
+            expires_at=issued.row.expires_at,
+            note=request.note,
         )
         return Enrolled(credential=issued.row, token=issued.token)
 
@@ -154,19 +149,23 @@ class Identity:
             self.credential_store.revoke, request.name, request.credential
         )
         disconnected = await self.disconnect(request.name) if ids and disconnect else 0
-        await self.service.audit.emit(
-            "admin",
-            subject=self.service.subjects.admin("registry", "revoke"),
-            actor="operator",
-            data={
-                "op": "revoke",
-                "agent": request.name,
-                "credentials": ids,
-                "disconnected": disconnected,
-                "reason": request.reason,
-            },
+        await self._audit(
+            "revoke",
+            agent=request.name,
+            credentials=ids,
+            disconnected=disconnected,
+            reason=request.reason,
         )
         return Revoked(agent=request.name, credentials=tuple(ids), disconnected=disconnected)
+
+    async def _audit(self, op: str, **data: Any) -> None:
+        """An ``admin`` audit event for operation ``op`` on ``sb.admin.registry.<op>``."""
+        await self.service.audit.emit(
+            "admin",
+            subject=self.service.subjects.admin("registry", op),
+            actor="operator",
+            data={"op": op, **data},
+        )
 
     async def revoke_all(self, agent: str, *, reason: str, disconnect: bool = True) -> Revoked:
         """Revoke every credential of ``agent`` (used when its last version is deregistered)."""

@@ -56,8 +56,12 @@ async def test_run_demo_end_to_end(tmp_path: Path) -> None:
     assert "mortgage-pricing is not a registered agent" in text
     # (e) the audit trail: every event chained and shown
     match = re.search(r"SB_AUDIT: (\d+) records", text)
-    # 22 from the scenario, plus an enrollment (admin) and a connection (auth) per agent.
-    assert match is not None and int(match.group(1)) == 30
+    # 22 from the scenario, plus an enrollment (admin) and a connection (auth) per
+    # agent, plus the impostor's connection (auth).
+    assert match is not None and int(match.group(1)) == 31
+    # (f) the server refuses the impostor, four times
+    assert text.count("permissions violation") >= 4
+    assert "allowed?!" not in text
     assert re.search(r"decision\s+customer-support\s+.*deny → credit-check\.score", text)
     assert re.search(r"call\s+loan-origination\s+.*ok fraud-detection\.check", text)
     assert re.search(r"rejected\s+loan-origination\s+.*unknown_target", text)
