@@ -8,6 +8,7 @@
     signalbox policy diff DIR | --from N --to M [--json]  per-file diff, policy ids added/removed
     signalbox policy history [--limit N] [--json]         stored versions, newest first
     signalbox policy rollback [--to N]                    re-activate an earlier version
+    signalbox policy test DIR --replay-since 24h [--json] what-if: recorded decisions it changes
 
 Every command but ``validate`` asks the policy service on the operator-only
 subjects ``sb.admin.policy.<op>`` (see :mod:`services.policy.service`);
@@ -22,16 +23,20 @@ a command runs, not at import time, because ``main`` imports this module.
 from __future__ import annotations
 
 import getpass
+import json
+import sys
+import time
 from collections.abc import Coroutine
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from nats.aio.client import Client
 from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -40,6 +45,7 @@ from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import (
     ApplyPolicies,
+    AuditEvent,
     DiffPolicies,
     PolicyApplied,
     PolicyDiff,
@@ -54,6 +60,10 @@ from schemas import (
 )
 from services.cli.client import admin_request
 from services.cli.render import to_json
+
+if TYPE_CHECKING:
+    from services.policy.cedar import CedarDecider
+    from services.policy.whatif import WhatIfReport
 
 __all__ = ["policy_app"]
 
@@ -364,3 +374,119 @@ def diff(
     ids.add_row(Text("added", "green"), ", ".join(result.added_ids) or "-")
     ids.add_row(Text("removed", "red"), ", ".join(result.removed_ids) or "-")
     console.print(ids)
+
+
+@policy_app.command("test")
+def test(
+    folder: Annotated[Path, typer.Argument(help="Candidate policy folder.", show_default=False)],
+    replay_since: Annotated[
+        str,
+        typer.Option(
+            "--replay-since",
+            help="Replay the decisions recorded since this long ago: 90m, 24h, 7d...",
+        ),
+    ] = "24h",
+    show: Annotated[
+        int, typer.Option("--show", min=0, help="List at most N changed decisions.")
+    ] = 20,
+    nats_url: NatsUrlOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """What-if: which decisions recorded in the audit trail would the candidate change?
+
+    Each recorded call or model/tool decision is rebuilt and evaluated against the
+    candidate at the time it was made, with the agents as the registry knows them
+    now. Nothing is applied. Exit 0 either way; the report says what would change.
+    """
+    from services.cli.main import parse_duration
+
+    try:
+        window = parse_duration(replay_since)
+    except typer.BadParameter as exc:
+        _fail(f"--replay-since: {exc}")
+    files = _read(folder)
+    from services.policy.cedar import CedarDecider, CedarPolicies
+
+    try:
+        candidate = CedarDecider(
+            CedarPolicies.from_texts(
+                dict(files.files), files.schema, label=files.label, source=str(folder)
+            )
+        )
+    except SignalboxError as err:
+        _fail(f"{err.message}; fix the candidate (`signalbox policy validate {folder}`)")
+    url, settings = _client_url(nats_url)
+    since = time.time() - window
+    report = _run(_replay(url, settings, candidate, since))
+    if json_out:
+        typer.echo(json.dumps(report.as_dict()))
+        return
+    console = Console()
+    console.print(
+        f"Replayed {report.evaluated:,} decisions since {_clock(since)} against "
+        f"{report.candidate_version} ({report.skipped:,} other records skipped; agents as "
+        "registered now)"
+    )
+    if not report.changes:
+        console.print(Text("No decision would change.", style="green"))
+        return
+    summary = Table(title="Decisions that would change, by agent", box=box.SIMPLE_HEAD)
+    for column in ("agent", "before", "after", "count"):
+        summary.add_column(column, justify="right" if column == "count" else "left")
+    for (agent, before, after), count in sorted(report.by_agent.items()):
+        summary.add_row(agent, _effect(before), _effect(after), f"{count:,}")
+    console.print(summary)
+    rows = Table(title=f"First {min(show, len(report.changes))} of {len(report.changes):,}",
+                 box=box.SIMPLE_HEAD)  # fmt: skip
+    for column in ("seq", "time", "agent", "action", "resource", "before → after", "why"):
+        rows.add_column(column, overflow="fold")
+    for change in report.changes[:show]:
+        rows.add_row(
+            str(change.seq),
+            _clock(change.time),
+            change.agent,
+            change.action,
+            change.resource,
+            Text.assemble(_effect(change.before), " → ", _effect(change.after)),
+            escape(change.reason),
+        )
+    if show:
+        console.print(rows)
+
+
+def _effect(effect: str) -> Text:
+    return Text(effect, style={"allow": "green", "deny": "red"}.get(effect, "yellow"))
+
+
+async def _replay(
+    url: str, settings: Settings, candidate: CedarDecider, since: float
+) -> WhatIfReport:
+    """Read the decisions recorded since ``since`` and replay them against ``candidate``."""
+    from services.cli.client import list_agents
+    from services.policy.whatif import what_if
+    from services.tracing.reader import audit_filter, scan
+
+    subjects = Subjects(settings.subject_prefix)
+    nc = await _connect(url, settings)
+    try:
+        agents = {r.manifest.name: r for r in await list_agents(nc, subjects)}
+        events: list[AuditEvent] = []
+        progress = Progress(
+            SpinnerColumn(),
+            TextColumn("reading decisions"),
+            MofNCompleteColumn(),
+            console=Console(stderr=True),
+            transient=True,
+            disable=not sys.stderr.isatty(),
+        )
+        with progress:
+            task = progress.add_task("read", total=None)
+            async for _seq, record, _raw in scan(
+                nc.jetstream(), audit_filter(subjects, kind="decision"), start_time=since
+            ):
+                if isinstance(record, AuditEvent):
+                    events.append(record)
+                progress.advance(task)
+        return what_if(events, candidate, agents)
+    finally:
+        await nc.close()
