@@ -550,7 +550,10 @@ class Agent:
             headers: Extra headers (``traceparent``...).
 
         Raises:
-            CallDenied: policy refused the call (``details`` has the reason).
+            CallDenied: policy refused the call (``details`` has the reason), or a call
+                parked for human approval was denied or expired
+                (``details["reason_code"]`` ``approval_denied`` / ``approval_expired``,
+                ``details["approval_id"]``).
             UnknownTarget: ``target`` is not registered.
             TargetUnavailable: nobody serves the capability right now.
             CallTimeout: no reply within ``timeout``.

@@ -305,7 +305,8 @@ def operator_permissions(subjects: Subjects) -> Permissions:
             "$SRV.>",
             *dict.fromkeys(js_read),
         ),
-        subscribe=(f"{OPERATOR_INBOX}.>",),
+        # The approval requests feed (`signalbox approvals`, dashboards).
+        subscribe=(f"{OPERATOR_INBOX}.>", f"{p}.approvals.requested"),
         allow_responses=False,
     )
 

@@ -27,8 +27,10 @@ __all__ = [
     "AUDIT_INTAKE_STREAM",
     "AUDIT_STREAM",
     "KV_AGENTS",
+    "KV_APPROVALS",
     "KV_POLICIES",
     "USAGE_STREAM",
+    "approvals_bucket_config",
     "bucket_configs",
     "ensure_bucket",
     "ensure_buckets",
@@ -45,6 +47,8 @@ USAGE_STREAM = "SB_USAGE"
 KV_AGENTS = "sb_agents"
 #: Versioned policy sets (layout: :mod:`services.policy.lifecycle`).
 KV_POLICIES = "sb_policies"
+#: Human approval requests of parked calls (layout: :mod:`services.policy.approvals`).
+KV_APPROVALS = "sb_approvals"
 
 _DAY = 86_400.0
 
@@ -112,7 +116,22 @@ def bucket_configs(settings: Settings) -> list[KeyValueConfig]:
             replicas=settings.audit_replicas,
             description="Versioned Cedar policy sets and the active pointer",
         ),
+        approvals_bucket_config(settings),
     ]
+
+
+def approvals_bucket_config(settings: Settings) -> KeyValueConfig:
+    """The KV bucket of human approval requests."""
+    return KeyValueConfig(
+        bucket=KV_APPROVALS,
+        # One key per request; each carries its own expiry (expires_at).
+        # The bucket TTL only clears out old, decided requests.
+        history=5,
+        ttl=7 * _DAY,
+        storage=StorageType.FILE,
+        replicas=settings.audit_replicas,
+        description="Human approval requests of parked calls",
+    )
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:

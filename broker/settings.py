@@ -37,6 +37,11 @@ class Settings(BaseSettings):
         default=None,
         description="SQL store URL; unset means SQLite at <data_dir>/signalbox.db.",
     )
+    prices_path: Path | None = Field(
+        default=None,
+        description="TOML file of model prices merged over the shipped defaults "
+        "(services/cost/prices.toml); unset: the shipped prices only.",
+    )
     nats_host: str = Field(default="127.0.0.1", description="Embedded server listen address.")
     nats_port: int = Field(
         default=4222,
@@ -64,6 +69,12 @@ class Settings(BaseSettings):
     )
     call_timeout: float = Field(
         default=10.0, gt=0, description="Default and maximum seconds a mediated call may take."
+    )
+    approval_timeout: float = Field(
+        default=300.0,
+        gt=0,
+        description="Longest seconds a call needing human approval stays parked (it also "
+        "waits no longer than its caller's timeout); no decision by then: approval_expired.",
     )
     policy_dir: Path | None = Field(
         default=None,

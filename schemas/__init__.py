@@ -8,7 +8,7 @@ from __future__ import annotations
 from schemas._base import SCHEMA_VERSION, Wire
 from schemas.audit import AuditBatch, AuditEvent, AuditKind
 from schemas.calls import CallMeta, CallOutcome
-from schemas.cost import UsageReport
+from schemas.cost import CostGroup, CostReport, CostReportRequest, CostRow, UsageReport
 from schemas.errors import ErrorReply
 from schemas.identity import (
     CredentialInfo,
@@ -22,11 +22,16 @@ from schemas.identity import (
 from schemas.policy import (
     ActivePolicy,
     ApplyPolicies,
+    ApprovalList,
+    ApprovalRequest,
+    ApprovalStatus,
     AuthzRequest,
+    DecideApproval,
     Decision,
     DiffPolicies,
     Effect,
     FileDiff,
+    ListApprovals,
     PolicyApplied,
     PolicyDiff,
     PolicyFiles,
@@ -65,6 +70,9 @@ __all__ = [
     "AgentManifest",
     "AgentRecord",
     "ApplyPolicies",
+    "ApprovalList",
+    "ApprovalRequest",
+    "ApprovalStatus",
     "AuditBatch",
     "AuditEvent",
     "AuditKind",
@@ -72,8 +80,13 @@ __all__ = [
     "CallMeta",
     "CallOutcome",
     "Capability",
+    "CostGroup",
+    "CostReport",
+    "CostReportRequest",
+    "CostRow",
     "CredentialInfo",
     "CredentialList",
+    "DecideApproval",
     "Decision",
     "DeregisterAgent",
     "DiffPolicies",
@@ -89,6 +102,7 @@ __all__ = [
     "Heartbeat",
     "InstanceStats",
     "ListAgents",
+    "ListApprovals",
     "ListCredentials",
     "PolicyApplied",
     "PolicyDiff",

@@ -1,16 +1,19 @@
-"""LLM and tool usage reports."""
+"""LLM and tool usage reports, and the operator's cost report."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
 from schemas._base import Wire
 
-__all__ = ["UsageReport"]
+__all__ = ["CostGroup", "CostReport", "CostReportRequest", "CostRow", "UsageReport"]
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
+
+#: What a cost report groups by: an attribution column, or a time bucket.
+CostGroup = Literal["team", "agent", "model", "project", "provider", "hour", "day"]
 
 
 class UsageReport(Wire, frozen=True, tag="usage_report.v1"):
@@ -18,6 +21,22 @@ class UsageReport(Wire, frozen=True, tag="usage_report.v1"):
 
     Published to ``sb.usage.<agent>`` (stream ``SB_USAGE``) with a
     ``Nats-Msg-Id`` equal to ``id``, so a retried report is stored once.
+
+    Attributes:
+        id: Report id (unique per agent); also its ``Nats-Msg-Id``.
+        agent: The reporting agent (must be the agent of the subject).
+        time: Unix time of the call.
+        model: Model name as the provider spells it (priced from the prices file).
+        provider: ``openai``, ``anthropic``... (informational).
+        input_tokens: Prompt tokens, *including* ``cached_tokens``.
+        output_tokens: Completion tokens (reasoning tokens included).
+        cached_tokens: Prompt tokens served from the provider's cache (a part
+            of ``input_tokens``, priced at the cached-input price).
+        tool_calls: Tool calls made by the model in this call.
+        latency_ms: Wall-clock latency of the call.
+        trace_id: Trace the call belongs to.
+        project: Project charged (chargeback key).
+        on_behalf_of: Chain of agents the call was made for, outermost first.
     """
 
     id: str
@@ -33,3 +52,50 @@ class UsageReport(Wire, frozen=True, tag="usage_report.v1"):
     trace_id: str = ""
     project: str = ""
     on_behalf_of: tuple[str, ...] = ()
+
+
+class CostReportRequest(Wire, frozen=True, tag="cost_report_request.v1"):
+    """Operator asks the cost service (``sb.admin.cost.report``) for metered totals.
+
+    Attributes:
+        by: Grouping key.
+        since: Unix time, inclusive (None: from the first report).
+        until: Unix time, exclusive (None: up to now).
+    """
+
+    by: CostGroup = "team"
+    since: float | None = None
+    until: float | None = None
+
+
+class CostRow(Wire, frozen=True, tag="cost_row.v1"):
+    """Totals of one group (or of everything, in :attr:`CostReport.total`).
+
+    Attributes:
+        key: The group's value (team, agent...; for ``hour``/``day`` the
+            bucket's start as Unix seconds, in text); empty if unattributed.
+        reports: Usage reports counted (each once, whatever redelivery).
+        cost_usd: Computed cost in US dollars.
+        fallback_priced: Reports of models missing from the prices file,
+            priced by its ``fallback`` entry.
+    """
+
+    key: str
+    reports: Count = 0
+    input_tokens: Count = 0
+    output_tokens: Count = 0
+    cached_tokens: Count = 0
+    tool_calls: Count = 0
+    cost_usd: float = 0.0
+    fallback_priced: Count = 0
+
+
+class CostReport(Wire, frozen=True, tag="cost_report.v1"):
+    """The cost service's answer: one row per group, most expensive first, and the total."""
+
+    by: CostGroup
+    since: float | None
+    until: float | None
+    rows: tuple[CostRow, ...] = ()
+    total: CostRow = msgspec.field(default_factory=lambda: CostRow(key=""))
+    prices_as_of: str = ""

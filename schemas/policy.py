@@ -1,5 +1,6 @@
-"""Authorization decisions, the request an agent sends before an LLM or tool call, and the
-policy lifecycle (``sb.admin.policy.<op>``: validate, apply, show, history, rollback, diff)."""
+"""Authorization decisions, the request an agent sends before an LLM or tool call, the
+policy lifecycle (``sb.admin.policy.<op>``: validate, apply, show, history, rollback, diff)
+and human approvals (``sb.admin.approvals.<op>``: list, approve, deny)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,16 @@ from schemas._base import Wire
 __all__ = [
     "ActivePolicy",
     "ApplyPolicies",
+    "ApprovalList",
+    "ApprovalRequest",
+    "ApprovalStatus",
     "AuthzRequest",
+    "DecideApproval",
     "Decision",
     "DiffPolicies",
     "Effect",
     "FileDiff",
+    "ListApprovals",
     "PolicyApplied",
     "PolicyDiff",
     "PolicyFiles",
@@ -342,3 +348,102 @@ class PolicyDiff(Wire, frozen=True, tag="policy_diff.v1"):
     files: tuple[FileDiff, ...] = ()
     added_ids: tuple[str, ...] = ()
     removed_ids: tuple[str, ...] = ()
+
+
+# -- human approvals -----------------------------------------------------------------------
+
+ApprovalStatus = Literal["pending", "approved", "denied", "expired", "used"]
+
+_ApprovalId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$(?!\n)")]
+_Digest = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?$(?!\n)")]
+_Reason = Annotated[str, msgspec.Meta(max_length=512, pattern=r"^[^\x00-\x1f\x7f]*$(?!\n)")]
+
+
+class ApprovalRequest(Wire, frozen=True, tag="approval_request.v1"):
+    """A call parked until an operator decides (KV ``sb_approvals``, key ``<id>``).
+
+    Published on ``sb.approvals.requested`` when the call is parked, returned
+    by ``list``, ``approve`` and ``deny``. An approval lets through exactly
+    one call: the parked one, whose ``binding`` it carries.
+
+    Attributes:
+        id: Approval id (32 hex digits).
+        call_id: Id of the parked call (as in its audit records).
+        caller: Calling agent.
+        target: Target agent.
+        capability: Target capability.
+        binding: SHA-256 hex over caller, target, capability and the call's
+            payload bytes (:func:`services.policy.approvals.binding_hash`).
+        requested_at: Unix time the call was parked.
+        expires_at: Unix time after which the call is refused
+            (``approval_expired``): the caller's deadline, capped by
+            ``SIGNALBOX_APPROVAL_TIMEOUT``.
+        policy_ids: Ids of the policies that asked for approval.
+        policy_version: Version of the policy set that decided.
+        reasons: The decision's reasons.
+        status: ``pending``, ``approved`` (not yet used), ``used`` (the call
+            went through), ``denied`` or ``expired``.
+        decided_by: Who approved or denied (``operator:<login>``).
+        decided_at: Unix time of the decision (0: none yet).
+        reason: Why the operator decided so (free text).
+        used_at: Unix time the approved call was forwarded (0: not yet).
+    """
+
+    id: _ApprovalId
+    call_id: str
+    caller: str
+    target: str
+    capability: str
+    binding: str
+    requested_at: float
+    expires_at: float
+    policy_ids: tuple[str, ...] = ()
+    policy_version: str = ""
+    reasons: tuple[str, ...] = ()
+    status: ApprovalStatus = "pending"
+    decided_by: str = ""
+    decided_at: float = 0.0
+    reason: str = ""
+    used_at: float = 0.0
+
+
+class ListApprovals(Wire, frozen=True, tag="list_approvals.v1"):
+    """``sb.admin.approvals.list``: approval requests, newest first.
+
+    Attributes:
+        all: Every stored request, decided and expired ones included
+            (default: pending only).
+        limit: At most this many.
+    """
+
+    all: bool = False
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+
+
+class ApprovalList(Wire, frozen=True, tag="approval_list.v1"):
+    """Reply of ``list``.
+
+    Attributes:
+        approvals: The requests, newest first (an expired pending request is
+            shown ``expired``).
+    """
+
+    approvals: tuple[ApprovalRequest, ...] = ()
+
+
+class DecideApproval(Wire, frozen=True, tag="decide_approval.v1"):
+    """``sb.admin.approvals.approve`` / ``deny``: decide one pending request.
+
+    Attributes:
+        id: The approval id.
+        reason: Why (recorded and audited).
+        requested_by: Who decides (the operator's login; recorded and audited).
+        binding: Decide only if the request's binding hash is this one (""
+            means any): guards against approving another call than the one
+            looked at.
+    """
+
+    id: _ApprovalId
+    reason: _Reason = ""
+    requested_by: _Short = ""
+    binding: _Digest = ""

@@ -687,4 +687,6 @@ def audit_tail(
             await nc.close()
 
     _run(main(), interrupted=0)
+from services.cli import approvals_cmds as _approvals_cmds  # noqa: E402, F401  (approvals)
 from services.cli import audit_cmds as _audit_cmds  # noqa: E402, F401  (verify, replay, report)
+from services.cli import cost_cmds as _cost_cmds  # noqa: E402, F401  (signalbox cost report)

@@ -22,6 +22,13 @@ Operators manage sets on ``sb.admin.policy.<op>``::
     history   PolicyHistoryRequest  -> PolicyHistory
     diff      DiffPolicies          -> PolicyDiff
 
+A call the policy set answers ``needs_approval`` is parked until an operator
+decides on ``sb.admin.approvals.<op>`` (see :mod:`services.policy.approvals`)::
+
+    list      ListApprovals         -> ApprovalList
+    approve   DecideApproval        -> ApprovalRequest   (audited, kind admin)
+    deny      DecideApproval        -> ApprovalRequest   (audited, kind admin)
+
 Before an LLM or tool call, an agent asks ``sb.authz.<agent>``
 (:class:`schemas.AuthzRequest`) and gets a :class:`schemas.Decision`; those
 decisions are audited like call decisions.
@@ -64,7 +71,7 @@ from broker.errors import (
     TargetUnavailable,
     UnknownTarget,
 )
-from broker.jetstream import KV_AGENTS, KV_POLICIES
+from broker.jetstream import KV_AGENTS, KV_APPROVALS, KV_POLICIES
 from broker.kvcache import KVCache
 from broker.replies import (
     H_CALL_ID,
@@ -82,10 +89,14 @@ from schemas import (
     ActivePolicy,
     AgentRecord,
     ApplyPolicies,
+    ApprovalList,
+    ApprovalRequest,
     AuthzRequest,
     CallOutcome,
+    DecideApproval,
     Decision,
     DiffPolicies,
+    ListApprovals,
     PolicyApplied,
     PolicyDiff,
     PolicyHistory,
@@ -97,6 +108,7 @@ from schemas import (
     ShowPolicies,
     ValidatePolicies,
 )
+from services.policy.approvals import ApprovalDesk, Parked, binding_hash, expiry_margin
 from services.policy.cedar import CedarDecider, shipped_policy_dir
 from services.policy.decider import CallRequest, Decider, RequestContext, UseRequest
 from services.policy.lifecycle import (
@@ -175,10 +187,16 @@ class PolicyService(Service):
         self.endpoint(s.admin("policy", "show"), ShowPolicies)(self.show_set)
         self.endpoint(s.admin("policy", "history"), PolicyHistoryRequest)(self.set_history)
         self.endpoint(s.admin("policy", "diff"), DiffPolicies)(self.diff_sets)
+        #: Parked calls and operators' decisions (after start).
+        self.approvals: ApprovalDesk | None = None
+        self.endpoint(s.admin("approvals", "list"), ListApprovals)(self.list_approvals)
+        self.endpoint(s.admin("approvals", "approve"), DecideApproval)(self.approve)
+        self.endpoint(s.admin("approvals", "deny"), DecideApproval)(self.deny)
         self.stats: dict[str, int] = {
             "calls": 0, "allowed": 0, "denied": 0, "rejected": 0,
             "ok": 0, "errors": 0, "timeouts": 0, "late_replies": 0,
             "authz": 0, "authz_allowed": 0, "authz_denied": 0,
+            "parked": 0, "approved": 0,
         }  # fmt: skip
 
     async def on_start(self) -> None:
@@ -186,6 +204,8 @@ class PolicyService(Service):
         self.agents = KVCache(self._kv, AgentRecord, on_change=self._agent_changed)
         await self.agents.start()
         await self._start_lifecycle()
+        self.approvals = ApprovalDesk(self, await self.js.key_value(KV_APPROVALS))
+        await self.approvals.start()
         self._inbox = self.nc.new_inbox()
         self._reply_sub = await self.nc.subscribe(
             f"{self._inbox}.*", cb=self._on_reply, pending_msgs_limit=1_000_000
@@ -217,6 +237,8 @@ class PolicyService(Service):
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+        if self.approvals is not None:
+            await self.approvals.stop()  # parked callers are told now, not left waiting
         if self._pending:
             self._drained.clear()
             with contextlib.suppress(TimeoutError):
@@ -488,6 +510,83 @@ class PolicyService(Service):
         assert self.policy_store is not None, "policy service not started"
         return self.policy_store
 
+    # -- human approvals -------------------------------------------------------
+
+    def _desk(self) -> ApprovalDesk:
+        assert self.approvals is not None, "policy service not started"
+        return self.approvals
+
+    async def list_approvals(self, request: ListApprovals) -> ApprovalList:
+        """``approvals.list``: pending approval requests (``all``: every stored one)."""
+        return await self._desk().list(request)
+
+    async def approve(self, request: DecideApproval) -> ApprovalRequest:
+        """``approvals.approve``: let the parked call through (once; audited)."""
+        return await self._desk().approve(request)
+
+    async def deny(self, request: DecideApproval) -> ApprovalRequest:
+        """``approvals.deny``: refuse the parked call (audited)."""
+        return await self._desk().deny(request)
+
+    async def _park(
+        self,
+        msg: Msg,
+        call_id: str,
+        approval_id: str,
+        caller: str,
+        target: str,
+        capability: str,
+        trace_id: str,
+        decision: Decision,
+    ) -> None:
+        headers = msg.headers or {}
+        now = time.time()
+        waits = self._requested_timeout(headers)
+        expires_in = min(waits - expiry_margin(waits), self.settings.approval_timeout)
+        record = ApprovalRequest(
+            id=approval_id, call_id=call_id, caller=caller, target=target,
+            capability=capability,
+            binding=binding_hash(caller, target, capability, msg.data),
+            requested_at=now, expires_at=now + expires_in,
+            policy_ids=decision.policy_ids, policy_version=decision.policy_version,
+            reasons=decision.reasons,
+        )  # fmt: skip
+        parked = Parked(
+            record=record, reply=msg.reply, data=msg.data, headers=dict(headers),
+            subject=msg.subject, trace_id=trace_id, decision=decision,
+            deadline=now + waits - expiry_margin(waits),
+        )  # fmt: skip
+        await self._desk().park(parked, expires_in)
+
+    async def forward_approved(self, parked: Parked, record: ApprovalRequest) -> None:
+        """Forward a parked call an operator approved, as an allowed call; audit the use."""
+        self.stats["allowed"] += 1
+        self.stats["approved"] += 1
+        await self.audit.emit(
+            "decision",
+            actor=record.caller,
+            subject=parked.subject,
+            trace_id=parked.trace_id,
+            policy_version=record.policy_version,
+            data={
+                "call_id": record.call_id, "caller": record.caller, "target": record.target,
+                "capability": record.capability, "approval_id": record.id,
+                "approved_by": record.decided_by, "binding": record.binding,
+                "decision": {
+                    "effect": "allow", "reason_code": "approved",
+                    "reasons": [f"approved by {record.decided_by or 'an operator'}"
+                                + (f": {record.reason}" if record.reason else "")],
+                    "policy_ids": list(record.policy_ids),
+                    "policy_version": record.policy_version,
+                },
+            },
+        )  # fmt: skip
+        remaining = min(parked.deadline - time.time(), self.settings.call_timeout)
+        await self._forward(
+            parked.reply, parked.data, parked.headers, record.call_id, record.caller,
+            record.target, record.capability, parked.trace_id, max(remaining, 0.001),
+        )  # fmt: skip
+
     # -- hot path --------------------------------------------------------------
 
     async def _on_call(self, msg: Msg) -> None:
@@ -545,6 +644,8 @@ class PolicyService(Service):
             "call_id": call_id, "caller": caller, "target": target,
             "capability": capability, "decision": _builtins(decision),
         }  # fmt: skip
+        if decision.effect == "needs_approval":
+            data["approval_id"] = new_id()
         if context != _NO_CONTEXT:  # the inputs a what-if replay needs
             data["context"] = {
                 "estimated_tokens": context.estimated_tokens,
@@ -560,24 +661,46 @@ class PolicyService(Service):
             policy_version=decision.policy_version,
             data=data,
         )
+        if decision.effect == "needs_approval":
+            await self._park(
+                msg, call_id, data["approval_id"], caller, target, capability, trace_id, decision
+            )
+            return
         if decision.effect != "allow":
             self.stats["denied"] += 1
             body, hdrs = error_reply(_denied(decision, caller, target, capability))
             await self.nc.publish(msg.reply, body, headers=hdrs)
             return
         self.stats["allowed"] += 1
+        await self._forward(
+            msg.reply, msg.data, headers, call_id, caller, target, capability, trace_id, timeout
+        )
+
+    async def _forward(
+        self,
+        reply: str,
+        payload: bytes,
+        headers: dict[str, str],
+        call_id: str,
+        caller: str,
+        target: str,
+        capability: str,
+        trace_id: str,
+        timeout: float,
+    ) -> None:
+        """Send an allowed call to ``sb.in.<target>.<capability>``; its reply is relayed."""
         self._next += 1
         token = str(self._next)
         loop = asyncio.get_running_loop()
         self._pending[token] = _Pending(
-            reply=msg.reply,
+            reply=reply,
             call_id=call_id,
             caller=caller,
             target=target,
             capability=capability,
             trace_id=trace_id,
             started=time.perf_counter(),
-            request_bytes=len(msg.data),
+            request_bytes=len(payload),
             timer=loop.call_later(timeout, self._expire, token),
         )
         forward = {
@@ -592,7 +715,7 @@ class PolicyService(Service):
                 forward[name] = headers[name]
         await self.nc.publish(
             self.subjects.inbound(target, capability),
-            msg.data,
+            payload,
             reply=f"{self._inbox}.{token}",
             headers=forward,
         )
@@ -724,6 +847,10 @@ class PolicyService(Service):
         )
 
     def _timeout(self, headers: dict[str, str]) -> float:
+        return min(self._requested_timeout(headers), self.settings.call_timeout)
+
+    def _requested_timeout(self, headers: dict[str, str]) -> float:
+        """Seconds the caller waits (header ``Sb-Timeout-Ms``; default: ``call_timeout``)."""
         raw = headers.get(H_TIMEOUT_MS)
         if raw is None:
             return self.settings.call_timeout
@@ -738,7 +865,7 @@ class PolicyService(Service):
             raise InvalidInput(
                 f"header {H_TIMEOUT_MS} must be positive", details={"header": H_TIMEOUT_MS}
             )
-        return min(value, self.settings.call_timeout)
+        return value
 
     async def _reject(self, err: SignalboxError, msg: Msg, caller: str) -> None:
         self.stats["rejected"] += 1

@@ -105,6 +105,12 @@ def _context(data: Mapping[str, Any], when: float) -> RequestContext:
     )
 
 
+# What became of a parked call (services.policy.approvals): approved and used, or refused.
+_APPROVAL_OUTCOMES = frozenset(
+    {"approved", "approval_denied", "approval_expired", "approval_unavailable"}
+)
+
+
 def request_from_record(
     event: AuditEvent, agents: Mapping[str, AgentRecord]
 ) -> tuple[AccessRequest, str, str, str] | None:
@@ -117,7 +123,7 @@ def request_from_record(
     decision = data.get("decision")
     if event.kind != "decision" or not isinstance(decision, dict):
         return None
-    if decision.get("reason_code") == "approved":  # an approval used, not an evaluation
+    if decision.get("reason_code") in _APPROVAL_OUTCOMES:  # not an evaluation
         return None
     if "capability" in data:
         caller, target, capability = (

@@ -149,14 +149,15 @@ async def test_mediated_calls_follow_the_cedar_policies(
     assert "ledger -> card-vault.stats denied: forbidden by policy" in forbidden.value.message
 
     with pytest.raises(CallDenied) as big:
+        # Parked for a human (tests/services/policy/test_approvals.py); nobody
+        # decides within the caller's timeout, so it is denied as expired.
         await ledger.call(
-            "card-vault", "charge", {},
+            "card-vault", "charge", {}, timeout=1.0,
             headers={H_ESTIMATED_TOKENS: "20000", H_DATA_TAGS: "pci-dss",
                      H_ON_BEHALF_OF: "user:ada"},
         )  # fmt: skip
-    assert big.value.details["effect"] == "needs_approval"
-    assert big.value.details["policy_ids"] == ["large-invocation-needs-approval"]
-    assert "needs human approval" in big.value.message
+    assert big.value.details["reason_code"] == "approval_expired"
+    assert big.value.details["approval_id"]
 
     with pytest.raises(CallDenied) as malformed:
         await ledger.call("card-vault", "charge", {}, headers={H_ESTIMATED_TOKENS: "lots"})

@@ -1,0 +1,167 @@
+"""``signalbox cost report``: metered LLM spend for chargeback.
+
+::
+
+    signalbox cost report [--by team|agent|model|project|provider|hour|day]
+                          [--since 7d|ISO] [--until T] [--format table|csv|json]
+
+Asks the cost service on the operator-only subject ``sb.admin.cost.report``
+(see :mod:`services.cost.service`); totals are computed by the service from
+its SQL store, every report counted once.
+
+``main`` imports this module (last); it registers :data:`cost_app` as
+``signalbox cost`` on :data:`services.cli.main.app`.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+from typing import Annotated, Literal
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from broker.subjects import Subjects
+from schemas import CostGroup, CostReport, CostReportRequest, CostRow
+from services.cli.audit_cmds import parse_since
+from services.cli.client import admin_request
+from services.cli.main import NatsUrlOption, _client_url, _connect, _fail, _run, app
+from services.cli.render import to_json
+
+__all__ = ["cost_app", "cost_report", "cost_table"]
+
+cost_app = typer.Typer(help="Metered LLM and tool spend (chargeback).", no_args_is_help=True)
+app.add_typer(cost_app, name="cost")
+
+_TIME_GROUPS = ("hour", "day")
+_COLUMNS = (
+    "reports",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "tool_calls",
+    "cost_usd",
+    "fallback_priced",
+)
+
+
+def _key(by: CostGroup, key: str) -> str:
+    if by in _TIME_GROUPS and key:
+        stamp = datetime.datetime.fromtimestamp(int(key), tz=datetime.UTC)
+        return stamp.strftime("%Y-%m-%d %H:00Z" if by == "hour" else "%Y-%m-%d")
+    return key or "(none)"
+
+
+def _usd(value: float) -> str:
+    return f"${value:,.4f}"
+
+
+def cost_table(report: CostReport) -> Table:
+    """A Rich table of ``report``: one row per group, then the totals row."""
+    table = Table(
+        title=f"Cost by {report.by}"
+        + (f" (prices as of {report.prices_as_of})" if report.prices_as_of else ""),
+        box=box.SIMPLE_HEAD,
+        show_footer=True,
+    )
+    total = report.total
+    table.add_column(report.by, footer="total")
+    table.add_column("reports", justify="right", footer=f"{total.reports:,}")
+    table.add_column("input tok", justify="right", footer=f"{total.input_tokens:,}")
+    table.add_column("output tok", justify="right", footer=f"{total.output_tokens:,}")
+    table.add_column("cached tok", justify="right", footer=f"{total.cached_tokens:,}")
+    table.add_column("tool calls", justify="right", footer=f"{total.tool_calls:,}")
+    table.add_column("cost (USD)", justify="right", footer=_usd(total.cost_usd))
+    table.add_column("fallback-priced", justify="right", footer=f"{total.fallback_priced:,}")
+    for row in report.rows:
+        table.add_row(
+            _key(report.by, row.key),
+            f"{row.reports:,}",
+            f"{row.input_tokens:,}",
+            f"{row.output_tokens:,}",
+            f"{row.cached_tokens:,}",
+            f"{row.tool_calls:,}",
+            _usd(row.cost_usd),
+            f"{row.fallback_priced:,}" if row.fallback_priced else "",
+        )
+    return table
+
+
+def _csv(report: CostReport) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([report.by, *_COLUMNS])
+
+    def values(row: CostRow) -> list[str]:
+        return [
+            str(row.reports),
+            str(row.input_tokens),
+            str(row.output_tokens),
+            str(row.cached_tokens),
+            str(row.tool_calls),
+            f"{row.cost_usd:.9f}",
+            str(row.fallback_priced),
+        ]
+
+    for row in report.rows:
+        writer.writerow([_key(report.by, row.key), *values(row)])
+    writer.writerow(["total", *values(report.total)])
+    return out.getvalue()
+
+
+@cost_app.command("report")
+def cost_report(
+    by: Annotated[
+        Literal["team", "agent", "model", "project", "provider", "hour", "day"],
+        typer.Option("--by", help="Group by team, agent, model, project, provider, hour or day."),
+    ] = "team",
+    since: Annotated[
+        str,
+        typer.Option("--since", help="Start: a duration back from now (7d, 12h) or an ISO time."),
+    ] = "7d",
+    until: Annotated[
+        str | None,
+        typer.Option("--until", help="End (exclusive): duration back or ISO time; default: now."),
+    ] = None,
+    fmt: Annotated[
+        Literal["table", "csv", "json"], typer.Option("--format", help="Output format.")
+    ] = "table",
+    nats_url: NatsUrlOption = None,
+) -> None:
+    """Metered cost per team, agent, model, project, provider, hour or day, with totals."""
+    try:
+        start = parse_since(since)
+        end = parse_since(until) if until is not None else None
+    except typer.BadParameter as exc:
+        _fail(str(exc.message))
+    if end is not None and end <= start:
+        _fail(f"--until ({until}) must be after --since ({since})")
+    url, settings = _client_url(nats_url)
+    request = CostReportRequest(by=by, since=start, until=end)
+
+    async def main() -> CostReport:
+        nc = await _connect(url, settings)
+        try:
+            return await admin_request(
+                nc,
+                Subjects(settings.subject_prefix),
+                "report",
+                request,
+                CostReport,
+                service="cost",
+                timeout=30.0,
+            )
+        finally:
+            await nc.close()
+
+    report = _run(main())
+    if fmt == "json":
+        typer.echo(to_json(report))
+    elif fmt == "csv":
+        typer.echo(_csv(report), nl=False)
+    else:
+        Console().print(cost_table(report))

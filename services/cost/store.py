@@ -1,0 +1,215 @@
+"""The cost service's SQL store: one row per metered usage report.
+
+Same database as the registry by default (``settings.resolved_database_url``:
+a SQLite file under the data dir, or PostgreSQL), in tables of its own::
+
+    cost_usage   one row per (agent, report id): the report's fields, the team
+                 it was charged to, its cost in nano-dollars, hour and day
+                 buckets, and whether the fallback price was used
+
+Exactly once. The primary key is ``(agent, id)``: the report id is the
+``Nats-Msg-Id`` the SDK sends, scoped to the agent the subject proves (so one
+agent cannot pre-empt another's ids). A batch is inserted with ``ON CONFLICT
+DO NOTHING`` in one transaction; a redelivered or duplicated report is a
+no-op, so acking only after the commit gives exactly-once totals.
+
+Aggregates are ``GROUP BY`` queries over this raw table, not counters kept
+on the side: there is nothing to keep consistent under redelivery, and the
+``(time)`` and ``(<key>, time)`` indexes make a report over a time range read
+one index range. Every method is synchronous; the service calls them through
+:func:`asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    Index,
+    String,
+    Table,
+    Text,
+    case,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlmodel import Field, SQLModel
+
+from broker.errors import ConfigError
+from schemas import CostGroup, CostReport, CostRow, UsageReport
+from services.cost.prices import NANOS_PER_USD, Prices
+from services.registry.store import _make_engine
+
+__all__ = ["UsageRow", "UsageStore"]
+
+_HOUR: Final = 3600
+_DAY: Final = 86_400
+_Key = String(128).with_variant(String(128, collation="C"), "postgresql")
+# Distinct from the registry's advisory lock key.
+_SCHEMA_LOCK: Final = 0x5B_C057
+
+
+class UsageRow(SQLModel, table=True):
+    """One metered usage report."""
+
+    __tablename__ = "cost_usage"
+    __table_args__ = (
+        Index("ix_cost_usage_time", "time"),
+        Index("ix_cost_usage_team_time", "team", "time"),
+        Index("ix_cost_usage_agent_time", "agent", "time"),
+        Index("ix_cost_usage_project_time", "project", "time"),
+        Index("ix_cost_usage_model_time", "model", "time"),
+    )
+
+    agent: str = Field(primary_key=True, sa_type=_Key)
+    id: str = Field(primary_key=True, sa_type=String(256))
+    time: float = Field(sa_type=Float)
+    hour: int = Field(sa_type=BigInteger)
+    day: int = Field(sa_type=BigInteger)
+    team: str = Field(default="", sa_type=_Key)
+    project: str = Field(default="", sa_type=_Key)
+    model: str = Field(default="", sa_type=_Key)
+    provider: str = Field(default="", sa_type=_Key)
+    input_tokens: int = Field(default=0, sa_type=BigInteger)
+    output_tokens: int = Field(default=0, sa_type=BigInteger)
+    cached_tokens: int = Field(default=0, sa_type=BigInteger)
+    tool_calls: int = Field(default=0, sa_type=BigInteger)
+    latency_ms: float = Field(default=0.0, sa_type=Float)
+    cost_nanos: int = Field(default=0, sa_type=BigInteger)
+    priced_by_fallback: bool = Field(default=False, sa_type=Boolean)
+    trace_id: str = Field(default="", sa_type=String(256))
+    on_behalf_of: str = Field(default="", sa_type=Text)
+    received_at: float = Field(default=0.0, sa_type=Float)
+
+
+_U: Table = UsageRow.__table__  # type: ignore[attr-defined]
+
+
+class UsageStore:
+    """Metered usage in SQL (SQLite or PostgreSQL).
+
+    Args:
+        url: SQLAlchemy URL (``sqlite:///<path>`` or ``postgresql+psycopg://...``).
+        prices: Prices used to cost each report as it is recorded.
+
+    Raises:
+        ConfigError: the URL names another kind of database.
+    """
+
+    def __init__(self, url: str, prices: Prices) -> None:
+        backend = make_url(url).get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            raise ConfigError(
+                f"unsupported database {backend!r} in the cost service's database URL; use "
+                "sqlite:///<path> or postgresql+psycopg://user:password@host/db",
+                details={"backend": backend},
+            )
+        self.prices = prices
+        self._engine = _make_engine(url)
+        self._writer = self._engine.execution_options(sb_write=True)
+        self._postgres = self._engine.dialect.name == "postgresql"
+        dialect_insert = postgresql.insert if self._postgres else sqlite.insert
+        self._insert = dialect_insert(_U).on_conflict_do_nothing(
+            index_elements=[_U.c.agent, _U.c.id]
+        )
+
+    def create_schema(self) -> None:
+        """Create the table and indexes if missing (idempotent)."""
+        with self._writer.begin() as conn:
+            if self._postgres:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+            SQLModel.metadata.create_all(conn, tables=[_U])
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._engine.dispose()
+
+    def row(self, report: UsageReport, *, team: str, now: float) -> dict[str, Any]:
+        """The row recording ``report`` (costed with :attr:`prices`)."""
+        priced = self.prices.cost(
+            report.model, report.input_tokens, report.output_tokens, report.cached_tokens
+        )
+        return {
+            "agent": report.agent,
+            "id": report.id,
+            "time": report.time,
+            "hour": int(report.time // _HOUR) * _HOUR,
+            "day": int(report.time // _DAY) * _DAY,
+            "team": team,
+            "project": report.project,
+            "model": report.model,
+            "provider": report.provider,
+            "input_tokens": report.input_tokens,
+            "output_tokens": report.output_tokens,
+            "cached_tokens": report.cached_tokens,
+            "tool_calls": report.tool_calls,
+            "latency_ms": report.latency_ms,
+            "cost_nanos": priced.nanos,
+            "priced_by_fallback": priced.fallback,
+            "trace_id": report.trace_id,
+            "on_behalf_of": ",".join(report.on_behalf_of),
+            "received_at": now,
+        }
+
+    def record(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert ``rows`` in one transaction; rows already stored are skipped.
+
+        Returns once committed (the caller acks after that).
+        """
+        if not rows:
+            return
+        with self._writer.begin() as conn:
+            conn.execute(self._insert, list(rows))
+
+    def report(self, by: CostGroup, since: float | None, until: float | None) -> CostReport:
+        """Totals per ``by`` over ``[since, until)``, most expensive first, and the total."""
+        key = _U.c[by]
+        sums = (
+            func.count(),
+            func.coalesce(func.sum(_U.c.input_tokens), 0),
+            func.coalesce(func.sum(_U.c.output_tokens), 0),
+            func.coalesce(func.sum(_U.c.cached_tokens), 0),
+            func.coalesce(func.sum(_U.c.tool_calls), 0),
+            func.coalesce(func.sum(_U.c.cost_nanos), 0),
+            func.coalesce(func.sum(case((_U.c.priced_by_fallback, 1), else_=0)), 0),
+        )
+        conditions = []
+        if since is not None:
+            conditions.append(_U.c.time >= since)
+        if until is not None:
+            conditions.append(_U.c.time < until)
+        grouped = select(key, *sums).where(*conditions).group_by(key)
+        total = select(*sums).where(*conditions)
+        with self._engine.connect() as conn:
+            rows = [_cost_row(str(r[0]), r[1:]) for r in conn.execute(grouped)]
+            total_row = _cost_row("", conn.execute(total).one())
+        rows.sort(key=lambda r: (-r.cost_usd, r.key))
+        return CostReport(
+            by=by,
+            since=since,
+            until=until,
+            rows=tuple(rows),
+            total=total_row,
+            prices_as_of=self.prices.as_of,
+        )
+
+
+def _cost_row(key: str, sums: Sequence[Any]) -> CostRow:
+    reports, inp, out, cached, tools, nanos, fallback = (int(v or 0) for v in sums)
+    return CostRow(
+        key=key,
+        reports=reports,
+        input_tokens=inp,
+        output_tokens=out,
+        cached_tokens=cached,
+        tool_calls=tools,
+        cost_usd=nanos / NANOS_PER_USD,
+        fallback_priced=fallback,
+    )
