@@ -20,6 +20,12 @@ unless ``--no-fsync``.
   publish until the ``sb-cost-meter`` consumer has nothing pending or
   unacknowledged. The store's total is then checked to be exactly ``N``.
 
+* **Backlog** rows: the same again with the reports published first, then
+  only the consumer side timed (raw: the pull consumer acking; cost: from the
+  moment its child process is ready, counting what it had not acked yet).
+  These compare the consumers alone; in the first rows the raw publisher and
+  consumer share one process (one core) while the cost service has its own.
+
 Target (issue 6): >= 20,000 usage events/s ingested durably.
 """
 

@@ -42,6 +42,8 @@ from schemas.policy import (
     PolicyValidation,
     PolicyVersionInfo,
     RollbackPolicies,
+    ShadowPolicies,
+    ShadowStatus,
     ShowPolicies,
     ValidatePolicies,
 )
@@ -117,6 +119,8 @@ __all__ = [
     "RevokeAgent",
     "Revoked",
     "RollbackPolicies",
+    "ShadowPolicies",
+    "ShadowStatus",
     "ShowPolicies",
     "UsageReport",
     "ValidatePolicies",

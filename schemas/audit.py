@@ -10,7 +10,9 @@ from schemas._base import Wire
 
 __all__ = ["AuditBatch", "AuditEvent", "AuditKind"]
 
-AuditKind = Literal["call", "decision", "rejected", "registry", "usage", "admin", "auth"]
+AuditKind = Literal[
+    "call", "decision", "rejected", "registry", "usage", "admin", "auth", "shadow"
+]
 
 
 class AuditEvent(Wire, frozen=True, tag="audit_event.v1"):

@@ -33,6 +33,8 @@ __all__ = [
     "PolicyValidation",
     "PolicyVersionInfo",
     "RollbackPolicies",
+    "ShadowPolicies",
+    "ShadowStatus",
     "ShowPolicies",
     "ValidatePolicies",
 ]
@@ -272,6 +274,28 @@ class ActivePolicy(Wire, frozen=True, tag="policy_active.v1"):
     changed_at: float = 0.0
     reason: str = ""
     previous: int = 0
+
+
+class ShadowPolicies(Wire, frozen=True, tag="policy_shadow.v1"):
+    """``sb.admin.policy.shadow``: evaluate a candidate beside the active set on live traffic.
+
+    Attributes:
+        candidate: The candidate set; None turns shadow mode off.
+        requested_by: Who asks (kept in the audit record).
+    """
+
+    candidate: PolicyFiles | None = None
+    requested_by: str = ""
+
+
+class ShadowStatus(Wire, frozen=True, tag="policy_shadow_status.v1"):
+    """Whether a shadow set runs, and which (stored as a version that is not active)."""
+
+    enabled: bool
+    version: int = 0
+    digest: str = ""
+    label: str = ""
+    active_version: int = 0
 
 
 class PolicyApplied(Wire, frozen=True, tag="policy_applied.v1"):

@@ -9,6 +9,7 @@
     signalbox policy history [--limit N] [--json]         stored versions, newest first
     signalbox policy rollback [--to N]                    re-activate an earlier version
     signalbox policy test DIR --replay-since 24h [--json] what-if: recorded decisions it changes
+    signalbox policy shadow DIR | --off                   a candidate beside the active set, live
 
 Every command but ``validate`` asks the policy service on the operator-only
 subjects ``sb.admin.policy.<op>`` (see :mod:`services.policy.service`);
@@ -55,6 +56,8 @@ from schemas import (
     PolicyShown,
     PolicyValidation,
     RollbackPolicies,
+    ShadowPolicies,
+    ShadowStatus,
     ShowPolicies,
     ValidatePolicies,
 )
@@ -490,3 +493,42 @@ async def _replay(
         return what_if(events, candidate, agents)
     finally:
         await nc.close()
+
+
+@policy_app.command("shadow")
+def shadow(
+    folder: Annotated[
+        Path | None,
+        typer.Argument(help="Candidate policy folder to run in shadow.", show_default=False),
+    ] = None,
+    off: Annotated[bool, typer.Option("--off", help="Stop shadow mode.")] = False,
+    label: Annotated[
+        str | None, typer.Option("--label", help="Label of the candidate (default: label.txt).")
+    ] = None,
+    nats_url: NatsUrlOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Evaluate a candidate beside the active set on live traffic; audit every disagreement.
+
+    Outcomes never change: callers get the active set's answers. Disagreements are
+    audit records of kind `shadow` (`signalbox audit replay --kind shadow --since 1h`).
+    """
+    if (folder is None) == (not off):
+        _fail("give a candidate folder to start shadow mode, or --off to stop it")
+    candidate = _read(folder, label) if folder is not None else None
+    status = _call(
+        nats_url, "shadow", ShadowPolicies(candidate=candidate, requested_by=_who()), ShadowStatus
+    )
+    if json_out:
+        typer.echo(to_json(status))
+        return
+    console = Console()
+    if not status.enabled:
+        console.print(f"Shadow mode is off; version {status.active_version} decides, alone.")
+        return
+    console.print(
+        f"Shadow mode on: version {status.version} "
+        f"({_version(status.label, status.digest)}) is evaluated beside active version "
+        f"{status.active_version} on every replica; outcomes are unchanged.\n"
+        "Disagreements: signalbox audit replay --kind shadow --since 1h"
+    )

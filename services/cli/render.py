@@ -34,6 +34,7 @@ KIND_STYLES: dict[str, str] = {
     "usage": "green",
     "admin": "bright_white",
     "auth": "bright_red",
+    "shadow": "bright_magenta",
 }
 
 

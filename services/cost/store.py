@@ -43,9 +43,9 @@ from sqlalchemy.engine import make_url
 from sqlmodel import Field, SQLModel
 
 from broker.errors import ConfigError
+from broker.sql import make_engine
 from schemas import CostGroup, CostReport, CostRow, UsageReport
 from services.cost.prices import NANOS_PER_USD, Prices
-from services.registry.store import _make_engine
 
 __all__ = ["UsageRow", "UsageStore"]
 
@@ -112,12 +112,19 @@ class UsageStore:
                 details={"backend": backend},
             )
         self.prices = prices
-        self._engine = _make_engine(url)
+        self._engine = make_engine(url)
         self._writer = self._engine.execution_options(sb_write=True)
         self._postgres = self._engine.dialect.name == "postgresql"
         dialect_insert = postgresql.insert if self._postgres else sqlite.insert
-        self._insert = dialect_insert(_U).on_conflict_do_nothing(
-            index_elements=[_U.c.agent, _U.c.id]
+        insert = dialect_insert(_U).on_conflict_do_nothing(index_elements=[_U.c.agent, _U.c.id])
+        # Compiled once to the driver's SQL: SQLAlchemy's per-batch statement
+        # handling would cost more than the insert itself.
+        compiled = insert.compile(
+            dialect=self._engine.dialect, column_keys=[c.name for c in _U.columns]
+        )
+        self._insert_sql = compiled.string
+        self._insert_order = (
+            tuple(compiled.positiontup or ()) if self._engine.dialect.positional else None
         )
 
     def create_schema(self) -> None:
@@ -165,8 +172,10 @@ class UsageStore:
         """
         if not rows:
             return
+        order = self._insert_order
+        params: list[Any] = [tuple(row[k] for k in order) for row in rows] if order else list(rows)
         with self._writer.begin() as conn:
-            conn.execute(self._insert, list(rows))
+            conn.exec_driver_sql(self._insert_sql, params)
 
     def report(self, by: CostGroup, since: float | None, until: float | None) -> CostReport:
         """Totals per ``by`` over ``[since, until)``, most expensive first, and the total."""

@@ -8,6 +8,10 @@ Layout of the bucket (values are msgspec JSON of :mod:`schemas.policy` types)::
                                 version is kept, for history and rollback.
     active    ActivePolicy      pointer {version, digest, previous, who, when,
                                 reason}: the version every replica evaluates.
+    shadow    ActivePolicy      optional pointer to a stored version every
+                                replica evaluates *beside* the active one on
+                                live traffic, auditing each disagreement
+                                (kind ``shadow``) without changing outcomes.
 
 Versions are numbered 1, 2, ... in the order they were stored. Applying a
 set validates it (Cedar parses and validates every policy against the
@@ -27,6 +31,7 @@ points ``active`` at it; from then on the bucket, not the folder, decides.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import time
 from collections.abc import Mapping
@@ -54,6 +59,7 @@ from services.policy.cedar import SCHEMA_FILE, CedarPolicies
 
 __all__ = [
     "ACTIVE_KEY",
+    "SHADOW_KEY",
     "PolicyStore",
     "diff_sets",
     "parse_candidate",
@@ -63,6 +69,8 @@ __all__ = [
 
 #: Key of the pointer to the active version.
 ACTIVE_KEY = "active"
+#: Key of the pointer to the shadow version (absent: no shadow set).
+SHADOW_KEY = "shadow"
 _SET_PREFIX = "set."
 
 
@@ -127,6 +135,22 @@ class PolicyStore:
         if not entry.value:
             return None, entry.revision or 0
         return decode(entry.value, ActivePolicy), entry.revision or 0
+
+    async def shadow(self) -> ActivePolicy | None:
+        """The shadow pointer (None: shadow mode is off)."""
+        try:
+            entry = await self.kv.get(SHADOW_KEY)
+        except KeyNotFoundError:
+            return None
+        return decode(entry.value, ActivePolicy) if entry.value else None
+
+    async def set_shadow(self, pointer: ActivePolicy | None) -> None:
+        """Point ``shadow`` at a stored version, or turn shadow mode off (None)."""
+        if pointer is None:
+            with contextlib.suppress(KeyNotFoundError):
+                await self.kv.delete(SHADOW_KEY)
+            return
+        await self.kv.put(SHADOW_KEY, msgspec.json.encode(pointer))
 
     async def get(self, version: int) -> PolicySetRecord:
         """Stored version ``version``.

@@ -47,6 +47,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,19 +106,29 @@ from schemas import (
     PolicyShown,
     PolicyValidation,
     RollbackPolicies,
+    ShadowPolicies,
+    ShadowStatus,
     ShowPolicies,
     ValidatePolicies,
 )
 from services.policy.approvals import ApprovalDesk, Parked, binding_hash, expiry_margin
 from services.policy.cedar import CedarDecider, shipped_policy_dir
-from services.policy.decider import CallRequest, Decider, RequestContext, UseRequest
+from services.policy.decider import (
+    AccessRequest,
+    CallRequest,
+    Decider,
+    RequestContext,
+    UseRequest,
+)
 from services.policy.lifecycle import (
     ACTIVE_KEY,
+    SHADOW_KEY,
     PolicyStore,
     diff_sets,
     parse_candidate,
     policies_of,
 )
+from services.policy.shadow import Shadow, disagreement
 
 __all__ = ["PolicyService"]
 
@@ -179,6 +190,9 @@ class PolicyService(Service):
         #: Stored version this replica evaluates (0: its folder's set, not from KV).
         self.active_version = 0
         self._policy_watch: asyncio.Task[None] | None = None
+        self._shadow_watch: asyncio.Task[None] | None = None
+        #: The shadow set evaluated beside the active one (services.policy.shadow).
+        self.shadow: Shadow | None = None
         self._activation = asyncio.Lock()
         s = self.subjects
         self.endpoint(s.admin("policy", "validate"), ValidatePolicies)(self.validate_set)
@@ -187,6 +201,7 @@ class PolicyService(Service):
         self.endpoint(s.admin("policy", "show"), ShowPolicies)(self.show_set)
         self.endpoint(s.admin("policy", "history"), PolicyHistoryRequest)(self.set_history)
         self.endpoint(s.admin("policy", "diff"), DiffPolicies)(self.diff_sets)
+        self.endpoint(s.admin("policy", "shadow"), ShadowPolicies)(self.shadow_set)
         #: Parked calls and operators' decisions (after start).
         self.approvals: ApprovalDesk | None = None
         self.endpoint(s.admin("approvals", "list"), ListApprovals)(self.list_approvals)
@@ -196,8 +211,37 @@ class PolicyService(Service):
             "calls": 0, "allowed": 0, "denied": 0, "rejected": 0,
             "ok": 0, "errors": 0, "timeouts": 0, "late_replies": 0,
             "authz": 0, "authz_allowed": 0, "authz_denied": 0,
-            "parked": 0, "approved": 0,
+            "parked": 0, "approved": 0, "shadow_disagreements": 0, "internal_errors": 0,
         }  # fmt: skip
+
+    def _guarded(
+        self, handler: Callable[[Msg], Awaitable[None]]
+    ) -> Callable[[Msg], Awaitable[None]]:
+        """``handler``, but a bug in it becomes an ``internal`` error reply, never a hang.
+
+        nats-py hands a callback's exception to the connection's error
+        callback and moves on: the caller would wait for its timeout with no
+        clue. Here it is logged, counted, audited and answered.
+        """
+
+        async def run(msg: Msg) -> None:
+            try:
+                await handler(msg)
+            except Exception as exc:
+                log.exception("policy: handling %s failed", msg.subject)
+                self.stats["internal_errors"] += 1
+                err = SignalboxError(
+                    f"the policy service failed on this request ({type(exc).__name__}); "
+                    "see its log",
+                    details={"subject": msg.subject},
+                )
+                with contextlib.suppress(Exception):
+                    await self.reject(err, subject=msg.subject)
+                    if msg.reply:
+                        body, headers = error_reply(err)
+                        await self.nc.publish(msg.reply, body, headers=headers)
+
+        return run
 
     async def on_start(self) -> None:
         self._kv = await self.js.key_value(KV_AGENTS)
@@ -213,13 +257,13 @@ class PolicyService(Service):
         self._call_sub = await self.nc.subscribe(
             self.subjects.out_wildcard,
             queue="sb-policy",
-            cb=self._on_call,
+            cb=self._guarded(self._on_call),
             pending_msgs_limit=1_000_000,
         )
         self._authz_sub = await self.nc.subscribe(
             self.subjects.authz_wildcard,
             queue="sb-policy",
-            cb=self._on_authz,
+            cb=self._guarded(self._on_authz),
             pending_msgs_limit=100_000,
         )
         # Not nc.flush(): see sync_connection (nats-py can PONG before our SUB).
@@ -248,6 +292,11 @@ class PolicyService(Service):
                 await self._reply_sub.unsubscribe()
         if self.agents is not None:
             await self.agents.stop()
+        if self._shadow_watch is not None:
+            self._shadow_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._shadow_watch
+            self._shadow_watch = None
         if self._policy_watch is not None:
             self._policy_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -308,6 +357,92 @@ class PolicyService(Service):
             await self._activate(pointer)
         watcher = await store.kv.watch(ACTIVE_KEY)
         self._policy_watch = asyncio.ensure_future(self._watch_policies(watcher))
+        await self._load_shadow(await store.shadow())
+        shadow_watcher = await store.kv.watch(SHADOW_KEY)
+        self._shadow_watch = asyncio.ensure_future(self._watch_shadow(shadow_watcher))
+
+    async def _watch_shadow(self, watcher: Any) -> None:
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    continue
+                try:
+                    pointer = decode(entry.value, ActivePolicy) if entry.value else None
+                    await self._load_shadow(pointer)
+                except Exception:  # keep watching; outcomes never depend on the shadow
+                    log.exception("policy: failed to load the shadow policy set")
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    async def _load_shadow(self, pointer: ActivePolicy | None) -> None:
+        """Evaluate the set ``pointer`` names beside the active one (None: stop)."""
+        if pointer is None:
+            if self.shadow is not None:
+                log.info("policy: shadow mode off")
+            self.shadow = None
+            return
+        if self.shadow is not None and self.shadow.version == pointer.version:
+            return
+        assert self.policy_store is not None
+        record = await self.policy_store.get(pointer.version)
+        self.shadow = Shadow.of(pointer.version, policies_of(record))
+        log.info("policy: shadow mode on with policy set version %d", pointer.version)
+
+    async def _compare_shadow(
+        self,
+        request: AccessRequest,
+        decision: Decision,
+        *,
+        actor: str,
+        subject: str,
+        trace_id: str,
+    ) -> None:
+        """Audit a disagreement of the shadow set with ``decision`` (outcome unchanged)."""
+        shadow = self.shadow
+        if shadow is None:
+            return
+        data = disagreement(shadow, request, decision)
+        if data is None:
+            return
+        self.stats["shadow_disagreements"] += 1
+        await self.audit.emit(
+            "shadow", actor=actor, subject=subject, trace_id=trace_id,
+            policy_version=decision.policy_version, data=data,
+        )  # fmt: skip
+
+    async def shadow_set(self, request: ShadowPolicies) -> ShadowStatus:
+        """``shadow``: store a candidate and evaluate it beside the active set, or stop."""
+        store = self._store()
+        pointer, _ = await store.active()
+        active = pointer.version if pointer else 0
+        who = self._who(request.requested_by)
+        if request.candidate is None:
+            await store.set_shadow(None)
+            await self._load_shadow(None)
+            await self.audit.emit(
+                "admin", actor=who, subject=self.subjects.admin("policy", "shadow"),
+                data={"op": "shadow_off"},
+            )  # fmt: skip
+            return ShadowStatus(enabled=False, active_version=active)
+        policies = parse_candidate(request.candidate)
+        record = await store.add(policies, who)
+        assert record is not None
+        await store.set_shadow(
+            ActivePolicy(
+                version=record.version, digest=record.digest, changed_by=who,
+                changed_at=time.time(), reason="shadow",
+            )
+        )  # fmt: skip
+        await self.audit.emit(
+            "admin", actor=who, subject=self.subjects.admin("policy", "shadow"),
+            data={"op": "shadow_on", "version": record.version, "digest": record.digest,
+                  "label": record.label},
+        )  # fmt: skip
+        return ShadowStatus(
+            enabled=True, version=record.version, digest=record.digest, label=record.label,
+            active_version=active,
+        )  # fmt: skip
 
     async def _watch_policies(self, watcher: Any) -> None:
         try:
@@ -630,16 +765,19 @@ class PolicyService(Service):
             await self._reject(unknown, msg, caller)
             return
         context = RequestContext.from_headers(headers)
-        decision = self.decider.decide(
-            CallRequest(
-                caller,
-                target,
-                capability,
-                self.agents.get(caller) or await self._lookup(caller),
-                target_record,
-                context,
-            )
+        call = CallRequest(
+            caller,
+            target,
+            capability,
+            self.agents.get(caller) or await self._lookup(caller),
+            target_record,
+            context,
         )
+        decision = self.decider.decide(call)
+        if self.shadow is not None:
+            await self._compare_shadow(
+                call, decision, actor=caller, subject=msg.subject, trace_id=trace_id
+            )
         data: dict[str, Any] = {
             "call_id": call_id, "caller": caller, "target": target,
             "capability": capability, "decision": _builtins(decision),
@@ -745,22 +883,25 @@ class PolicyService(Service):
     ) -> Decision:
         assert self.agents is not None
         self.stats["authz"] += 1
-        decision = self.decider.decide(
-            UseRequest(
-                agent=agent,
-                agent_record=self.agents.get(agent) or await self._lookup(agent),
-                action=request.action,
-                resource=request.resource,
-                provider=request.provider,
-                region=request.region,
-                price_per_1k_tokens=request.price_per_1k_tokens,
-                context=RequestContext(
-                    estimated_tokens=request.estimated_tokens,
-                    data_tags=request.data_tags,
-                    on_behalf_of=request.on_behalf_of,
-                ),
-            )
+        use = UseRequest(
+            agent=agent,
+            agent_record=self.agents.get(agent) or await self._lookup(agent),
+            action=request.action,
+            resource=request.resource,
+            provider=request.provider,
+            region=request.region,
+            price_per_1k_tokens=request.price_per_1k_tokens,
+            context=RequestContext(
+                estimated_tokens=request.estimated_tokens,
+                data_tags=request.data_tags,
+                on_behalf_of=request.on_behalf_of,
+            ),
         )
+        decision = self.decider.decide(use)
+        if self.shadow is not None:
+            await self._compare_shadow(
+                use, decision, actor=agent, subject=subject, trace_id=trace_id
+            )
         self.stats["authz_allowed" if decision.effect == "allow" else "authz_denied"] += 1
         await self.audit.emit(
             "decision",

@@ -25,8 +25,8 @@ from typing import Literal
 from sqlalchemy import Engine, select, update
 from sqlmodel import Field, Session, SQLModel, col
 
+from broker.sql import make_engine, table_of
 from schemas import CredentialInfo
-from services.registry.store import _make_engine, _table
 
 __all__ = ["CredentialRejected", "CredentialRow", "CredentialStore", "Issued", "parse_token"]
 
@@ -62,7 +62,7 @@ class CredentialRow(SQLModel, table=True):
         )
 
 
-_CREDENTIALS = _table(CredentialRow)
+_CREDENTIALS = table_of(CredentialRow)
 
 
 class CredentialRejected(Exception):
@@ -108,7 +108,7 @@ class CredentialStore:
     """
 
     def __init__(self, url: str, engine: Engine | None = None) -> None:
-        self._engine = engine or _make_engine(url)
+        self._engine = engine or make_engine(url)
         SQLModel.metadata.create_all(self._engine, tables=[_CREDENTIALS])
 
     def close(self) -> None:

@@ -45,7 +45,6 @@ import base64
 import binascii
 import functools
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeVar
 
 import msgspec
@@ -58,13 +57,11 @@ from sqlalchemy import (
     Index,
     Select,
     String,
-    Table,
     Text,
     UniqueConstraint,
     and_,
     bindparam,
     delete,
-    event,
     func,
     insert,
     select,
@@ -73,13 +70,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.pool import StaticPool
-from sqlmodel import Field, SQLModel, create_engine
+from sqlmodel import Field, SQLModel
 
 from broker.codec import decode, encode
 from broker.errors import ConfigError, Conflict, InvalidInput, NotFound
+from broker.sql import make_engine, table_of
 from schemas import (
     AgentInstance,
     AgentManifest,
@@ -236,17 +233,11 @@ class InstanceRow(SQLModel, table=True):
     stats: str = Field(sa_type=Text)
 
 
-def _table(model: type[SQLModel]) -> Table:
-    table = model.__table__  # type: ignore[attr-defined]
-    assert isinstance(table, Table)
-    return table
-
-
-_N = _table(AgentNameRow)
-_V = _table(AgentVersionRow)
-_C = _table(CapabilityRow)
-_T = _table(CapabilityTagRow)
-_I = _table(InstanceRow)
+_N = table_of(AgentNameRow)
+_V = table_of(AgentVersionRow)
+_C = table_of(CapabilityRow)
+_T = table_of(CapabilityTagRow)
+_I = table_of(InstanceRow)
 _TABLES: Final = (_N, _V, _C, _T, _I)
 
 #: Attempts at a write that lost a race on a unique key before giving up.
@@ -598,78 +589,6 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
         ) from exc
 
 
-# -- engine ------------------------------------------------------------------------------
-
-
-def _make_engine(url: str) -> Engine:
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        # Pre-ping: a pooled connection may have been closed by the server or
-        # a proxy; recycle before typical idle timeouts.
-        return create_engine(
-            parsed,
-            pool_size=5,
-            max_overflow=10,
-            pool_timeout=30,
-            pool_pre_ping=True,
-            pool_recycle=1800,
-        )
-    database = parsed.database or ""
-    in_memory = database in ("", ":memory:") or database.startswith("file::memory:")
-    if in_memory:
-        # One shared connection, or every pooled connection would be a new,
-        # empty database; fine for tests, not for concurrent use.
-        engine = create_engine(
-            parsed, connect_args={"check_same_thread": False}, poolclass=StaticPool
-        )
-    else:
-        if not database.startswith("file:"):
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        # Threads from asyncio.to_thread share the pool; writers queue on
-        # SQLite's lock for up to `timeout` seconds instead of failing.
-        engine = create_engine(
-            parsed,
-            connect_args={"check_same_thread": False, "timeout": 30},
-            pool_size=8,
-            max_overflow=8,
-            pool_timeout=30,
-        )
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # pysqlite's own transaction handling issues BEGIN lazily before the
-        # first write, so a read-check-then-write would not be atomic; take
-        # control of BEGIN (see _on_begin).
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        try:
-            if not in_memory:
-                # Readers never block the writer and vice versa.
-                cursor.execute("PRAGMA journal_mode=WAL")
-                # In WAL mode NORMAL cannot corrupt the database; a power cut
-                # may lose the last commits, which agents repeat (they
-                # re-register when a heartbeat is refused), and it keeps a
-                # heartbeat write from costing an fsync.
-                cursor.execute("PRAGMA synchronous=NORMAL")
-                # Reads through the OS page cache, shared by the pooled
-                # connections, instead of each one's small private cache.
-                cursor.execute("PRAGMA mmap_size=268435456")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=30000")
-        finally:
-            cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        # Writes take the database lock up front (IMMEDIATE): their reads
-        # (ownership check, existing row) then see the state they write over,
-        # and a busy database makes them wait instead of failing mid-way.
-        mode = "IMMEDIATE" if conn.get_execution_options().get("sb_write") else "DEFERRED"
-        conn.exec_driver_sql(f"BEGIN {mode}")
-
-    return engine
-
-
 # -- the store ---------------------------------------------------------------------------
 
 
@@ -715,7 +634,7 @@ class AgentStore:
                 "sqlite:///<path> or postgresql+psycopg://user:password@host/db",
                 details={"backend": backend},
             )
-        self._engine = _make_engine(url)
+        self._engine = make_engine(url)
         self._writer = self._engine.execution_options(sb_write=True)
         self._postgres = self._engine.dialect.name == "postgresql"
         dialect_insert = postgresql.insert if self._postgres else sqlite.insert
