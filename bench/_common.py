@@ -57,6 +57,7 @@ __all__ = [
     "mark",
     "percentile",
     "sequential",
+    "sigterm_unwinds",
     "summarize",
     "table",
 ]
@@ -267,6 +268,15 @@ def table(
     for i, row in enumerate(rows):
         out.add_row(*row, end_section=(i + 1) in sections_before)
     return out
+
+
+def sigterm_unwinds() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so ``finally`` blocks stop children and servers."""
+
+    def _raise(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
 
 
 # -- processes -------------------------------------------------------------------

@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,14 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from _common import StackProcess, embedded_server, machine_info, mark, table
+from _common import (
+    StackProcess,
+    embedded_server,
+    machine_info,
+    mark,
+    sigterm_unwinds,
+    table,
+)
 from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig
 from rich.console import Console
@@ -352,13 +358,10 @@ def report_tables(console: Console, plan: Plan, info: dict[str, str], figures: F
     )
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    sigterm_unwinds()
     plan = make_plan(args)
     log = Console(stderr=True, log_path=False)
     info = machine_info()

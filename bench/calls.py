@@ -32,7 +32,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from _common import (
     machine_info,
     mark,
     sequential,
+    sigterm_unwinds,
     summarize,
     table,
 )
@@ -539,14 +539,10 @@ def write_policies(folder: Path) -> Path:
     return folder
 
 
-def _terminate(signum: int, frame: object) -> None:
-    # SIGTERM unwinds like Ctrl-C, so the `finally` blocks stop the child and server.
-    raise KeyboardInterrupt
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    sigterm_unwinds()
     plan = make_plan(args)
     log = Console(stderr=True, log_path=False)
     info = machine_info()

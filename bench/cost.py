@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 import tempfile
 import time
@@ -43,7 +42,14 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from _common import StackProcess, embedded_server, machine_info, mark, table
+from _common import (
+    StackProcess,
+    embedded_server,
+    machine_info,
+    mark,
+    sigterm_unwinds,
+    table,
+)
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 from rich.console import Console
 
@@ -310,13 +316,10 @@ def report_tables(console: Console, plan: Plan, info: dict[str, str], f: dict[st
     )
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    sigterm_unwinds()
     plan = make_plan(args)
     log = Console(stderr=True, log_path=False)
     info = machine_info()

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -62,6 +61,7 @@ from _common import (
     machine_info,
     mark,
     sequential,
+    sigterm_unwinds,
     summarize,
     table,
 )
@@ -538,14 +538,10 @@ def report_tables(
 # -- entry point -----------------------------------------------------------------
 
 
-def _terminate(signum: int, frame: object) -> None:
-    # SIGTERM unwinds like Ctrl-C, so the `finally` blocks stop the child and server.
-    raise KeyboardInterrupt
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    sigterm_unwinds()
     plan = make_plan(args)
     log = Console(stderr=True, log_path=False)
     info = machine_info()
