@@ -256,7 +256,9 @@ class DemoAgents:
         return decide_loan(app, credit, fraud)
 
 
-def _manifest(name: str, team: str, owner: str, description: str) -> AgentManifest:
+def _manifest(name: str, team: str, owner: str, description: str, **metadata: str) -> AgentManifest:
+    # `namespace` and `tags` metadata are what the Cedar policies see as
+    # principal.namespace and principal.tags (policies/*.cedar).
     return AgentManifest(
         name=name,
         version="1.0.0",
@@ -264,6 +266,7 @@ def _manifest(name: str, team: str, owner: str, description: str) -> AgentManife
         team=team,
         description=description,
         project="lending-demo",
+        metadata=metadata,
     )
 
 
@@ -285,14 +288,24 @@ def build_agents(
         credential=credentials["credit-check"],
     )
     fraud = Agent(
-        _manifest("fraud-detection", "risk", "fraud-ops", "Screens applications for fraud"),
+        _manifest(
+            "fraud-detection",
+            "risk",
+            "fraud-ops",
+            "Screens applications for fraud",
+            namespace="finance",
+        ),
         nats_url=nats_url,
         subject_prefix=subject_prefix,
         credential=credentials["fraud-detection"],
     )
     support = Agent(
         _manifest(
-            "customer-support", "service", "cx-team", "Answers customers from policy documents"
+            "customer-support",
+            "service",
+            "cx-team",
+            "Answers customers from policy documents",
+            tags="data-residency:eu",
         ),
         nats_url=nats_url,
         subject_prefix=subject_prefix,

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import nats
+from nats.aio.client import Client
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.panel import Panel
@@ -34,7 +35,15 @@ from broker.identity import operator_connect_options
 from broker.jetstream import AUDIT_STREAM
 from broker.settings import Settings
 from broker.subjects import Subjects, inbox_prefix
-from schemas import AuditEvent, EnrollAgent, Enrolled
+from schemas import (
+    ApprovalList,
+    ApprovalRequest,
+    AuditEvent,
+    DecideApproval,
+    EnrollAgent,
+    Enrolled,
+    ListApprovals,
+)
 from services.cli.client import admin_request, list_agents
 from services.cli.render import agents_table, audit_table
 from services.demo.agents import (
@@ -42,12 +51,15 @@ from services.demo.agents import (
     Answer,
     CreditRequest,
     DemoAgents,
+    FraudReport,
+    FraudRequest,
     LoanApplication,
     LoanDecision,
     Question,
     build_agents,
 )
 from services.policy.cedar import CedarDecider, shipped_policy_dir
+from services.policy.decider import H_ESTIMATED_TOKENS
 from services.policy.service import PolicyService
 from services.runner import Stack
 from services.tracing.chain import GENESIS, record_hash
@@ -220,6 +232,16 @@ async def _run(console: Console, data_dir: Path) -> int:
         _step(
             console,
             6,
+            "The shipped policy examples at work",
+            "fraud-detection (namespace finance) may only call pci-dss capabilities; "
+            "customer-support (EU data residency) may only use EU model endpoints; an "
+            "invocation estimated over 10,000 tokens waits for a human's approval.",
+        )
+        examples_ok = await _show_policy_examples(console, agents, nc, subjects)
+
+        _step(
+            console,
+            7,
             "Impostors are stopped by the NATS server itself",
             "A plain nats-py client holding customer-support's credential tries to call as "
             "loan-origination and to read credit-check's calls; no Signalbox code is asked.",
@@ -228,14 +250,14 @@ async def _run(console: Console, data_dir: Path) -> int:
 
         _step(
             console,
-            7,
+            8,
             "An unknown target: loan-origination asks mortgage-pricing for a quote",
         )
         unknown_ok = await _show_unknown(console, agents)
 
         _step(
             console,
-            8,
+            9,
             "The audit trail",
             "Every decision, call outcome, registration and rejection, hash-chained by the "
             f"tracing service into the {AUDIT_STREAM} stream.",
@@ -257,6 +279,7 @@ async def _run(console: Console, data_dir: Path) -> int:
 
     ok = (
         denied_ok
+        and examples_ok
         and impostor_ok
         and unknown_ok
         and trail_ok
@@ -400,6 +423,90 @@ async def _show_denied(console: Console, agents: DemoAgents) -> bool:
         return True
     console.print("[bold red]unexpected:[/] the call was allowed; the policies were not applied")
     return False
+
+
+async def _show_policy_examples(
+    console: Console, agents: DemoAgents, nc: Client, subjects: Subjects
+) -> bool:
+    """The three example policies of ``policies/``, one outcome each, in one table."""
+    table = Table(title="Policy examples (policies/*.cedar)")
+    for column in ("who", "asks", "outcome", "policy ids"):
+        table.add_column(column, overflow="fold")
+    ok = True
+
+    # 1. finance namespace: only pci-dss capabilities (credit-check.score is tagged pii).
+    try:
+        await agents.fraud.call("credit-check", "score", CreditRequest(
+            applicant_id="A-1815", annual_income=96_000, monthly_debt=650))  # fmt: skip
+        table.add_row("fraud-detection", "credit-check.score", "[bold red]allowed?![/]", "")
+        ok = False
+    except CallDenied as err:
+        table.add_row(
+            "fraud-detection (finance)", "call credit-check.score (pii)", "[red]denied[/]",
+            ", ".join(err.details.get("policy_ids") or ()),
+        )  # fmt: skip
+
+    # 2. EU data residency: model endpoints in the EU only.
+    for region in ("us-east-1", "eu-west-1"):
+        decision = await agents.support.authorize(
+            "use_model", "gpt-4o", provider="openai", region=region, estimated_tokens=800
+        )
+        expected = "deny" if region.startswith("us") else "allow"
+        ok = ok and decision.effect == expected
+        style = "green" if decision.effect == "allow" else "red"
+        table.add_row(
+            "customer-support (EU)", f"use gpt-4o in {region}",
+            f"[{style}]{decision.effect}[/]", ", ".join(decision.policy_ids),
+        )  # fmt: skip
+
+    # 3. Over 10,000 estimated tokens: parked until an operator approves.
+    app = APPLICATIONS[0]
+    parked = asyncio.ensure_future(
+        agents.loans.call(
+            "fraud-detection",
+            "check",
+            FraudRequest(
+                application_id=app.application_id, email=app.email, country=app.country,
+                ip_country=app.ip_country, amount=app.amount, annual_income=app.annual_income,
+            ),
+            returns=FraudReport,
+            timeout=10.0,
+            headers={H_ESTIMATED_TOKENS: "24000"},
+        )
+    )  # fmt: skip
+    pending: tuple[ApprovalRequest, ...] = ()
+    for _ in range(200):
+        listed = await admin_request(
+            nc, subjects, "list", ListApprovals(), ApprovalList, service="approvals"
+        )
+        pending = tuple(a for a in listed.approvals if a.caller == "loan-origination")
+        if pending or parked.done():
+            break
+        await asyncio.sleep(0.02)
+    if not pending:
+        parked.cancel()
+        table.add_row("loan-origination", "fraud-detection.check, 24,000 tokens",
+                      "[bold red]not parked?![/]", "")  # fmt: skip
+        console.print(table)
+        return False
+    request = pending[0]
+    table.add_row(
+        "loan-origination", "call fraud-detection.check, ~24,000 tokens",
+        f"[yellow]needs approval[/] (request {request.id[:8]}…)",
+        ", ".join(request.policy_ids),
+    )  # fmt: skip
+    await admin_request(
+        nc, subjects, "approve",
+        DecideApproval(id=request.id, reason="demo: checked by a human", requested_by="demo"),
+        ApprovalRequest, service="approvals",
+    )  # fmt: skip
+    report = await parked
+    table.add_row(
+        "operator (demo)", f"approve {request.id[:8]}…",
+        f"[green]approved[/]: the call went through (fraud risk {report.risk:.2f})", "",
+    )  # fmt: skip
+    console.print(table)
+    return ok
 
 
 async def _show_impostor(console: Console, url: str, credential: str) -> bool:

@@ -192,7 +192,9 @@ class ApprovalDesk:
             return
         self.service.stats["parked"] += 1
         loop = asyncio.get_running_loop()
-        parked.timer = loop.call_later(expires_in, self._spawn, self._expire(parked))
+        # The coroutine is made when the timer fires: one made now and never
+        # run (the timer cancelled on a decision) would leak a warning.
+        parked.timer = loop.call_later(expires_in, lambda: self._spawn(self._expire(parked)))
         await self.service.nc.publish(
             requested_subject(self.service.subjects.prefix), encode(record)
         )

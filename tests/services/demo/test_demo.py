@@ -57,8 +57,14 @@ async def test_run_demo_end_to_end(tmp_path: Path) -> None:
     # (e) the audit trail: every event chained and shown
     match = re.search(r"SB_AUDIT: (\d+) records", text)
     # 22 from the scenario, plus an enrollment (admin) and a connection (auth) per
-    # agent, plus the impostor's connection (auth).
-    assert match is not None and int(match.group(1)) == 31
+    # agent, plus the impostor's connection (auth), plus the policy examples: the
+    # finance denial, two EU model decisions, and the approval (needs_approval,
+    # the operator's approve, the approved decision, the call's outcome).
+    assert match is not None and int(match.group(1)) == 38
+    # (g) the three shipped policy examples
+    for policy_id in ("finance-calls-on", "eu-residency-mod", "large-invocation"):
+        assert policy_id in text
+    assert "needs approval" in text and "approved" in text
     # (f) the server refuses the impostor, four times
     assert text.count("permissions violation") >= 4
     assert "allowed?!" not in text

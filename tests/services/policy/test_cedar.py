@@ -133,6 +133,7 @@ def test_the_shipped_set_loads_with_an_id_for_every_policy(shipped: CedarDecider
     assert policies.version == f"shipped@{policies.digest[:12]}"
     assert set(policies.policies) == {
         "loan-may-score",
+        "fraud-may-score",
         "loan-may-check-fraud",
         "loan-may-ask-support",
         "registered-agents-may-use-models",
