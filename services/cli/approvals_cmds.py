@@ -12,16 +12,13 @@ decision is recorded with who and why and audited (kind ``admin``). Of two
 operators deciding the same request at once, one wins; the other gets a
 ``conflict`` error.
 
-This module attaches :data:`approvals_app` to :data:`services.cli.main.app`
-when imported; ``main`` imports it on its last line.
+:mod:`services.cli.main` registers :data:`approvals_app` as ``signalbox approvals``.
 """
 
 from __future__ import annotations
 
-import getpass
 import time
-from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 from rich import box
@@ -30,10 +27,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from broker.subjects import Subjects
 from schemas import ApprovalList, ApprovalRequest, DecideApproval, ListApprovals
-from services.cli.client import admin_request
-from services.cli.main import JsonOption, NatsUrlOption, _client_url, _connect, _run, app
+from services.cli.common import JsonOption, NatsUrlOption, admin_call, clock, who
 from services.cli.render import to_json
 
 __all__ = ["approvals_app"]
@@ -43,7 +38,6 @@ T = TypeVar("T")
 approvals_app = typer.Typer(
     help="List, approve and deny calls waiting for human approval.", no_args_is_help=True
 )
-app.add_typer(approvals_app, name="approvals")
 
 IdArgument = Annotated[
     str, typer.Argument(help="Approval id (from `signalbox approvals list`).", show_default=False)
@@ -61,36 +55,10 @@ _STATUS_STYLE = {
 }
 
 
-def _who() -> str:
-    try:
-        return getpass.getuser()[:128]
-    except (KeyError, OSError):  # no login name (a bare container)
-        return ""
-
-
-def _call(nats_url: str | None, op: str, request: Any, returns: type[T]) -> T:
-    url, settings = _client_url(nats_url)
-
-    async def main() -> T:
-        nc = await _connect(url, settings)
-        try:
-            return await admin_request(
-                nc, Subjects(settings.subject_prefix), op, request, returns, service="approvals"
-            )
-        finally:
-            await nc.close()
-
-    return _run(main())
-
-
-def _clock(t: float) -> str:
-    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else ""
-
-
 def _when(record: ApprovalRequest, now: float) -> str:
     if record.status == "pending":
         return f"expires in {max(0.0, record.expires_at - now):.0f}s"
-    return _clock(record.decided_at or record.expires_at)
+    return clock(record.decided_at or record.expires_at)
 
 
 def approvals_table(approvals: tuple[ApprovalRequest, ...], now: float) -> Table:
@@ -125,7 +93,9 @@ def list_(
     json_out: JsonOption = False,
 ) -> None:
     """Calls waiting for a human decision (newest first)."""
-    result = _call(nats_url, "list", ListApprovals(all=all_, limit=limit), ApprovalList)
+    result = admin_call(
+        nats_url, "approvals", "list", ListApprovals(all=all_, limit=limit), ApprovalList
+    )
     if json_out:
         typer.echo(to_json(result))
         return
@@ -136,8 +106,8 @@ def list_(
 
 
 def _decide(op: str, approval_id: str, reason: str, nats_url: str | None, json_out: bool) -> None:
-    request = DecideApproval(id=approval_id, reason=reason, requested_by=_who())
-    result = _call(nats_url, op, request, ApprovalRequest)
+    request = DecideApproval(id=approval_id, reason=reason, requested_by=who())
+    result = admin_call(nats_url, "approvals", op, request, ApprovalRequest)
     if json_out:
         typer.echo(to_json(result))
         return

@@ -12,8 +12,8 @@ Both read ``SB_AUDIT`` in stream order through an ordered consumer
 allow read-only JetStream access to the audit stream). ``verify`` exits 1 at
 the first problem, naming its sequence (:mod:`services.tracing.verify`).
 
-The commands attach to :data:`services.cli.main.audit_app`; ``main`` imports
-this module (last) to register them.
+:mod:`services.cli.main` registers :data:`audit_app` as ``signalbox audit``
+(and adds ``audit tail`` to it).
 """
 
 from __future__ import annotations
@@ -44,15 +44,14 @@ from broker.jetstream import AUDIT_STREAM
 from broker.subjects import Subjects
 from schemas import AuditEvent, DiscoverAgents, DiscoverResult
 from services.cli.client import registry_request
-from services.cli.main import (
+from services.cli.common import (
     JsonOption,
     NatsUrlOption,
-    _client_url,
-    _connect,
-    _fail,
-    _run,
-    audit_app,
+    client_url,
+    connect_operator,
+    fail,
     parse_duration,
+    run,
 )
 from services.cli.render import audit_table, to_json
 from services.tracing.chain import GENESIS
@@ -60,7 +59,16 @@ from services.tracing.reader import audit_filter, scan, stream_bounds
 from services.tracing.report import TagUsage, tag_report, tagged_capabilities
 from services.tracing.verify import ChainVerifier, VerifyReport
 
-__all__ = ["PROGRESS_MIN", "audit_replay", "audit_report", "audit_verify", "parse_since"]
+__all__ = [
+    "PROGRESS_MIN",
+    "audit_app",
+    "audit_replay",
+    "audit_report",
+    "audit_verify",
+    "parse_since",
+]
+
+audit_app = typer.Typer(help="Read the hash-chained audit trail.", no_args_is_help=True)
 
 #: Runs over fewer records than this show no progress bar.
 PROGRESS_MIN = 20_000
@@ -164,12 +172,12 @@ def audit_verify(
     with it, it is checked from the first record at or after that time,
     anchored on that record's prev_hash (taken on trust).
     """
-    url, settings = _client_url(nats_url)
+    url, settings = client_url(nats_url)
     start_time = parse_since(since) if since else None
     subjects = Subjects(settings.subject_prefix)
 
     async def main() -> tuple[VerifyReport, int]:
-        nc = await _connect(url, settings)
+        nc = await connect_operator(url, settings)
         try:
             js = nc.jetstream()
             first, last = await stream_bounds(js)
@@ -193,7 +201,7 @@ def audit_verify(
         finally:
             await nc.close()
 
-    report, last = _run(main())
+    report, last = run(main())
     summary = _report_dict(report, stream=AUDIT_STREAM, since=start_time)
     if json_out:
         typer.echo(msgspec.json.encode(summary).decode())
@@ -201,7 +209,7 @@ def audit_verify(
             raise typer.Exit(1)
         return
     if report.problem is not None:
-        _fail(f"audit chain broken at seq {report.problem.seq}: {report.problem.message}")
+        fail(f"audit chain broken at seq {report.problem.seq}: {report.problem.message}")
     console = Console(soft_wrap=True)
     if report.checked == 0:
         where = f" at or after {_when(start_time)}" if start_time is not None else ""
@@ -266,16 +274,16 @@ def audit_replay(
     trace id and --until by the client.
     """
     if fmt not in ("table", "json", "ndjson"):
-        _fail(f"unknown --format {fmt!r}; choose table, json or ndjson")
-    url, settings = _client_url(nats_url)
+        fail(f"unknown --format {fmt!r}; choose table, json or ndjson")
+    url, settings = client_url(nats_url)
     start = parse_since(since)
     end = parse_since(until) if until else None
     if end is not None and end < start:
-        _fail(f"--until ({_when(end)}) is before --since ({_when(start)})")
+        fail(f"--until ({_when(end)}) is before --since ({_when(start)})")
     try:
         subject = audit_filter(Subjects(settings.subject_prefix), kind=kind, actor=agent)
     except SignalboxError as err:
-        _fail(err.message)
+        fail(err.message)
     status = Console(stderr=True, soft_wrap=True)
     out = sys.stdout
     events: list[AuditEvent] = []
@@ -290,7 +298,7 @@ def audit_replay(
             out.write(("[\n" if first else ",\n") + to_json(event))
 
     async def main() -> int:
-        nc = await _connect(url, settings)
+        nc = await connect_operator(url, settings)
         try:
             js = nc.jetstream()
             first, last = await stream_bounds(js)
@@ -319,7 +327,7 @@ def audit_replay(
         finally:
             await nc.close()
 
-    shown = _run(main())
+    shown = run(main())
     if fmt == "json":
         out.write("[]\n" if shown == 0 else "\n]\n")
     elif fmt == "table" and events:
@@ -371,16 +379,16 @@ def audit_report(
     The tagged capabilities are the registry's (every registered version);
     the calls are the decision records of the window (one per call attempt).
     """
-    url, settings = _client_url(nats_url)
+    url, settings = client_url(nats_url)
     start = parse_since(since)
     end = parse_since(until) if until else None
     if end is not None and end < start:
-        _fail(f"--until ({_when(end)}) is before --since ({_when(start)})")
+        fail(f"--until ({_when(end)}) is before --since ({_when(start)})")
     subjects = Subjects(settings.subject_prefix)
     decisions = audit_filter(subjects, kind="decision")
 
     async def main() -> tuple[set[tuple[str, str]], list[TagUsage], int]:
-        nc = await _connect(url, settings)
+        nc = await connect_operator(url, settings)
         try:
             tagged: set[tuple[str, str]] = set()
             cursor = ""
@@ -414,7 +422,7 @@ def audit_report(
         finally:
             await nc.close()
 
-    tagged, rows, unreadable = _run(main())
+    tagged, rows, unreadable = run(main())
     window = f"from {_when(start)}" + (f" to {_when(end)}" if end is not None else "")
     if json_out:
         typer.echo(

@@ -9,8 +9,7 @@ Asks the cost service on the operator-only subject ``sb.admin.cost.report``
 (see :mod:`services.cost.service`); totals are computed by the service from
 its SQL store, every report counted once.
 
-``main`` imports this module (last); it registers :data:`cost_app` as
-``signalbox cost`` on :data:`services.cli.main.app`.
+:mod:`services.cli.main` registers :data:`cost_app` as ``signalbox cost``.
 """
 
 from __future__ import annotations
@@ -29,13 +28,12 @@ from broker.subjects import Subjects
 from schemas import CostGroup, CostReport, CostReportRequest, CostRow
 from services.cli.audit_cmds import parse_since
 from services.cli.client import admin_request
-from services.cli.main import NatsUrlOption, _client_url, _connect, _fail, _run, app
+from services.cli.common import NatsUrlOption, client_url, connect_operator, fail, run
 from services.cli.render import to_json
 
 __all__ = ["cost_app", "cost_report", "cost_table"]
 
 cost_app = typer.Typer(help="Metered LLM and tool spend (chargeback).", no_args_is_help=True)
-app.add_typer(cost_app, name="cost")
 
 _TIME_GROUPS = ("hour", "day")
 _COLUMNS = (
@@ -137,14 +135,14 @@ def cost_report(
         start = parse_since(since)
         end = parse_since(until) if until is not None else None
     except typer.BadParameter as exc:
-        _fail(str(exc.message))
+        fail(str(exc.message))
     if end is not None and end <= start:
-        _fail(f"--until ({until}) must be after --since ({since})")
-    url, settings = _client_url(nats_url)
+        fail(f"--until ({until}) must be after --since ({since})")
+    url, settings = client_url(nats_url)
     request = CostReportRequest(by=by, since=start, until=end)
 
     async def main() -> CostReport:
-        nc = await _connect(url, settings)
+        nc = await connect_operator(url, settings)
         try:
             return await admin_request(
                 nc,
@@ -158,7 +156,7 @@ def cost_report(
         finally:
             await nc.close()
 
-    report = _run(main())
+    report = run(main())
     if fmt == "json":
         typer.echo(to_json(report))
     elif fmt == "csv":

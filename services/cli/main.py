@@ -24,32 +24,24 @@ be reached, a refused request or a bad argument).
 from __future__ import annotations
 
 import contextlib
-import re
 import sys
 import time
-from collections.abc import Coroutine
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import msgspec
-import nats.errors
 import typer
-import uvloop
-from nats.aio.client import Client
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from typer.core import TyperGroup
 
-from broker.connection import connect
-from broker.errors import AuthenticationFailed, SchemaError, SignalboxError
+from broker.errors import SchemaError, SignalboxError
 from broker.identity import (
     ServerSecrets,
     auth_config,
-    operator_connect_options,
     resolve_secrets_dir,
 )
 from broker.server import render_blocks
@@ -67,7 +59,22 @@ from schemas import (
     RevokeAgent,
     Revoked,
 )
-from services.cli.client import admin_request, list_agents, registry_request
+from services.cli.approvals_cmds import approvals_app
+from services.cli.audit_cmds import audit_app
+from services.cli.client import list_agents, registry_request
+from services.cli.common import (
+    DEFAULT_NATS_URL,
+    JsonOption,
+    NatsUrlOption,
+    admin_call,
+    client_url,
+    connect_operator,
+    fail,
+    load_settings,
+    parse_duration,
+    run,
+)
+from services.cli.cost_cmds import cost_app
 from services.cli.policy_cmds import policy_app
 from services.cli.render import (
     agent_panel,
@@ -82,16 +89,9 @@ from services.tracing.reader import audit_filter, follow, start_of_last
 if TYPE_CHECKING:
     from services.runner import Stack
 
-__all__ = ["DEFAULT_NATS_URL", "app"]
+__all__ = ["app", "parse_duration"]
 
 T = TypeVar("T")
-
-#: Where client commands look when neither --nats-url nor SIGNALBOX_NATS_URL is
-#: given: the address `signalbox up` listens on by default.
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-
-#: Seconds client commands try to reach NATS before giving up.
-CONNECT_TIMEOUT = 3.0
 
 
 class _Group(TyperGroup):
@@ -115,7 +115,6 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 agents_app = typer.Typer(help="Inspect registered agents.", no_args_is_help=True)
-audit_app = typer.Typer(help="Read the hash-chained audit trail.", no_args_is_help=True)
 identity_app = typer.Typer(
     help="Secrets and server configuration of server-enforced identity.", no_args_is_help=True
 )
@@ -123,80 +122,8 @@ app.add_typer(agents_app, name="agents")
 app.add_typer(identity_app, name="identity")
 app.add_typer(audit_app, name="audit")
 app.add_typer(policy_app, name="policy")
-
-NatsUrlOption = Annotated[
-    str | None,
-    typer.Option(
-        "--nats-url",
-        help=f"NATS URL (default: $SIGNALBOX_NATS_URL, else {DEFAULT_NATS_URL})",
-        show_default=False,
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
-
-
-# -- shared plumbing ----------------------------------------------------------------------
-
-
-def _fail(message: str) -> NoReturn:
-    """Print one ``error:`` line on stderr and exit 1."""
-    Console(stderr=True, soft_wrap=True).print(
-        f"[bold red]error:[/] {escape(message)}", highlight=False
-    )
-    raise typer.Exit(1)
-
-
-def _settings(**overrides: Any) -> Settings:
-    """Settings from ``SIGNALBOX_*`` env vars, overridden by the flags that were given."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        return Settings(**given)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "settings"
-        _fail(
-            f"invalid setting {field} ({first['msg']}); fix the flag or "
-            f"SIGNALBOX_{field.upper()} and retry"
-        )
-
-
-def _client_url(flag: str | None) -> tuple[str, Settings]:
-    settings = _settings()
-    return flag or settings.nats_url or DEFAULT_NATS_URL, settings
-
-
-def _run(main: Coroutine[Any, Any, T], *, interrupted: int = 130) -> T:
-    """Run ``main`` on uvloop; expected errors become one line and exit 1."""
-    try:
-        return uvloop.run(main)
-    except SignalboxError as err:
-        _fail(err.message)
-    except KeyboardInterrupt:
-        raise typer.Exit(interrupted) from None
-
-
-async def _connect(
-    url: str,
-    settings: Settings,
-    *,
-    hint: str = "start it with `signalbox up` or pass --nats-url",
-) -> Client:
-    """Connect as an operator (credentials from the secrets folder or SIGNALBOX_NATS_USER)."""
-    try:
-        options = operator_connect_options(settings)
-        return await connect(url, name="signalbox-cli", connect_timeout=CONNECT_TIMEOUT, **options)
-    except AuthenticationFailed as exc:
-        raise SignalboxError(
-            f"NATS at {url} refused the operator credentials; run the command where "
-            "`signalbox up` keeps its data (or set SIGNALBOX_DATA_DIR / SIGNALBOX_SECRETS_DIR "
-            "to that folder), or set SIGNALBOX_NATS_USER and SIGNALBOX_NATS_PASSWORD",
-            details={"url": url},
-        ) from exc
-    except (OSError, nats.errors.Error) as exc:
-        raise SignalboxError(
-            f"cannot reach NATS at {url}; {hint}", details={"url": url, "error": repr(exc)}
-        ) from exc
-
+app.add_typer(approvals_app, name="approvals")
+app.add_typer(cost_app, name="cost")
 
 # -- commands -----------------------------------------------------------------------------
 
@@ -245,7 +172,7 @@ def up(
     # `audit tail` should start fast.
     from services.runner import Stack, configure_logging, wait_for_signal
 
-    settings = _settings(nats_url=nats_url, data_dir=data_dir, nats_port=port)
+    settings = load_settings(nats_url=nats_url, data_dir=data_dir, nats_port=port)
     configure_logging(settings.log_level)
     console = Console()
 
@@ -254,7 +181,7 @@ def up(
             # The services reconnect forever by design; fail fast instead when
             # the server is not there at all at start-up.
             hint = "check that server is running, or drop --nats-url for an embedded one"
-            await (await _connect(settings.nats_url, settings, hint=hint)).close()
+            await (await connect_operator(settings.nats_url, settings, hint=hint)).close()
         stack = Stack(settings)
         await stack.start()
         try:
@@ -264,7 +191,7 @@ def up(
         finally:
             await stack.stop()
 
-    _run(main(), interrupted=0)
+    run(main(), interrupted=0)
     console.print("Signalbox stopped.")
 
 
@@ -308,7 +235,7 @@ def demo(
     from services.runner import configure_logging
 
     configure_logging("WARNING")
-    code = _run(run_demo(Console(), data_dir))
+    code = run(run_demo(Console(), data_dir))
     raise typer.Exit(code)
 
 
@@ -322,17 +249,17 @@ def agents_list(
     json_out: JsonOption = False,
 ) -> None:
     """List registered agents (asks the registry service)."""
-    url, settings = _client_url(nats_url)
+    url, settings = client_url(nats_url)
     subjects = Subjects(settings.subject_prefix)
 
     async def main() -> tuple[Any, ...]:
-        nc = await _connect(url, settings)
+        nc = await connect_operator(url, settings)
         try:
             return await list_agents(nc, subjects, team=team, capability=capability)
         finally:
             await nc.close()
 
-    records = _run(main())
+    records = run(main())
     if json_out:
         typer.echo(to_json(list(records)))
         return
@@ -345,17 +272,9 @@ def agents_list(
 
 
 async def _registry(url: str, settings: Settings, op: str, request: Any, returns: type[T]) -> T:
-    nc = await _connect(url, settings)
+    nc = await connect_operator(url, settings)
     try:
         return await registry_request(nc, Subjects(settings.subject_prefix), op, request, returns)
-    finally:
-        await nc.close()
-
-
-async def _admin(url: str, settings: Settings, op: str, request: Any, returns: type[T]) -> T:
-    nc = await _connect(url, settings)
-    try:
-        return await admin_request(nc, Subjects(settings.subject_prefix), op, request, returns)
     finally:
         await nc.close()
 
@@ -370,13 +289,13 @@ def agents_show(
     json_out: JsonOption = False,
 ) -> None:
     """Show one agent version: manifest, health, capabilities."""
-    url, settings = _client_url(nats_url)
+    url, settings = client_url(nats_url)
     try:
         request = GetAgent(name=name, version=version)
         validate_token(name, what="agent name")
     except SignalboxError as err:
-        _fail(err.message)
-    record = _run(_registry(url, settings, "get", request, AgentRecord))
+        fail(err.message)
+    record = run(_registry(url, settings, "get", request, AgentRecord))
     if json_out:
         typer.echo(to_json(record))
         return
@@ -410,7 +329,7 @@ def agents_discover(
     json_out: JsonOption = False,
 ) -> None:
     """Find agents by capability, tag, team, owner, region, version range and health."""
-    url, settings = _client_url(nats_url)
+    url, settings = client_url(nats_url)
     fields = {
         "capability": capability,
         "tag": tag,
@@ -432,8 +351,8 @@ def agents_discover(
             DiscoverAgents,
         )
     except msgspec.ValidationError as exc:
-        _fail(f"{exc}; see `signalbox agents discover --help`")
-    result = _run(_registry(url, settings, "discover", query, DiscoverResult))
+        fail(f"{exc}; see `signalbox agents discover --help`")
+    result = run(_registry(url, settings, "discover", query, DiscoverResult))
     if json_out:
         typer.echo(to_json(result))
         return
@@ -447,20 +366,6 @@ def agents_discover(
         console.print(f"More: add --cursor {result.next_cursor}", style="dim")
 
 
-def parse_duration(text: str) -> float:
-    """Seconds in ``90``, ``90s``, ``30m``, ``12h``, ``7d`` or ``2w``.
-
-    Raises:
-        typer.BadParameter: anything else.
-    """
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
-    if match is None or float(match.group(1)) <= 0:
-        raise typer.BadParameter(f"{text!r} is not a duration: use e.g. 3600, 30m, 12h, 7d")
-    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
-
-
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
-
 AgentName = Annotated[str, typer.Argument(help="Agent name.")]
 
 
@@ -468,7 +373,7 @@ def _agent_name(name: str) -> str:
     try:
         return validate_token(name, what="agent name")
     except SignalboxError as err:
-        _fail(err.message)
+        fail(err.message)
 
 
 @agents_app.command("enroll")
@@ -487,11 +392,10 @@ def agents_enroll(
     json_out: JsonOption = False,
 ) -> None:
     """Issue a credential for an agent; it is shown once: hand it to the agent."""
-    url, settings = _client_url(nats_url)
     request = EnrollAgent(
         name=_agent_name(name), ttl=parse_duration(ttl) if ttl else 0.0, note=note
     )
-    enrolled = _run(_admin(url, settings, "enroll", request, Enrolled))
+    enrolled = admin_call(nats_url, "registry", "enroll", request, Enrolled)
     if json_out:
         typer.echo(to_json(enrolled))
         return
@@ -524,7 +428,6 @@ def agents_revoke(
     json_out: JsonOption = False,
 ) -> None:
     """Revoke an agent's credentials and disconnect it now; it cannot reconnect with them."""
-    url, settings = _client_url(nats_url)
     try:
         request = msgspec.convert(
             {"type": "revoke_agent.v1", "name": _agent_name(name), "credential": credential,
@@ -532,8 +435,8 @@ def agents_revoke(
             RevokeAgent,
         )  # fmt: skip
     except msgspec.ValidationError as exc:
-        _fail(f"{exc}; credential ids look like `abcdefgh23456789` (see `agents credentials`)")
-    revoked = _run(_admin(url, settings, "revoke", request, Revoked))
+        fail(f"{exc}; credential ids look like `abcdefgh23456789` (see `agents credentials`)")
+    revoked = admin_call(nats_url, "registry", "revoke", request, Revoked)
     if json_out:
         typer.echo(to_json(revoked))
         return
@@ -556,9 +459,8 @@ def agents_credentials(
     json_out: JsonOption = False,
 ) -> None:
     """List agent credentials (ids and lifetimes; secrets are never stored or shown)."""
-    url, settings = _client_url(nats_url)
     request = ListCredentials(name=_agent_name(name) if name else None, include_inactive=all_)
-    listed = _run(_admin(url, settings, "credentials", request, CredentialList))
+    listed = admin_call(nats_url, "registry", "credentials", request, CredentialList)
     if json_out:
         typer.echo(to_json(listed))
         return
@@ -594,7 +496,7 @@ def identity_init(
     `signalbox up` does this by itself for its embedded server; run this for a
     cluster you operate (compose.yaml does, in its `identity` service).
     """
-    settings = _settings(secrets_dir=secrets_dir)
+    settings = load_settings(secrets_dir=secrets_dir)
     folder = resolve_secrets_dir(settings)
     try:
         secrets = ServerSecrets.load_or_create(folder)
@@ -607,7 +509,7 @@ def identity_init(
             server_config.write_text(text)
             server_config.chmod(0o644)
     except (SignalboxError, OSError) as exc:
-        _fail(f"cannot set up identity in {folder}: {exc}")
+        fail(f"cannot set up identity in {folder}: {exc}")
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
@@ -646,12 +548,12 @@ def audit_tail(
     json_out: JsonOption = False,
 ) -> None:
     """Print audit records: the last N, then new ones as they are chained, until Ctrl-C."""
-    url, settings = _client_url(nats_url)
+    url, settings = client_url(nats_url)
     subjects = Subjects(settings.subject_prefix)
     try:
         subject = audit_filter(subjects, kind=kind, actor=agent)
     except SignalboxError as err:
-        _fail(err.message)
+        fail(err.message)
     console = Console(soft_wrap=True)
     status = Console(stderr=True, soft_wrap=True)
 
@@ -659,7 +561,7 @@ def audit_tail(
         status.print(f"[yellow]warning:[/] audit record {seq} is unreadable: {escape(err.message)}")
 
     async def main() -> None:
-        nc = await _connect(url, settings)
+        nc = await connect_operator(url, settings)
         try:
             js = nc.jetstream()
             start = await start_of_last(js, subject, last)
@@ -686,7 +588,4 @@ def audit_tail(
         finally:
             await nc.close()
 
-    _run(main(), interrupted=0)
-from services.cli import approvals_cmds as _approvals_cmds  # noqa: E402, F401  (approvals)
-from services.cli import audit_cmds as _audit_cmds  # noqa: E402, F401  (verify, replay, report)
-from services.cli import cost_cmds as _cost_cmds  # noqa: E402, F401  (signalbox cost report)
+    run(main(), interrupted=0)

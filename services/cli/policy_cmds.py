@@ -16,24 +16,19 @@ subjects ``sb.admin.policy.<op>`` (see :mod:`services.policy.service`);
 ``validate`` parses and validates the folder locally with Cedar, so it needs
 no server (``--remote`` asks the running service instead).
 
-The shared plumbing (``_connect``, ``_fail``, ``_run``, ``_client_url``) lives
-in :mod:`services.cli.main`, which registers this group; it is imported when
-a command runs, not at import time, because ``main`` imports this module.
+Shared plumbing comes from :mod:`services.cli.common`; :mod:`services.cli.main`
+registers :data:`policy_app` as ``signalbox policy``.
 """
 
 from __future__ import annotations
 
-import getpass
 import json
 import sys
 import time
-from collections.abc import Coroutine
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
-from nats.aio.client import Client
 from rich import box
 from rich.console import Console
 from rich.markup import escape
@@ -61,7 +56,18 @@ from schemas import (
     ShowPolicies,
     ValidatePolicies,
 )
-from services.cli.client import admin_request
+from services.cli.common import (
+    JsonOption,
+    NatsUrlOption,
+    admin_call,
+    client_url,
+    clock,
+    connect_operator,
+    fail,
+    parse_duration,
+    run,
+    who,
+)
 from services.cli.render import to_json
 
 if TYPE_CHECKING:
@@ -77,15 +83,6 @@ policy_app = typer.Typer(
     no_args_is_help=True,
 )
 
-NatsUrlOption = Annotated[
-    str | None,
-    typer.Option(
-        "--nats-url",
-        help="NATS URL (default: $SIGNALBOX_NATS_URL, else nats://127.0.0.1:4222)",
-        show_default=False,
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 DirArgument = Annotated[
     Path,
     typer.Argument(
@@ -95,67 +92,13 @@ DirArgument = Annotated[
 ]
 
 
-# services.cli.main imports this module to register it, so its helpers are
-# imported when a command runs.
-
-
-def _fail(message: str) -> NoReturn:
-    from services.cli.main import _fail as fail
-
-    fail(message)
-
-
-async def _connect(url: str, settings: Settings) -> Client:
-    from services.cli.main import _connect as connect
-
-    return await connect(url, settings)
-
-
-def _client_url(flag: str | None) -> tuple[str, Settings]:
-    from services.cli.main import _client_url as client_url
-
-    return client_url(flag)
-
-
-def _run(main: Coroutine[Any, Any, T]) -> T:
-    from services.cli.main import _run as run
-
-    return run(main)
-
-
-def _who() -> str:
-    try:
-        return getpass.getuser()[:128]
-    except (KeyError, OSError):  # no login name (a bare container)
-        return ""
-
-
 def _read(folder: Path, label: str | None = None) -> PolicyFiles:
     from services.policy.cedar import read_policy_dir
 
     try:
         return read_policy_dir(folder, label=label)
     except SignalboxError as err:
-        _fail(err.message)
-
-
-async def _policy(url: str, settings: Settings, op: str, request: Any, returns: type[T]) -> T:
-    nc = await _connect(url, settings)
-    try:
-        return await admin_request(
-            nc, Subjects(settings.subject_prefix), op, request, returns, service="policy"
-        )
-    finally:
-        await nc.close()
-
-
-def _call(nats_url: str | None, op: str, request: Any, returns: type[T]) -> T:
-    url, settings = _client_url(nats_url)
-    return _run(_policy(url, settings, op, request, returns))
-
-
-def _clock(t: float) -> str:
-    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else ""
+        fail(err.message)
 
 
 def _version(label: str, digest: str) -> str:
@@ -178,8 +121,8 @@ def validate(
     """Check a policy folder against its Cedar schema; prints Cedar's messages if invalid."""
     candidate = _read(folder)
     if remote:
-        result = _call(
-            nats_url, "validate", ValidatePolicies(candidate=candidate), PolicyValidation
+        result = admin_call(
+            nats_url, "policy", "validate", ValidatePolicies(candidate=candidate), PolicyValidation
         )
     else:
         from services.policy.lifecycle import parse_candidate
@@ -201,7 +144,7 @@ def validate(
         err_console.print(f"[bold]{escape(str(folder))}[/] is not a valid policy set:")
         for message in result.errors:
             err_console.print(f"  [red]-[/] {escape(message)}", highlight=False)
-        _fail(
+        fail(
             f"{len(result.errors)} problem{'s' if len(result.errors) != 1 else ''} in {folder}; "
             "fix each policy named above (Cedar's message says what it expected) and re-run "
             "`signalbox policy validate`"
@@ -231,9 +174,9 @@ def apply(
 ) -> None:
     """Validate a policy folder, store it as a new version and make it active everywhere."""
     request = ApplyPolicies(
-        candidate=_read(folder, label), requested_by=_who(), expected_active=expect
+        candidate=_read(folder, label), requested_by=who(), expected_active=expect
     )
-    result = _call(nats_url, "apply", request, PolicyApplied)
+    result = admin_call(nats_url, "policy", "apply", request, PolicyApplied)
     if json_out:
         typer.echo(to_json(result))
         return
@@ -259,8 +202,8 @@ def rollback(
     json_out: JsonOption = False,
 ) -> None:
     """Make an earlier version active again (re-validated first; audited)."""
-    result = _call(
-        nats_url, "rollback", RollbackPolicies(to=to, requested_by=_who()), PolicyApplied
+    result = admin_call(
+        nats_url, "policy", "rollback", RollbackPolicies(to=to, requested_by=who()), PolicyApplied
     )
     if json_out:
         typer.echo(to_json(result))
@@ -285,7 +228,7 @@ def show(
     json_out: JsonOption = False,
 ) -> None:
     """Show a stored version: metadata, policy ids and every file."""
-    shown = _call(nats_url, "show", ShowPolicies(version=version), PolicyShown)
+    shown = admin_call(nats_url, "policy", "show", ShowPolicies(version=version), PolicyShown)
     if json_out:
         typer.echo(to_json(shown))
         return
@@ -298,7 +241,7 @@ def show(
                  Text(f"stored (active: {shown.active_version})", "dim"))  # fmt: skip
     meta.add_row("label", r.label)
     meta.add_row("digest", r.digest)
-    meta.add_row("created", f"{_clock(r.created_at)} by {r.created_by}")
+    meta.add_row("created", f"{clock(r.created_at)} by {r.created_by}")
     meta.add_row("policies", ", ".join(r.policy_ids))
     console.print(meta)
     for name, text in [("schema.cedarschema", r.schema), *sorted(r.files.items())]:
@@ -313,7 +256,9 @@ def history(
     json_out: JsonOption = False,
 ) -> None:
     """Stored versions, newest first; the active one is marked."""
-    result = _call(nats_url, "history", PolicyHistoryRequest(limit=limit), PolicyHistory)
+    result = admin_call(
+        nats_url, "policy", "history", PolicyHistoryRequest(limit=limit), PolicyHistory
+    )
     if json_out:
         typer.echo(to_json(result))
         return
@@ -329,7 +274,7 @@ def history(
             v.label,
             v.digest[:12],
             str(len(v.policy_ids)),
-            _clock(v.created_at),
+            clock(v.created_at),
             v.created_by,
         )
     Console().print(table)
@@ -353,12 +298,12 @@ def diff(
 ) -> None:
     """Per-file unified diff of two versions, or of a folder against a version."""
     if folder is not None and to_version:
-        _fail("give either a folder or --to N as the new side, not both")
+        fail("give either a folder or --to N as the new side, not both")
     if folder is None and not to_version:
-        _fail("nothing to compare: give a policy folder, or --from N --to M")
+        fail("nothing to compare: give a policy folder, or --from N --to M")
     candidate = _read(folder) if folder is not None else None
     request = DiffPolicies(from_version=from_version, to_version=to_version, candidate=candidate)
-    result = _call(nats_url, "diff", request, PolicyDiff)
+    result = admin_call(nats_url, "policy", "diff", request, PolicyDiff)
     if json_out:
         typer.echo(to_json(result))
         return
@@ -401,12 +346,10 @@ def test(
     candidate at the time it was made, with the agents as the registry knows them
     now. Nothing is applied. Exit 0 either way; the report says what would change.
     """
-    from services.cli.main import parse_duration
-
     try:
         window = parse_duration(replay_since)
     except typer.BadParameter as exc:
-        _fail(f"--replay-since: {exc}")
+        fail(f"--replay-since: {exc}")
     files = _read(folder)
     from services.policy.cedar import CedarDecider, CedarPolicies
 
@@ -417,16 +360,16 @@ def test(
             )
         )
     except SignalboxError as err:
-        _fail(f"{err.message}; fix the candidate (`signalbox policy validate {folder}`)")
-    url, settings = _client_url(nats_url)
+        fail(f"{err.message}; fix the candidate (`signalbox policy validate {folder}`)")
+    url, settings = client_url(nats_url)
     since = time.time() - window
-    report = _run(_replay(url, settings, candidate, since))
+    report = run(_replay(url, settings, candidate, since))
     if json_out:
         typer.echo(json.dumps(report.as_dict()))
         return
     console = Console()
     console.print(
-        f"Replayed {report.evaluated:,} decisions since {_clock(since)} against "
+        f"Replayed {report.evaluated:,} decisions since {clock(since)} against "
         f"{report.candidate_version} ({report.skipped:,} other records skipped; agents as "
         "registered now)"
     )
@@ -446,7 +389,7 @@ def test(
     for change in report.changes[:show]:
         rows.add_row(
             str(change.seq),
-            _clock(change.time),
+            clock(change.time),
             change.agent,
             change.action,
             change.resource,
@@ -470,7 +413,7 @@ async def _replay(
     from services.tracing.reader import audit_filter, scan
 
     subjects = Subjects(settings.subject_prefix)
-    nc = await _connect(url, settings)
+    nc = await connect_operator(url, settings)
     try:
         agents = {r.manifest.name: r for r in await list_agents(nc, subjects)}
         events: list[AuditEvent] = []
@@ -514,10 +457,14 @@ def shadow(
     audit records of kind `shadow` (`signalbox audit replay --kind shadow --since 1h`).
     """
     if (folder is None) == (not off):
-        _fail("give a candidate folder to start shadow mode, or --off to stop it")
+        fail("give a candidate folder to start shadow mode, or --off to stop it")
     candidate = _read(folder, label) if folder is not None else None
-    status = _call(
-        nats_url, "shadow", ShadowPolicies(candidate=candidate, requested_by=_who()), ShadowStatus
+    status = admin_call(
+        nats_url,
+        "policy",
+        "shadow",
+        ShadowPolicies(candidate=candidate, requested_by=who()),
+        ShadowStatus,
     )
     if json_out:
         typer.echo(to_json(status))

@@ -20,7 +20,7 @@ from broker.jetstream import AUDIT_STREAM
 from broker.server import EmbeddedServer
 from broker.settings import Settings
 from schemas import AgentManifest, AuditEvent
-from services.cli import main as cli
+from services.cli import common as cli
 from services.cli.main import app
 from services.runner import Stack
 

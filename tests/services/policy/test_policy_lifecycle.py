@@ -41,7 +41,7 @@ from schemas import (
     ShowPolicies,
     ValidatePolicies,
 )
-from services.cli import main as cli
+from services.cli import common as cli
 from services.cli.client import admin_request
 from services.cli.main import app
 from services.policy.cedar import LABEL_FILE, SCHEMA_FILE, CedarPolicies, shipped_policy_dir
