@@ -104,16 +104,19 @@ class CredentialStore:
 
     Args:
         url: SQLAlchemy URL (the registry's database).
-        engine: Use this engine instead of creating one from ``url``.
+        engine: Share this engine (the registry's store) instead of creating one
+            from ``url``; its owner disposes of it.
     """
 
     def __init__(self, url: str, engine: Engine | None = None) -> None:
+        self._owns_engine = engine is None
         self._engine = engine or make_engine(url)
         SQLModel.metadata.create_all(self._engine, tables=[_CREDENTIALS])
 
     def close(self) -> None:
-        """Release the engine's connections."""
-        self._engine.dispose()
+        """Release the engine's connections (unless the engine was lent by its owner)."""
+        if self._owns_engine:
+            self._engine.dispose()
 
     def issue(
         self, agent: str, ttl: float, *, created_by: str = "", note: str = ""

@@ -28,6 +28,7 @@ from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from sqlalchemy import Engine
 
 from broker.connection import connect
 from broker.errors import ConfigError
@@ -82,10 +83,14 @@ class Identity:
             raise RuntimeError("identity not started")
         return self.store
 
-    async def start(self) -> None:
-        """Open the credential store; answer the auth callout if the server has identity on."""
+    async def start(self, engine: Engine | None = None) -> None:
+        """Open the credential store; answer the auth callout if the server has identity on.
+
+        Args:
+            engine: The registry store's engine, shared (one pool per database).
+        """
         self.store = await asyncio.to_thread(
-            CredentialStore, self.settings.resolved_database_url
+            CredentialStore, self.settings.resolved_database_url, engine
         )
         folder = resolve_secrets_dir(self.settings)
         if not (folder / "issuer.nk").exists():

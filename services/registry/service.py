@@ -220,7 +220,7 @@ class RegistryService(Service):
         self.micro = MicroResponder(self.nc, self._micro_view)
         await self.micro.start()
         # Agent credentials and the NATS auth callout (services.registry.identity).
-        await self.identity.start()
+        await self.identity.start(self.store.engine)
 
     async def on_stop(self) -> None:
         await self.identity.stop()

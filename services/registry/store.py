@@ -70,7 +70,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, SQLModel
 
@@ -673,6 +673,11 @@ class AgentStore:
         return compiled.string, None if order is None else tuple(order)
 
     # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        """The store's engine (other tables in the same database share it)."""
+        return self._engine
 
     def create_schema(self) -> None:
         """Create the tables and indexes that do not exist yet (idempotent).
