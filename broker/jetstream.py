@@ -28,6 +28,7 @@ __all__ = [
     "AUDIT_STREAM",
     "KV_AGENTS",
     "KV_APPROVALS",
+    "KV_BUDGETS",
     "KV_POLICIES",
     "USAGE_STREAM",
     "approvals_bucket_config",
@@ -49,6 +50,9 @@ KV_AGENTS = "sb_agents"
 KV_POLICIES = "sb_policies"
 #: Human approval requests of parked calls (layout: :mod:`services.policy.approvals`).
 KV_APPROVALS = "sb_approvals"
+#: Budget definitions, key ``<scope>.<name>.<window>`` (:class:`schemas.Budget`);
+#: the amounts spent and reserved live in the cost service's SQL store.
+KV_BUDGETS = "sb_budgets"
 
 _DAY = 86_400.0
 
@@ -117,6 +121,13 @@ def bucket_configs(settings: Settings) -> list[KeyValueConfig]:
             description="Versioned Cedar policy sets and the active pointer",
         ),
         approvals_bucket_config(settings),
+        KeyValueConfig(
+            bucket=KV_BUDGETS,
+            history=16,  # earlier limits stay readable, for the record
+            storage=StorageType.FILE,
+            replicas=settings.audit_replicas,
+            description="Budget definitions (spend counters live in SQL)",
+        ),
     ]
 
 

@@ -35,6 +35,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from opentelemetry.trace import SpanKind, TracerProvider
 
 from broker.audit import AuditEmitter
 from broker.codec import decode, encode
@@ -45,6 +46,7 @@ from broker.jetstream import ensure_buckets, ensure_streams
 from broker.replies import error_reply
 from broker.settings import Settings
 from broker.subjects import Subjects
+from broker.telemetry import ATTR, Telemetry, annotate
 from schemas import Wire
 
 __all__ = ["Service"]
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
 Handler = Callable[[Any], Awaitable[Wire]]
+SERVER = SpanKind.SERVER
 
 
 class Service:
@@ -90,6 +93,8 @@ class Service:
         self._slots = asyncio.Semaphore(256)
         self._js: tuple[Client, JetStreamContext] | None = None
         self._started = False
+        #: Spans of this service (:meth:`use_tracer_provider` picks the provider).
+        self.telemetry = Telemetry(f"signalbox.{self.name}")
 
     async def _error_cb(self, exc: Exception) -> None:
         log.debug("%s connection: %r", self.name, exc)
@@ -98,6 +103,11 @@ class Service:
     def actor(self) -> str:
         """Audit actor of this service."""
         return f"service:{self.name}"
+
+    @staticmethod
+    def operator(requested_by: str) -> str:
+        """Audit actor of an operator's admin request (``operator:<name>``)."""
+        return f"operator:{requested_by}" if requested_by else "operator"
 
     @property
     def nc(self) -> Client:
@@ -121,6 +131,27 @@ class Service:
         """The service's audit emitter (after :meth:`start`)."""
         assert self._audit is not None, "service not started"
         return self._audit
+
+    # -- traces ---------------------------------------------------------------------------
+
+    def use_tracer_provider(self, provider: TracerProvider | None) -> None:
+        """Record this service's spans with ``provider`` (call before :meth:`start`;
+        None: the global provider if set, else ids only, see :mod:`broker.telemetry`)."""
+        self.telemetry = Telemetry(f"signalbox.{self.name}", provider)
+
+    def traced(
+        self, name: str, handler: Callable[[Msg], Awaitable[None]], *, kind: SpanKind = SERVER
+    ) -> Callable[[Msg], Awaitable[None]]:
+        """``handler`` run as a hop: a span named ``name``, child of the message's trace
+        context (``traceparent``), current while it runs (so its audit events carry it)."""
+        telemetry = self.telemetry
+
+        async def run(msg: Msg) -> None:
+            with telemetry.hop(name, msg.headers or {}, kind=kind) as span:
+                annotate(span, lambda: {ATTR["system"]: "nats", ATTR["destination"]: msg.subject})
+                await handler(msg)
+
+        return run
 
     def endpoint(
         self, subject: str, request_type: type[Req], *, queue: str | None = None

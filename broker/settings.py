@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -102,6 +102,18 @@ class Settings(BaseSettings):
         description="Seconds between the registry's batched writes of heartbeats to the SQL "
         "store (answered from memory at once; written and shared with replicas per batch).",
     )
+    budget_reservation_ttl: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds a budget reservation of an authorized model call is held; "
+        "unsettled by a usage report by then, it is released.",
+    )
+    budget_reserve_timeout: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds the policy service waits for the cost service to reserve a "
+        "model call's budget; no answer means deny (budget_unavailable).",
+    )
     secrets_dir: Path | None = Field(
         default=None,
         description="Secrets of the deployment (issuer key, static users' passwords, 0600 files); "
@@ -133,6 +145,34 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level of services."
     )
+    # -- OpenTelemetry traces (broker.telemetry) ------------------------------------------
+    otel_exporter: Literal["none", "console", "otlp"] = Field(
+        default="none",
+        description="Where spans go: none (trace ids are still made and propagated, nothing "
+        "is recorded), console (stdout), otlp (SIGNALBOX_OTEL_ENDPOINT).",
+    )
+    otel_protocol: Literal["http/protobuf", "grpc"] = Field(
+        default="http/protobuf", description="OTLP protocol of SIGNALBOX_OTEL_ENDPOINT."
+    )
+    otel_endpoint: str | None = Field(
+        default=None,
+        validate_default=True,
+        description="OTLP collector URL (http://host:4318 for http/protobuf, /v1/traces "
+        "appended when the URL has no path; http://host:4317 for grpc); required for otlp.",
+    )
+    otel_service_name: str = Field(
+        default="signalbox", min_length=1, description="service.name of exported spans."
+    )
+
+    @field_validator("otel_endpoint")
+    @classmethod
+    def _otlp_has_endpoint(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("otel_exporter") == "otlp" and not (value or "").strip():
+            raise ValueError(
+                "SIGNALBOX_OTEL_EXPORTER=otlp needs the collector's URL in "
+                "SIGNALBOX_OTEL_ENDPOINT (e.g. http://127.0.0.1:4318)"
+            )
+        return value
 
     @field_validator("subject_prefix")
     @classmethod

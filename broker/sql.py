@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Table, event
+from sqlalchemy import Table, event, inspect
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.schema import CreateColumn
 from sqlmodel import SQLModel, create_engine
 
-__all__ = ["make_engine", "table_of"]
+__all__ = ["add_missing_columns", "make_engine", "table_of"]
 
 
 def table_of(model: type[SQLModel]) -> Table:
@@ -23,6 +24,26 @@ def table_of(model: type[SQLModel]) -> Table:
     table = model.__table__  # type: ignore[attr-defined]
     assert isinstance(table, Table)
     return table
+
+
+def add_missing_columns(conn: Connection, table: Table) -> list[str]:
+    """Add ``table``'s columns that an existing table lacks (additive migration).
+
+    ``create_all`` creates missing tables but never alters existing ones, so
+    a store created by an earlier release would lack columns added since.
+    New columns are always nullable or defaulted (our rule for schema
+    changes), which both SQLite and PostgreSQL can add in place. Returns the
+    names of the columns added. Call it inside the schema transaction.
+    """
+    existing = {c["name"] for c in inspect(conn).get_columns(table.name)}
+    added = []
+    for column in table.columns:
+        if column.name in existing:
+            continue
+        ddl = CreateColumn(column).compile(dialect=conn.dialect)
+        conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
+        added.append(column.name)
+    return added
 
 
 def make_engine(url: str) -> Engine:

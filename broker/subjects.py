@@ -13,6 +13,7 @@ All subjects hang under one configurable prefix (default ``sb``)::
     sb.audit.log.<kind>.<actor>             chained audit (stream SB_AUDIT)
     sb.authz.<agent>                        agent -> policy: may I use this model/tool?
     sb.usage.<agent>                        usage reports (stream SB_USAGE)
+    sb.cost.reserve                         policy -> cost: reserve a model call's budget
     sb.admin.<service>.<op>                 operator-only endpoints
 """
 
@@ -190,6 +191,11 @@ class Subjects:
     def usage_all(self) -> str:
         """Filter of the usage stream."""
         return f"{self.prefix}.usage.*"
+
+    @property
+    def cost_reserve(self) -> str:
+        """``sb.cost.reserve``: the policy service reserves budget (services only)."""
+        return f"{self.prefix}.cost.reserve"
 
     def admin(self, service: str, op: str) -> str:
         """Operator-only endpoint of a service."""

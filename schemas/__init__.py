@@ -7,6 +7,20 @@ from __future__ import annotations
 
 from schemas._base import SCHEMA_VERSION, Wire
 from schemas.audit import AuditBatch, AuditEvent, AuditKind
+from schemas.budgets import (
+    Budget,
+    BudgetCharge,
+    BudgetList,
+    BudgetScope,
+    BudgetStatus,
+    BudgetWindow,
+    ListBudgets,
+    RemoveBudget,
+    Reservation,
+    ReserveBudget,
+    SetBudget,
+    ShowBudget,
+)
 from schemas.calls import CallMeta, CallOutcome
 from schemas.cost import CostGroup, CostReport, CostReportRequest, CostRow, UsageReport
 from schemas.errors import ErrorReply
@@ -79,6 +93,12 @@ __all__ = [
     "AuditEvent",
     "AuditKind",
     "AuthzRequest",
+    "Budget",
+    "BudgetCharge",
+    "BudgetList",
+    "BudgetScope",
+    "BudgetStatus",
+    "BudgetWindow",
     "CallMeta",
     "CallOutcome",
     "Capability",
@@ -105,6 +125,7 @@ __all__ = [
     "InstanceStats",
     "ListAgents",
     "ListApprovals",
+    "ListBudgets",
     "ListCredentials",
     "PolicyApplied",
     "PolicyDiff",
@@ -116,11 +137,16 @@ __all__ = [
     "PolicyValidation",
     "PolicyVersionInfo",
     "Registered",
+    "RemoveBudget",
+    "Reservation",
+    "ReserveBudget",
     "RevokeAgent",
     "Revoked",
     "RollbackPolicies",
+    "SetBudget",
     "ShadowPolicies",
     "ShadowStatus",
+    "ShowBudget",
     "ShowPolicies",
     "UsageReport",
     "ValidatePolicies",

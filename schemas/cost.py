@@ -37,6 +37,9 @@ class UsageReport(Wire, frozen=True, tag="usage_report.v1"):
         trace_id: Trace the call belongs to.
         project: Project charged (chargeback key).
         on_behalf_of: Chain of agents the call was made for, outermost first.
+        reservation_id: The budget reservation this call settles (from the
+            authorizing :class:`~schemas.Decision`); its worst-case amount is
+            replaced by this report's actual cost.
     """
 
     id: str
@@ -52,6 +55,7 @@ class UsageReport(Wire, frozen=True, tag="usage_report.v1"):
     trace_id: str = ""
     project: str = ""
     on_behalf_of: tuple[str, ...] = ()
+    reservation_id: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 class CostReportRequest(Wire, frozen=True, tag="cost_report_request.v1"):

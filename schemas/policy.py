@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from schemas._base import Wire
+from schemas.budgets import BudgetCharge
 
 __all__ = [
     "ActivePolicy",
@@ -65,7 +66,15 @@ class Decision(Wire, frozen=True, tag="decision.v1"):
         reason_code: Stable machine-readable reason: ``allowed``,
             ``needs_approval``, ``forbidden``, ``default_deny``, or a
             fail-closed guard: ``unknown_agent``, ``unknown_action``,
-            ``missing_entity``, ``malformed_context``, ``evaluation_error``.
+            ``missing_entity``, ``malformed_context``, ``evaluation_error``;
+            or a budget guard after the policies allowed a model call:
+            ``budget_exceeded``, ``estimate_required``, ``budget_unavailable``.
+        reservation_id: For an allowed model call some budget applies to: the
+            reservation of its worst-case cost; report the call's usage with
+            this ``reservation_id`` to settle it (``Agent.model_call`` does).
+        reserved_usd: The amount reserved.
+        budget: The budget that refused the call (``budget_exceeded``): its
+            limit, spent and reserved amounts.
     """
 
     effect: Effect
@@ -74,6 +83,9 @@ class Decision(Wire, frozen=True, tag="decision.v1"):
     policy_version: str = ""
     eval_us: float = 0.0
     reason_code: str = ""
+    reservation_id: str = ""
+    reserved_usd: float = 0.0
+    budget: BudgetCharge | None = None
 
 
 class AuthzRequest(Wire, frozen=True, tag="authz_request.v1"):
@@ -94,6 +106,10 @@ class AuthzRequest(Wire, frozen=True, tag="authz_request.v1"):
         estimated_tokens: Tokens this single invocation is expected to use.
         data_tags: Classification tags of the data sent (``pii``, ``pci-dss``).
         on_behalf_of: Delegation chain (agents or users), outermost first.
+        max_output_tokens: Most completion tokens the call may produce (the
+            budget reservation prices ``estimated_tokens`` as input plus this
+            as output; 0: every estimated token is priced as output).
+        project: Project the call is charged to (budgets per project).
     """
 
     action: _Token
@@ -104,6 +120,8 @@ class AuthzRequest(Wire, frozen=True, tag="authz_request.v1"):
     estimated_tokens: Annotated[int, msgspec.Meta(ge=0, le=10**12)] = 0
     data_tags: Annotated[tuple[_Text, ...], msgspec.Meta(max_length=64)] = ()
     on_behalf_of: Annotated[tuple[_Text, ...], msgspec.Meta(max_length=32)] = ()
+    max_output_tokens: Annotated[int, msgspec.Meta(ge=0, le=10**12)] = 0
+    project: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,64}$(?!\n)")] = ""
 
 
 # -- policy lifecycle ----------------------------------------------------------------------

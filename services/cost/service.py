@@ -16,6 +16,16 @@ committed, so every report is counted exactly once.
 Invalid reports are audited as ``rejected``, counted, and terminated (never
 redelivered forever, never silently dropped).
 
+Budgets (:mod:`services.cost.budgets`). Definitions live in the KV bucket
+``sb_budgets``; operators set them on ``sb.admin.budgets.<op>``. The policy
+service asks ``sb.cost.reserve`` (services only) when it allows a model
+call some budget applies to: the call's worst-case cost is reserved on every
+applicable budget under a row lock, or refused naming the budget, its limit,
+spent and reserved amounts. Usage reports settle their reservation in the
+metering transaction; reservations left unsettled are released at expiry
+(``SIGNALBOX_BUDGET_RESERVATION_TTL``). Crossing a soft threshold or
+exhausting a budget is audited (kind ``budget``).
+
 Reports. ``sb.admin.cost.report`` (operators only: the server lets only
 operators and services publish under ``sb.admin.>``) answers a
 :class:`~schemas.CostReportRequest` with totals grouped by team, agent,
@@ -25,22 +35,42 @@ model, project, provider, hour or day (``signalbox cost report``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
 
-from broker.codec import decode
+from broker.audit import new_id
+from broker.budgets import applicable_keys
+from broker.codec import decode, encode
 from broker.consumer import PullWorker
-from broker.errors import InvalidInput, SchemaError, SignalboxError
-from broker.jetstream import KV_AGENTS, USAGE_STREAM
+from broker.errors import InvalidInput, NotFound, SchemaError, SignalboxError
+from broker.jetstream import KV_AGENTS, KV_BUDGETS, USAGE_STREAM
 from broker.kvcache import KVCache
 from broker.service import Service
 from broker.settings import Settings
-from schemas import AgentRecord, CostReport, CostReportRequest, UsageReport
-from services.cost.prices import Prices, load_prices
+from schemas import (
+    AgentRecord,
+    Budget,
+    BudgetList,
+    BudgetStatus,
+    CostReport,
+    CostReportRequest,
+    ListBudgets,
+    RemoveBudget,
+    Reservation,
+    ReserveBudget,
+    SetBudget,
+    ShowBudget,
+    UsageReport,
+)
+from services.cost.budgets import BudgetAlert
+from services.cost.prices import NANOS_PER_USD, Prices, load_prices
 from services.cost.store import UsageStore
 
 __all__ = ["CONSUMER", "CostService"]
@@ -77,7 +107,20 @@ class CostService(Service):
         self._store: UsageStore | None = None
         self._agents: KVCache[AgentRecord] | None = None
         self._worker: PullWorker | None = None
-        self.endpoint(self.subjects.admin("cost", "report"), CostReportRequest)(self.cost_report)
+        self._budgets: KVCache[Budget] | None = None
+        self._budget_kv: KeyValue | None = None
+        self._expiry: asyncio.Task[None] | None = None
+        #: Reservations granted / refused, and budget alerts audited, by this replica.
+        self.budget_stats: dict[str, int] = {
+            "reserved": 0, "refused": 0, "expired": 0, "soft_alerts": 0, "exhausted": 0,
+        }  # fmt: skip
+        s = self.subjects
+        self.endpoint(s.admin("cost", "report"), CostReportRequest)(self.cost_report)
+        self.endpoint(s.cost_reserve, ReserveBudget)(self.reserve)
+        self.endpoint(s.admin("budgets", "set"), SetBudget)(self.set_budget)
+        self.endpoint(s.admin("budgets", "remove"), RemoveBudget)(self.remove_budget)
+        self.endpoint(s.admin("budgets", "list"), ListBudgets)(self.list_budgets)
+        self.endpoint(s.admin("budgets", "show"), ShowBudget)(self.show_budget)
 
     @property
     def store(self) -> UsageStore:
@@ -97,12 +140,24 @@ class CostService(Service):
         await asyncio.to_thread(self._store.create_schema)
         self._agents = KVCache(await self.js.key_value(KV_AGENTS), AgentRecord)
         await self._agents.start()
+        self._budget_kv = await self.js.key_value(KV_BUDGETS)
+        self._budgets = KVCache(self._budget_kv, Budget)
+        await self._budgets.start()
+        self._expiry = asyncio.ensure_future(self._expire_reservations())
         self._worker = PullWorker(
             self.js, USAGE_STREAM, CONSUMER, self.meter, batch=self.batch, ack_wait=self.ack_wait
         )
         await self._worker.start()
 
     async def on_stop(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry
+            self._expiry = None
+        if self._budgets is not None:
+            await self._budgets.stop()
+            self._budgets = None
         if self._worker is not None:
             await self._worker.stop()
             self._worker = None
@@ -149,8 +204,9 @@ class CostService(Service):
             row = self.store.row(report, team=self._team(report.agent), now=now)
             rows.append(row)
             reports.append((msg, report, row))
+        budgets = self._budgets if self._budgets is not None and len(self._budgets) else None
         try:
-            await asyncio.to_thread(self.store.record, rows)
+            alerts = await asyncio.to_thread(self.store.record, rows, budgets)
         except Exception:
             # Not committed: nothing is acked; JetStream redelivers the reports.
             self.store_failures += 1
@@ -162,6 +218,8 @@ class CostService(Service):
             reports = []
         else:
             self.metered += len(rows)
+            for alert in alerts:
+                await self._alert(alert, actor=self.actor)
         for msg, report, row in reports:
             data = msgspec.to_builtins(report)
             data["team"] = row["team"]
@@ -199,3 +257,181 @@ class CostService(Service):
                 details={"since": request.since, "until": request.until, "path": "$.until"},
             )
         return await asyncio.to_thread(self.store.report, request.by, request.since, request.until)
+
+    # -- budgets ---------------------------------------------------------------
+
+    def _budget_cache(self) -> KVCache[Budget]:
+        assert self._budgets is not None, "service not started"
+        return self._budgets
+
+    async def reserve(self, request: ReserveBudget) -> Reservation:
+        """``sb.cost.reserve``: reserve a model call's worst-case cost on every applicable budget.
+
+        Nothing applies: granted with no id (nothing to settle). Refused: no
+        amount is held anywhere, the refusal names the budget, and it is
+        audited (kind ``budget``).
+        """
+        budgets = applicable_keys(
+            self._budget_cache(),
+            agent=request.agent,
+            team=self._team(request.agent),
+            project=request.project,
+            on_behalf_of=request.on_behalf_of,
+        )
+        # Worst case: without a cap on the completion, every token is priced as output.
+        if request.output_tokens:
+            priced = self.prices.cost(request.model, request.input_tokens, request.output_tokens)
+        else:
+            priced = self.prices.cost(request.model, 0, request.input_tokens)
+        amount = priced.nanos / NANOS_PER_USD
+        if not budgets:
+            return Reservation(
+                granted=True, amount_usd=amount, priced_by_fallback=priced.fallback
+            )
+        now = time.time()
+        reservation_id = new_id()
+        expires_at = now + self.settings.budget_reservation_ttl
+        grant = await asyncio.to_thread(
+            self.store.ledger.reserve,
+            budgets,
+            reservation_id=reservation_id,
+            agent=request.agent,
+            amount_nanos=priced.nanos,
+            now=now,
+            expires_at=expires_at,
+            trace_id=request.trace_id,
+        )
+        for alert in grant.alerts:
+            await self._alert(alert, actor=request.agent, trace_id=request.trace_id)
+        if not grant.granted:
+            self.budget_stats["refused"] += 1
+            assert grant.refused is not None
+            await self.audit.emit(
+                "budget",
+                actor=request.agent,
+                subject=self.subjects.cost_reserve,
+                trace_id=request.trace_id,
+                data={
+                    "event": "refused", "agent": request.agent, "model": request.model,
+                    "amount_usd": amount, "budget": msgspec.to_builtins(grant.refused),
+                    "exhausted": grant.exhausted,
+                },
+            )  # fmt: skip
+            return Reservation(
+                granted=False, amount_usd=amount, refused=grant.refused,
+                priced_by_fallback=priced.fallback,
+            )  # fmt: skip
+        self.budget_stats["reserved"] += 1
+        return Reservation(
+            granted=True, id=reservation_id, amount_usd=amount, expires_at=expires_at,
+            charges=tuple(grant.charges), priced_by_fallback=priced.fallback,
+        )  # fmt: skip
+
+    async def _alert(self, alert: BudgetAlert, *, actor: str, trace_id: str = "") -> None:
+        """Audit a crossed threshold (soft: an alert; hard: the budget is exhausted)."""
+        self.budget_stats["exhausted" if alert.hard else "soft_alerts"] += 1
+        event = "exhausted" if alert.hard else "soft_threshold"
+        log.warning(
+            "cost: budget %s %s: spent $%.4f + reserved $%.4f of $%.2f",
+            alert.budget.key, event.replace("_", " "), alert.charge.spent_usd,
+            alert.charge.reserved_usd, alert.charge.limit_usd,
+        )  # fmt: skip
+        await self.audit.emit(
+            "budget",
+            actor=actor,
+            subject=f"$KV.{KV_BUDGETS}.{alert.budget.key}",
+            trace_id=trace_id,
+            data={
+                "event": event, "budget": msgspec.to_builtins(alert.budget),
+                "charge": msgspec.to_builtins(alert.charge),
+                "soft_ratio": alert.budget.soft_ratio,
+            },
+        )  # fmt: skip
+
+    async def _expire_reservations(self) -> None:
+        """Release reservations nobody settled, every few seconds (every replica; row-locked)."""
+        interval = min(5.0, max(0.05, self.settings.budget_reservation_ttl / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                released = await asyncio.to_thread(self.store.ledger.expire, time.time())
+            except Exception:
+                log.exception("cost: releasing expired reservations failed; will retry")
+                continue
+            if released:
+                self.budget_stats["expired"] += released
+                log.info("cost: released %d expired budget reservations", released)
+
+    async def set_budget(self, request: SetBudget) -> BudgetStatus:
+        """``set``: create or change a budget (audited with the previous definition)."""
+        budget = Budget(
+            scope=request.scope, name=request.name, window=request.window,
+            limit_usd=request.limit_usd, soft_ratio=request.soft_ratio,
+            set_by=self.operator(request.requested_by), set_at=time.time(),
+        )  # fmt: skip
+        assert self._budget_kv is not None
+        previous = self._budget_cache().get(budget.key)
+        await self._budget_kv.put(budget.key, encode(budget))
+        await self.audit.emit(
+            "admin",
+            actor=budget.set_by,
+            subject=self.subjects.admin("budgets", "set"),
+            data={
+                "op": "budget_set", "budget": msgspec.to_builtins(budget),
+                "previous": msgspec.to_builtins(previous) if previous else None,
+            },
+        )  # fmt: skip
+        return (await asyncio.to_thread(self.store.ledger.status, budget, time.time()))[0]
+
+    async def remove_budget(self, request: RemoveBudget) -> BudgetStatus:
+        """``remove``: delete a budget's definition (its windows stay in the store)."""
+        key = f"{request.scope}.{request.name}.{request.window}"
+        budget = self._budget_cache().get(key)
+        if budget is None:
+            raise NotFound(
+                f"no {request.window} budget for {request.scope} {request.name}; "
+                "`signalbox budgets list` shows the budgets",
+                details={"key": key},
+            )
+        assert self._budget_kv is not None
+        with contextlib.suppress(KeyNotFoundError):
+            await self._budget_kv.delete(key)
+        who = self.operator(request.requested_by)
+        await self.audit.emit(
+            "admin",
+            actor=who,
+            subject=self.subjects.admin("budgets", "remove"),
+            data={"op": "budget_removed", "budget": msgspec.to_builtins(budget)},
+        )
+        return (await asyncio.to_thread(self.store.ledger.status, budget, time.time()))[0]
+
+    async def list_budgets(self, request: ListBudgets) -> BudgetList:
+        """``list``: every budget (or one scope's) in its current window."""
+        now = time.time()
+        budgets = sorted(
+            (b for b in self._budget_cache().values()
+             if request.scope is None or b.scope == request.scope),
+            key=lambda b: b.key,
+        )  # fmt: skip
+        rows = [
+            (await asyncio.to_thread(self.store.ledger.status, b, now))[0] for b in budgets
+        ]
+        return BudgetList(budgets=tuple(rows))
+
+    async def show_budget(self, request: ShowBudget) -> BudgetList:
+        """``show``: one scope/name's budgets, current and past windows."""
+        now = time.time()
+        rows: list[BudgetStatus] = []
+        for window in ("day", "month"):
+            budget = self._budget_cache().get(f"{request.scope}.{request.name}.{window}")
+            if budget is not None:
+                rows.extend(
+                    await asyncio.to_thread(self.store.ledger.status, budget, now, request.windows)
+                )
+        if not rows:
+            raise NotFound(
+                f"no budget for {request.scope} {request.name}; set one with "
+                f"`signalbox budgets set {request.scope}:{request.name} --limit USD`",
+                details={"scope": request.scope, "name": request.name},
+            )
+        return BudgetList(budgets=tuple(rows))

@@ -13,6 +13,12 @@ agent cannot pre-empt another's ids). A batch is inserted with ``ON CONFLICT
 DO NOTHING`` in one transaction; a redelivered or duplicated report is a
 no-op, so acking only after the commit gives exactly-once totals.
 
+Budgets. The same transaction settles the batch's reports against their
+budgets (:mod:`services.cost.budgets`): each row records the id of the
+transaction that inserted it (``batch``), so reading back this
+transaction's rows gives exactly the reports it added, and a redelivered
+report (which conflicts and keeps its first batch id) is never charged twice.
+
 Aggregates are ``GROUP BY`` queries over this raw table, not counters kept
 on the side: there is nothing to keep consistent under redelivery, and the
 ``(time)`` and ``(<key>, time)`` indexes make a report over a time range read
@@ -22,6 +28,7 @@ one index range. Every method is synchronous; the service calls them through
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -37,14 +44,18 @@ from sqlalchemy import (
     func,
     select,
     text,
+    tuple_,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlmodel import Field, SQLModel
 
+from broker.budgets import BudgetLookup
 from broker.errors import ConfigError
-from broker.sql import make_engine
+from broker.sql import add_missing_columns, make_engine
 from schemas import CostGroup, CostReport, CostRow, UsageReport
+from services.cost.budgets import TABLES as BUDGET_TABLES
+from services.cost.budgets import BudgetAlert, BudgetLedger
 from services.cost.prices import NANOS_PER_USD, Prices
 
 __all__ = ["UsageRow", "UsageStore"]
@@ -87,6 +98,12 @@ class UsageRow(SQLModel, table=True):
     trace_id: str = Field(default="", sa_type=String(256))
     on_behalf_of: str = Field(default="", sa_type=Text)
     received_at: float = Field(default=0.0, sa_type=Float)
+    # Added after the first release: server defaults let add_missing_columns
+    # add them to an existing table.
+    reservation_id: str = Field(
+        default="", sa_type=String(64), sa_column_kwargs={"server_default": ""}
+    )
+    batch: str = Field(default="", sa_type=String(32), sa_column_kwargs={"server_default": ""})
 
 
 _U: Table = UsageRow.__table__  # type: ignore[attr-defined]
@@ -126,13 +143,20 @@ class UsageStore:
         self._insert_order = (
             tuple(compiled.positiontup or ()) if self._engine.dialect.positional else None
         )
+        #: Budget windows and reservations, in the same database.
+        self.ledger = BudgetLedger(self._engine)
+        self._inserted = select(
+            _U.c.agent, _U.c.id, _U.c.time, _U.c.team, _U.c.project,
+            _U.c.on_behalf_of, _U.c.cost_nanos, _U.c.reservation_id,
+        )  # fmt: skip
 
     def create_schema(self) -> None:
         """Create the table and indexes if missing (idempotent)."""
         with self._writer.begin() as conn:
             if self._postgres:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
-            SQLModel.metadata.create_all(conn, tables=[_U])
+            SQLModel.metadata.create_all(conn, tables=[_U, *BUDGET_TABLES])
+            add_missing_columns(conn, _U)
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -163,19 +187,40 @@ class UsageStore:
             "trace_id": report.trace_id,
             "on_behalf_of": ",".join(report.on_behalf_of),
             "received_at": now,
+            "reservation_id": report.reservation_id,
+            "batch": "",
         }
 
-    def record(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Insert ``rows`` in one transaction; rows already stored are skipped.
+    def record(
+        self, rows: Sequence[dict[str, Any]], budgets: BudgetLookup | None = None
+    ) -> list[BudgetAlert]:
+        """Insert ``rows`` and settle their budgets in one transaction; stored rows are skipped.
 
-        Returns once committed (the caller acks after that).
+        Returns once committed (the caller acks after that), with the budget
+        thresholds the batch crossed (to audit, and to trip breakers on).
         """
         if not rows:
-            return
+            return []
+        batch = os.urandom(16).hex()
+        for row in rows:
+            row["batch"] = batch
         order = self._insert_order
         params: list[Any] = [tuple(row[k] for k in order) for row in rows] if order else list(rows)
+        settle = budgets is not None or any(row["reservation_id"] for row in rows)
         with self._writer.begin() as conn:
             conn.exec_driver_sql(self._insert_sql, params)
+            if not settle:
+                return []
+            keys = [(row["agent"], row["id"]) for row in rows]
+            inserted = [
+                dict(r._mapping)
+                for r in conn.execute(
+                    self._inserted.where(
+                        _U.c.batch == batch, tuple_(_U.c.agent, _U.c.id).in_(keys)
+                    )
+                )
+            ]
+            return self.ledger.settle(conn, inserted, budgets or {})
 
     def report(self, by: CostGroup, since: float | None, until: float | None) -> CostReport:
         """Totals per ``by`` over ``[since, until)``, most expensive first, and the total."""

@@ -342,8 +342,8 @@ async def test_a_cost_service_killed_before_acking_restarts_with_exact_totals(
     await first.start()
     record = first.store.record
 
-    def commit_then_hang(rows: Sequence[dict[str, Any]]) -> None:
-        record(rows)
+    def commit_then_hang(rows: Sequence[dict[str, Any]], budgets: Any = None) -> None:
+        record(rows, budgets)
         loop.call_soon_threadsafe(committed.set)
         release.wait(10)  # "killed" here: committed, never acked
         raise RuntimeError("killed")

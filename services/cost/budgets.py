@@ -1,0 +1,417 @@
+"""Budget ledger: spend and reservations per budget window, changed under a row lock.
+
+Tables (same database as ``cost_usage``)::
+
+    cost_budget_window  one row per (budget key, window start): spent and
+                        reserved nano-dollars, whether the soft alert fired
+    cost_reservation    one row per reservation: amount, the windows it
+                        holds, expiry, state (open, settled, expired)
+
+Atomicity. Every change to a window's counters happens in a transaction
+that first locks the window rows it touches, always in key order (so two
+transactions never wait on each other in a cycle): ``SELECT ... FOR UPDATE``
+on PostgreSQL, and on SQLite the database write lock taken at ``BEGIN
+IMMEDIATE``. A reservation reads spent + reserved, checks the limit and adds
+its amount while holding those locks, so concurrent reservations on one
+budget are serialized: one writer per budget at a time, across every cost
+replica, and the limit cannot be overrun however many callers race.
+
+Exactly once. Settlement runs inside the metering transaction that inserts
+the usage rows. Rows carry the id of the transaction that inserted them
+(``batch``); reading back ``WHERE batch = <this transaction>`` yields exactly
+the reports this transaction added (a redelivered report conflicts and keeps
+its old batch id), so a report is charged once however often it arrives.
+
+Windows are UTC calendar days or months: a new window is a new row, so spend
+"resets" without anyone resetting it, and past windows stay for ``show``.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import json
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from sqlalchemy import BigInteger, Boolean, Float, Index, String, Text, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlmodel import Field, SQLModel
+
+from broker.budgets import BudgetLookup, applicable_keys
+from broker.sql import table_of
+from schemas import Budget, BudgetCharge, BudgetStatus, BudgetWindow
+from services.cost.prices import NANOS_PER_USD
+
+__all__ = [
+    "BudgetAlert",
+    "BudgetLedger",
+    "Grant",
+    "ReservationRow",
+    "WindowRow",
+    "window_bounds",
+]
+
+_Key = String(200).with_variant(String(200, collation="C"), "postgresql")
+OPEN: Final = "open"
+SETTLED: Final = "settled"
+EXPIRED: Final = "expired"
+
+
+class WindowRow(SQLModel, table=True):
+    """Spend and reservations of one budget in one window."""
+
+    __tablename__ = "cost_budget_window"
+
+    key: str = Field(primary_key=True, sa_type=_Key)
+    window_start: int = Field(primary_key=True, sa_type=BigInteger)
+    spent_nanos: int = Field(default=0, sa_type=BigInteger)
+    reserved_nanos: int = Field(default=0, sa_type=BigInteger)
+    soft_alerted: bool = Field(default=False, sa_type=Boolean)
+    exhausted: bool = Field(default=False, sa_type=Boolean)
+
+
+class ReservationRow(SQLModel, table=True):
+    """One reservation of a model call's worst-case cost."""
+
+    __tablename__ = "cost_reservation"
+    __table_args__ = (Index("ix_cost_reservation_state_expires", "state", "expires_at"),)
+
+    id: str = Field(primary_key=True, sa_type=String(64))
+    agent: str = Field(sa_type=_Key)
+    created_at: float = Field(sa_type=Float)
+    expires_at: float = Field(sa_type=Float)
+    amount_nanos: int = Field(sa_type=BigInteger)
+    #: JSON list of [key, window_start] the amount is reserved on.
+    windows: str = Field(sa_type=Text)
+    state: str = Field(default=OPEN, sa_type=String(16))
+    settled_nanos: int = Field(default=0, sa_type=BigInteger)
+    report_id: str = Field(default="", sa_type=String(256))
+    trace_id: str = Field(default="", sa_type=String(256))
+
+
+_W = table_of(WindowRow)
+_R = table_of(ReservationRow)
+TABLES: Final = (_W, _R)
+
+
+def window_bounds(window: BudgetWindow, at: float) -> tuple[int, int]:
+    """Start and end (Unix seconds, UTC) of the ``window`` containing ``at``."""
+    when = dt.datetime.fromtimestamp(at, dt.UTC)
+    if window == "day":
+        start = dt.datetime(when.year, when.month, when.day, tzinfo=dt.UTC)
+        return int(start.timestamp()), int(start.timestamp()) + 86_400
+    start = dt.datetime(when.year, when.month, 1, tzinfo=dt.UTC)
+    days = calendar.monthrange(when.year, when.month)[1]
+    return int(start.timestamp()), int(start.timestamp()) + days * 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetAlert:
+    """A threshold a transaction crossed: audit it (and trip a breaker when ``hard``)."""
+
+    budget: Budget
+    charge: BudgetCharge
+    hard: bool
+
+
+@dataclass(slots=True)
+class Grant:
+    """Outcome of :meth:`BudgetLedger.reserve`."""
+
+    granted: bool
+    charges: list[BudgetCharge] = field(default_factory=list)
+    refused: BudgetCharge | None = None
+    #: The refused budget had no room even without this call (spent >= limit).
+    exhausted: bool = False
+    alerts: list[BudgetAlert] = field(default_factory=list)
+
+
+def _usd(nanos: int) -> float:
+    return nanos / NANOS_PER_USD
+
+
+class BudgetLedger:
+    """Reservations and spend per budget window (SQL, row-locked).
+
+    Args:
+        engine: The cost store's engine (shared, so settlement can join the
+            metering transaction).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._writer = engine.execution_options(sb_write=True)
+        self._postgres = engine.dialect.name == "postgresql"
+        insert = (postgresql.insert if self._postgres else sqlite.insert)(_W)
+        self._ensure_windows = insert.on_conflict_do_nothing(
+            index_elements=[_W.c.key, _W.c.window_start]
+        )
+
+    # -- locking ---------------------------------------------------------------
+
+    def _lock(
+        self, conn: Connection, windows: Sequence[tuple[str, int]]
+    ) -> dict[tuple[str, int], Any]:
+        """Create missing window rows, lock them in key order, return them by (key, start)."""
+        wanted = sorted(set(windows))
+        if not wanted:
+            return {}
+        conn.execute(self._ensure_windows, [{"key": k, "window_start": w} for k, w in wanted])
+        query = (
+            select(_W)
+            .where(tuple_(_W.c.key, _W.c.window_start).in_(wanted))
+            .order_by(_W.c.key, _W.c.window_start)
+        )
+        if self._postgres:
+            query = query.with_for_update()
+        return {(r.key, r.window_start): r for r in conn.execute(query)}
+
+    # -- reserve ---------------------------------------------------------------
+
+    def reserve(
+        self,
+        budgets: Sequence[Budget],
+        *,
+        reservation_id: str,
+        agent: str,
+        amount_nanos: int,
+        now: float,
+        expires_at: float,
+        trace_id: str = "",
+    ) -> Grant:
+        """Reserve ``amount_nanos`` on every budget in ``budgets``, or on none.
+
+        Refused (nothing written) if any budget's spent + reserved + amount
+        would exceed its limit; the first such budget is named.
+        """
+        bounds = {b.key: window_bounds(b.window, now) for b in budgets}
+        with self._writer.begin() as conn:
+            rows = self._lock(conn, [(b.key, bounds[b.key][0]) for b in budgets])
+            grant = Grant(granted=True)
+            for budget in budgets:
+                start, end = bounds[budget.key]
+                row = rows[(budget.key, start)]
+                limit = round(budget.limit_usd * NANOS_PER_USD)
+                if row.spent_nanos + row.reserved_nanos + amount_nanos > limit:
+                    grant.granted = False
+                    grant.exhausted = row.spent_nanos >= limit
+                    grant.refused = BudgetCharge(
+                        key=budget.key, limit_usd=budget.limit_usd,
+                        spent_usd=_usd(row.spent_nanos), reserved_usd=_usd(row.reserved_nanos),
+                        window_start=start, window_end=end,
+                    )  # fmt: skip
+                    if grant.exhausted and not row.exhausted:
+                        conn.execute(
+                            _W.update()
+                            .where(_W.c.key == budget.key, _W.c.window_start == start)
+                            .values(exhausted=True)
+                        )
+                        grant.alerts.append(BudgetAlert(budget, grant.refused, hard=True))
+                    break
+            if not grant.granted:
+                return grant  # the exhausted flag (if any) commits; no amount does
+            for budget in budgets:
+                start, end = bounds[budget.key]
+                row = rows[(budget.key, start)]
+                reserved = row.reserved_nanos + amount_nanos
+                limit = round(budget.limit_usd * NANOS_PER_USD)
+                soft = (row.spent_nanos + reserved) >= budget.soft_ratio * limit
+                conn.execute(
+                    _W.update()
+                    .where(_W.c.key == budget.key, _W.c.window_start == start)
+                    .values(
+                        reserved_nanos=_W.c.reserved_nanos + amount_nanos,
+                        soft_alerted=row.soft_alerted or soft,
+                    )
+                )
+                charge = BudgetCharge(
+                    key=budget.key, limit_usd=budget.limit_usd,
+                    spent_usd=_usd(row.spent_nanos), reserved_usd=_usd(reserved),
+                    window_start=start, window_end=end,
+                )  # fmt: skip
+                grant.charges.append(charge)
+                if soft and not row.soft_alerted:
+                    grant.alerts.append(BudgetAlert(budget, charge, hard=False))
+            conn.execute(
+                _R.insert().values(
+                    id=reservation_id, agent=agent, created_at=now, expires_at=expires_at,
+                    amount_nanos=amount_nanos,
+                    windows=json.dumps([[b.key, bounds[b.key][0]] for b in budgets]),
+                    state=OPEN, trace_id=trace_id,
+                )
+            )  # fmt: skip
+        return grant
+
+    # -- settle ----------------------------------------------------------------
+
+    def settle(
+        self,
+        conn: Connection,
+        usage: Sequence[Mapping[str, Any]],
+        budgets: BudgetLookup,
+    ) -> list[BudgetAlert]:
+        """Charge newly inserted usage rows to their budgets, inside the metering transaction.
+
+        ``usage`` rows (``agent``, ``id``, ``time``, ``team``, ``project``,
+        ``on_behalf_of``, ``cost_nanos``, ``reservation_id``) must be exactly
+        the rows this transaction inserted. A row whose reservation is open
+        (and belongs to its agent) replaces the reserved amount with its cost
+        on the reserved windows; any other row adds its cost to the windows
+        of the budgets that apply to it now.
+        """
+        spent: dict[tuple[str, int], int] = defaultdict(int)
+        released: dict[tuple[str, int], int] = defaultdict(int)
+        ids = sorted({r["reservation_id"] for r in usage if r.get("reservation_id")})
+        open_by_id: dict[str, Any] = {}
+        if ids:
+            query = select(_R).where(_R.c.id.in_(ids), _R.c.state == OPEN).order_by(_R.c.id)
+            if self._postgres:
+                query = query.with_for_update()
+            open_by_id = {r.id: r for r in conn.execute(query)}
+        settled: list[tuple[str, int, str]] = []
+        for row in usage:
+            reservation = open_by_id.pop(row.get("reservation_id") or "", None)
+            if reservation is not None and reservation.agent == row["agent"]:
+                for key, start in json.loads(reservation.windows):
+                    released[(key, int(start))] += reservation.amount_nanos
+                    spent[(key, int(start))] += row["cost_nanos"]
+                settled.append((reservation.id, row["cost_nanos"], row["id"]))
+                continue
+            for budget in applicable_keys(
+                budgets,
+                agent=row["agent"],
+                team=row["team"],
+                project=row["project"],
+                on_behalf_of=[p for p in str(row["on_behalf_of"]).split(",") if p],
+            ):
+                start, _ = window_bounds(budget.window, row["time"])
+                spent[(budget.key, start)] += row["cost_nanos"]
+        touched = sorted(set(spent) | set(released))
+        if not touched:
+            return []
+        rows = self._lock(conn, touched)
+        alerts: list[BudgetAlert] = []
+        for key, start in touched:
+            win = rows[(key, start)]
+            new_spent = win.spent_nanos + spent[(key, start)]
+            new_reserved = max(0, win.reserved_nanos - released[(key, start)])
+            defined = budgets.get(key)
+            soft = win.soft_alerted
+            exhausted = win.exhausted
+            if defined is not None:
+                limit = round(defined.limit_usd * NANOS_PER_USD)
+                charge = BudgetCharge(
+                    key=key, limit_usd=defined.limit_usd, spent_usd=_usd(new_spent),
+                    reserved_usd=_usd(new_reserved), window_start=start,
+                    window_end=window_bounds(defined.window, start)[1],
+                )  # fmt: skip
+                if not soft and new_spent + new_reserved >= defined.soft_ratio * limit:
+                    soft = True
+                    alerts.append(BudgetAlert(defined, charge, hard=False))
+                if not exhausted and new_spent >= limit:
+                    exhausted = True
+                    alerts.append(BudgetAlert(defined, charge, hard=True))
+            conn.execute(
+                _W.update()
+                .where(_W.c.key == key, _W.c.window_start == start)
+                .values(
+                    spent_nanos=new_spent, reserved_nanos=new_reserved,
+                    soft_alerted=soft, exhausted=exhausted,
+                )
+            )  # fmt: skip
+        for reservation_id, cost, report_id in settled:
+            conn.execute(
+                _R.update()
+                .where(_R.c.id == reservation_id)
+                .values(state=SETTLED, settled_nanos=cost, report_id=report_id)
+            )
+        return alerts
+
+    # -- expire ----------------------------------------------------------------
+
+    def expire(self, now: float, limit: int = 1000) -> int:
+        """Release open reservations past their expiry; returns how many."""
+        with self._writer.begin() as conn:
+            query = (
+                select(_R)
+                .where(_R.c.state == OPEN, _R.c.expires_at < now)
+                .order_by(_R.c.id)
+                .limit(limit)
+            )
+            if self._postgres:
+                query = query.with_for_update(skip_locked=True)
+            expired = list(conn.execute(query))
+            if not expired:
+                return 0
+            released: dict[tuple[str, int], int] = defaultdict(int)
+            for reservation in expired:
+                for key, start in json.loads(reservation.windows):
+                    released[(key, int(start))] += reservation.amount_nanos
+            rows = self._lock(conn, list(released))
+            for (key, start), amount in sorted(released.items()):
+                row = rows[(key, start)]
+                conn.execute(
+                    _W.update()
+                    .where(_W.c.key == key, _W.c.window_start == start)
+                    .values(reserved_nanos=max(0, row.reserved_nanos - amount))
+                )
+            conn.execute(
+                _R.update()
+                .where(_R.c.id.in_([r.id for r in expired]), _R.c.state == OPEN)
+                .values(state=EXPIRED)
+            )
+        return len(expired)
+
+    # -- read ------------------------------------------------------------------
+
+    def status(self, budget: Budget, now: float, windows: int = 1) -> list[BudgetStatus]:
+        """``budget`` in its current window and up to ``windows - 1`` earlier ones, newest first."""
+        start, _ = window_bounds(budget.window, now)
+        with self._engine.connect() as conn:
+            rows = {
+                r.window_start: r
+                for r in conn.execute(
+                    select(_W)
+                    .where(_W.c.key == budget.key, _W.c.window_start <= start)
+                    .order_by(_W.c.window_start.desc())
+                    .limit(windows)
+                )
+            }
+            open_count = self._open_in(conn, budget.key, start, now)
+        starts = sorted(set(rows) | {start}, reverse=True)[:windows]
+        limit = round(budget.limit_usd * NANOS_PER_USD)
+        out = []
+        for s in starts:
+            row = rows.get(s)
+            spent = row.spent_nanos if row is not None else 0
+            reserved = row.reserved_nanos if row is not None else 0
+            out.append(
+                BudgetStatus(
+                    budget=budget, spent_usd=_usd(spent), reserved_usd=_usd(reserved),
+                    remaining_usd=_usd(max(0, limit - spent - reserved)),
+                    window_start=s, window_end=window_bounds(budget.window, s)[1],
+                    soft_alerted=bool(row.soft_alerted) if row is not None else False,
+                    open_reservations=open_count if s == start else 0,
+                )
+            )  # fmt: skip
+        return out
+
+    def _open_in(self, conn: Connection, key: str, start: int, now: float) -> int:
+        needle = json.dumps([key, start])
+        return sum(
+            1
+            for (windows,) in conn.execute(
+                select(_R.c.windows).where(_R.c.state == OPEN, _R.c.expires_at >= now)
+            )
+            if needle in windows
+        )
+
+    def reservation(self, reservation_id: str) -> dict[str, Any] | None:
+        """One reservation as a dict (tests, operators), or None."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(_R).where(_R.c.id == reservation_id)).first()
+        return dict(row._mapping) if row is not None else None
