@@ -64,20 +64,22 @@ from nats.js.errors import NotFoundError
 from rich.console import Console
 
 from broker import Agent, UnknownTarget, connect
-from broker.identity import service_connect_options
+from broker.identity import operator_connect_options, service_connect_options
 from broker.jetstream import AUDIT_INTAKE_STREAM, AUDIT_STREAM
-from broker.replies import error_from_reply, is_error
+from broker.replies import error_from_reply, is_error, request
 from broker.settings import Settings
-from broker.subjects import inbox_prefix
-from schemas import AgentManifest
+from broker.subjects import Subjects, inbox_prefix
+from schemas import AgentManifest, RolloutStatus, SetRollout
 from services.policy.cedar import SCHEMA_FILE, shipped_policy_dir
 
 CALLER, TARGET, CAPABILITY = "A", "B", "echo"
+#: Target of the routed path: two versions, a canary route splitting calls 50/50.
+ROUTED, ROUTED_VERSIONS = "B2", ("1.0.0", "1.1.0")
 RAW_SUBJECT = "bench.raw.echo"
 SEQUENCER = "sb-sequencer"  # durable consumer of the tracing service on SB_AUDIT_IN
 P50_TARGET = 2.0  # mediated p50 / raw p50 at most
 TPUT_TARGET = 0.40  # mediated throughput / raw throughput at least
-PATHS = ("raw", "mediated", "mediated-raw-client")
+PATHS = ("raw", "mediated", "mediated-raw-client", "mediated-routed")
 
 Request = Callable[[], Awaitable[None]]
 
@@ -229,13 +231,38 @@ async def agents(url: str, tokens: dict[str, str]) -> AsyncIterator[Agent]:
     async def echo(payload: bytes) -> bytes:
         return payload
 
+    routed = [
+        Agent(
+            AgentManifest(name=ROUTED, version=v, owner="bench", team="bench"),
+            nats_url=url,
+            credential=tokens[ROUTED],
+        )
+        for v in ROUTED_VERSIONS
+    ]
+    for version in routed:
+        version.capability(CAPABILITY)(echo)
     a = Agent(
         AgentManifest(name=CALLER, version="1.0.0", owner="bench", team="bench"),
         nats_url=url,
         credential=tokens[CALLER],
     )
-    async with b, a:
+    async with b, routed[0], routed[1], a:
         yield a
+
+
+async def set_route(url: str, settings: Settings) -> None:
+    """Route half of B2's calls to its canary version, as an operator would."""
+    nc = await connect(url, name="bench-operator", **operator_connect_options(settings))
+    try:
+        await request(
+            nc,
+            Subjects(settings.subject_prefix).admin("rollout", "set"),
+            SetRollout(target=ROUTED, weights={ROUTED_VERSIONS[1]: 50}, stable=ROUTED_VERSIONS[0]),
+            RolloutStatus,
+            timeout=10,
+        )
+    finally:
+        await nc.close()
 
 
 async def wait_until_routable(a: Agent, payload: bytes, deadline_s: float = 15.0) -> None:
@@ -251,9 +278,9 @@ async def wait_until_routable(a: Agent, payload: bytes, deadline_s: float = 15.0
             await asyncio.sleep(0.05)
 
 
-def sdk_request(a: Agent, payload: bytes, timeout: float) -> Request:
+def sdk_request(a: Agent, payload: bytes, timeout: float, target: str = TARGET) -> Request:
     async def request() -> None:
-        out = await a.call(TARGET, CAPABILITY, payload, returns=bytes, timeout=timeout)
+        out = await a.call(target, CAPABILITY, payload, returns=bytes, timeout=timeout)
         if out != payload:
             raise AssertionError(f"echo returned {len(out)} bytes, not the {len(payload)} sent")
 
@@ -346,12 +373,13 @@ async def run(
 
             await stack.enter_async_context(Stack(settings))
         service = service_connect_options(settings)
-        tokens = enroll_agents(settings, (CALLER, TARGET))
+        tokens = enroll_agents(settings, (CALLER, TARGET, ROUTED))
         nc = await connect(url, name="bench-observer", **service)
         stack.push_async_callback(nc.close)
         raw = await stack.enter_async_context(raw_path(url, payload, plan.timeout, service))
         a = await stack.enter_async_context(agents(url, tokens))
         await wait_until_routable(a, payload)
+        await set_route(url, settings)
         # A plain nats-py client holding A's credential (its private inbox prefix).
         client = await connect(
             url, name="bench-raw-client", token=tokens[CALLER], inbox_prefix=inbox_prefix(CALLER)
@@ -361,6 +389,7 @@ async def run(
             "raw": raw,
             "mediated": sdk_request(a, payload, plan.timeout),
             "mediated-raw-client": raw_client_request(client, payload, plan.timeout),
+            "mediated-routed": sdk_request(a, payload, plan.timeout, ROUTED),
         }
         for i in range(plan.rounds):
             log.log(f"round {i + 1} of {plan.rounds}")
@@ -489,9 +518,34 @@ def report_tables(
                     "",
                     "",
                 ],
+                [
+                    "mediated-routed",
+                    f"{r['mediated-routed']['p50']:.2f}x",
+                    "",
+                    "",
+                    f"{r['mediated-routed']['throughput']:.2f}x",
+                    "",
+                    "",
+                ],
             ],
         )
     )
+    routed, plain = results["mediated-routed"], results["mediated"]
+    console.print(
+        table(
+            "Routing on the call path (canary route 50/50 vs no route)",
+            ["", "p50 µs", "p99 µs", "req/s"],
+            [
+                ["no route", f"{plain.latency.p50_us:,.0f}", f"{plain.latency.p99_us:,.0f}",
+                 f"{plain.rate:,.0f}"],
+                ["with a route", f"{routed.latency.p50_us:,.0f}",
+                 f"{routed.latency.p99_us:,.0f}", f"{routed.rate:,.0f}"],
+                ["difference", f"{routed.latency.p50_us - plain.latency.p50_us:+,.0f}",
+                 f"{routed.latency.p99_us - plain.latency.p99_us:+,.0f}",
+                 f"{routed.rate / plain.rate - 1:+.1%}"],
+            ],
+        )
+    )  # fmt: skip
     procs = list(results["raw"].median_round.cpu_us_per_req)
     drains = {n: max(x.audit_drain_s for x in res.rounds) for n, res in results.items()}
     cpu_rows: list[list[str]] = []
@@ -531,10 +585,13 @@ def write_policies(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(shipped_policy_dir() / SCHEMA_FILE, folder / SCHEMA_FILE)
     (folder / "bench.cedar").write_text(
-        '@id("bench-echo")\n'
-        f'permit (principal == Signalbox::Agent::"{CALLER}", '
-        'action == Signalbox::Action::"call", '
-        f'resource == Signalbox::Capability::"{TARGET}/{CAPABILITY}");\n'
+        "".join(
+            f'@id("bench-echo-{target}")\n'
+            f'permit (principal == Signalbox::Agent::"{CALLER}", '
+            'action == Signalbox::Action::"call", '
+            f'resource == Signalbox::Capability::"{target}/{CAPABILITY}");\n'
+            for target in (TARGET, ROUTED)
+        )
     )
     return folder
 

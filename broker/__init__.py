@@ -14,6 +14,8 @@ from broker.connection import connect
 from broker.errors import (
     AuthenticationFailed,
     BadRequest,
+    BreakerOpen,
+    BudgetExceeded,
     CallDenied,
     CallError,
     CallTimeout,
@@ -37,6 +39,7 @@ from broker.errors import (
     TargetUnavailable,
     UnknownTarget,
 )
+from broker.modelcall import ModelCall
 from broker.server import EmbeddedServer
 from broker.settings import Settings
 from broker.subjects import Subjects, validate_token
@@ -46,6 +49,8 @@ __all__ = [
     "AuditEmitter",
     "AuthenticationFailed",
     "BadRequest",
+    "BreakerOpen",
+    "BudgetExceeded",
     "CallContext",
     "CallDenied",
     "CallError",
@@ -57,6 +62,7 @@ __all__ = [
     "IdentityMismatch",
     "InvalidInput",
     "InvalidSubjectToken",
+    "ModelCall",
     "NatsUnreachable",
     "NotFound",
     "PayloadTooLarge",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import time
@@ -46,6 +47,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from opentelemetry.trace import SpanKind, TracerProvider
 
 from broker.audit import new_id
 from broker.codec import decode, encode
@@ -60,12 +62,16 @@ from broker.errors import (
     RemoteError,
     SignalboxError,
 )
+from broker.modelcall import ModelCall
 from broker.replies import (
     H_CALL_ID,
     H_CALLER,
+    H_CHAIN,
     H_DEADLINE,
     H_ERROR,
     H_MSG_ID,
+    H_ROUTE_KEY,
+    H_TARGET_VERSION,
     H_TIMEOUT_MS,
     H_TRACEPARENT,
     error_from_reply,
@@ -74,7 +80,17 @@ from broker.replies import (
     request,
 )
 from broker.settings import Settings
-from broker.subjects import Subjects, inbox_prefix, validate_token
+from broker.subjects import Subjects, inbox_prefix, validate_token, version_token
+from broker.telemetry import (
+    ATTR,
+    Telemetry,
+    annotate,
+    current_trace_id,
+    decision_attributes,
+    extract,
+    fail,
+    inject,
+)
 from schemas import (
     AgentManifest,
     AgentRecord,
@@ -97,6 +113,12 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 HandlerFn = Callable[..., Awaitable[Any]]
+
+#: The ``Sb-Chain`` of the call the current handler serves ("" outside handlers):
+#: sent on with every call the handler makes, so the policy service can refuse
+#: call loops (``call_loop``). Each served call runs in its own task, hence its
+#: own context.
+_CHAIN: contextvars.ContextVar[str] = contextvars.ContextVar("sb_chain", default="")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +175,10 @@ class Agent:
         credential: The agent's credential from ``signalbox agents enroll``
             (presented to the server, which checks it through the registry
             and gives the connection this agent's permissions only).
+        tracer_provider: OpenTelemetry provider of this agent's spans (``sb.call``,
+            ``sb.serve``, ``sb.authz``, ``sb.usage``); default: the global provider
+            if the application set one, else ids only (see :mod:`broker.telemetry`).
+            Either way the W3C trace context travels with every call.
         connect_options: Passed to :func:`nats.connect` (TLS...).
     """
 
@@ -166,9 +192,12 @@ class Agent:
         max_concurrency: int = 256,
         heartbeat_interval: float = 5.0,
         credential: str | None = None,
+        tracer_provider: TracerProvider | None = None,
         **connect_options: Any,
     ) -> None:
         validate_token(manifest.name, what="agent name")
+        #: This agent's spans (broker.telemetry).
+        self.telemetry = Telemetry("signalbox.agent", tracer_provider)
         self.manifest = manifest
         self.nats_url = nats_url
         self.subjects = Subjects(subject_prefix)
@@ -179,6 +208,7 @@ class Agent:
         self._caps: dict[str, _Cap] = {}
         self._nc: Client | None = None
         self._sub: Subscription | None = None
+        self._version_sub: Subscription | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(max_concurrency)
         self.registration: Registered | None = None
@@ -279,9 +309,17 @@ class Agent:
         # of a call that was running must still go out on this connection.
         nc = self.nc
         headers = msg.headers or {}
-        cap_name = msg.subject.rsplit(".", 1)[-1]
+        _CHAIN.set(headers.get(H_CHAIN, ""))
+        # sb.in.<self>.<capability>, or .<version token> after it for a routed call.
+        cap_name = msg.subject.split(".", 4)[3]
         started = time.perf_counter_ns()
-        body, reply_headers = await self._run(msg, cap_name, headers)
+        # The server span of this call: current while the handler runs, so the
+        # handler's own calls, authorizations and usage reports are its children.
+        with self.telemetry.hop("sb.serve", headers) as span:
+            annotate(span, lambda: self._span_attributes(capability=cap_name, headers=headers))
+            body, reply_headers = await self._run(msg, cap_name, headers)
+            if reply_headers and H_ERROR in reply_headers:
+                fail(span, reply_headers[H_ERROR])
         self._requests += 1
         self._processing_ns += time.perf_counter_ns() - started
         if reply_headers and H_ERROR in reply_headers:
@@ -326,14 +364,12 @@ class Agent:
 
     def _meta(self, headers: dict[str, str], cap_name: str) -> CallMeta:
         deadline = headers.get(H_DEADLINE, "")
-        traceparent = headers.get(H_TRACEPARENT, "")
-        parts = traceparent.split("-")
         return CallMeta(
             call_id=headers.get(H_CALL_ID, ""),
             caller=headers.get(H_CALLER, ""),
             target=self.name,
             capability=cap_name,
-            trace_id=parts[1] if len(parts) == 4 else "",
+            trace_id=current_trace_id(),  # of the sb.serve span, from traceparent
             deadline=float(deadline) if deadline.replace(".", "", 1).isdigit() else 0.0,
         )
 
@@ -362,6 +398,13 @@ class Agent:
                 self._sub = await self._nc.subscribe(
                     self.subjects.inbound_of(self.name),
                     queue=f"agent-{self.name}",
+                    cb=self._on_request,
+                    pending_msgs_limit=65536,
+                )
+                # Calls a version route (canary rollout) sends to this version only.
+                self._version_sub = await self._nc.subscribe(
+                    self.subjects.inbound_versions_of(self.name, self.manifest.version),
+                    queue=f"agent-{self.name}-{version_token(self.manifest.version)}",
                     cb=self._on_request,
                     pending_msgs_limit=65536,
                 )
@@ -474,10 +517,11 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat_task
             self._heartbeat_task = None
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+        for sub in (self._sub, self._version_sub):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        self._sub = self._version_sub = None
         if self._inflight:
             _, pending = await asyncio.wait(set(self._inflight), timeout=drain_timeout)
             for task in pending:
@@ -516,6 +560,8 @@ class Agent:
         returns: type[T],
         timeout: float = ...,
         headers: dict[str, str] | None = ...,
+        route_key: str = ...,
+        version: str = ...,
     ) -> T: ...
 
     @overload
@@ -527,6 +573,8 @@ class Agent:
         *,
         timeout: float = ...,
         headers: dict[str, str] | None = ...,
+        route_key: str = ...,
+        version: str = ...,
     ) -> Any: ...
 
     async def call(
@@ -538,6 +586,8 @@ class Agent:
         returns: Any = Any,
         timeout: float = 5.0,
         headers: dict[str, str] | None = None,
+        route_key: str = "",
+        version: str = "",
     ) -> Any:
         """Call ``target``'s ``capability`` through the control plane.
 
@@ -548,6 +598,9 @@ class Agent:
             returns: Type to decode the reply into (default: builtins).
             timeout: Seconds to wait for the reply.
             headers: Extra headers (``traceparent``...).
+            route_key: Key of a sticky version route (a customer, a conversation):
+                its calls stay on one version of ``target`` during a rollout.
+            version: Pin a version of ``target`` (refused if it is deprecated).
 
         Raises:
             CallDenied: policy refused the call (``details`` has the reason), or a call
@@ -563,23 +616,36 @@ class Agent:
         """
         subject = self.subjects.out(self.name, target, capability)
         hdrs = {H_TIMEOUT_MS: str(int(timeout * 1000))}
+        if route_key:  # a sticky route keeps this key's calls on one version
+            hdrs[H_ROUTE_KEY] = route_key
+        if version:
+            hdrs[H_TARGET_VERSION] = version
+        if chain := _CHAIN.get():  # made by a handler: the chain it serves goes on
+            hdrs[H_CHAIN] = chain
         if headers:
             hdrs.update(headers)
-        try:
-            msg = await self.nc.request(subject, encode(payload), timeout=timeout, headers=hdrs)
-        except nats.errors.NoRespondersError as exc:
-            raise ControlPlaneUnavailable(
-                "no policy service is mediating calls; start one with `signalbox up`",
-                details={"subject": subject},
-            ) from exc
-        except nats.errors.TimeoutError as exc:
-            raise CallTimeout(
-                f"{target}.{capability} did not answer within {timeout:g}s",
-                details={"target": target, "capability": capability, "timeout": timeout},
-            ) from exc
-        if is_error(msg.headers):
-            raise error_from_reply(msg.data, msg.headers)
-        return decode(msg.data, returns)
+        # A traceparent in ``headers`` is the parent; else the current span (a handler's).
+        parent = extract(headers) if headers and H_TRACEPARENT in headers else None
+        with self.telemetry.hop("sb.call", kind=SpanKind.CLIENT, parent=parent) as span:
+            annotate(span, lambda: self._span_attributes(target=target, capability=capability))
+            inject(hdrs, span)
+            try:
+                msg = await self.nc.request(
+                    subject, encode(payload), timeout=timeout, headers=hdrs
+                )
+            except nats.errors.NoRespondersError as exc:
+                raise ControlPlaneUnavailable(
+                    "no policy service is mediating calls; start one with `signalbox up`",
+                    details={"subject": subject},
+                ) from exc
+            except nats.errors.TimeoutError as exc:
+                raise CallTimeout(
+                    f"{target}.{capability} did not answer within {timeout:g}s",
+                    details={"target": target, "capability": capability, "timeout": timeout},
+                ) from exc
+            if is_error(msg.headers):
+                raise error_from_reply(msg.data, msg.headers)
+            return decode(msg.data, returns)
 
     async def authorize(
         self,
@@ -592,6 +658,8 @@ class Agent:
         estimated_tokens: int = 0,
         data_tags: tuple[str, ...] = (),
         on_behalf_of: tuple[str, ...] = (),
+        max_output_tokens: int = 0,
+        project: str = "",
         timeout: float = 2.0,
     ) -> Decision:
         """Ask the policy service, before an LLM or tool call, whether this agent may make it.
@@ -611,7 +679,16 @@ class Agent:
             estimated_tokens: Tokens this one invocation is expected to use.
             data_tags: Classification tags of the data sent (``pii``...).
             on_behalf_of: Delegation chain (agents or users), outermost first.
+            max_output_tokens: Most completion tokens the call may produce.
+            project: Project the call is charged to.
             timeout: Seconds to wait for the decision.
+
+        When a budget applies to this agent (its own, its team's, the
+        project's, or a delegating agent's), an allowed ``use_model`` also
+        reserves the call's worst-case cost: ``decision.reservation_id``; report
+        the call's usage with it to settle (:meth:`model_call` does all of
+        this). A budget that cannot cover the call makes the decision a deny
+        (``reason_code`` ``budget_exceeded``, ``decision.budget`` says which).
 
         Raises:
             SchemaError: a field is out of range (the details name it).
@@ -631,15 +708,54 @@ class Agent:
             estimated_tokens=estimated_tokens,
             data_tags=tuple(data_tags),
             on_behalf_of=tuple(on_behalf_of),
+            max_output_tokens=max_output_tokens,
+            project=project,
         )
-        return await request(
-            self.nc,
-            self.subjects.authz(self.name),
-            ask,
-            Decision,
-            timeout=timeout,
-            hint="no policy service is answering; start one with `signalbox up`",
-        )
+        with self.telemetry.hop("sb.authz", kind=SpanKind.CLIENT, parent=None) as span:
+            annotate(span, lambda: {
+                **self._span_attributes(), ATTR["action"]: action, ATTR["resource"]: resource,
+                ATTR["provider"]: provider,
+            })  # fmt: skip
+            decision = await self._traced_request(
+                self.subjects.authz(self.name),
+                ask,
+                Decision,
+                timeout,
+                "no policy service is answering; start one with `signalbox up`",
+            )
+            annotate(span, lambda: decision_attributes(decision))
+            return decision
+
+    def model_call(
+        self,
+        model: str,
+        *,
+        provider: str = "",
+        region: str = "",
+        estimated_tokens: int = 0,
+        max_output_tokens: int = 0,
+        project: str = "",
+        data_tags: tuple[str, ...] = (),
+        on_behalf_of: tuple[str, ...] = (),
+        timeout: float = 5.0,
+    ) -> ModelCall:
+        """Authorize, reserve the budget of, and settle one model call (async context manager).
+
+        Raises on entry :class:`~broker.errors.BudgetExceeded` (a budget cannot
+        cover the worst case) or :class:`~broker.errors.CallDenied` (policy,
+        breaker, approval needed); on exit reports the usage recorded with
+        :meth:`ModelCall.record`, settling the reservation. See
+        :mod:`broker.modelcall`.
+
+        Example:
+            ``async with agent.model_call("gpt-4o", estimated_tokens=900) as call:``
+            ``    call.record(input_tokens=700, output_tokens=150)``
+        """
+        return ModelCall(
+            self, model, provider=provider, region=region, estimated_tokens=estimated_tokens,
+            max_output_tokens=max_output_tokens, project=project, data_tags=data_tags,
+            on_behalf_of=on_behalf_of, timeout=timeout,
+        )  # fmt: skip
 
     async def report_usage(self, report: UsageReport | None = None, **fields: Any) -> str:
         """Report LLM or tool usage to ``sb.usage.<self>`` (JetStream, deduplicated by id).
@@ -647,10 +763,63 @@ class Agent:
         Either pass a :class:`~schemas.UsageReport` or its fields
         (``model=``, ``input_tokens=``...). Returns the report id.
         """
-        if report is None:
-            report = UsageReport(id=new_id(), agent=self.name, time=time.time(), **fields)
-        js = self.nc.jetstream()
-        await js.publish(
-            self.subjects.usage(self.name), encode(report), headers={H_MSG_ID: report.id}
-        )
-        return report.id
+        with self.telemetry.hop("sb.usage", kind=SpanKind.PRODUCER, parent=None) as span:
+            # Charged to the current trace (a handler's call) unless it names its own.
+            if report is None:
+                fields.setdefault("trace_id", current_trace_id())
+                fields.setdefault("agent_version", self.manifest.version)
+                report = UsageReport(id=new_id(), agent=self.name, time=time.time(), **fields)
+            elif not report.trace_id:
+                report = msgspec.structs.replace(report, trace_id=current_trace_id())
+            if not report.agent_version:  # canary cost comparisons need it
+                report = msgspec.structs.replace(report, agent_version=self.manifest.version)
+            usage = report
+            annotate(span, lambda: {
+                **self._span_attributes(), ATTR["model"]: usage.model,
+                ATTR["provider"]: usage.provider, ATTR["input_tokens"]: usage.input_tokens,
+                ATTR["output_tokens"]: usage.output_tokens,
+            })  # fmt: skip
+            js = self.nc.jetstream()
+            await js.publish(
+                self.subjects.usage(self.name),
+                encode(report),
+                headers=inject({H_MSG_ID: report.id}, span),
+            )
+            return report.id
+
+    # -- traces (broker.telemetry) -------------------------------------------------------
+
+    def _span_attributes(
+        self, *, target: str = "", capability: str = "", headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Who this agent is, and what the span is about (built only when spans record)."""
+        m = self.manifest
+        attrs: dict[str, Any] = {
+            ATTR["agent"]: m.name, ATTR["version"]: m.version, ATTR["team"]: m.team,
+            ATTR["target"]: target, ATTR["capability"]: capability, ATTR["system"]: "nats",
+        }  # fmt: skip
+        if headers:
+            attrs[ATTR["caller"]] = headers.get(H_CALLER, "")
+            attrs[ATTR["call_id"]] = headers.get(H_CALL_ID, "")
+        return attrs
+
+    async def _traced_request(
+        self, subject: str, body: Any, returns: type[T], timeout: float, hint: str
+    ) -> T:
+        """:func:`broker.replies.request`, with the current span's W3C trace context."""
+        try:
+            msg = await self.nc.request(
+                subject, encode(body), timeout=timeout, headers=inject({})
+            )
+        except nats.errors.NoRespondersError as exc:
+            raise ControlPlaneUnavailable(
+                f"nothing answers on {subject}; {hint}", details={"subject": subject}
+            ) from exc
+        except nats.errors.TimeoutError as exc:
+            raise CallTimeout(
+                f"no reply on {subject} within {timeout:g}s; check the services' logs",
+                details={"subject": subject, "timeout": timeout},
+            ) from exc
+        if is_error(msg.headers):
+            raise error_from_reply(msg.data, msg.headers)
+        return decode(msg.data, returns)

@@ -27,12 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+from msgspec import UNSET
 from nats.aio.client import Client
 
 from broker.codec import encode
 from broker.jspub import JetStreamPublisher, PubAck
 from broker.replies import H_MSG_ID
 from broker.subjects import Subjects
+from broker.telemetry import current_ids
 from schemas import AuditBatch, AuditEvent, AuditKind
 
 __all__ = ["AuditEmitter", "AuditStats", "new_id"]
@@ -103,6 +105,8 @@ class AuditEmitter:
         self._idle = asyncio.Event()
         self._idle.set()
         self._retry_task: asyncio.Task[None] | None = None
+        #: Callers of :meth:`flush_emitted`: batch ids each still waits for.
+        self._waiters: list[tuple[set[str], asyncio.Future[None]]] = []
 
     def event(
         self,
@@ -114,8 +118,22 @@ class AuditEmitter:
         trace_id: str = "",
         policy_version: str = "",
         event_id: str | None = None,
+        span_id: str | None = None,
+        parent_span_id: str = "",
+        via_span_id: str = "",
     ) -> AuditEvent:
-        """Build an event (``data`` may be a Struct or a dict)."""
+        """Build an event (``data`` may be a Struct or a dict).
+
+        Without ``span_id``, the trace and span ids come from the current hop
+        (:func:`broker.telemetry.current_ids`), unless ``trace_id`` names
+        another trace; ``span_id=""`` says the event belongs to no span.
+        """
+        if span_id is None:
+            span_id = ""
+            ids = current_ids()
+            if ids is not None and (not trace_id or trace_id == ids.trace_id):
+                trace_id, span_id = ids.trace_id, ids.span_id
+                parent_span_id, via_span_id = ids.parent_span_id, ids.via_span_id
         payload: dict[str, Any]
         if data is None:
             payload = {}
@@ -130,6 +148,9 @@ class AuditEmitter:
             actor=actor or self.actor,
             subject=subject,
             trace_id=trace_id,
+            span_id=span_id or UNSET,
+            parent_span_id=parent_span_id or UNSET,
+            via_span_id=via_span_id or UNSET,
             policy_version=policy_version,
             data=payload,
         )
@@ -195,6 +216,8 @@ class AuditEmitter:
             return
         if self._inflight.pop(batch_id, None) is not None:
             self.stats.acked += entry.events
+            if self._waiters:
+                self._wake_waiters(batch_id)
         if not self._inflight and not self._buffer:
             self._idle.set()
 
@@ -232,6 +255,38 @@ class AuditEmitter:
         except TimeoutError:
             return False
         return True
+
+    # -- per-caller barrier (the cost meter's overlapping batches) -----------------
+
+    async def flush_emitted(self, timeout: float = 10.0) -> bool:
+        """Ship the buffer now and wait until every event emitted *before this call* is
+        acknowledged; False on timeout.
+
+        Unlike :meth:`flush`, events emitted meanwhile by other tasks are not
+        waited for, so callers that emit and flush concurrently (batches
+        handled in parallel) never wait on each other's later events.
+        """
+        self._ship()
+        waiting = set(self._inflight)
+        if not waiting:
+            return True
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (waiting, done)
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(entry)
+        return True
+
+    def _wake_waiters(self, batch_id: str) -> None:
+        for waiting, done in self._waiters:
+            waiting.discard(batch_id)
+            if not waiting and not done.done():
+                done.set_result(None)
 
     async def close(self, timeout: float = 10.0) -> None:
         """Flush, then stop. Events still unacknowledged are logged."""

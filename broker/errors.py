@@ -22,6 +22,8 @@ structured error replies) plus free-form ``details``::
     ├── IdentityMismatch (PermissionError) acts for another agent     "identity_mismatch"
     └── CallError                        an agent call failed         "call_error"
         ├── CallDenied (PermissionError) policy said no               "denied"
+        │   ├── BreakerOpen               a circuit breaker is open    "breaker_open"
+        │   └── BudgetExceeded            a budget cannot cover a model call  "budget_exceeded"
         ├── CallTimeout (TimeoutError)   no answer in time            "timeout"
         ├── UnknownTarget (LookupError)  target not registered        "unknown_target"
         ├── TargetUnavailable            registered, nobody listening "target_unavailable"
@@ -40,6 +42,8 @@ from typing import Any, ClassVar
 __all__ = [
     "AuthenticationFailed",
     "BadRequest",
+    "BreakerOpen",
+    "BudgetExceeded",
     "CallDenied",
     "CallError",
     "CallTimeout",
@@ -190,6 +194,29 @@ class CallDenied(CallError, PermissionError):
     """Policy denied the call; ``details`` carries the reason and policy ids."""
 
     code = "denied"
+
+
+class BreakerOpen(CallDenied):
+    """A circuit breaker of the caller, its team or the target is open (fleet-wide).
+
+    The message says which breaker, why, since and until when, and how to
+    reset it; ``details`` carries the same as fields (``breaker``,
+    ``reason``, ``text``, ``since``, ``until``, ``figures``, ``reset``).
+    Refused at once, before any policy is evaluated: a caller of a failing
+    target fails fast instead of waiting for its timeout.
+    """
+
+    code = "breaker_open"
+
+
+class BudgetExceeded(CallDenied):
+    """A model call was refused before it was made because a budget could not cover it.
+
+    ``details["budget"]`` names the budget (``<scope>.<name>.<window>``) with
+    its limit, spent and reserved amounts.
+    """
+
+    code = "budget_exceeded"
 
 
 class CallTimeout(CallError, TimeoutError):

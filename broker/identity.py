@@ -20,7 +20,8 @@ An agent ``A`` may only::
                sb.registry.{get,list,discover}
                _INBOX.agent.A.>   (its own inbox)
                replies to requests it received (allow_responses, one reply each)
-    subscribe  sb.in.A.*   _INBOX.agent.A.>   (its private inbox)
+    subscribe  sb.in.A.*   sb.in.A.*.*   (calls to any / one version of A)
+               _INBOX.agent.A.>   (its private inbox)
 
 so it cannot publish as another agent, read another agent's calls or
 replies, read the audit stream or call ``sb.admin.>``: the server refuses
@@ -270,7 +271,12 @@ def agent_permissions(subjects: Subjects, agent: str) -> Permissions:
             # processed its subscriptions (broker.connection.sync_connection).
             f"{inbox_prefix(agent)}.>",
         ),
-        subscribe=(subjects.inbound_of(agent), f"{inbox_prefix(agent)}.>"),
+        subscribe=(
+            subjects.inbound_of(agent),
+            # Routed calls to one version (sb.in.A.<capability>.<version>).
+            f"{subjects.inbound_of(agent)}.*",
+            f"{inbox_prefix(agent)}.>",
+        ),
     )
 
 

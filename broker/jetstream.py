@@ -28,8 +28,11 @@ __all__ = [
     "AUDIT_STREAM",
     "KV_AGENTS",
     "KV_APPROVALS",
+    "KV_BREAKERS",
     "KV_BUDGETS",
     "KV_POLICIES",
+    "KV_ROLLOUT_STATS",
+    "KV_ROUTES",
     "USAGE_STREAM",
     "approvals_bucket_config",
     "bucket_configs",
@@ -53,6 +56,12 @@ KV_APPROVALS = "sb_approvals"
 #: Budget definitions, key ``<scope>.<name>.<window>`` (:class:`schemas.Budget`);
 #: the amounts spent and reserved live in the cost service's SQL store.
 KV_BUDGETS = "sb_budgets"
+#: Version routes per agent name (:class:`schemas.Route`, :mod:`services.policy.routes`).
+KV_ROUTES = "sb_routes"
+#: Policy replicas' recent per-version call outcomes (:class:`schemas.VersionStats`).
+KV_ROLLOUT_STATS = "sb_rollout_stats"
+#: Circuit breakers, key ``<scope>.<name>`` (:class:`schemas.Breaker`; :mod:`broker.breakers`).
+KV_BREAKERS = "sb_breakers"
 
 _DAY = 86_400.0
 
@@ -127,6 +136,29 @@ def bucket_configs(settings: Settings) -> list[KeyValueConfig]:
             storage=StorageType.FILE,
             replicas=settings.audit_replicas,
             description="Budget definitions (spend counters live in SQL)",
+        ),
+        KeyValueConfig(
+            bucket=KV_ROUTES,
+            history=16,  # earlier routes stay readable, for the record
+            storage=StorageType.FILE,
+            replicas=settings.audit_replicas,
+            description="Version routes (canary weights) per agent name",
+        ),
+        KeyValueConfig(
+            bucket=KV_ROLLOUT_STATS,
+            history=1,
+            # A replica that stopped publishing ages out.
+            ttl=6 * 3600.0,
+            storage=StorageType.MEMORY,
+            replicas=settings.audit_replicas,
+            description="Per-version call outcomes of each policy replica (rollout guards)",
+        ),
+        KeyValueConfig(
+            bucket=KV_BREAKERS,
+            history=16,  # recent transitions stay readable; the audit trail has them all
+            storage=StorageType.FILE,
+            replicas=settings.audit_replicas,
+            description="Circuit breakers per agent and team (closed, open, half-open)",
         ),
     ]
 

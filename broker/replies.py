@@ -27,10 +27,13 @@ __all__ = [
     "H_CALLER",
     "H_CALL_ID",
     "H_CAPABILITY",
+    "H_CHAIN",
     "H_DEADLINE",
     "H_ERROR",
     "H_MSG_ID",
+    "H_ROUTE_KEY",
     "H_TARGET",
+    "H_TARGET_VERSION",
     "H_TIMEOUT_MS",
     "H_TRACEPARENT",
     "error_from_reply",
@@ -44,12 +47,21 @@ T = TypeVar("T")
 H_ERROR = "Sb-Error"
 H_CALL_ID = "Sb-Call-Id"
 H_CALLER = "Sb-Caller"
+#: Agents whose handlers led to a call, outermost first (``a,b``): the policy
+#: service forwards the incoming chain plus the caller; the SDK sends the chain
+#: of the call its handler serves on with every call the handler makes (loop
+#: breakers, :mod:`services.policy.guards`). Advisory: an agent could strip it.
+H_CHAIN = "Sb-Chain"
 H_TARGET = "Sb-Target"
 H_CAPABILITY = "Sb-Capability"
 H_DEADLINE = "Sb-Deadline"
 H_TIMEOUT_MS = "Sb-Timeout-Ms"
 H_TRACEPARENT = "traceparent"
 H_MSG_ID = "Nats-Msg-Id"
+#: Key a sticky version route hashes (a customer or conversation id).
+H_ROUTE_KEY = "Sb-Route-Key"
+#: A caller pinning the target's version.
+H_TARGET_VERSION = "Sb-Target-Version"
 
 
 def error_reply(err: SignalboxError | ErrorReply) -> tuple[bytes, dict[str, str]]:

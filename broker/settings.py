@@ -114,6 +114,78 @@ class Settings(BaseSettings):
         description="Seconds the policy service waits for the cost service to reserve a "
         "model call's budget; no answer means deny (budget_unavailable).",
     )
+    breaker_rate_factor: float = Field(
+        default=10.0,
+        gt=1,
+        description="A call-rate anomaly trips an agent's breaker when its rate over the short "
+        "window is at least this many times its trailing baseline.",
+    )
+    breaker_rate_window: float = Field(
+        default=10.0, gt=0, description="Seconds of the short window of the call-rate detector."
+    )
+    breaker_rate_baseline: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds of the trailing baseline of the call-rate detector (must exceed "
+        "the short window).",
+    )
+    breaker_rate_min: float = Field(
+        default=5.0,
+        ge=0,
+        description="Calls per second (per policy replica) below which no rate anomaly trips.",
+    )
+    breaker_rate_min_history: float = Field(
+        default=120.0,
+        ge=0,
+        description="Seconds a policy replica must have seen an agent before its rate can trip "
+        "(a cold start has no baseline).",
+    )
+    breaker_error_rate: float = Field(
+        default=0.5,
+        gt=0,
+        lt=1,
+        description="Share of a target's calls failing on its side above which its breaker trips.",
+    )
+    breaker_error_window: float = Field(
+        default=60.0, gt=0, description="Seconds of call outcomes the error-rate detector weighs."
+    )
+    breaker_error_min_calls: int = Field(
+        default=20,
+        ge=1,
+        description="Calls to a target (per policy replica and window) before its error rate "
+        "can trip.",
+    )
+    breaker_cooldown: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds an automatically tripped breaker stays open before one probe call "
+        "may pass.",
+    )
+    breaker_cooldown_max: float = Field(
+        default=600.0,
+        gt=0,
+        description="Cap of a breaker's cool-down, which doubles after each failed probe.",
+    )
+    breaker_loop_max_depth: int = Field(
+        default=16, ge=1, description="Most hops a call chain may have (deeper: call_loop)."
+    )
+    breaker_loop_max_visits: int = Field(
+        default=3,
+        ge=1,
+        description="Most times one agent may appear in a call chain (more: call_loop).",
+    )
+    rollout_guard_interval: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds between a policy replica's publications of its per-version call "
+        "figures and its checks of canary guards.",
+    )
+    rollout_stats_slot: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds per slot of the per-version call figures (windows are slot-aligned; "
+        "72 slots are kept).",
+    )
     secrets_dir: Path | None = Field(
         default=None,
         description="Secrets of the deployment (issuer key, static users' passwords, 0600 files); "

@@ -4,6 +4,7 @@ All subjects hang under one configurable prefix (default ``sb``)::
 
     sb.out.<caller>.<target>.<capability>   caller -> policy (request)
     sb.in.<target>.<capability>             policy -> target (request)
+    sb.in.<target>.<capability>.<version>   policy -> one version of target (routed)
     sb.registry.<op>.<agent>                agent-scoped registry endpoints
                                             (register, heartbeat, deregister)
     sb.registry.<op>                        read-only registry endpoints
@@ -14,11 +15,13 @@ All subjects hang under one configurable prefix (default ``sb``)::
     sb.authz.<agent>                        agent -> policy: may I use this model/tool?
     sb.usage.<agent>                        usage reports (stream SB_USAGE)
     sb.cost.reserve                         policy -> cost: reserve a model call's budget
+    sb.cost.versions                        policy -> cost: spend per agent version
     sb.admin.<service>.<op>                 operator-only endpoints
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -32,6 +35,7 @@ __all__ = [
     "inbox_prefix",
     "is_valid_token",
     "validate_token",
+    "version_token",
 ]
 
 #: Registry operations on one agent's own entry: their subjects end in the agent's name.
@@ -63,6 +67,18 @@ def validate_token(name: str, *, what: str = "name") -> str:
             details={"name": str(name), "what": what},
         )
     return name
+
+
+@functools.lru_cache(maxsize=4096)
+def version_token(version: str) -> str:
+    """A version as one subject token: ``.`` becomes ``_`` and ``+`` becomes ``__``.
+
+    Semantic versions never contain ``_``, so two versions never share a token.
+
+    Raises:
+        InvalidSubjectToken: the version has characters no token may carry.
+    """
+    return validate_token(version.replace(".", "_").replace("+", "__"), what="version")
 
 
 def inbox_prefix(agent: str) -> str:
@@ -105,6 +121,16 @@ class Subjects:
         return (
             f"{self.prefix}.in.{validate_token(target, what='target')}."
             f"{validate_token(capability, what='capability')}"
+        )
+
+    def inbound_version(self, target: str, capability: str, version: str) -> str:
+        """Subject of ``capability`` of one version of ``target`` (routed calls)."""
+        return f"{self.inbound(target, capability)}.{version_token(version)}"
+
+    def inbound_versions_of(self, target: str, version: str) -> str:
+        """What one version of ``target`` subscribes to for routed calls."""
+        return (
+            f"{self.prefix}.in.{validate_token(target, what='target')}.*.{version_token(version)}"
         )
 
     def inbound_of(self, target: str) -> str:
@@ -196,6 +222,11 @@ class Subjects:
     def cost_reserve(self) -> str:
         """``sb.cost.reserve``: the policy service reserves budget (services only)."""
         return f"{self.prefix}.cost.reserve"
+
+    @property
+    def cost_versions(self) -> str:
+        """``sb.cost.versions``: spend per version of an agent (services only)."""
+        return f"{self.prefix}.cost.versions"
 
     def admin(self, service: str, op: str) -> str:
         """Operator-only endpoint of a service."""

@@ -7,6 +7,17 @@ from __future__ import annotations
 
 from schemas._base import SCHEMA_VERSION, Wire
 from schemas.audit import AuditBatch, AuditEvent, AuditKind
+from schemas.breakers import (
+    Breaker,
+    BreakerList,
+    BreakerProbe,
+    BreakerReason,
+    BreakerScope,
+    BreakerState,
+    ListBreakers,
+    ResetBreaker,
+    TripBreaker,
+)
 from schemas.budgets import (
     Budget,
     BudgetCharge,
@@ -22,7 +33,15 @@ from schemas.budgets import (
     ShowBudget,
 )
 from schemas.calls import CallMeta, CallOutcome
-from schemas.cost import CostGroup, CostReport, CostReportRequest, CostRow, UsageReport
+from schemas.cost import (
+    CostByVersion,
+    CostByVersionRequest,
+    CostGroup,
+    CostReport,
+    CostReportRequest,
+    CostRow,
+    UsageReport,
+)
 from schemas.errors import ErrorReply
 from schemas.identity import (
     CredentialInfo,
@@ -77,6 +96,18 @@ from schemas.registry import (
     ListAgents,
     Registered,
 )
+from schemas.routes import (
+    DeprecateVersion,
+    PromoteRollout,
+    RollbackRollout,
+    RolloutStatus,
+    RolloutStatusRequest,
+    Route,
+    RouteGuard,
+    SetRollout,
+    VersionFigures,
+    VersionStats,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -93,6 +124,12 @@ __all__ = [
     "AuditEvent",
     "AuditKind",
     "AuthzRequest",
+    "Breaker",
+    "BreakerList",
+    "BreakerProbe",
+    "BreakerReason",
+    "BreakerScope",
+    "BreakerState",
     "Budget",
     "BudgetCharge",
     "BudgetList",
@@ -102,6 +139,8 @@ __all__ = [
     "CallMeta",
     "CallOutcome",
     "Capability",
+    "CostByVersion",
+    "CostByVersionRequest",
     "CostGroup",
     "CostReport",
     "CostReportRequest",
@@ -110,6 +149,7 @@ __all__ = [
     "CredentialList",
     "DecideApproval",
     "Decision",
+    "DeprecateVersion",
     "DeregisterAgent",
     "DiffPolicies",
     "DiscoverAgents",
@@ -125,6 +165,7 @@ __all__ = [
     "InstanceStats",
     "ListAgents",
     "ListApprovals",
+    "ListBreakers",
     "ListBudgets",
     "ListCredentials",
     "PolicyApplied",
@@ -136,19 +177,30 @@ __all__ = [
     "PolicyShown",
     "PolicyValidation",
     "PolicyVersionInfo",
+    "PromoteRollout",
     "Registered",
     "RemoveBudget",
     "Reservation",
     "ReserveBudget",
+    "ResetBreaker",
     "RevokeAgent",
     "Revoked",
     "RollbackPolicies",
+    "RollbackRollout",
+    "RolloutStatus",
+    "RolloutStatusRequest",
+    "Route",
+    "RouteGuard",
     "SetBudget",
+    "SetRollout",
     "ShadowPolicies",
     "ShadowStatus",
     "ShowBudget",
     "ShowPolicies",
+    "TripBreaker",
     "UsageReport",
     "ValidatePolicies",
+    "VersionFigures",
+    "VersionStats",
     "Wire",
 ]

@@ -13,7 +13,7 @@ __all__ = ["AuditBatch", "AuditEvent", "AuditKind"]
 
 AuditKind = Literal[
     "call", "decision", "rejected", "registry", "usage", "admin", "auth", "shadow",
-    "budget",
+    "budget", "breaker",
 ]
 
 

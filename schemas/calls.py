@@ -33,7 +33,11 @@ class CallMeta(Wire, frozen=True, tag="call_meta.v1"):
 
 
 class CallOutcome(Wire, frozen=True, tag="call_outcome.v1"):
-    """Result of a mediated call, as audited by the policy service."""
+    """Result of a mediated call, as audited by the policy service.
+
+    ``version`` is the target version a route (or a pin) sent it to; empty
+    when the call went to whichever version's instance took it.
+    """
 
     call_id: str
     caller: str
@@ -44,3 +48,4 @@ class CallOutcome(Wire, frozen=True, tag="call_outcome.v1"):
     error_code: str = ""
     request_bytes: int = 0
     reply_bytes: int = 0
+    version: str = ""

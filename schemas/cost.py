@@ -8,7 +8,15 @@ import msgspec
 
 from schemas._base import Wire
 
-__all__ = ["CostGroup", "CostReport", "CostReportRequest", "CostRow", "UsageReport"]
+__all__ = [
+    "CostByVersion",
+    "CostByVersionRequest",
+    "CostGroup",
+    "CostReport",
+    "CostReportRequest",
+    "CostRow",
+    "UsageReport",
+]
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
 
@@ -40,6 +48,8 @@ class UsageReport(Wire, frozen=True, tag="usage_report.v1"):
         reservation_id: The budget reservation this call settles (from the
             authorizing :class:`~schemas.Decision`); its worst-case amount is
             replaced by this report's actual cost.
+        agent_version: Version of the reporting agent (the SDK fills it in),
+            so canary rollouts can compare cost per call across versions.
     """
 
     id: str
@@ -56,6 +66,7 @@ class UsageReport(Wire, frozen=True, tag="usage_report.v1"):
     project: str = ""
     on_behalf_of: tuple[str, ...] = ()
     reservation_id: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    agent_version: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 class CostReportRequest(Wire, frozen=True, tag="cost_report_request.v1"):
@@ -103,3 +114,23 @@ class CostReport(Wire, frozen=True, tag="cost_report.v1"):
     rows: tuple[CostRow, ...] = ()
     total: CostRow = msgspec.field(default_factory=lambda: CostRow(key=""))
     prices_as_of: str = ""
+
+
+class CostByVersionRequest(Wire, frozen=True, tag="cost_by_version_request.v1"):
+    """The policy service asks (``sb.cost.versions``) what each version of an agent spent.
+
+    Attributes:
+        agent: Agent name.
+        since: Unix time, inclusive.
+    """
+
+    agent: str
+    since: float
+
+
+class CostByVersion(Wire, frozen=True, tag="cost_by_version.v1"):
+    """Spend per version of one agent since a time (``key`` of each row: the version)."""
+
+    agent: str
+    since: float
+    versions: tuple[CostRow, ...] = ()

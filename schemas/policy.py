@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from schemas._base import Wire
+from schemas.breakers import Breaker
 from schemas.budgets import BudgetCharge
 
 __all__ = [
@@ -75,6 +76,7 @@ class Decision(Wire, frozen=True, tag="decision.v1"):
         reserved_usd: The amount reserved.
         budget: The budget that refused the call (``budget_exceeded``): its
             limit, spent and reserved amounts.
+        breaker: The open circuit breaker that refused it (``breaker_open``).
     """
 
     effect: Effect
@@ -86,6 +88,7 @@ class Decision(Wire, frozen=True, tag="decision.v1"):
     reservation_id: str = ""
     reserved_usd: float = 0.0
     budget: BudgetCharge | None = None
+    breaker: Breaker | None = None
 
 
 class AuthzRequest(Wire, frozen=True, tag="authz_request.v1"):

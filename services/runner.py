@@ -16,6 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+from opentelemetry.trace import TracerProvider
+
+from broker import telemetry
 from broker.identity import ServerSecrets, auth_config, resolve_secrets_dir
 from broker.server import EmbeddedServer
 from broker.service import Service
@@ -46,6 +50,9 @@ class Stack:
     Args:
         settings: Settings; ``nats_url`` unset means start an embedded server.
         services: Names of the services to run (default: all four).
+        tracer_provider: Where the services' spans go; default: built from the
+            settings' ``otel_*`` fields (:func:`broker.telemetry.tracer_provider`),
+            and then shut down (flushed) by :meth:`stop`.
 
     Example::
 
@@ -53,11 +60,20 @@ class Stack:
             print(stack.settings.nats_url)
     """
 
-    def __init__(self, settings: Settings, services: Sequence[str] = tuple(SERVICES)) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        services: Sequence[str] = tuple(SERVICES),
+        *,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         unknown = sorted(set(services) - set(SERVICES))
         if unknown:
             raise ValueError(f"unknown services {unknown}; choose from {sorted(SERVICES)}")
         self.settings = settings
+        #: The services' tracer provider (the one given, else one from the settings).
+        self.tracer_provider = tracer_provider
+        self._owns_provider = tracer_provider is None
         self.names = [n for n in SERVICES if n in services]
         self.server: EmbeddedServer | None = None
         self.services: dict[str, Service] = {}
@@ -82,9 +98,12 @@ class Stack:
             # blocks only until the server logs readiness (~100 ms).
             url = self.server.start()
             self.settings = self.settings.model_copy(update={"nats_url": url})
+        if self.tracer_provider is None:
+            self.tracer_provider = telemetry.tracer_provider(self.settings)
         try:
             for name in self.names:
                 service = SERVICES[name](self.settings)
+                service.use_tracer_provider(self.tracer_provider)
                 await service.start()
                 self.services[name] = service
         except BaseException:
@@ -101,6 +120,9 @@ class Stack:
         if self.server is not None:
             await asyncio.to_thread(self.server.stop)
             self.server = None
+        provider, self.tracer_provider = self.tracer_provider, None
+        if self._owns_provider and isinstance(provider, SdkTracerProvider):
+            await asyncio.to_thread(provider.shutdown)  # exports what is batched
 
     async def __aenter__(self) -> Stack:
         await self.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from broker.identity import ServerSecrets, auth_config, service_connect_options
 from broker.jetstream import AUDIT_STREAM
 from broker.server import EmbeddedServer
 from broker.settings import Settings
-from broker.subjects import Subjects
+from broker.subjects import Subjects, inbox_prefix
 from schemas import AgentManifest, AuditEvent
 from services.policy.cedar import LABEL_FILE, SCHEMA_FILE, shipped_policy_dir
 from services.registry.credentials import CredentialStore
@@ -347,3 +348,48 @@ def database_url(
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         admin.dispose()
+
+
+# -- raw clients -----------------------------------------------------------------------
+
+
+class RawAgent:
+    """A plain nats-py connection holding an agent's credential; collects server errors."""
+
+    def __init__(self) -> None:
+        self.errors: list[Exception] = []
+        self.nc: Client | None = None
+
+    async def connect(self, url: str, name: str, token: str | None, **options: Any) -> Client:
+        async def on_error(exc: Exception) -> None:
+            self.errors.append(exc)
+
+        kwargs: dict[str, Any] = {
+            "servers": [url],
+            "inbox_prefix": inbox_prefix(name),
+            "error_cb": on_error,
+            "allow_reconnect": False,
+            "connect_timeout": 3,
+            **options,
+        }
+        if token is not None:
+            kwargs["token"] = token
+        self.nc = await nats.connect(**kwargs)
+        return self.nc
+
+    def violations(self) -> list[str]:
+        return [str(e) for e in self.errors if "permissions violation" in str(e).lower()]
+
+    async def violation(self, action: Callable[[Client], Awaitable[Any]], needle: str) -> None:
+        """Run ``action``; the server must report a permissions violation naming ``needle``."""
+        assert self.nc is not None
+        before = len(self.violations())
+        await action(self.nc)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            new = self.violations()[before:]
+            # nats-py lower-cases the server's message.
+            if any(needle.lower() in v.lower() for v in new):
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no permissions violation for {needle!r}; errors: {self.errors}")

@@ -13,6 +13,7 @@
     signalbox audit replay --since 2h [--until T] [--agent A] [--kind K] [--trace T] [--format F]
     signalbox audit report --tag T --since 24h [--json]
     signalbox policy validate|apply|show|diff|history|rollback        (services/cli/policy_cmds.py)
+    signalbox trace TRACE_ID [--since 24h] [--json]              (services/cli/trace_cmds.py)
     signalbox identity init [--secrets-dir DIR] [--server-config FILE]
     signalbox version
 
@@ -61,6 +62,8 @@ from schemas import (
 )
 from services.cli.approvals_cmds import approvals_app
 from services.cli.audit_cmds import audit_app
+from services.cli.breakers_cmds import breakers_app
+from services.cli.budgets_cmds import budgets_app
 from services.cli.client import list_agents, registry_request
 from services.cli.common import (
     DEFAULT_NATS_URL,
@@ -84,6 +87,8 @@ from services.cli.render import (
     credentials_table,
     to_json,
 )
+from services.cli.rollout_cmds import rollback, rollout_app
+from services.cli.trace_cmds import trace_command
 from services.tracing.reader import audit_filter, follow, start_of_last
 
 if TYPE_CHECKING:
@@ -124,6 +129,11 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(policy_app, name="policy")
 app.add_typer(approvals_app, name="approvals")
 app.add_typer(cost_app, name="cost")
+app.command("trace")(trace_command)
+app.add_typer(budgets_app, name="budgets")
+app.add_typer(rollout_app, name="rollout")
+app.command("rollback")(rollback)
+app.add_typer(breakers_app, name="breakers")
 
 # -- commands -----------------------------------------------------------------------------
 

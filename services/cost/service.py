@@ -44,21 +44,26 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
+from opentelemetry.trace import SpanKind
 
 from broker.audit import new_id
+from broker.breakers import BreakerBoard, breaker_key
 from broker.budgets import applicable_keys
 from broker.codec import decode, encode
 from broker.consumer import PullWorker
 from broker.errors import InvalidInput, NotFound, SchemaError, SignalboxError
-from broker.jetstream import KV_AGENTS, KV_BUDGETS, USAGE_STREAM
+from broker.jetstream import KV_AGENTS, KV_BREAKERS, KV_BUDGETS, USAGE_STREAM
 from broker.kvcache import KVCache
 from broker.service import Service
 from broker.settings import Settings
+from broker.telemetry import ATTR, AuditIds, annotate, extract, hex_ids, parent_ids
 from schemas import (
     AgentRecord,
     Budget,
     BudgetList,
     BudgetStatus,
+    CostByVersion,
+    CostByVersionRequest,
     CostReport,
     CostReportRequest,
     ListBudgets,
@@ -76,6 +81,8 @@ from services.cost.store import UsageStore
 __all__ = ["CONSUMER", "CostService"]
 
 log = logging.getLogger(__name__)
+
+_PERIODIC = {"day": "daily", "month": "monthly"}
 
 #: Durable consumer of every cost replica on ``SB_USAGE``.
 CONSUMER = "sb-cost-meter"
@@ -108,6 +115,7 @@ class CostService(Service):
         self._agents: KVCache[AgentRecord] | None = None
         self._worker: PullWorker | None = None
         self._budgets: KVCache[Budget] | None = None
+        self.breakers: BreakerBoard | None = None
         self._budget_kv: KeyValue | None = None
         self._expiry: asyncio.Task[None] | None = None
         #: Reservations granted / refused, and budget alerts audited, by this replica.
@@ -117,6 +125,7 @@ class CostService(Service):
         s = self.subjects
         self.endpoint(s.admin("cost", "report"), CostReportRequest)(self.cost_report)
         self.endpoint(s.cost_reserve, ReserveBudget)(self.reserve)
+        self.endpoint(s.cost_versions, CostByVersionRequest)(self.cost_by_version)
         self.endpoint(s.admin("budgets", "set"), SetBudget)(self.set_budget)
         self.endpoint(s.admin("budgets", "remove"), RemoveBudget)(self.remove_budget)
         self.endpoint(s.admin("budgets", "list"), ListBudgets)(self.list_budgets)
@@ -143,10 +152,16 @@ class CostService(Service):
         self._budget_kv = await self.js.key_value(KV_BUDGETS)
         self._budgets = KVCache(self._budget_kv, Budget)
         await self._budgets.start()
+        #: Breakers this service trips when an agent's or a team's budget is exhausted.
+        self.breakers = BreakerBoard(await self.js.key_value(KV_BREAKERS), self.audit, self.actor)
+        await self.breakers.start()
         self._expiry = asyncio.ensure_future(self._expire_reservations())
+        # Two batches in flight: one's SQL write (in a thread) and audit round
+        # trip overlap the next one's decoding and costing (bench/cost.py).
         self._worker = PullWorker(
-            self.js, USAGE_STREAM, CONSUMER, self.meter, batch=self.batch, ack_wait=self.ack_wait
-        )
+            self.js, USAGE_STREAM, CONSUMER, self.meter, batch=self.batch,
+            ack_wait=self.ack_wait, concurrency=2,
+        )  # fmt: skip
         await self._worker.start()
 
     async def on_stop(self) -> None:
@@ -158,6 +173,9 @@ class CostService(Service):
         if self._budgets is not None:
             await self._budgets.stop()
             self._budgets = None
+        if self.breakers is not None:
+            await self.breakers.stop()
+            self.breakers = None
         if self._worker is not None:
             await self._worker.stop()
             self._worker = None
@@ -178,6 +196,28 @@ class CostService(Service):
                 details={"agent": report.agent, "subject": msg.subject},
             )
         return report
+
+    # -- traces (broker.telemetry) -------------------------------------------------------
+
+    def _usage_span(self, msg: Msg, report: UsageReport, row: dict[str, Any]) -> AuditIds:
+        """One ``sb.usage`` span for a metered report, child of the trace context the SDK
+        sent with it; its ids, for the audit record (no span ids when the report names
+        another trace than its headers)."""
+        parent = extract(msg.headers)
+        span = self.telemetry.start("sb.usage", parent=parent, kind=SpanKind.CONSUMER)
+        annotate(span, lambda: {
+            ATTR["agent"]: report.agent, ATTR["team"]: row.get("team", ""),
+            ATTR["model"]: report.model, ATTR["provider"]: report.provider,
+            ATTR["input_tokens"]: report.input_tokens,
+            ATTR["output_tokens"]: report.output_tokens,
+            ATTR["cost"]: int(row.get("cost_nanos") or 0) / 1e9,
+            ATTR["system"]: "nats", ATTR["destination"]: msg.subject,
+        })  # fmt: skip
+        span.end()
+        trace_id, span_id = hex_ids(span)
+        if report.trace_id and report.trace_id != trace_id:
+            return AuditIds(report.trace_id, "")
+        return AuditIds(trace_id, span_id, *parent_ids(parent))
 
     def _team(self, agent: str) -> str:
         record = self._agents.get(agent) if self._agents is not None else None
@@ -225,16 +265,21 @@ class CostService(Service):
             data["team"] = row["team"]
             data["cost_nanos"] = row["cost_nanos"]
             data["priced_by_fallback"] = row["priced_by_fallback"]
+            ids = self._usage_span(msg, report, row)
             await self.audit.emit(
                 "usage",
                 actor=report.agent,
                 subject=msg.subject,
-                trace_id=report.trace_id,
+                trace_id=ids.trace_id,
+                span_id=ids.span_id,
+                parent_span_id=ids.parent_span_id,
+                via_span_id=ids.via_span_id,
                 event_id=f"usage-{report.agent}-{report.id}",
                 data=data,
             )
             good.append(msg)
-        if not await self.audit.flush(timeout=10):
+        # This batch's events only: another batch's, emitted meanwhile, are its own to wait for.
+        if not await self.audit.flush_emitted(timeout=10):
             # Stored, but the audit events are not durable yet: redeliver (the
             # store skips the reports, the audit event ids dedupe).
             for msg in good + bad:
@@ -257,6 +302,11 @@ class CostService(Service):
                 details={"since": request.since, "until": request.until, "path": "$.until"},
             )
         return await asyncio.to_thread(self.store.report, request.by, request.since, request.until)
+
+    async def cost_by_version(self, request: CostByVersionRequest) -> CostByVersion:
+        """``sb.cost.versions``: an agent's spend per version (canary guards, rollout status)."""
+        rows = await asyncio.to_thread(self.store.by_version, request.agent, request.since)
+        return CostByVersion(agent=request.agent, since=request.since, versions=tuple(rows))
 
     # -- budgets ---------------------------------------------------------------
 
@@ -328,7 +378,14 @@ class CostService(Service):
         )  # fmt: skip
 
     async def _alert(self, alert: BudgetAlert, *, actor: str, trace_id: str = "") -> None:
-        """Audit a crossed threshold (soft: an alert; hard: the budget is exhausted)."""
+        """Audit a crossed threshold (soft: an alert; hard: the budget is exhausted).
+
+        An exhausted agent or team budget also trips that agent's or team's
+        breaker until the window ends (every policy replica then refuses its
+        calls at once, not only its model calls); at the end one probe call
+        passes and closes it. A project has no breaker: its calls are refused
+        at reservation.
+        """
         self.budget_stats["exhausted" if alert.hard else "soft_alerts"] += 1
         event = "exhausted" if alert.hard else "soft_threshold"
         log.warning(
@@ -336,6 +393,23 @@ class CostService(Service):
             alert.budget.key, event.replace("_", " "), alert.charge.spent_usd,
             alert.charge.reserved_usd, alert.charge.limit_usd,
         )  # fmt: skip
+        budget = alert.budget
+        if alert.hard and budget.scope != "project" and self.breakers is not None:
+            charge = alert.charge
+            try:
+                await self.breakers.trip(
+                    breaker_key(budget.scope, budget.name),
+                    "budget",
+                    f"{_PERIODIC[budget.window]} budget {budget.key} exhausted: "
+                    f"${charge.spent_usd:.4f} spent of ${charge.limit_usd:.2f}; it resets at "
+                    "the end of the window, or raise it with "
+                    f"`signalbox budgets set {budget.scope}:{budget.name}`",
+                    figures={"limit_usd": charge.limit_usd, "spent_usd": charge.spent_usd,
+                             "reserved_usd": charge.reserved_usd},
+                    cooldown=max(1.0, charge.window_end - time.time()),
+                )  # fmt: skip
+            except SignalboxError as err:  # audited below either way; refusals still hold
+                log.error("cost: could not trip the breaker of %s: %s", budget.key, err.message)
         await self.audit.emit(
             "budget",
             actor=actor,
@@ -381,7 +455,22 @@ class CostService(Service):
                 "previous": msgspec.to_builtins(previous) if previous else None,
             },
         )  # fmt: skip
-        return (await asyncio.to_thread(self.store.ledger.status, budget, time.time()))[0]
+        status = (await asyncio.to_thread(self.store.ledger.status, budget, time.time()))[0]
+        if status.spent_usd < budget.limit_usd:
+            await self._release_breaker(budget, f"budget {budget.key} set to "
+                                        f"${budget.limit_usd:.2f} by {budget.set_by}")  # fmt: skip
+        return status
+
+    async def _release_breaker(self, budget: Budget, text: str) -> None:
+        """Close the scope's breaker if an exhausted budget tripped it and no longer holds."""
+        if budget.scope == "project" or self.breakers is None:
+            return
+        key = breaker_key(budget.scope, budget.name)
+        breaker = self.breakers.get(key)
+        if breaker is None or breaker.state == "closed" or breaker.reason != "budget":
+            return
+        with contextlib.suppress(SignalboxError):  # lost a race: someone else reset it
+            await self.breakers.reset(key, by=budget.set_by or self.actor, text=text)
 
     async def remove_budget(self, request: RemoveBudget) -> BudgetStatus:
         """``remove``: delete a budget's definition (its windows stay in the store)."""
@@ -397,6 +486,7 @@ class CostService(Service):
         with contextlib.suppress(KeyNotFoundError):
             await self._budget_kv.delete(key)
         who = self.operator(request.requested_by)
+        await self._release_breaker(budget, f"budget {key} removed by {who}")
         await self.audit.emit(
             "admin",
             actor=who,

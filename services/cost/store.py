@@ -104,6 +104,9 @@ class UsageRow(SQLModel, table=True):
         default="", sa_type=String(64), sa_column_kwargs={"server_default": ""}
     )
     batch: str = Field(default="", sa_type=String(32), sa_column_kwargs={"server_default": ""})
+    agent_version: str = Field(
+        default="", sa_type=String(64), sa_column_kwargs={"server_default": ""}
+    )
 
 
 _U: Table = UsageRow.__table__  # type: ignore[attr-defined]
@@ -188,6 +191,7 @@ class UsageStore:
             "on_behalf_of": ",".join(report.on_behalf_of),
             "received_at": now,
             "reservation_id": report.reservation_id,
+            "agent_version": report.agent_version,
             "batch": "",
         }
 
@@ -222,18 +226,21 @@ class UsageStore:
             ]
             return self.ledger.settle(conn, inserted, budgets or {})
 
+    def by_version(self, agent: str, since: float) -> list[CostRow]:
+        """``agent``'s spend per version (``key``) since ``since``, in version order."""
+        query = (
+            select(_U.c.agent_version, *_sums())
+            .where(_U.c.agent == agent, _U.c.time >= since)
+            .group_by(_U.c.agent_version)
+            .order_by(_U.c.agent_version)
+        )  # fmt: skip
+        with self._engine.connect() as conn:
+            return [_cost_row(str(r[0]), r[1:]) for r in conn.execute(query)]
+
     def report(self, by: CostGroup, since: float | None, until: float | None) -> CostReport:
         """Totals per ``by`` over ``[since, until)``, most expensive first, and the total."""
         key = _U.c[by]
-        sums = (
-            func.count(),
-            func.coalesce(func.sum(_U.c.input_tokens), 0),
-            func.coalesce(func.sum(_U.c.output_tokens), 0),
-            func.coalesce(func.sum(_U.c.cached_tokens), 0),
-            func.coalesce(func.sum(_U.c.tool_calls), 0),
-            func.coalesce(func.sum(_U.c.cost_nanos), 0),
-            func.coalesce(func.sum(case((_U.c.priced_by_fallback, 1), else_=0)), 0),
-        )
+        sums = _sums()
         conditions = []
         if since is not None:
             conditions.append(_U.c.time >= since)
@@ -253,6 +260,19 @@ class UsageStore:
             total=total_row,
             prices_as_of=self.prices.as_of,
         )
+
+
+def _sums() -> tuple[Any, ...]:
+    """The aggregate columns of a :class:`CostRow`, in :func:`_cost_row`'s order."""
+    return (
+        func.count(),
+        func.coalesce(func.sum(_U.c.input_tokens), 0),
+        func.coalesce(func.sum(_U.c.output_tokens), 0),
+        func.coalesce(func.sum(_U.c.cached_tokens), 0),
+        func.coalesce(func.sum(_U.c.tool_calls), 0),
+        func.coalesce(func.sum(_U.c.cost_nanos), 0),
+        func.coalesce(func.sum(case((_U.c.priced_by_fallback, 1), else_=0)), 0),
+    )
 
 
 def _cost_row(key: str, sums: Sequence[Any]) -> CostRow:

@@ -13,7 +13,7 @@ same story every run.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -275,11 +275,17 @@ AGENT_NAMES = ("credit-check", "fraud-detection", "customer-support", "loan-orig
 
 
 def build_agents(
-    nats_url: str, credentials: Mapping[str, str], subject_prefix: str = "sb"
+    nats_url: str,
+    credentials: Mapping[str, str],
+    subject_prefix: str = "sb",
+    *,
+    screen: Callable[[Agent], Awaitable[None]] | None = None,
 ) -> DemoAgents:
     """Build the four demo agents against ``nats_url`` (start them with ``async with``).
 
-    ``credentials`` maps each of :data:`AGENT_NAMES` to its enrolled credential.
+    ``credentials`` maps each of :data:`AGENT_NAMES` to its enrolled credential;
+    ``screen`` is fraud-detection's model use per screening (authorize, reserve,
+    settle: see :class:`services.demo.fleet_ops.Screener`).
     """
     credit = Agent(
         _manifest("credit-check", "risk", "risk-eng", "Scores applicants from their credit file"),
@@ -327,6 +333,8 @@ def build_agents(
     @fraud.capability("check")
     async def check(req: FraudRequest) -> FraudReport:
         """Fraud risk of an application."""
+        if screen is not None:
+            await screen(fraud)
         return fraud_report(req)
 
     @support.capability("answer")

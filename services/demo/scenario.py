@@ -9,7 +9,8 @@ Steps (each printed under its own heading):
 4. a customer question, answered by customer-support from policy documents;
 5. a denied call: customer-support asks credit-check for a credit score;
 6. an unknown target: loan-origination asks an agent that does not exist;
-7. the audit trail, once the tracing service has chained every event.
+7. the audit trail, once the tracing service has chained every event;
+8. an audit replay summary of the run, and the trace tree of one call (from the trail alone).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from schemas import (
     ListApprovals,
 )
 from services.cli.client import admin_request, list_agents
-from services.cli.render import agents_table, audit_table
+from services.cli.render import KIND_STYLES, agents_table, audit_table
+from services.cli.trace_cmds import build_tree, trace_tree
 from services.demo.agents import (
     AGENT_NAMES,
     Answer,
@@ -277,12 +279,22 @@ async def _run(console: Console, data_dir: Path) -> int:
         )
         trail_ok = _show_chain(console, events, expected)
 
+        _step(
+            console,
+            10,
+            "Replay and trace: the run in the audit trail, and one call's causal tree",
+            "Every record carries its trace and span ids; `signalbox trace <id>` rebuilds a "
+            "call's tree from them (here: the call that waited for a human).",
+        )
+        traced_ok = _show_replay_and_trace(console, events)
+
     ok = (
         denied_ok
         and examples_ok
         and impostor_ok
         and unknown_ok
         and trail_ok
+        and traced_ok
         and len(decisions) == len(APPLICATIONS)
     )
     console.print()
@@ -597,3 +609,43 @@ def _show_chain(console: Console, events: list[AuditEvent], expected: int) -> bo
             f"before it (from {origin}); head {events[-1].hash[:16]}…"
         )
     return ok
+
+
+def _show_replay_and_trace(console: Console, events: list[AuditEvent]) -> bool:
+    """A replay summary of the run's records, then the trace tree of the approved call."""
+    by_kind: dict[str, int] = {}
+    effects: dict[str, int] = {}
+    for event in events:
+        by_kind[event.kind] = by_kind.get(event.kind, 0) + 1
+        decided = event.data.get("decision") if event.kind == "decision" else None
+        effect = decided.get("effect") if isinstance(decided, dict) else None
+        if isinstance(effect, str):
+            effects[effect] = effects.get(effect, 0) + 1
+    traces = {e.trace_id for e in events if e.trace_id}
+    summary = Table(title=f"Audit replay of this run: {len(events)} records", title_justify="left")
+    summary.add_column("kind")
+    summary.add_column("records", justify="right")
+    for kind, count in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        summary.add_row(Text(kind, style=KIND_STYLES.get(kind, "")), str(count))
+    console.print(summary)
+    console.print(
+        f"{len(traces)} traces; decisions: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(effects.items()))
+        + (f"; {_hms(events[0].time)} to {_hms(events[-1].time)}" if events else "")
+    )
+    parked = [
+        e for e in events
+        if e.kind == "decision" and (e.data.get("decision") or {}).get("effect") == "needs_approval"
+    ]  # fmt: skip
+    if not parked or not parked[0].trace_id:
+        console.print("[bold red]no traced call needing approval in the trail")
+        return False
+    trace_id = parked[0].trace_id
+    roots = build_tree(e for e in events if e.trace_id == trace_id)
+    console.print(trace_tree(trace_id, roots))
+    console.print(f"[dim]signalbox trace {trace_id} prints the same from a running system[/]")
+    return len(roots) == 1 and bool(roots[0].children)
+
+
+def _hms(t: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"

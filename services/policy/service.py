@@ -29,6 +29,16 @@ decides on ``sb.admin.approvals.<op>`` (see :mod:`services.policy.approvals`)::
     approve   DecideApproval        -> ApprovalRequest   (audited, kind admin)
     deny      DecideApproval        -> ApprovalRequest   (audited, kind admin)
 
+Fleet-wide circuit breakers (:mod:`broker.breakers`; the detectors that trip
+them: :mod:`services.policy.guards`) are checked before Cedar on every call
+(the caller's, its team's and the target's) and every ``sb.authz`` request
+(the agent's and its team's); a refusal is ``breaker_open``, audited like a
+denial. Operators manage them on ``sb.admin.breakers.<op>``::
+
+    list      ListBreakers          -> BreakerList
+    trip      TripBreaker           -> Breaker           (audited, kind breaker)
+    reset     ResetBreaker          -> Breaker           (audited, kind breaker)
+
 Before an LLM or tool call, an agent asks ``sb.authz.<agent>``
 (:class:`schemas.AuthzRequest`) and gets a :class:`schemas.Decision`; those
 decisions are audited like call decisions.
@@ -51,12 +61,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.errors import InvalidKeyError, KeyNotFoundError
 from nats.js.kv import KeyValue
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
 
 from broker.audit import new_id
+from broker.breakers import BreakerBoard, breaker_key, breaker_open
+from broker.budgets import applicable_keys
 from broker.codec import decode
 from broker.connection import sync_connection
 from broker.errors import (
@@ -72,20 +87,40 @@ from broker.errors import (
     TargetUnavailable,
     UnknownTarget,
 )
-from broker.jetstream import KV_AGENTS, KV_APPROVALS, KV_POLICIES
+from broker.jetstream import (
+    KV_AGENTS,
+    KV_APPROVALS,
+    KV_BREAKERS,
+    KV_BUDGETS,
+    KV_POLICIES,
+    KV_ROLLOUT_STATS,
+    KV_ROUTES,
+)
 from broker.kvcache import KVCache
 from broker.replies import (
     H_CALL_ID,
     H_CALLER,
     H_CAPABILITY,
+    H_CHAIN,
     H_DEADLINE,
     H_ERROR,
     H_TIMEOUT_MS,
-    H_TRACEPARENT,
     error_reply,
 )
+from broker.replies import request as request_reply
 from broker.service import Service
 from broker.settings import Settings
+from broker.telemetry import (
+    ATTR,
+    agent_attributes,
+    annotate,
+    current_trace_id,
+    decision_attributes,
+    extract,
+    fail,
+    hex_ids,
+    inject,
+)
 from schemas import (
     ActivePolicy,
     AgentRecord,
@@ -93,11 +128,16 @@ from schemas import (
     ApprovalList,
     ApprovalRequest,
     AuthzRequest,
+    Breaker,
+    BreakerList,
+    Budget,
     CallOutcome,
     DecideApproval,
     Decision,
+    DeprecateVersion,
     DiffPolicies,
     ListApprovals,
+    ListBreakers,
     PolicyApplied,
     PolicyDiff,
     PolicyHistory,
@@ -105,10 +145,19 @@ from schemas import (
     PolicySetRecord,
     PolicyShown,
     PolicyValidation,
+    PromoteRollout,
+    Reservation,
+    ReserveBudget,
+    ResetBreaker,
     RollbackPolicies,
+    RollbackRollout,
+    RolloutStatus,
+    RolloutStatusRequest,
+    SetRollout,
     ShadowPolicies,
     ShadowStatus,
     ShowPolicies,
+    TripBreaker,
     ValidatePolicies,
 )
 from services.policy.approvals import ApprovalDesk, Parked, binding_hash, expiry_margin
@@ -120,6 +169,7 @@ from services.policy.decider import (
     RequestContext,
     UseRequest,
 )
+from services.policy.guards import Guards, format_chain, parse_chain
 from services.policy.lifecycle import (
     ACTIVE_KEY,
     SHADOW_KEY,
@@ -128,14 +178,25 @@ from services.policy.lifecycle import (
     parse_candidate,
     policies_of,
 )
+from services.policy.routes import RouteDesk
 from services.policy.shadow import Shadow, disagreement
 
 __all__ = ["PolicyService"]
 
 log = logging.getLogger(__name__)
 
-_PASSTHROUGH = (H_TRACEPARENT, "tracestate")
 _NO_CONTEXT = RequestContext()
+
+
+@dataclass(frozen=True, slots=True)
+class _Gate:
+    """A call the breakers let pass: the ``Sb-Chain`` to forward, the probes it makes."""
+
+    chain: str = ""
+    probes: tuple[tuple[str, str], ...] = ()
+
+
+_NO_GATE = _Gate()
 
 
 @dataclass(slots=True)
@@ -149,11 +210,14 @@ class _Pending:
     started: float
     request_bytes: int
     timer: asyncio.TimerHandle
-
-
-def _trace_id(headers: dict[str, str]) -> str:
-    parts = headers.get(H_TRACEPARENT, "").split("-")
-    return parts[1] if len(parts) == 4 else ""
+    #: The delivery span (sb.delivery) and its parent's id (the decision span).
+    span: Span | None = None
+    parent_span_id: str = ""
+    #: Half-open breakers this call probes, as (key, call id); and its timeout.
+    probes: tuple[tuple[str, str], ...] = ()
+    timeout: float = 0.0
+    #: The target version a route or a pin chose ("" for any).
+    version: str = ""
 
 
 class PolicyService(Service):
@@ -176,6 +240,17 @@ class PolicyService(Service):
             settings.policy_dir or shipped_policy_dir()
         )
         self.agents: KVCache[AgentRecord] | None = None
+        #: Budget definitions (``sb_budgets``): does a model call need a reservation?
+        self.budgets: KVCache[Budget] | None = None
+        #: Version routes and canary rollouts (after start; services.policy.routes).
+        self.routes: RouteDesk | None = None
+        for op, request_type in (
+            ("set", SetRollout), ("promote", PromoteRollout), ("rollback", RollbackRollout),
+            ("deprecate", DeprecateVersion), ("status", RolloutStatusRequest),
+        ):  # fmt: skip
+            self.endpoint(self.subjects.admin("rollout", op), request_type)(
+                functools.partial(self._rollout, op)
+            )
         self._pending: dict[str, _Pending] = {}
         self._capabilities: dict[str, frozenset[str]] = {}
         self._kv: KeyValue
@@ -207,11 +282,21 @@ class PolicyService(Service):
         self.endpoint(s.admin("approvals", "list"), ListApprovals)(self.list_approvals)
         self.endpoint(s.admin("approvals", "approve"), DecideApproval)(self.approve)
         self.endpoint(s.admin("approvals", "deny"), DecideApproval)(self.deny)
+        #: Fleet-wide circuit breakers (after start) and the detectors that trip them.
+        self.breakers: BreakerBoard | None = None
+        self.guards = Guards(settings)
+        self._tripping: set[str] = set()
+        self._breaker_tasks: set[asyncio.Task[None]] = set()
+        self.endpoint(s.admin("breakers", "list"), ListBreakers)(self.list_breakers)
+        self.endpoint(s.admin("breakers", "trip"), TripBreaker)(self.trip_breaker)
+        self.endpoint(s.admin("breakers", "reset"), ResetBreaker)(self.reset_breaker)
         self.stats: dict[str, int] = {
             "calls": 0, "allowed": 0, "denied": 0, "rejected": 0,
             "ok": 0, "errors": 0, "timeouts": 0, "late_replies": 0,
             "authz": 0, "authz_allowed": 0, "authz_denied": 0,
             "parked": 0, "approved": 0, "shadow_disagreements": 0, "internal_errors": 0,
+            "budget_refused": 0, "budget_unavailable": 0,
+            "breaker_refused": 0, "breaker_trips": 0, "breaker_probes": 0,
         }  # fmt: skip
 
     def _guarded(
@@ -248,8 +333,20 @@ class PolicyService(Service):
         self.agents = KVCache(self._kv, AgentRecord, on_change=self._agent_changed)
         await self.agents.start()
         await self._start_lifecycle()
+        self.budgets = KVCache(await self.js.key_value(KV_BUDGETS), Budget)
+        await self.budgets.start()
+        self.routes = RouteDesk(
+            self, await self.js.key_value(KV_ROUTES), await self.js.key_value(KV_ROLLOUT_STATS)
+        )
+        await self.routes.start()
         self.approvals = ApprovalDesk(self, await self.js.key_value(KV_APPROVALS))
         await self.approvals.start()
+        self.breakers = BreakerBoard(
+            await self.js.key_value(KV_BREAKERS), self.audit, self.actor,
+            probe_timeout=self.settings.call_timeout + 5.0,
+            max_cooldown=self.settings.breaker_cooldown_max, on_change=self._breaker_changed,
+        )  # fmt: skip
+        await self.breakers.start()
         self._inbox = self.nc.new_inbox()
         self._reply_sub = await self.nc.subscribe(
             f"{self._inbox}.*", cb=self._on_reply, pending_msgs_limit=1_000_000
@@ -257,13 +354,13 @@ class PolicyService(Service):
         self._call_sub = await self.nc.subscribe(
             self.subjects.out_wildcard,
             queue="sb-policy",
-            cb=self._guarded(self._on_call),
+            cb=self.traced("sb.decision", self._guarded(self._on_call)),
             pending_msgs_limit=1_000_000,
         )
         self._authz_sub = await self.nc.subscribe(
             self.subjects.authz_wildcard,
             queue="sb-policy",
-            cb=self._guarded(self._on_authz),
+            cb=self.traced("sb.authz", self._guarded(self._on_authz)),
             pending_msgs_limit=100_000,
         )
         # Not nc.flush(): see sync_connection (nats-py can PONG before our SUB).
@@ -292,6 +389,14 @@ class PolicyService(Service):
                 await self._reply_sub.unsubscribe()
         if self.agents is not None:
             await self.agents.stop()
+        if self.budgets is not None:
+            await self.budgets.stop()
+        if self.routes is not None:
+            await self.routes.stop()
+        if self._breaker_tasks:
+            await asyncio.wait(set(self._breaker_tasks), timeout=5)
+        if self.breakers is not None:
+            await self.breakers.stop()
         if self._shadow_watch is not None:
             self._shadow_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -687,7 +792,8 @@ class PolicyService(Service):
             reasons=decision.reasons,
         )  # fmt: skip
         parked = Parked(
-            record=record, reply=msg.reply, data=msg.data, headers=dict(headers),
+            # (traceparent: the decision span, parent of the delivery once approved)
+            record=record, reply=msg.reply, data=msg.data, headers=inject(dict(headers)),
             subject=msg.subject, trace_id=trace_id, decision=decision,
             deadline=now + waits - expiry_margin(waits),
         )  # fmt: skip
@@ -754,7 +860,7 @@ class PolicyService(Service):
         assert self.agents is not None
         target_record = self.agents.get(target) or await self._lookup(target)
         call_id = new_id()
-        trace_id = _trace_id(headers)
+        trace_id = current_trace_id()
         if target_record is None or capability not in self._capabilities.get(target, ()):
             unknown = UnknownTarget(
                 f"{target} is not a registered agent; `signalbox agents list` shows who is"
@@ -764,16 +870,14 @@ class PolicyService(Service):
             )
             await self._reject(unknown, msg, caller)
             return
+        caller_record = self.agents.get(caller) or await self._lookup(caller)
+        gate = await self._gate_call(msg, call_id, caller, caller_record, target, trace_id)
+        if gate is None:
+            return  # a breaker refused it (answered, audited, counted)
         context = RequestContext.from_headers(headers)
-        call = CallRequest(
-            caller,
-            target,
-            capability,
-            self.agents.get(caller) or await self._lookup(caller),
-            target_record,
-            context,
-        )
+        call = CallRequest(caller, target, capability, caller_record, target_record, context)
         decision = self.decider.decide(call)
+        annotate(trace.get_current_span(), lambda: _call_attributes(call, decision, call_id))
         if self.shadow is not None:
             await self._compare_shadow(
                 call, decision, actor=caller, subject=msg.subject, trace_id=trace_id
@@ -799,6 +903,9 @@ class PolicyService(Service):
             policy_version=decision.policy_version,
             data=data,
         )
+        if decision.effect != "allow" and gate.probes:
+            # Not forwarded: the probe tested nothing; the next call may probe.
+            self._settle_probes([(key, cid, None) for key, cid in gate.probes])
         if decision.effect == "needs_approval":
             await self._park(
                 msg, call_id, data["approval_id"], caller, target, capability, trace_id, decision
@@ -811,8 +918,9 @@ class PolicyService(Service):
             return
         self.stats["allowed"] += 1
         await self._forward(
-            msg.reply, msg.data, headers, call_id, caller, target, capability, trace_id, timeout
-        )
+            msg.reply, msg.data, headers, call_id, caller, target, capability, trace_id, timeout,
+            gate=gate,
+        )  # fmt: skip
 
     async def _forward(
         self,
@@ -825,11 +933,25 @@ class PolicyService(Service):
         capability: str,
         trace_id: str,
         timeout: float,
+        *,
+        gate: _Gate = _NO_GATE,
     ) -> None:
-        """Send an allowed call to ``sb.in.<target>.<capability>``; its reply is relayed."""
+        """Send an allowed call to ``sb.in.<target>.<capability>[.<version>]``; relay its reply.
+
+        The version comes from the target's route or the caller's pin
+        (:meth:`RouteDesk.resolve`); without either, any version's instance takes it.
+        """
+        try:
+            version = self._route_desk().resolve(target, headers)
+        except SignalboxError as err:
+            body, refused = error_reply(err)
+            await self.nc.publish(reply, body, headers=refused)
+            await self.reject(err, subject=self.subjects.inbound(target, capability), actor=caller)
+            return
         self._next += 1
         token = str(self._next)
         loop = asyncio.get_running_loop()
+        span, parent_span_id = self._delivery_span(headers, call_id, target, capability)
         self._pending[token] = _Pending(
             reply=reply,
             call_id=call_id,
@@ -840,6 +962,11 @@ class PolicyService(Service):
             started=time.perf_counter(),
             request_bytes=len(payload),
             timer=loop.call_later(timeout, self._expire, token),
+            span=span,
+            parent_span_id=parent_span_id,
+            probes=gate.probes,
+            timeout=timeout,
+            version=version,
         )
         forward = {
             H_CALL_ID: call_id,
@@ -848,11 +975,14 @@ class PolicyService(Service):
             # Microseconds: rounding to ms could put the deadline past the timeout.
             H_DEADLINE: f"{time.time() + timeout:.6f}",
         }
-        for name in _PASSTHROUGH:
-            if name in headers:
-                forward[name] = headers[name]
+        # W3C trace context of the delivery span (the caller's own is not passed on).
+        inject(forward, span, via=True)
+        if gate.chain:
+            forward[H_CHAIN] = gate.chain
         await self.nc.publish(
-            self.subjects.inbound(target, capability),
+            self.subjects.inbound_version(target, capability, version)
+            if version
+            else self.subjects.inbound(target, capability),
             payload,
             reply=f"{self._inbox}.{token}",
             headers=forward,
@@ -872,9 +1002,7 @@ class PolicyService(Service):
                 agent,
             )
             return
-        decide = functools.partial(
-            self._authorize, agent, msg.subject, _trace_id(msg.headers or {})
-        )
+        decide = functools.partial(self._authorize, agent, msg.subject, current_trace_id())
         body, headers = await self.handle(msg.data, msg.subject, AuthzRequest, decide)
         await self.nc.publish(msg.reply, body, headers=headers or None)
 
@@ -897,11 +1025,22 @@ class PolicyService(Service):
                 on_behalf_of=request.on_behalf_of,
             ),
         )
+        probes = await self._gate_use(agent, use.agent_record, subject, trace_id)
+        if isinstance(probes, Decision):
+            return probes  # a breaker refused it (audited, counted)
         decision = self.decider.decide(use)
+        annotate(trace.get_current_span(), lambda: _use_attributes(use, decision))
         if self.shadow is not None:
             await self._compare_shadow(
                 use, decision, actor=agent, subject=subject, trace_id=trace_id
             )
+        if decision.effect == "allow" and request.action == "use_model":
+            decision = await self._reserve_budget(
+                agent, use.agent_record, request, decision, trace_id
+            )
+        if probes:  # an allowed request closes the breaker; a denied one tested nothing
+            ok = True if decision.effect == "allow" else None
+            self._settle_probes([(key, cid, ok) for key, cid in probes])
         self.stats["authz_allowed" if decision.effect == "allow" else "authz_denied"] += 1
         await self.audit.emit(
             "decision",
@@ -920,6 +1059,83 @@ class PolicyService(Service):
             },
         )  # fmt: skip
         return decision
+
+    def _route_desk(self) -> RouteDesk:
+        assert self.routes is not None, "policy service not started"
+        return self.routes
+
+    async def _rollout(self, op: str, request: Any) -> RolloutStatus:
+        """``sb.admin.rollout.<op>``: handled by the route desk (services.policy.routes)."""
+        desk = self._route_desk()
+        handler: Callable[[Any], Awaitable[RolloutStatus]] = getattr(desk, op)
+        return await handler(request)
+
+    async def _reserve_budget(
+        self,
+        agent: str,
+        record: AgentRecord | None,
+        request: AuthzRequest,
+        decision: Decision,
+        trace_id: str,
+    ) -> Decision:
+        """Reserve an allowed model call's worst-case cost if any budget applies to it.
+
+        The cost service holds the counters (``sb.cost.reserve``); this
+        replica only asks when a budget applies (its watched ``sb_budgets``
+        copy says so), so unbudgeted agents pay nothing. Fails closed: no
+        estimate, a refusal, or no answer turns the allow into a deny that
+        says why.
+        """
+        assert self.budgets is not None
+        if not len(self.budgets) or not applicable_keys(
+            self.budgets,
+            agent=agent,
+            team=record.manifest.team if record is not None else "",
+            project=request.project,
+            on_behalf_of=request.on_behalf_of,
+        ):
+            return decision
+        if not request.estimated_tokens:
+            return _budget_denial(
+                decision, "estimate_required",
+                f"{agent} has a budget: authorize model calls with estimated_tokens (and "
+                "max_output_tokens) so their worst-case cost can be reserved before the call",
+            )  # fmt: skip
+        ask = ReserveBudget(
+            agent=agent, model=request.resource, input_tokens=request.estimated_tokens,
+            output_tokens=request.max_output_tokens, project=request.project,
+            on_behalf_of=request.on_behalf_of, trace_id=trace_id,
+        )  # fmt: skip
+        try:
+            reservation = await request_reply(
+                self.nc, self.subjects.cost_reserve, ask, Reservation,
+                timeout=self.settings.budget_reserve_timeout,
+                hint="no cost service is answering budget reservations",
+            )  # fmt: skip
+        except SignalboxError as err:
+            self.stats["budget_unavailable"] += 1
+            return _budget_denial(
+                decision, "budget_unavailable",
+                f"the budget of {agent} could not be checked ({err.message}); model calls "
+                "of budgeted agents are refused until the cost service answers",
+            )  # fmt: skip
+        if not reservation.granted:
+            self.stats["budget_refused"] += 1
+            b = reservation.refused
+            assert b is not None
+            return msgspec.structs.replace(
+                _budget_denial(
+                    decision, "budget_exceeded",
+                    f"budget {b.key} would be exceeded: limit ${b.limit_usd:.2f}, spent "
+                    f"${b.spent_usd:.4f}, reserved ${b.reserved_usd:.4f}, this call needs up "
+                    f"to ${reservation.amount_usd:.4f}; raise it with `signalbox budgets set` "
+                    "or wait for the window to end",
+                ),
+                budget=b,
+            )  # fmt: skip
+        return msgspec.structs.replace(
+            decision, reservation_id=reservation.id, reserved_usd=reservation.amount_usd
+        )
 
     async def _on_reply(self, msg: Msg) -> None:
         token = msg.subject[len(self._inbox) + 1 :]
@@ -943,7 +1159,10 @@ class PolicyService(Service):
         else:
             # No headers stays None: an empty dict still sends a header block.
             body, relay_headers = msg.data, headers or None
+        relay = self._reply_span(pending)
         await self.nc.publish(pending.reply, body, headers=relay_headers)
+        if relay is not None:
+            relay.end()
         await self._outcome(pending, relay_headers, len(body))
 
     def _expire(self, token: str) -> None:
@@ -968,24 +1187,307 @@ class PolicyService(Service):
     async def _outcome(self, p: _Pending, headers: dict[str, str] | None, reply_bytes: int) -> None:
         error_code = headers.get(H_ERROR, "") if headers else ""
         self.stats["errors" if error_code else "ok"] += 1
+        self._breaker_outcome(p, error_code)
+        latency_ms = (time.perf_counter() - p.started) * 1000
+        if p.version:
+            self._route_desk().record(p.target, p.version, error_code, latency_ms)
         outcome = CallOutcome(
             call_id=p.call_id,
             caller=p.caller,
             target=p.target,
             capability=p.capability,
             ok=not error_code,
-            latency_ms=(time.perf_counter() - p.started) * 1000,
+            latency_ms=latency_ms,
             error_code=error_code,
             request_bytes=p.request_bytes,
             reply_bytes=reply_bytes,
+            version=p.version,
         )
+        span_id = self._end_delivery(p, error_code)
         await self.audit.emit(
             "call",
             actor=p.caller,
             subject=self.subjects.inbound(p.target, p.capability),
             trace_id=p.trace_id,
+            span_id=span_id,
+            parent_span_id=p.parent_span_id,
             data=outcome,
         )
+
+    # -- circuit breakers (broker.breakers; detectors: services.policy.guards) ----------
+
+    def _board(self) -> BreakerBoard:
+        assert self.breakers is not None, "policy service not started"
+        return self.breakers
+
+    async def _gate_call(
+        self,
+        msg: Msg,
+        call_id: str,
+        caller: str,
+        caller_record: AgentRecord | None,
+        target: str,
+        trace_id: str,
+    ) -> _Gate | None:
+        """Before Cedar: feed the detectors, refuse loops, check the caller's, its team's
+        and the target's breakers. None: refused (answered, audited, counted)."""
+        self._observe_rate(caller)
+        raw = (msg.headers or {}).get(H_CHAIN)
+        chain: tuple[str, ...] = ()
+        if raw:
+            try:
+                chain = parse_chain(raw)
+            except InvalidInput as err:
+                await self._reject(err, msg, caller)
+                return None
+            loop = self.guards.loop(chain, caller, target)
+            if loop is not None:
+                tripped = await self._board().trip(
+                    breaker_key("agent", loop.agent), "call_loop",
+                    f"call chain {' -> '.join(loop.path)} revisits {loop.agent} {loop.visits} "
+                    f"times over {loop.depth} hops (limits: {self.guards.max_visits} visits, "
+                    f"{self.guards.max_depth} hops)",
+                    loop.figures(self.guards.max_depth, self.guards.max_visits),
+                    cooldown=self.guards.cooldown,
+                )  # fmt: skip
+                self.stats["breaker_trips"] += 1
+                await self._refuse_call(msg, call_id, caller, target, trace_id, tripped)
+                return None
+        forward = format_chain(chain, caller)
+        board = self._board()
+        if not board.any_open():
+            return _Gate(chain=forward)
+        team = caller_record.manifest.team if caller_record is not None else ""
+        blocked = board.check(f"agent.{caller}", f"team.{team}", f"agent.{target}")
+        if not blocked:
+            return _Gate(chain=forward)
+        admitted = await self._admit(blocked, call_id)
+        if isinstance(admitted, Breaker):
+            await self._refuse_call(msg, call_id, caller, target, trace_id, admitted)
+            return None
+        return _Gate(chain=forward, probes=admitted)
+
+    async def _gate_use(
+        self, agent: str, record: AgentRecord | None, subject: str, trace_id: str
+    ) -> Decision | tuple[tuple[str, str], ...]:
+        """Before Cedar, for ``sb.authz``: the agent's and its team's breakers.
+
+        Returns the probes this request makes, or the refusal (audited, counted).
+        """
+        self._observe_rate(agent)
+        board = self._board()
+        if not board.any_open():
+            return ()
+        team = record.manifest.team if record is not None else ""
+        blocked = board.check(f"agent.{agent}", f"team.{team}")
+        if not blocked:
+            return ()
+        request_id = new_id()
+        admitted = await self._admit(blocked, request_id)
+        if not isinstance(admitted, Breaker):
+            return admitted
+        self.stats["breaker_refused"] += 1
+        self.stats["authz_denied"] += 1
+        err = breaker_open(admitted)
+        fail(trace.get_current_span(), err.code, err.message)
+        decision = Decision(
+            effect="deny", reasons=(err.message,), reason_code="breaker_open",
+            policy_version=self.decider.version, breaker=admitted,
+        )  # fmt: skip
+        await self.audit.emit(
+            "decision", actor=agent, subject=subject, trace_id=trace_id,
+            policy_version=decision.policy_version,
+            data={"request_id": request_id, "agent": agent, "decision": _builtins(decision),
+                  "breaker": msgspec.to_builtins(admitted)},
+        )  # fmt: skip
+        return decision
+
+    async def _admit(
+        self, blocked: tuple[Breaker, ...], call_id: str
+    ) -> Breaker | tuple[tuple[str, str], ...]:
+        """Whether a call held up by ``blocked`` may pass as their probe.
+
+        Returns the probes claimed (compare-and-set: one call fleet-wide per
+        breaker), or the breaker that refuses the call (claims already made
+        are released). A rate-anomaly probe is judged at once: the breaker
+        closes if the agent's rate is back to normal, else re-opens.
+        """
+        board = self._board()
+        probes: list[tuple[str, str]] = []
+        refusal: Breaker | None = None
+        for breaker in blocked:
+            if not board.probe_due(breaker):
+                refusal = breaker
+                break
+            claimed = await board.claim(breaker.key, call_id)
+            if claimed is None:  # another call (here or on another replica) probes it
+                refusal = board.get(breaker.key) or breaker
+                break
+            self.stats["breaker_probes"] += 1
+            if claimed.reason == "rate_anomaly" and claimed.scope == "agent":
+                figures = self.guards.rate.anomalous(claimed.name)
+                settled = await board.settle(
+                    claimed.key, call_id, figures is None, figures=figures
+                )
+                if figures is not None:
+                    refusal = settled or claimed
+                    break
+                continue
+            probes.append((breaker.key, call_id))
+        if refusal is None:
+            return tuple(probes)
+        if probes:
+            self._settle_probes([(key, cid, None) for key, cid in probes])
+        return refusal
+
+    async def _refuse_call(
+        self, msg: Msg, call_id: str, caller: str, target: str, trace_id: str, breaker: Breaker
+    ) -> None:
+        """Answer ``BreakerOpen``; audit it like a denial (reason ``breaker_open``)."""
+        self.stats["breaker_refused"] += 1
+        err = breaker_open(breaker)
+        fail(trace.get_current_span(), err.code, err.message)
+        capability = msg.subject.rsplit(".", 1)[1]
+        await self.audit.emit(
+            "decision", actor=caller, subject=msg.subject, trace_id=trace_id,
+            policy_version=self.decider.version,
+            data={
+                "call_id": call_id, "caller": caller, "target": target,
+                "capability": capability,
+                "decision": {"effect": "deny", "reason_code": "breaker_open",
+                             "reasons": [err.message], "policy_ids": [],
+                             "policy_version": self.decider.version},
+                "breaker": msgspec.to_builtins(breaker),
+            },
+        )  # fmt: skip
+        body, headers = error_reply(err)
+        await self.nc.publish(msg.reply, body, headers=headers)
+
+    def _observe_rate(self, agent: str) -> None:
+        """Count one call or authorization of ``agent``; trip its breaker on an anomaly."""
+        figures = self.guards.rate.observe(agent)
+        if figures is not None:
+            self._auto_trip(
+                f"agent.{agent}", "rate_anomaly",
+                f"{agent} made {figures['rate']:g} calls/s over {figures['window_s']:g}s, "
+                f"{figures['ratio']:g}x its baseline of {figures['baseline']:g} calls/s "
+                f"(trips at {figures['factor']:g}x)",
+                figures,
+            )  # fmt: skip
+
+    def _breaker_outcome(self, p: _Pending, error_code: str) -> None:
+        """Feed a relayed outcome to the error-rate detector; settle the probes it made."""
+        figures = self.guards.errors.observe(p.target, error_code, p.timeout)
+        if figures is not None:
+            self.guards.errors.forget(p.target)
+            self._auto_trip(
+                f"agent.{p.target}", "error_rate",
+                f"{figures['errors']:g} of {figures['calls']:g} calls to {p.target} failed on "
+                f"its side in {figures['window_s']:g}s ({figures['error_rate']:.0%}, trips "
+                f"above {figures['threshold']:.0%})",
+                figures,
+            )  # fmt: skip
+        if p.probes:
+            failed = self.guards.errors.counts(error_code, p.timeout)
+            target_key = f"agent.{p.target}"
+            # The target's breaker is judged by the reply; the caller's (manual, loop,
+            # budget) by the call having gone through at all.
+            self._settle_probes(
+                [(k, cid, not failed if k == target_key else True) for k, cid in p.probes]
+            )
+
+    def _auto_trip(self, key: str, reason: Any, text: str, figures: dict[str, float]) -> None:
+        """Trip ``key`` in the background (once, if it is not already open)."""
+        if key in self._tripping or self._board().check(key):
+            return
+        self._tripping.add(key)
+        self._breaker_task(self._trip(key, reason, text, figures))
+
+    async def _trip(self, key: str, reason: Any, text: str, figures: dict[str, float]) -> None:
+        try:
+            await self._board().trip(key, reason, text, figures, cooldown=self.guards.cooldown)
+            self.stats["breaker_trips"] += 1
+        finally:
+            self._tripping.discard(key)
+
+    def _settle_probes(self, items: list[tuple[str, str, bool | None]]) -> None:
+        """Settle probes ``(key, call id, ok)`` in the background."""
+
+        async def run() -> None:
+            for key, call_id, ok in items:
+                await self._board().settle(key, call_id, ok)
+
+        self._breaker_task(run())
+
+    def _breaker_task(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._breaker_tasks.add(task)
+        task.add_done_callback(self._breaker_done)
+
+    def _breaker_done(self, task: asyncio.Task[None]) -> None:
+        self._breaker_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("policy: breaker transition failed: %r", task.exception())
+
+    def _breaker_changed(self, old: Breaker | None, new: Breaker | None) -> None:
+        """A breaker closed (on any replica): its detectors start afresh."""
+        closed = new is not None and new.state == "closed" and new.scope == "agent"
+        if closed and new is not None and (old is None or old.state != "closed"):
+            self.guards.rate.forget(new.name)
+            self.guards.errors.forget(new.name)
+
+    async def list_breakers(self, request: ListBreakers) -> BreakerList:
+        """``breakers.list``: the breakers that are not closed (``all``: every one)."""
+        return BreakerList(breakers=tuple(self._board().breakers(include_closed=request.all)))
+
+    async def trip_breaker(self, request: TripBreaker) -> Breaker:
+        """``breakers.trip``: open a breaker by hand (reason ``manual``; audited)."""
+        return await self._board().trip(
+            request.key, "manual", request.text, cooldown=request.cooldown,
+            by=self._who(request.requested_by),
+        )  # fmt: skip
+
+    async def reset_breaker(self, request: ResetBreaker) -> Breaker:
+        """``breakers.reset``: close a breaker, whatever tripped it (audited)."""
+        return await self._board().reset(
+            request.key, by=self._who(request.requested_by), text=request.text
+        )
+
+    # -- traces (broker.telemetry) -------------------------------------------------------
+
+    def _delivery_span(
+        self, headers: dict[str, str], call_id: str, target: str, capability: str
+    ) -> tuple[Span, str]:
+        """Start ``sb.delivery``: child of the decision span, else (an approved call,
+        forwarded later) of the caller's span in ``headers``; returns it and its parent's id."""
+        current = trace.get_current_span()
+        parent = None if current.get_span_context().is_valid else extract(headers)
+        parent_span = current if parent is None else trace.get_current_span(parent)
+        span = self.telemetry.start("sb.delivery", parent=parent, kind=SpanKind.CLIENT)
+        annotate(span, lambda: {
+            ATTR["call_id"]: call_id, ATTR["target"]: target, ATTR["capability"]: capability,
+            **agent_attributes(self.agents.get(target) if self.agents else None, "target"),
+            ATTR["system"]: "nats",
+            ATTR["destination"]: self.subjects.inbound(target, capability),
+        })  # fmt: skip
+        return span, hex_ids(parent_span)[1]
+
+    def _reply_span(self, p: _Pending) -> Span | None:
+        """Start ``sb.reply`` (the target's answer relayed to the caller), child of the
+        delivery; only when spans record (its id is neither audited nor propagated)."""
+        if p.span is None or not p.span.is_recording():
+            return None
+        parent = trace.set_span_in_context(p.span)
+        return self.telemetry.start("sb.reply", parent=parent, kind=SpanKind.PRODUCER)
+
+    def _end_delivery(self, p: _Pending, error_code: str) -> str:
+        """End the delivery span of ``p`` (failed on an error reply); returns its span id."""
+        if p.span is None:
+            return ""
+        if error_code:
+            fail(p.span, error_code)
+        p.span.end()
+        return hex_ids(p.span)[1]
 
     def _timeout(self, headers: dict[str, str]) -> float:
         return min(self._requested_timeout(headers), self.settings.call_timeout)
@@ -1010,10 +1512,31 @@ class PolicyService(Service):
 
     async def _reject(self, err: SignalboxError, msg: Msg, caller: str) -> None:
         self.stats["rejected"] += 1
+        fail(trace.get_current_span(), err.code, err.message)
         if msg.reply:
             body, headers = error_reply(err)
             await self.nc.publish(msg.reply, body, headers=headers)
         await self.reject(err, subject=msg.subject, actor=caller)
+
+
+def _call_attributes(call: CallRequest, decision: Decision, call_id: str) -> dict[str, Any]:
+    """Span attributes of a call decision (built only when the span records)."""
+    return {
+        ATTR["call_id"]: call_id, ATTR["capability"]: call.capability,
+        **agent_attributes(call.caller_record, "caller"),
+        **agent_attributes(call.target_record, "target"),
+        ATTR["caller"]: call.caller, ATTR["target"]: call.target,
+        **decision_attributes(decision),
+    }  # fmt: skip
+
+
+def _use_attributes(use: UseRequest, decision: Decision) -> dict[str, Any]:
+    """Span attributes of a model or tool use decision (``sb.authz``)."""
+    return {
+        **agent_attributes(use.agent_record), ATTR["agent"]: use.agent,
+        ATTR["action"]: use.action, ATTR["resource"]: use.resource,
+        ATTR["provider"]: use.provider, **decision_attributes(decision),
+    }  # fmt: skip
 
 
 def _denied(decision: Decision, caller: str, target: str, capability: str) -> CallDenied:
@@ -1027,6 +1550,13 @@ def _denied(decision: Decision, caller: str, target: str, capability: str) -> Ca
             "policy_ids": list(decision.policy_ids),
             "policy_version": decision.policy_version,
         },
+    )
+
+
+def _budget_denial(decision: Decision, code: str, reason: str) -> Decision:
+    """``decision`` (an allow) turned into a deny by a budget guard."""
+    return msgspec.structs.replace(
+        decision, effect="deny", reason_code=code, reasons=(*decision.reasons, reason)
     )
 
 

@@ -17,9 +17,8 @@ from broker.jetstream import (
     AUDIT_INTAKE_STREAM,
     AUDIT_STREAM,
     KV_AGENTS,
-    KV_APPROVALS,
-    KV_POLICIES,
     USAGE_STREAM,
+    bucket_configs,
     ensure_buckets,
     ensure_streams,
     stream_configs,
@@ -79,7 +78,7 @@ async def test_ensure_buckets_twice_returns_the_same_bucket(nc: Client, settings
     first = await ensure_buckets(js, settings)
     await first[KV_AGENTS].put("a", b"1")
     second = await ensure_buckets(js, settings)
-    assert set(second) == {KV_AGENTS, KV_POLICIES, KV_APPROVALS}
+    assert set(second) == {c.bucket for c in bucket_configs(settings)}
     entry = await second[KV_AGENTS].get("a")
     assert entry.value == b"1"  # not recreated: the value survived
     status = await second[KV_AGENTS].status()

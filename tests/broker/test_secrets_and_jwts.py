@@ -79,7 +79,7 @@ def test_agent_permissions_name_only_its_own_subjects() -> None:
     assert "sb.out.alice.>" in perms.publish
     assert all("bob" not in s for s in perms.publish + perms.subscribe)
     assert not any(s.startswith(("sb.admin", "sb.audit", "$JS", "$KV")) for s in perms.publish)
-    assert set(perms.subscribe) == {"sb.in.alice.*", "_INBOX.agent.alice.>"}
+    assert set(perms.subscribe) == {"sb.in.alice.*", "sb.in.alice.*.*", "_INBOX.agent.alice.>"}
     claims = perms.jwt_claims()
     assert claims["resp"] == {"max": 1, "ttl": 0}
 

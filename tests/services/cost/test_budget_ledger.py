@@ -31,7 +31,9 @@ def _budget(scope: str = "agent", name: str = "fraud", window: str = "day", **kw
     return Budget(scope=scope, name=name, window=window, limit_usd=kw.pop("limit", 1.0), **kw)  # type: ignore[arg-type]
 
 
-def _reserve(ledger: BudgetLedger, budgets: list[Budget], rid: str, cents: int, now: float = NOON) -> Any:
+def _reserve(
+    ledger: BudgetLedger, budgets: list[Budget], rid: str, cents: int, now: float = NOON
+) -> Any:
     return ledger.reserve(
         budgets, reservation_id=rid, agent="fraud", amount_nanos=cents * CENT,
         now=now, expires_at=now + 60,
@@ -46,7 +48,14 @@ def _usage(rid: str, cents: int, *, agent: str = "fraud", report: str = "", t: f
         "output_tokens": 1, "cached_tokens": 0, "tool_calls": 0, "latency_ms": 0.0,
         "cost_nanos": cents * CENT, "priced_by_fallback": False, "trace_id": "",
         "on_behalf_of": obo, "received_at": t, "reservation_id": rid, "batch": "",
+        "agent_version": "",
     }  # fmt: skip
+
+
+def _state(store: UsageStore, rid: str) -> str:
+    row = store.ledger.reservation(rid)
+    assert row is not None
+    return str(row["state"])
 
 
 def test_windows_are_utc_calendar_days_and_months() -> None:
@@ -86,7 +95,7 @@ def test_settlement_replaces_the_reservation_with_the_actual_cost_once(store: Us
     [status] = store.ledger.status(budget, NOON)
     assert status.spent_usd == pytest.approx(0.10)
     assert status.reserved_usd == 0
-    assert store.ledger.reservation("a")["state"] == "settled"
+    assert _state(store, "a") == "settled"
     # Room again for 90 cents, not for 91.
     assert _reserve(store.ledger, [budget], "b", 90).granted
     assert not _reserve(store.ledger, [budget], "c", 1).granted
@@ -125,7 +134,7 @@ def test_unsettled_reservations_expire(store: UsageStore) -> None:
     assert not _reserve(store.ledger, [budget], "blocked", 1).granted
     assert store.ledger.expire(NOON + 30) == 0
     assert store.ledger.expire(NOON + 61) == 1
-    assert store.ledger.reservation("gone")["state"] == "expired"
+    assert _state(store, "gone") == "expired"
     assert _reserve(store.ledger, [budget], "after", 100).granted
     # A late report for the expired reservation still counts, as plain usage.
     store.record([_usage("gone", 30)], {budget.key: budget})
@@ -138,7 +147,7 @@ def test_a_reservation_cannot_be_settled_by_another_agent(store: UsageStore) -> 
     budget = _budget(limit=1.0)
     assert _reserve(store.ledger, [budget], "mine", 80).granted
     store.record([_usage("mine", 5, agent="intruder", team="x")], {budget.key: budget})
-    assert store.ledger.reservation("mine")["state"] == "open"
+    assert _state(store, "mine") == "open"
 
 
 def test_parent_budgets_are_charged_too(store: UsageStore) -> None:
@@ -173,3 +182,31 @@ def test_concurrent_reservations_never_overrun_the_limit(store: UsageStore) -> N
     [status] = store.ledger.status(budget, NOON)
     assert status.reserved_usd == pytest.approx(2.0)
     assert status.open_reservations == 20
+
+
+def test_a_store_created_by_an_earlier_release_gains_the_new_columns(database_url: str) -> None:
+    """``cost_usage`` without ``reservation_id`` and ``batch`` (the first release's shape)."""
+    from sqlalchemy import inspect, text
+
+    from broker.sql import make_engine
+    from services.cost.store import UsageRow
+
+    table = UsageRow.__table__  # type: ignore[attr-defined]
+    old = [c for c in table.columns if c.name not in ("reservation_id", "batch")]
+    engine = make_engine(database_url)
+    columns = ", ".join(f"{c.name} {c.type.compile(engine.dialect)}" for c in old)
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE cost_usage ({columns}, PRIMARY KEY (agent, id))"))
+    engine.dispose()
+    s = UsageStore(database_url, load_prices(None))
+    try:
+        s.create_schema()
+        s.create_schema()  # idempotent
+        names = {c["name"] for c in inspect(s._engine).get_columns("cost_usage")}
+        assert {"reservation_id", "batch"} <= names
+        budget = _budget(limit=1.0)
+        assert _reserve(s.ledger, [budget], "m", 50).granted
+        s.record([_usage("m", 5)], {budget.key: budget})
+        assert _state(s, "m") == "settled"
+    finally:
+        s.close()

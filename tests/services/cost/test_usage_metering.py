@@ -342,7 +342,7 @@ async def test_a_cost_service_killed_before_acking_restarts_with_exact_totals(
     await first.start()
     record = first.store.record
 
-    def commit_then_hang(rows: Sequence[dict[str, Any]], budgets: Any = None) -> None:
+    def commit_then_hang(rows: Sequence[dict[str, Any]], budgets: Any = None) -> list[Any]:
         record(rows, budgets)
         loop.call_soon_threadsafe(committed.set)
         release.wait(10)  # "killed" here: committed, never acked

@@ -72,6 +72,16 @@ async def test_run_demo_end_to_end(tmp_path: Path) -> None:
     assert re.search(r"call\s+loan-origination\s+.*ok fraud-detection\.check", text)
     assert re.search(r"rejected\s+loan-origination\s+.*unknown_target", text)
     assert "linked to the one before it" in text
+    # (h) step 10: the replay summary and the approved call's trace tree, from the trail
+    # (reading only: no record added).
+    assert re.search(r"Audit replay of this\s+run: 38 records", text)
+    assert re.search(r"\d+ traces; decisions: allow \d+, deny \d+, needs_approval 1", text)
+    tree = text[text.index("Step 10") :]
+    assert re.search(
+        r"└── decision loan-origination needs_approval → fraud-detection\.check", tree
+    )
+    assert "approved by operator:demo" in tree
+    assert re.search(r"└── delivery ok fraud-detection\.check \d+\.\d ms", tree)
     assert "Demo complete" in text
     # The embedded server is gone with the demo.
     [url] = set(re.findall(r"nats://127\.0\.0\.1:\d+", text))

@@ -1,0 +1,247 @@
+"""Demo steps of fleet operations: a canary rolled back on its own, a runaway agent stopped.
+
+Called by :mod:`services.demo.scenario` with the running stack, an operator
+connection and the lending desk's agents. Each step returns whether what the
+demo claims actually happened (the demo exits 1 otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from nats.aio.client import Client
+from rich.console import Console
+
+from broker import Agent
+from broker.errors import BreakerOpen, CallDenied, SignalboxError
+from broker.subjects import Subjects
+from schemas import (
+    AgentManifest,
+    BreakerList,
+    BudgetStatus,
+    CostReport,
+    CostReportRequest,
+    ListBreakers,
+    RolloutStatus,
+    RolloutStatusRequest,
+    RouteGuard,
+    SetBudget,
+    SetRollout,
+)
+from services.cli.breakers_cmds import breakers_table
+from services.cli.client import admin_request
+from services.cli.cost_cmds import cost_table
+from services.cli.rollout_cmds import rollout_view
+
+__all__ = ["RECOMMENDER", "Screener", "build_recommenders", "show_canary", "show_runaway"]
+
+#: The agent rolled out in the canary step.
+RECOMMENDER = "recommender"
+STABLE, CANARY = "1.0.0", "2.0.0"
+
+
+class Offer(msgspec.Struct, frozen=True, kw_only=True):
+    """Which product to offer a customer."""
+
+    customer: str
+    product: str
+    version: str
+
+
+class OfferRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Ask recommender for an offer."""
+
+    customer: str
+
+
+def build_recommenders(nats_url: str, credential: str, subject_prefix: str) -> list[Agent]:
+    """recommender 1.0.0, and 2.0.0 whose new feature-store lookup times out every third call."""
+    made = []
+    for version in (STABLE, CANARY):
+        agent = Agent(
+            AgentManifest(
+                name=RECOMMENDER, version=version, owner="growth-eng", team="growth",
+                description="Suggests the next product to offer a customer",
+                project="lending-demo",
+            ),
+            nats_url=nats_url, subject_prefix=subject_prefix, credential=credential,
+            heartbeat_interval=1.0,
+        )  # fmt: skip
+        calls = 0
+
+        @agent.capability("suggest")
+        async def suggest(req: OfferRequest, version: str = version) -> Offer:
+            """The next product to offer this customer."""
+            nonlocal calls
+            calls += 1
+            if version == CANARY and calls % 3 == 0:
+                raise TimeoutError("feature store lookup timed out")
+            product = ("credit card", "savings account", "mortgage")[len(req.customer) % 3]
+            return Offer(customer=req.customer, product=product, version=version)
+
+        made.append(agent)
+    return made
+
+
+async def show_canary(
+    console: Console, nc: Client, subjects: Subjects, loans: Agent, *, calls: int = 240
+) -> bool:
+    """Route 20% of recommender's calls to 2.0.0, watch the guard roll it back."""
+
+    async def rollout(op: str, body: msgspec.Struct) -> RolloutStatus:
+        return await admin_request(nc, subjects, op, body, RolloutStatus, service="rollout")
+
+    status = await rollout(
+        "set",
+        SetRollout(
+            target=RECOMMENDER, weights={CANARY: 20}, stable=STABLE, sticky=True,
+            guard=RouteGuard(max_error_rate=0.05, min_calls=15, window=60), requested_by="demo",
+        ),
+    )  # fmt: skip
+    console.print("[bold]Before[/] · `signalbox rollout status recommender`")
+    console.print(rollout_view(status))
+    served = {STABLE: 0, CANARY: 0}
+    failed = 0
+    rolled_back_at = -1
+    for i in range(calls):
+        try:
+            offer = await loans.call(
+                RECOMMENDER, "suggest", OfferRequest(customer=f"customer-{i}"),
+                returns=Offer, route_key=f"customer-{i}", timeout=2.0,
+            )  # fmt: skip
+            served[offer.version] += 1
+        except SignalboxError:
+            failed += 1
+        if rolled_back_at < 0 and i % 10 == 9:
+            now = await rollout("status", RolloutStatusRequest(target=RECOMMENDER, window=60))
+            if now.route is not None and now.route.weights.get(CANARY, 0) == 0:
+                rolled_back_at = i + 1
+    deadline = time.monotonic() + 5
+    after = await rollout("status", RolloutStatusRequest(target=RECOMMENDER, window=60))
+    while (after.route is None or after.route.canary) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        after = await rollout("status", RolloutStatusRequest(target=RECOMMENDER, window=60))
+    console.print(
+        f"loan-origination asked for {calls} offers: {served[STABLE]} answered by {STABLE}, "
+        f"{served[CANARY]} by {CANARY}, {failed} failed (all on {CANARY}, before the guard "
+        "tripped"
+        + (f"; the route changed after call {rolled_back_at}" if rolled_back_at > 0 else "")
+        + ")."
+    )
+    console.print("[bold]After[/] · `signalbox rollout status recommender`")
+    console.print(rollout_view(after))
+    route = after.route
+    return bool(
+        route is not None
+        and route.weights.get(CANARY, 0) == 0
+        and route.reason.startswith("auto-rollback")
+        and failed > 0
+    )
+
+
+class Screener:
+    """fraud-detection's model use: one LLM call per screening, or, after the
+    prompt regression, a retry loop of fifteen.
+
+    ``screen`` is what the demo's ``fraud-detection.check`` handler calls.
+    """
+
+    MODEL = "gpt-4o-mini"
+
+    def __init__(self) -> None:
+        self.calls_per_check = 1
+        self.model_calls = 0
+        self.refused: list[CallDenied] = []
+
+    async def screen(self, agent: Agent) -> None:
+        """Ask the model (authorize + reserve, then settle) ``calls_per_check`` times."""
+        for _ in range(self.calls_per_check):
+            try:
+                async with agent.model_call(
+                    self.MODEL, provider="openai", estimated_tokens=1_500,
+                    max_output_tokens=300, project="lending-demo",
+                ) as call:  # fmt: skip
+                    call.record(input_tokens=1_200, output_tokens=180)
+                self.model_calls += 1
+            except CallDenied as refused:  # the breaker (or the budget) stopped it
+                self.refused.append(refused)
+                raise
+
+
+async def show_runaway(
+    console: Console,
+    nc: Client,
+    subjects: Subjects,
+    loans: Agent,
+    screen: Screener,
+    check: Callable[[int], Awaitable[object]],
+) -> bool:
+    """Normal traffic, then fraud-detection calls its model 15x as often and is stopped."""
+    budget = await admin_request(
+        nc, subjects, "set",
+        SetBudget(scope="team", name="risk", window="day", limit_usd=25.0, requested_by="demo"),
+        BudgetStatus, service="budgets",
+    )  # fmt: skip
+    console.print(
+        f"Budget of team risk: ${budget.budget.limit_usd:.2f} a day, alert at "
+        f"{budget.budget.soft_ratio:.0%}; every model call reserves its worst case first."
+    )
+    normal_until = time.monotonic() + 3.0
+    screened = 0
+    while time.monotonic() < normal_until:  # ~5 screenings a second, one model call each
+        await check(screened)
+        screened += 1
+        await asyncio.sleep(0.2)
+    before = screen.model_calls
+    console.print(
+        f"Normal: {screened} applications screened in 3 s, {before} model calls "
+        f"({before / 3:.1f}/s)."
+    )
+    screen.calls_per_check = 15  # the prompt regression
+    refused_calls = 0
+    stopped_at = 0.0
+    started = time.monotonic()
+    while time.monotonic() - started < 4.0:
+        try:
+            await check(screened)
+        except BreakerOpen:
+            refused_calls += 1
+            stopped_at = stopped_at or time.monotonic() - started
+            if refused_calls >= 3:
+                break
+        except SignalboxError:
+            pass  # a screening whose model calls were refused mid-way
+        screened += 1
+    runaway = screen.model_calls - before
+    console.print(
+        f"After the regression: {runaway} model calls in "
+        f"{(stopped_at or time.monotonic() - started):.1f} s before the breaker stopped "
+        f"fraud-detection; its callers now fail fast ({refused_calls} refused at once, no "
+        "time-out) and its own model calls are refused too."
+    )
+    breakers = await admin_request(
+        nc, subjects, "list", ListBreakers(), BreakerList, service="breakers"
+    )
+    console.print(breakers_table(breakers.breakers, time.time()))
+    # The chargeback view, once the meter has caught up with every usage report.
+    report = await _metered(nc, subjects, screen.model_calls)
+    console.print(cost_table(report))
+    tripped = [b for b in breakers.breakers if b.key == "agent.fraud-detection"]
+    return bool(
+        tripped and tripped[0].reason == "rate_anomaly" and tripped[0].state != "closed"
+        and refused_calls > 0
+    )
+
+
+async def _metered(nc: Client, subjects: Subjects, reports: int) -> CostReport:
+    deadline = time.monotonic() + 10
+    while True:
+        report = await admin_request(
+            nc, subjects, "report", CostReportRequest(by="team"), CostReport, service="cost"
+        )
+        if report.total.reports >= reports or time.monotonic() > deadline:
+            return report
+        await asyncio.sleep(0.1)

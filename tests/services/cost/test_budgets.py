@@ -1,0 +1,324 @@
+"""Budgets end to end: reserved at authorization, never overrun, settled by usage, explained."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from nats.aio.client import Client
+from typer.testing import CliRunner, Result
+
+from broker import Agent, BudgetExceeded
+from broker.codec import encode
+from broker.connection import connect
+from broker.identity import operator_connect_options
+from broker.replies import request
+from broker.settings import Settings
+from schemas import BudgetList, BudgetStatus, Decision, ListBudgets, SetBudget, ShowBudget
+from services.cli.main import app
+from services.cost.service import CostService
+from services.policy.cedar import shipped_policy_dir
+from services.runner import Stack
+
+if TYPE_CHECKING:
+    from conftest import AgentFactory, AuditTrail, StackFactory
+
+from conftest import RawAgent, enroll
+
+# gpt-4o: $10 per million output tokens, so 10,000 estimated tokens (no output cap,
+# all priced as output) reserve $0.10.
+MODEL = "gpt-4o"
+
+
+@pytest.fixture
+async def stack(make_stack: StackFactory) -> Stack:
+    return await make_stack(
+        policy_dir=shipped_policy_dir(), services=["tracing", "registry", "policy", "cost"]
+    )
+
+
+@pytest.fixture
+async def operator(stack: Stack, settings: Settings) -> AsyncIterator[Client]:
+    options = operator_connect_options(settings)
+    nc = await connect(settings.nats_url, name="test-operator", **options)
+    yield nc
+    await nc.close()
+
+
+def _cost(stack: Stack) -> CostService:
+    service = stack.services["cost"]
+    assert isinstance(service, CostService)
+    return service
+
+
+async def _eventually(check: Callable[[], Any], timeout: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def _set(operator: Client, stack: Stack, scope: str, name: str, limit: float,
+               window: str = "day", **kw: Any) -> BudgetStatus:  # fmt: skip
+    status = await request(
+        operator, "sb.admin.budgets.set",
+        SetBudget(scope=scope, name=name, window=window, limit_usd=limit,  # type: ignore[arg-type]
+                  requested_by="ops", **kw),
+        BudgetStatus,
+    )  # fmt: skip
+    key = f"{scope}.{name}.{window}"
+    policy = stack.services["policy"]
+    # Every replica watches the definitions: wait until policy and cost both see it.
+    await _eventually(
+        lambda: policy.budgets.get(key) == status.budget  # type: ignore[attr-defined]
+        and _cost(stack)._budget_cache().get(key) == status.budget
+    )
+    return status
+
+
+async def _agent(make_agent: AgentFactory, stack: Stack, name: str, team: str) -> Agent:
+    agent = make_agent(name, team=team)
+    await agent.start()
+    await _eventually(lambda: _cost(stack)._team(name) == team)
+    return agent
+
+
+async def test_64_concurrent_callers_never_exceed_a_team_budget(
+    stack: Stack, operator: Client, make_agent: AgentFactory, audit_trail: AuditTrail
+) -> None:
+    await _set(operator, stack, "team", "risk", 2.0)  # room for 20 reservations of $0.10
+    agents = [await _agent(make_agent, stack, f"scorer-{i}", "risk") for i in range(8)]
+
+    async def ask(agent: Agent) -> Decision:
+        return await agent.authorize("use_model", MODEL, estimated_tokens=10_000, timeout=10)
+
+    decisions = await asyncio.gather(*(ask(a) for a in agents for _ in range(8)))
+    allowed = [d for d in decisions if d.effect == "allow"]
+    refused = [d for d in decisions if d.effect == "deny"]
+    assert len(allowed) == 20 and len(refused) == 44
+    assert all(d.reservation_id and d.reserved_usd == pytest.approx(0.10) for d in allowed)
+    assert len({d.reservation_id for d in allowed}) == 20
+    for d in refused:
+        assert d.reason_code == "budget_exceeded"
+        assert d.budget is not None and d.budget.key == "team.risk.day"
+        assert d.budget.limit_usd == 2.0
+        assert d.budget.spent_usd + d.budget.reserved_usd <= 2.0 + 1e-9
+        assert "limit $2.00" in d.reasons[-1] and "signalbox budgets set" in d.reasons[-1]
+    [status] = (await request(operator, "sb.admin.budgets.list", ListBudgets(), BudgetList)).budgets
+    assert status.reserved_usd == pytest.approx(2.0)
+    assert status.open_reservations == 20
+    assert status.remaining_usd == pytest.approx(0.0)
+    # Refusals are audited by the cost service (kind budget) and in the decision events.
+    await audit_trail.wait_for(
+        lambda r: r.kind == "budget" and r.data.get("event") == "refused", count=44
+    )
+    # The soft threshold (80%) was crossed once in the window: one alert.
+    alerts = await audit_trail.wait_for(
+        lambda r: r.kind == "budget" and r.data.get("event") == "soft_threshold"
+    )
+    assert len(alerts) == 1
+
+
+async def test_model_call_settles_the_reservation_with_the_actual_cost(
+    stack: Stack, operator: Client, make_agent: AgentFactory
+) -> None:
+    await _set(operator, stack, "agent", "fraud", 0.25)
+    fraud = await _agent(make_agent, stack, "fraud", "risk")
+    cost = _cost(stack)
+    async with fraud.model_call(MODEL, provider="openai", estimated_tokens=10_000) as call:
+        assert call.decision is not None and call.decision.reserved_usd == pytest.approx(0.10)
+        call.record(input_tokens=1_000, output_tokens=500)  # $0.0025 + $0.005
+    rid = call.decision.reservation_id
+
+    async def settled() -> bool:
+        row = await asyncio.to_thread(cost.store.ledger.reservation, rid)
+        return row is not None and row["state"] == "settled"
+
+    await _eventually(settled)
+    shown = await request(
+        operator, "sb.admin.budgets.show", ShowBudget(scope="agent", name="fraud"), BudgetList
+    )
+    assert shown.budgets[0].spent_usd == pytest.approx(0.0075)
+    assert shown.budgets[0].reserved_usd == 0
+    # Two more worst cases fit ($0.2075 of $0.25), a third does not, and says why.
+    async with fraud.model_call(MODEL, estimated_tokens=10_000):
+        pass  # nothing recorded: settles at $0
+    for _ in range(2):
+        held = await fraud.authorize("use_model", MODEL, estimated_tokens=10_000)
+        assert held.effect == "allow"
+    with pytest.raises(BudgetExceeded) as refused:
+        async with fraud.model_call(MODEL, estimated_tokens=10_000):
+            raise AssertionError("the block must not run")
+    budget = refused.value.details["budget"]
+    assert budget["key"] == "agent.fraud.day" and budget["limit_usd"] == 0.25
+    assert "agent.fraud.day" in refused.value.message
+
+
+async def test_an_error_inside_the_block_still_settles(
+    stack: Stack, operator: Client, make_agent: AgentFactory
+) -> None:
+    await _set(operator, stack, "agent", "flaky", 1.0)
+    flaky = await _agent(make_agent, stack, "flaky", "risk")
+    with pytest.raises(RuntimeError, match="provider down"):
+        async with flaky.model_call(MODEL, estimated_tokens=10_000) as call:
+            call.record(input_tokens=10)
+            raise RuntimeError("provider down")
+    assert call.report_id
+    cost = _cost(stack)
+    rid = call.decision.reservation_id if call.decision else ""
+
+    async def settled() -> bool:
+        row = await asyncio.to_thread(cost.store.ledger.reservation, rid)
+        return row is not None and row["state"] == "settled"
+
+    await _eventually(settled)
+
+
+async def test_budgets_fail_closed(
+    stack: Stack, operator: Client, make_agent: AgentFactory
+) -> None:
+    await _set(operator, stack, "agent", "vague", 1.0)
+    vague = await _agent(make_agent, stack, "vague", "risk")
+    no_estimate = await vague.authorize("use_model", MODEL)
+    assert (no_estimate.effect, no_estimate.reason_code) == ("deny", "estimate_required")
+    # Unbudgeted agents need neither an estimate nor the cost service.
+    free = await _agent(make_agent, stack, "free", "other")
+    assert (await free.authorize("use_model", MODEL)).effect == "allow"
+    await _cost(stack).stop()
+    down = await vague.authorize("use_model", MODEL, estimated_tokens=100)
+    assert (down.effect, down.reason_code) == ("deny", "budget_unavailable")
+    assert "cost service" in down.reasons[-1]
+    assert (await free.authorize("use_model", MODEL, estimated_tokens=100)).effect == "allow"
+
+
+async def test_a_parent_task_pays_for_calls_made_on_its_behalf(
+    stack: Stack, operator: Client, make_agent: AgentFactory
+) -> None:
+    await _set(operator, stack, "agent", "orchestrator", 0.15)
+    worker = await _agent(make_agent, stack, "worker", "ops")
+    first = await worker.authorize(
+        "use_model", MODEL, estimated_tokens=10_000, on_behalf_of=("orchestrator",)
+    )
+    assert first.effect == "allow"
+    second = await worker.authorize(
+        "use_model", MODEL, estimated_tokens=10_000, on_behalf_of=("orchestrator",)
+    )
+    assert second.reason_code == "budget_exceeded"
+    assert second.budget is not None and second.budget.key == "agent.orchestrator.day"
+    # Not on its behalf: the worker itself has no budget.
+    assert (await worker.authorize("use_model", MODEL, estimated_tokens=10_000)).effect == "allow"
+
+
+async def test_agents_cannot_reserve_or_change_budgets(
+    stack: Stack, settings: Settings
+) -> None:
+    raw = RawAgent()
+    assert settings.nats_url
+    await raw.connect(settings.nats_url, "mallory", enroll(settings, "mallory"))
+    try:
+        await raw.violation(lambda nc: nc.publish("sb.cost.reserve", b"{}"), "sb.cost.reserve")
+        await raw.violation(
+            lambda nc: nc.publish(
+                "sb.admin.budgets.set",
+                encode(SetBudget(scope="agent", name="mallory", window="day", limit_usd=1e6)),
+            ),
+            "sb.admin.budgets.set",
+        )
+        await raw.violation(lambda nc: nc.publish("$KV.sb_budgets.agent.mallory.day", b"x"), "$KV.")
+    finally:
+        assert raw.nc is not None
+        await raw.nc.close()
+
+
+runner = CliRunner()
+
+
+async def _cli(*args: str) -> Result:
+    return await asyncio.to_thread(runner.invoke, app, ["budgets", *args])
+
+
+async def test_operators_manage_budgets_from_the_cli(
+    stack: Stack, settings: Settings, make_agent: AgentFactory,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, audit_trail: AuditTrail,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("SIGNALBOX_SECRETS_DIR", str(tmp_path / "data" / "secrets"))
+    url = ["--nats-url", settings.nats_url or ""]
+    empty = await _cli("list", *url)
+    assert empty.exit_code == 0 and "No budgets" in empty.output
+    made = await _cli("set", "team:risk", "--limit", "0.15", "--soft", "50%", *url)
+    assert made.exit_code == 0, made.output
+    assert "team:risk" in made.output and "$0.1500" in made.output
+    bad = await _cli("set", "squad:risk", "--limit", "1", *url)
+    assert bad.exit_code == 1 and "agent:NAME, team:NAME or project:NAME" in bad.output
+    bad_soft = await _cli("set", "team:risk", "--limit", "1", "--soft", "150%", *url)
+    assert bad_soft.exit_code == 1 and "at most 100%" in bad_soft.output
+
+    fraud = await _agent(make_agent, stack, "fraud", "risk")
+    await _eventually(lambda: stack.services["policy"].budgets.get("team.risk.day"))  # type: ignore[attr-defined]
+    async with fraud.model_call(MODEL, estimated_tokens=10_000) as call:
+        call.record(input_tokens=4_000, output_tokens=1_000)  # $0.01 + $0.01
+    cost = _cost(stack)
+
+    async def spent() -> bool:
+        [status] = await asyncio.to_thread(
+            cost.store.ledger.status, cost._budget_cache().get("team.risk.day"), time.time()
+        )
+        return status.spent_usd > 0
+
+    await _eventually(spent)
+    listed = await _cli("list", "--json", *url)
+    assert listed.exit_code == 0, listed.output
+    [row] = json.loads(listed.output)["budgets"]
+    assert row["spent_usd"] == pytest.approx(0.02) and row["reserved_usd"] == 0
+    shown = await _cli("show", "team:risk", *url)
+    assert shown.exit_code == 0 and "$0.0200" in shown.output
+    missing = await _cli("show", "agent:nobody", *url)
+    assert missing.exit_code == 1 and "signalbox budgets set agent:nobody" in missing.output
+    removed = await _cli("remove", "team:risk", *url)
+    assert removed.exit_code == 0, removed.output
+    again = await _cli("remove", "team:risk", *url)
+    assert again.exit_code == 1 and "budgets list" in again.output
+    changes = await audit_trail.wait_for(
+        lambda r: r.kind == "admin" and str(r.data.get("op", "")).startswith("budget_"), count=2
+    )
+    assert [c.data["op"] for c in changes] == ["budget_set", "budget_removed"]
+    assert all(c.actor.startswith("operator") for c in changes)
+
+
+async def test_an_exhausted_budget_trips_the_breaker_until_it_is_raised(
+    stack: Stack, operator: Client, make_agent: AgentFactory, audit_trail: AuditTrail
+) -> None:
+    await _set(operator, stack, "agent", "runaway", 0.05)
+    runaway = await _agent(make_agent, stack, "runaway", "risk")
+    # Spend reported without reservations (an agent that skips model_call) still counts.
+    for _ in range(3):
+        await runaway.report_usage(model=MODEL, output_tokens=2_000)  # $0.02 each
+    policy = stack.services["policy"]
+    await _eventually(lambda: policy.breakers.get("agent.runaway"))  # type: ignore[attr-defined]
+    breaker = policy.breakers.get("agent.runaway")  # type: ignore[attr-defined]
+    assert (breaker.state, breaker.reason) == ("open", "budget")
+    assert "agent.runaway.day exhausted" in breaker.text
+    refused = await runaway.authorize("use_model", MODEL, estimated_tokens=10)
+    assert (refused.effect, refused.reason_code) == ("deny", "breaker_open")
+    exhausted = await audit_trail.wait_for(
+        lambda r: r.kind == "budget" and r.data.get("event") == "exhausted"
+    )
+    assert exhausted[0].data["charge"]["spent_usd"] == pytest.approx(0.06)
+
+    await _set(operator, stack, "agent", "runaway", 1.0)
+    await _eventually(
+        lambda: policy.breakers.get("agent.runaway").state == "closed"  # type: ignore[attr-defined]
+    )
+    again = await runaway.authorize("use_model", MODEL, estimated_tokens=10)
+    assert again.effect == "allow" and again.reservation_id
