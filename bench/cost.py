@@ -140,6 +140,7 @@ class Plan:
     warmup: int = 300
     sequential: int = 2_000
     throughput: int = 6_000
+    phase_seconds: float = 10.0
     timeout: float = 10.0
 
 
@@ -149,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Usage reports ingested durably per second; authorize + reserve latency.",
     )
     parser.add_argument("--quick", action="store_true", help="small run (about a minute)")
-    parser.add_argument("--reports", type=int, default=None, help="reports (20k / 200k)")
+    parser.add_argument("--reports", type=int, default=None, help="reports (10k / 200k)")
     parser.add_argument("--no-fsync", action="store_true", help="server without fsync")
     parser.add_argument(
         "--part", choices=("all", "ingest", "authz"), default="all", help="what to measure"
@@ -167,8 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    default = 20_000 if args.quick else 200_000
-    warmup, n_seq, n_tput = (200, 1_000, 4_000) if args.quick else (500, 3_000, 12_000)
+    default = 10_000 if args.quick else 200_000
+    warmup, n_seq, n_tput = (100, 1_000, 4_000) if args.quick else (500, 4_000, 15_000)
     return Plan(
         reports=args.reports or default,
         fsync=not args.no_fsync,
@@ -177,6 +178,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         warmup=warmup,
         sequential=n_seq,
         throughput=n_tput,
+        phase_seconds=3.0 if args.quick else 10.0,
     )
 
 
@@ -382,17 +384,25 @@ def _nanos_by_agent(report: CostReport) -> dict[str, int]:
     return {row.key: round(row.cost_usd * NANOS_PER_USD) for row in report.rows}
 
 
-def _backlog(settings: Settings, data_dir: Path, n: int, prefix: str) -> tuple[int, float]:
+def _backlog(
+    settings: Settings, data_dir: Path, server_pid: int, n: int, prefix: str
+) -> tuple[int, float, dict[str, float]]:
     """Publish ``n`` reports with no cost service running, then start one and time its
-    drain; returns (reports drained after its start-up, seconds)."""
+    drain; returns (reports drained after its start-up, seconds, CPU µs per report by
+    process)."""
     uvloop.run(publish(settings, n, prefix))
     before = uvloop.run(acked(settings))
-    with StackProcess(settings.nats_url or "", data_dir, services=("cost",)):
+    with StackProcess(settings.nats_url or "", data_dir, services=("cost",)) as child:
+        assert child.proc is not None
+        cpu = CpuMeter({"cost": child.proc.pid, "nats-server": server_pid})
+        cpu.start()
         ready = time.perf_counter()
         done_at_ready = uvloop.run(acked(settings))
         uvloop.run(drained(settings, before + n))
         seconds = time.perf_counter() - ready
-    return before + n - done_at_ready, seconds
+        used = cpu.stop()
+    drained_n = before + n - done_at_ready
+    return drained_n, seconds, {k: v / drained_n * 1e6 for k, v in used.items()}
 
 
 def measure_ingest(root: Path, plan: Plan, log: Console) -> dict[str, Any]:
@@ -410,7 +420,8 @@ def measure_ingest(root: Path, plan: Plan, log: Console) -> dict[str, Any]:
             cost_s = uvloop.run(metered(settings, n))
         log.log(f"cost service: {n:,} published, stored and acked in {cost_s:.2f} s")
         # Backlog: reports pile up while no cost service runs, then one drains them.
-        drained_n, drain_s = _backlog(settings, data_dir, n, "backlog")
+        assert server.pid is not None
+        drained_n, drain_s, cpu = _backlog(settings, data_dir, server.pid, n, "backlog")
         log.log(
             f"cost service: backlog of {drained_n:,} (after start-up) drained in {drain_s:.2f} s"
         )
@@ -418,15 +429,15 @@ def measure_ingest(root: Path, plan: Plan, log: Console) -> dict[str, Any]:
         with StackProcess(server.url, data_dir, services=("cost",)):
             uvloop.run(set_budgets(settings, "agent", [f"bench-{i}" for i in range(AGENTS)]))
             before = _nanos_by_agent(uvloop.run(totals(settings)))
-        publish_s = uvloop.run(publish(settings, n, "budgeted"))
+        began = time.perf_counter()
+        budget_drained, budget_drain_s, budget_cpu = _backlog(
+            settings, data_dir, server.pid, n, "budgeted"
+        )
+        # The publish of that backlog, while nothing consumed (start-up and drain excluded).
+        publish_s = time.perf_counter() - began - budget_drain_s
         with StackProcess(server.url, data_dir, services=("cost",)):
-            ready = time.perf_counter()
-            done_at_ready = uvloop.run(acked(settings))
-            uvloop.run(drained(settings, 3 * n))
-            budget_drain_s = time.perf_counter() - ready
             report = uvloop.run(totals(settings))
             spend = uvloop.run(budget_spend(settings))
-        budget_drained = 3 * n - done_at_ready
         after = _nanos_by_agent(report)
         expected_spend = {a: after.get(a, 0) - before.get(a, 0) for a in after}
         log.log(
@@ -441,6 +452,8 @@ def measure_ingest(root: Path, plan: Plan, log: Console) -> dict[str, Any]:
         "metered_per_s": n / cost_s,
         "backlog_per_s": drained_n / drain_s,
         "budget_backlog_per_s": budget_drained / budget_drain_s,
+        "backlog_cpu_us_per_report": cpu,
+        "budget_backlog_cpu_us_per_report": budget_cpu,
         "stored": report.total.reports,
         "expected": 3 * n,
         "budget_spend_nanos": spend,
@@ -543,20 +556,30 @@ async def until_reserving(agent: Agent, deadline_s: float = 20.0) -> None:
 async def measure_path(
     name: str, go: Request, plan: Plan, nc: Client, cpu: CpuMeter, log: Console
 ) -> PathResult:
+    """Warm-up, then latency (sequential) and throughput (in flight) of one path.
+
+    Slow paths get fewer requests: each phase is capped at about
+    ``plan.phase_seconds`` at the rate the warm-up showed (at least 100 requests).
+    """
     result = PathResult()
+    began = time.perf_counter()
     await sequential(go, plan.warmup)
-    await concurrent(go, plan.warmup, plan.in_flight)
+    rate = plan.warmup / (time.perf_counter() - began)
+    cap = max(100, int(rate * plan.phase_seconds))
+    await concurrent(go, min(plan.warmup, cap), plan.in_flight)
     await audit_settled(nc)
-    result.latencies = await sequential(go, plan.sequential)
+    result.latencies = await sequential(go, min(plan.sequential, cap))
     await audit_settled(nc)
+    n = min(plan.throughput, cap * 4)  # in flight runs faster than one at a time
     cpu.start()
-    result.throughput = await concurrent(go, plan.throughput, plan.in_flight)
+    result.throughput = await concurrent(go, n, plan.in_flight)
     used = cpu.stop()
     await audit_settled(nc)
-    result.cpu_us_per_req = sum(used.values()) / plan.throughput * 1e6
+    result.cpu_us_per_req = sum(used.values()) / n * 1e6
     log.log(
         f"{name}: p50 {statistics.median(result.latencies) * 1e6:,.0f} µs, "
-        f"{result.throughput.rate:,.0f} req/s with {plan.in_flight} in flight"
+        f"{result.throughput.rate:,.0f} req/s with {plan.in_flight} in flight "
+        f"({len(result.latencies):,} sequential, {n:,} in flight)"
     )
     return result
 
@@ -712,8 +735,9 @@ def authz_table(console: Console, plan: Plan, results: dict[str, PathResult]) ->
             rows,
             caption=(
                 f"{MODEL}, {ESTIMATED_TOKENS:,} estimated tokens, {MAX_OUTPUT_TOKENS} max output. "
-                f"Latency: {plan.sequential:,} sequential requests; throughput: "
-                f"{plan.throughput:,} requests, {plan.in_flight} in flight. CPU: every process "
+                f"Latency: up to {plan.sequential:,} sequential requests; throughput: up to "
+                f"{plan.throughput:,} requests, {plan.in_flight} in flight (slow paths: about "
+                f"{plan.phase_seconds:g} s of requests per phase). CPU: every process "
                 "(server, services, bench) per request of the in-flight phase. Tracing, policy "
                 "and registry+cost each in a child process; SQLite store; nats-server "
                 "sync_interval not 'always'. authorize+reserve commits one SQL transaction "

@@ -8,6 +8,7 @@ demo claims actually happened (the demo exits 1 otherwise).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -36,10 +37,17 @@ from services.cli.client import admin_request
 from services.cli.cost_cmds import cost_table
 from services.cli.rollout_cmds import rollout_view
 
-__all__ = ["RECOMMENDER", "Screener", "build_recommenders", "show_canary", "show_runaway"]
+__all__ = [
+    "PORTAL",
+    "RECOMMENDER",
+    "Screener",
+    "build_recommenders",
+    "show_canary",
+    "show_runaway",
+]
 
-#: The agent rolled out in the canary step.
-RECOMMENDER = "recommender"
+#: The agent rolled out in the canary step, and the one calling it.
+RECOMMENDER, PORTAL = "recommender", "web-portal"
 STABLE, CANARY = "1.0.0", "2.0.0"
 
 
@@ -57,9 +65,20 @@ class OfferRequest(msgspec.Struct, frozen=True, kw_only=True):
     customer: str
 
 
-def build_recommenders(nats_url: str, credential: str, subject_prefix: str) -> list[Agent]:
-    """recommender 1.0.0, and 2.0.0 whose new feature-store lookup times out every third call."""
-    made = []
+def build_recommenders(
+    nats_url: str, credentials: dict[str, str], subject_prefix: str
+) -> list[Agent]:
+    """web-portal, recommender 1.0.0, and 2.0.0 whose new feature-store lookup times out
+    every third call (``credentials`` by agent name)."""
+    made = [
+        Agent(
+            AgentManifest(
+                name=PORTAL, version="1.0.0", owner="web-eng", team="web",
+                description="The customers' web portal", project="lending-demo",
+            ),
+            nats_url=nats_url, subject_prefix=subject_prefix, credential=credentials[PORTAL],
+        )
+    ]  # fmt: skip
     for version in (STABLE, CANARY):
         agent = Agent(
             AgentManifest(
@@ -67,27 +86,31 @@ def build_recommenders(nats_url: str, credential: str, subject_prefix: str) -> l
                 description="Suggests the next product to offer a customer",
                 project="lending-demo",
             ),
-            nats_url=nats_url, subject_prefix=subject_prefix, credential=credential,
-            heartbeat_interval=1.0,
+            nats_url=nats_url, subject_prefix=subject_prefix,
+            credential=credentials[RECOMMENDER], heartbeat_interval=1.0,
         )  # fmt: skip
-        calls = 0
-
-        @agent.capability("suggest")
-        async def suggest(req: OfferRequest, version: str = version) -> Offer:
-            """The next product to offer this customer."""
-            nonlocal calls
-            calls += 1
-            if version == CANARY and calls % 3 == 0:
-                raise TimeoutError("feature store lookup timed out")
-            product = ("credit card", "savings account", "mortgage")[len(req.customer) % 3]
-            return Offer(customer=req.customer, product=product, version=version)
-
+        agent.capability("suggest")(_suggester(version))
         made.append(agent)
     return made
 
 
+def _suggester(version: str) -> Callable[[OfferRequest], Awaitable[Offer]]:
+    calls = 0
+
+    async def suggest(req: OfferRequest) -> Offer:
+        """The next product to offer this customer."""
+        nonlocal calls
+        calls += 1
+        if version == CANARY and calls % 3 == 0:
+            raise TimeoutError("feature store lookup timed out")
+        product = ("credit card", "savings account", "mortgage")[len(req.customer) % 3]
+        return Offer(customer=req.customer, product=product, version=version)
+
+    return suggest
+
+
 async def show_canary(
-    console: Console, nc: Client, subjects: Subjects, loans: Agent, *, calls: int = 240
+    console: Console, nc: Client, subjects: Subjects, portal: Agent, *, calls: int = 240
 ) -> bool:
     """Route 20% of recommender's calls to 2.0.0, watch the guard roll it back."""
 
@@ -104,32 +127,28 @@ async def show_canary(
     console.print("[bold]Before[/] · `signalbox rollout status recommender`")
     console.print(rollout_view(status))
     served = {STABLE: 0, CANARY: 0}
-    failed = 0
-    rolled_back_at = -1
-    for i in range(calls):
-        try:
-            offer = await loans.call(
-                RECOMMENDER, "suggest", OfferRequest(customer=f"customer-{i}"),
-                returns=Offer, route_key=f"customer-{i}", timeout=2.0,
-            )  # fmt: skip
-            served[offer.version] += 1
-        except SignalboxError:
-            failed += 1
-        if rolled_back_at < 0 and i % 10 == 9:
-            now = await rollout("status", RolloutStatusRequest(target=RECOMMENDER, window=60))
-            if now.route is not None and now.route.weights.get(CANARY, 0) == 0:
-                rolled_back_at = i + 1
+    # 2.0.0's failures are the story here, not news: keep their tracebacks out of it.
+    sdk_log = logging.getLogger("broker.agent")
+    level = sdk_log.level
+    sdk_log.setLevel(logging.CRITICAL)
+    try:
+        failed = await _offers(portal, calls, served)
+    finally:
+        sdk_log.setLevel(level)
+    # Until every replica has published its figures of the last calls (and the route moved).
     deadline = time.monotonic() + 5
     after = await rollout("status", RolloutStatusRequest(target=RECOMMENDER, window=60))
-    while (after.route is None or after.route.canary) and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
+    while time.monotonic() < deadline and (
+        after.route is None
+        or after.route.canary
+        or sum(v.calls for v in after.versions) < calls
+    ):
+        await asyncio.sleep(0.1)
         after = await rollout("status", RolloutStatusRequest(target=RECOMMENDER, window=60))
     console.print(
-        f"loan-origination asked for {calls} offers: {served[STABLE]} answered by {STABLE}, "
-        f"{served[CANARY]} by {CANARY}, {failed} failed (all on {CANARY}, before the guard "
-        "tripped"
-        + (f"; the route changed after call {rolled_back_at}" if rolled_back_at > 0 else "")
-        + ")."
+        f"web-portal asked for {calls} offers: {served[STABLE]} answered by {STABLE}, "
+        f"{served[CANARY]} by {CANARY}, {failed} failed (on {CANARY}, before the guard "
+        "sent its share back to 1.0.0; no call failed after that)."
     )
     console.print("[bold]After[/] · `signalbox rollout status recommender`")
     console.print(rollout_view(after))
@@ -152,7 +171,8 @@ class Screener:
     MODEL = "gpt-4o-mini"
 
     def __init__(self) -> None:
-        self.calls_per_check = 1
+        #: 0 until the runaway step (the desk's earlier steps use no model).
+        self.calls_per_check = 0
         self.model_calls = 0
         self.refused: list[CallDenied] = []
 
@@ -189,6 +209,7 @@ async def show_runaway(
         f"Budget of team risk: ${budget.budget.limit_usd:.2f} a day, alert at "
         f"{budget.budget.soft_ratio:.0%}; every model call reserves its worst case first."
     )
+    screen.calls_per_check = 1
     normal_until = time.monotonic() + 3.0
     screened = 0
     while time.monotonic() < normal_until:  # ~5 screenings a second, one model call each
@@ -225,7 +246,10 @@ async def show_runaway(
     breakers = await admin_request(
         nc, subjects, "list", ListBreakers(), BreakerList, service="breakers"
     )
+    console.print("`signalbox breakers list`:")
     console.print(breakers_table(breakers.breakers, time.time()))
+    for b in breakers.breakers:
+        console.print(f"  {b.key} is {b.state} ({b.reason}): {b.text}")
     # The chargeback view, once the meter has caught up with every usage report.
     report = await _metered(nc, subjects, screen.model_calls)
     console.print(cost_table(report))
@@ -245,3 +269,18 @@ async def _metered(nc: Client, subjects: Subjects, reports: int) -> CostReport:
         if report.total.reports >= reports or time.monotonic() > deadline:
             return report
         await asyncio.sleep(0.1)
+
+
+async def _offers(portal: Agent, calls: int, served: dict[str, int]) -> int:
+    """Ask for ``calls`` offers (one customer each), counting who answered; the failures."""
+    failed = 0
+    for i in range(calls):
+        try:
+            offer = await portal.call(
+                RECOMMENDER, "suggest", OfferRequest(customer=f"customer-{i}"),
+                returns=Offer, route_key=f"customer-{i}", timeout=2.0,
+            )  # fmt: skip
+            served[offer.version] += 1
+        except SignalboxError:
+            failed += 1
+    return failed

@@ -60,6 +60,14 @@ from services.demo.agents import (
     Question,
     build_agents,
 )
+from services.demo.fleet_ops import (
+    PORTAL,
+    RECOMMENDER,
+    Screener,
+    build_recommenders,
+    show_canary,
+    show_runaway,
+)
 from services.policy.cedar import CedarDecider, shipped_policy_dir
 from services.policy.decider import H_ESTIMATED_TOKENS
 from services.policy.service import PolicyService
@@ -150,6 +158,14 @@ async def _run(console: Console, data_dir: Path) -> int:
         data_dir=data_dir,
         nats_port=0,
         policy_dir=shipped_policy_dir(),
+        # Seconds instead of minutes, so the demo's runaway agent and failing canary
+        # are caught while you watch (the defaults: 10 s window, 10 min baseline).
+        breaker_rate_window=1.0,
+        breaker_rate_baseline=4.0,
+        breaker_rate_min_history=2.0,
+        breaker_cooldown=60.0,
+        rollout_guard_interval=0.2,
+        rollout_stats_slot=1.0,
     )
     async with contextlib.AsyncExitStack() as resources:
         _step(console, 1, "Start the control plane")
@@ -188,7 +204,10 @@ async def _run(console: Console, data_dir: Path) -> int:
             ).token
             for name in AGENT_NAMES
         }
-        agents = build_agents(url, credentials, stack.settings.subject_prefix)
+        screener = Screener()
+        agents = build_agents(
+            url, credentials, stack.settings.subject_prefix, screen=screener.screen
+        )
         for agent in agents.all:
             await resources.enter_async_context(agent)
         await _until_policy_knows(stack, [a.name for a in agents.all])
@@ -256,10 +275,52 @@ async def _run(console: Console, data_dir: Path) -> int:
             "An unknown target: loan-origination asks mortgage-pricing for a quote",
         )
         unknown_ok = await _show_unknown(console, agents)
+        desk_records = _emitted(stack) - emitted_before
 
         _step(
             console,
             9,
+            "A runaway agent is stopped: fraud-detection's prompt regression",
+            "Each screening asks the model once; after a bad prompt change it retries 15 "
+            "times. Team risk has a budget (reserved before every model call), and the "
+            "policy service's rate detector trips fraud-detection's circuit breaker "
+            "(fleet-wide, in sb_breakers). Then: the cost report by team.",
+        )
+        runaway_ok = await show_runaway(
+            console, nc, subjects, agents.loans, screener,
+            lambda i: agents.loans.call(
+                "fraud-detection", "check", _screening(i), returns=FraudReport, timeout=5.0
+            ),
+        )  # fmt: skip
+
+        _step(
+            console,
+            10,
+            "A canary rollout goes wrong and rolls itself back",
+            "web-portal asks recommender which product to show; 2.0.0 gets 20% of the calls "
+            "(sticky per customer) with a guard: an "
+            "error rate over 5% after 15 calls sends its share back to 1.0.0. Its new "
+            "feature-store lookup times out on every third call.",
+        )
+        fleet_credentials = {
+            name: (
+                await admin_request(
+                    nc, subjects, "enroll", EnrollAgent(name=name, ttl=3600, note="demo"), Enrolled
+                )
+            ).token
+            for name in (PORTAL, RECOMMENDER)
+        }
+        portal, *recommenders = build_recommenders(
+            url, fleet_credentials, stack.settings.subject_prefix
+        )
+        for agent in (*recommenders, portal):
+            await resources.enter_async_context(agent)
+        await _until_policy_knows(stack, [RECOMMENDER, PORTAL])
+        canary_ok = await show_canary(console, nc, subjects, portal)
+
+        _step(
+            console,
+            11,
             "The audit trail",
             "Every decision, call outcome, registration and rejection, hash-chained by the "
             f"tracing service into the {AUDIT_STREAM} stream.",
@@ -272,8 +333,9 @@ async def _run(console: Console, data_dir: Path) -> int:
         )
         console.print(
             audit_table(
-                events,
-                title=f"{AUDIT_STREAM}: {len(events)} records",
+                events[:desk_records],
+                title=f"{AUDIT_STREAM}: {desk_records} records of the lending desk's run "
+                f"(steps 2-8; {len(events)} in all)",
                 subject=console.width >= 150,
             )
         )
@@ -281,7 +343,7 @@ async def _run(console: Console, data_dir: Path) -> int:
 
         _step(
             console,
-            10,
+            12,
             "Replay and trace: the run in the audit trail, and one call's causal tree",
             "Every record carries its trace and span ids; `signalbox trace <id>` rebuilds a "
             "call's tree from them (here: the call that waited for a human).",
@@ -293,6 +355,8 @@ async def _run(console: Console, data_dir: Path) -> int:
         and examples_ok
         and impostor_ok
         and unknown_ok
+        and runaway_ok
+        and canary_ok
         and trail_ok
         and traced_ok
         and len(decisions) == len(APPLICATIONS)
@@ -311,6 +375,14 @@ async def _run(console: Console, data_dir: Path) -> int:
         return 0
     console.rule("[bold red]Demo finished with unexpected results (see above)", style="red")
     return 1
+
+
+def _screening(i: int) -> FraudRequest:
+    """The ``i``-th application of the stream fraud-detection screens in step 9."""
+    return FraudRequest(
+        application_id=f"LN-{2001 + i}", email=f"applicant{i}@example.com", country="DE",
+        ip_country="DE", amount=5_000 + 250 * (i % 20), annual_income=60_000,
+    )  # fmt: skip
 
 
 def _emitted(stack: Stack) -> int:

@@ -74,9 +74,17 @@ async def test_run_demo_end_to_end(tmp_path: Path) -> None:
     assert "linked to the one before it" in text
     # (h) step 10: the replay summary and the approved call's trace tree, from the trail
     # (reading only: no record added).
-    assert re.search(r"Audit replay of this\s+run: 38 records", text)
+    assert re.search(r"Audit replay of this\s+run: \d+ records", text)
+    # (i) step 9: the runaway agent stopped by its breaker, and the cost report by team
+    assert re.search(r"agent\.fraud-detection is open \(rate_anomaly\)", text)
+    assert re.search(r"its callers now fail fast \(\d+ refused at once", text)
+    assert "Cost by team" in text and re.search(r"\n\s+risk\s+\d+", text)
+    # (j) step 10: the canary rolled back on its own, status before and after
+    assert "recommender: 1.0.0=80%, 2.0.0=20%" in text
+    assert "recommender: 1.0.0=100%" in text
+    assert re.search(r"auto-rollback of 2\.0\.0: error rate [\d.]+%", text)
     assert re.search(r"\d+ traces; decisions: allow \d+, deny \d+, needs_approval 1", text)
-    tree = text[text.index("Step 10") :]
+    tree = text[text.index("Step 12") :]
     assert re.search(
         r"└── decision loan-origination needs_approval → fraud-detection\.check", tree
     )

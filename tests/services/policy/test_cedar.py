@@ -136,7 +136,7 @@ def test_the_shipped_set_loads_with_an_id_for_every_policy(shipped: CedarDecider
         "fraud-may-score",
         "loan-may-check-fraud",
         "loan-may-ask-support",
-        "loan-may-ask-recommender",
+        "portal-may-ask-recommender",
         "registered-agents-may-use-models",
         "finance-calls-only-pci-dss",
         "eu-residency-models-stay-in-eu",

@@ -1,0 +1,68 @@
+"""AuditEmitter.flush_emitted: a caller waits for its own events, not for later ones."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from nats.aio.client import Client
+
+from broker.audit import AuditEmitter
+from broker.codec import decode
+from broker.connection import connect
+from broker.identity import service_connect_options
+from broker.jetstream import AUDIT_INTAKE_STREAM, ensure_streams
+from broker.jspub import PubAck
+from broker.settings import Settings
+from broker.subjects import Subjects
+from schemas import AuditBatch
+
+
+@pytest.fixture
+async def nc(settings: Settings) -> AsyncIterator[Client]:
+    conn = await connect(settings.nats_url, name="test-audit", **service_connect_options(settings))
+    await ensure_streams(conn.jetstream(), settings)
+    yield conn
+    await conn.close()
+
+
+async def test_flush_emitted_waits_for_earlier_events_only(nc: Client) -> None:
+    emitter = AuditEmitter(nc, Subjects("sb"), "service:test", ack_timeout=30.0)
+    mine = await emitter.emit("usage", subject="s.1", data={"i": 1})
+    waiter = asyncio.ensure_future(emitter.flush_emitted(timeout=10))
+    # The waiter shipped its batch; wait until it is on the wire.
+    while emitter._publisher.pending == 0 and emitter.stats.acked == 0:
+        await asyncio.sleep(0)
+
+    # From now on no write is ever acknowledged (an ack lost on the way).
+    lost: list[asyncio.Future[PubAck]] = []
+
+    async def never_acked(subject: str, data: bytes, headers: Any = None) -> Any:
+        lost.append(asyncio.get_running_loop().create_future())
+        return lost[-1]
+
+    real_publish = emitter._publisher.publish
+    emitter._publisher.publish = never_acked  # type: ignore[method-assign]
+    await emitter.emit("usage", subject="s.2", data={"i": 2})
+
+    assert await waiter  # its own event is stored; the later one does not hold it up
+    assert not await emitter.flush_emitted(timeout=0.2)  # the later one is not acked
+    assert not await emitter.flush(timeout=0.2)  # flush waits for everything
+    assert lost and emitter.pending == 1
+    info = await nc.jetstream().stream_info(AUDIT_INTAKE_STREAM)
+    raw = await nc.jetstream().get_msg(AUDIT_INTAKE_STREAM, seq=info.state.last_seq)
+    assert decode(raw.data or b"", AuditBatch).events == (mine,)
+
+    emitter._publisher.publish = real_publish  # type: ignore[method-assign]
+    await emitter.close(timeout=0.2)
+
+
+async def test_flush_emitted_with_nothing_pending_returns_at_once(nc: Client) -> None:
+    emitter = AuditEmitter(nc, Subjects("sb"), "service:test")
+    assert await emitter.flush_emitted(timeout=0.01)
+    await emitter.emit("usage", data={"i": 1})
+    assert await emitter.flush_emitted(timeout=10)
+    assert emitter.pending == 0 and emitter.stats.acked == 1
+    await emitter.close()
