@@ -716,12 +716,14 @@ class Agent:
                 **self._span_attributes(), ATTR["action"]: action, ATTR["resource"]: resource,
                 ATTR["provider"]: provider,
             })  # fmt: skip
-            decision = await self._traced_request(
+            decision = await request(
+                self.nc,
                 self.subjects.authz(self.name),
                 ask,
                 Decision,
-                timeout,
-                "no policy service is answering; start one with `signalbox up`",
+                timeout=timeout,
+                hint="no policy service is answering; start one with `signalbox up`",
+                headers=inject({}),  # the sb.authz span's W3C trace context
             )
             annotate(span, lambda: decision_attributes(decision))
             return decision
@@ -802,24 +804,3 @@ class Agent:
             attrs[ATTR["caller"]] = headers.get(H_CALLER, "")
             attrs[ATTR["call_id"]] = headers.get(H_CALL_ID, "")
         return attrs
-
-    async def _traced_request(
-        self, subject: str, body: Any, returns: type[T], timeout: float, hint: str
-    ) -> T:
-        """:func:`broker.replies.request`, with the current span's W3C trace context."""
-        try:
-            msg = await self.nc.request(
-                subject, encode(body), timeout=timeout, headers=inject({})
-            )
-        except nats.errors.NoRespondersError as exc:
-            raise ControlPlaneUnavailable(
-                f"nothing answers on {subject}; {hint}", details={"subject": subject}
-            ) from exc
-        except nats.errors.TimeoutError as exc:
-            raise CallTimeout(
-                f"no reply on {subject} within {timeout:g}s; check the services' logs",
-                details={"subject": subject, "timeout": timeout},
-            ) from exc
-        if is_error(msg.headers):
-            raise error_from_reply(msg.data, msg.headers)
-        return decode(msg.data, returns)

@@ -98,10 +98,12 @@ async def request(
     *,
     timeout: float = 5.0,
     hint: str = "is `signalbox up` running?",
+    headers: dict[str, str] | None = None,
 ) -> T:
     """Request-reply to a Signalbox service endpoint, decoding the reply as ``returns``.
 
-    The one way clients (the SDK, the CLI, the demo) talk to service endpoints.
+    The one way clients (the SDK, the CLI, the demo) talk to service endpoints;
+    ``headers`` carry e.g. the W3C trace context.
 
     Raises:
         ControlPlaneUnavailable: nothing answers on ``subject`` (``hint`` says what to do).
@@ -110,7 +112,7 @@ async def request(
         SchemaError: the reply does not decode as ``returns``.
     """
     try:
-        msg = await nc.request(subject, encode(body), timeout=timeout)
+        msg = await nc.request(subject, encode(body), timeout=timeout, headers=headers or None)
     except nats.errors.NoRespondersError as exc:
         raise ControlPlaneUnavailable(
             f"nothing answers on {subject}; {hint}", details={"subject": subject}

@@ -393,3 +393,21 @@ class RawAgent:
                 return
             await asyncio.sleep(0.02)
         raise AssertionError(f"no permissions violation for {needle!r}; errors: {self.errors}")
+
+
+# -- waiting ----------------------------------------------------------------------------
+
+
+async def eventually(check: Callable[[], Any], what: str = "", timeout: float = 20.0) -> None:
+    """Poll ``check`` (sync or async) until it returns something true, or fail naming ``what``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what or 'the condition'}")
+        await asyncio.sleep(0.02)

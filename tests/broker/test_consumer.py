@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
+from conftest import eventually
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig
@@ -34,20 +34,6 @@ async def _publish(nc: Client, n: int) -> None:
         await js.publish(f"test.work.{i % 3}", str(i).encode())
 
 
-async def _eventually(check: Callable[[], Any], what: str, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def _settled(nc: Client, durable: str) -> bool:
     info = await nc.jetstream().consumer_info(STREAM, durable)
     return bool(info.num_pending == 0 and info.num_ack_pending == 0)
@@ -67,8 +53,8 @@ async def test_every_message_is_handled_in_batches_and_acked(nc: Client) -> None
     await worker.start()
     try:
         await _publish(nc, 500)
-        await _eventually(lambda: len(handled) >= 500, "500 handled")
-        await _eventually(lambda: _settled(nc, "w"), "the consumer to settle")
+        await eventually(lambda: len(handled) >= 500, "500 handled")
+        await eventually(lambda: _settled(nc, "w"), "the consumer to settle")
     finally:
         await worker.stop()
     assert sorted(handled) == list(range(500))  # each once: nothing failed
@@ -95,13 +81,13 @@ async def test_a_batch_that_raises_is_redelivered_while_others_complete(nc: Clie
     try:
         await _publish(nc, 40)
         # The second slot keeps going while the first batch is stuck...
-        await _eventually(
+        await eventually(
             lambda: stuck and set(acked) >= set(range(40)) - set(stuck), "the other batches"
         )
         # ...and once the stuck one fails, it comes back and is acked too.
         release.set()
-        await _eventually(lambda: set(acked) == set(range(40)), "the failed batch redelivered")
-        await _eventually(lambda: _settled(nc, "r"), "the consumer to settle")
+        await eventually(lambda: set(acked) == set(range(40)), "the failed batch redelivered")
+        await eventually(lambda: _settled(nc, "r"), "the consumer to settle")
     finally:
         await worker.stop()
     assert worker.failures == 1
@@ -124,7 +110,7 @@ async def test_stop_hands_buffered_messages_back_at_once(nc: Client) -> None:
     first = PullWorker(nc.jetstream(), STREAM, "s", slow, batch=10, ack_wait=30.0, prefetch=40)
     await first.start()
     await _publish(nc, 40)
-    await _eventually(lambda: first.delivered >= 40, "40 delivered to the first worker")
+    await eventually(lambda: first.delivered >= 40, "40 delivered to the first worker")
     stopping = asyncio.ensure_future(first.stop())
     await asyncio.sleep(0)
     gate.set()  # its batch in the handler finishes and is acked
@@ -139,7 +125,7 @@ async def test_stop_hands_buffered_messages_back_at_once(nc: Client) -> None:
     second = PullWorker(nc.jetstream(), STREAM, "s", fast, batch=10, ack_wait=30.0)
     await second.start()
     try:
-        await _eventually(lambda: len(handled) >= 40, "the rest, redelivered", timeout=10)
+        await eventually(lambda: len(handled) >= 40, "the rest, redelivered", timeout=10)
     finally:
         await second.stop()
     assert sorted(handled) == list(range(40))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +28,18 @@ from services.runner import Stack
 if TYPE_CHECKING:
     from conftest import AgentFactory, AuditTrail, StackFactory
 
-from conftest import RawAgent, enroll
+from conftest import RawAgent, enroll, eventually
 
 # gpt-4o: $10 per million output tokens, so 10,000 estimated tokens (no output cap,
 # all priced as output) reserve $0.10.
 MODEL = "gpt-4o"
+
+
+@pytest.fixture
+def settings(settings: Settings, database_url: str) -> Settings:
+    """Every test here runs on SQLite and on PostgreSQL (when configured): the budget
+    counters' row locks are what keeps concurrent reservations under a limit."""
+    return settings.model_copy(update={"database_url": database_url})
 
 
 @pytest.fixture
@@ -56,19 +63,6 @@ def _cost(stack: Stack) -> CostService:
     return service
 
 
-async def _eventually(check: Callable[[], Any], timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
-
-
 async def _set(operator: Client, stack: Stack, scope: str, name: str, limit: float,
                window: str = "day", **kw: Any) -> BudgetStatus:  # fmt: skip
     status = await request(
@@ -80,7 +74,7 @@ async def _set(operator: Client, stack: Stack, scope: str, name: str, limit: flo
     key = f"{scope}.{name}.{window}"
     policy = stack.services["policy"]
     # Every replica watches the definitions: wait until policy and cost both see it.
-    await _eventually(
+    await eventually(
         lambda: policy.budgets.get(key) == status.budget  # type: ignore[attr-defined]
         and _cost(stack)._budget_cache().get(key) == status.budget
     )
@@ -90,7 +84,7 @@ async def _set(operator: Client, stack: Stack, scope: str, name: str, limit: flo
 async def _agent(make_agent: AgentFactory, stack: Stack, name: str, team: str) -> Agent:
     agent = make_agent(name, team=team)
     await agent.start()
-    await _eventually(lambda: _cost(stack)._team(name) == team)
+    await eventually(lambda: _cost(stack)._team(name) == team)
     return agent
 
 
@@ -145,7 +139,7 @@ async def test_model_call_settles_the_reservation_with_the_actual_cost(
         row = await asyncio.to_thread(cost.store.ledger.reservation, rid)
         return row is not None and row["state"] == "settled"
 
-    await _eventually(settled)
+    await eventually(settled)
     shown = await request(
         operator, "sb.admin.budgets.show", ShowBudget(scope="agent", name="fraud"), BudgetList
     )
@@ -182,7 +176,7 @@ async def test_an_error_inside_the_block_still_settles(
         row = await asyncio.to_thread(cost.store.ledger.reservation, rid)
         return row is not None and row["state"] == "settled"
 
-    await _eventually(settled)
+    await eventually(settled)
 
 
 async def test_budgets_fail_closed(
@@ -265,7 +259,7 @@ async def test_operators_manage_budgets_from_the_cli(
     assert bad_soft.exit_code == 1 and "at most 100%" in bad_soft.output
 
     fraud = await _agent(make_agent, stack, "fraud", "risk")
-    await _eventually(lambda: stack.services["policy"].budgets.get("team.risk.day"))  # type: ignore[attr-defined]
+    await eventually(lambda: stack.services["policy"].budgets.get("team.risk.day"))  # type: ignore[attr-defined]
     async with fraud.model_call(MODEL, estimated_tokens=10_000) as call:
         call.record(input_tokens=4_000, output_tokens=1_000)  # $0.01 + $0.01
     cost = _cost(stack)
@@ -276,7 +270,7 @@ async def test_operators_manage_budgets_from_the_cli(
         )
         return status.spent_usd > 0
 
-    await _eventually(spent)
+    await eventually(spent)
     listed = await _cli("list", "--json", *url)
     assert listed.exit_code == 0, listed.output
     [row] = json.loads(listed.output)["budgets"]
@@ -305,7 +299,7 @@ async def test_an_exhausted_budget_trips_the_breaker_until_it_is_raised(
     for _ in range(3):
         await runaway.report_usage(model=MODEL, output_tokens=2_000)  # $0.02 each
     policy = stack.services["policy"]
-    await _eventually(lambda: policy.breakers.get("agent.runaway"))  # type: ignore[attr-defined]
+    await eventually(lambda: policy.breakers.get("agent.runaway"))  # type: ignore[attr-defined]
     breaker = policy.breakers.get("agent.runaway")  # type: ignore[attr-defined]
     assert (breaker.state, breaker.reason) == ("open", "budget")
     assert "agent.runaway.day exhausted" in breaker.text
@@ -317,7 +311,7 @@ async def test_an_exhausted_budget_trips_the_breaker_until_it_is_raised(
     assert exhausted[0].data["charge"]["spent_usd"] == pytest.approx(0.06)
 
     await _set(operator, stack, "agent", "runaway", 1.0)
-    await _eventually(
+    await eventually(
         lambda: policy.breakers.get("agent.runaway").state == "closed"  # type: ignore[attr-defined]
     )
     again = await runaway.authorize("use_model", MODEL, estimated_tokens=10)

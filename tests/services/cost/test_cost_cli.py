@@ -6,11 +6,12 @@ import asyncio
 import csv
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
+from conftest import eventually
 from typer.testing import CliRunner, Result
 
 from broker.settings import Settings
@@ -26,19 +27,6 @@ runner = CliRunner()
 async def ainvoke(args: Sequence[str]) -> Result:
     """Run the CLI beside the test's event loop (the CLI runs its own loop)."""
     return await asyncio.to_thread(runner.invoke, app, list(args))
-
-
-async def _eventually(check: Callable[[], Any], timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +51,7 @@ async def test_cost_report_by_team_as_table_csv_and_json(
     stack = await make_stack(services=["cost"])
     cost = stack.services["cost"]
     assert isinstance(cost, CostService)
-    await _eventually(lambda: cost._team("loan") and cost._team("fraud"))
+    await eventually(lambda: cost._team("loan") and cost._team("fraud"))
     for _ in range(3):
         await loan.report_usage(model="gpt-4o", input_tokens=1_000_000, project="alpha")
     await fraud.report_usage(model="unknown-llm", output_tokens=1_000, project="beta")
@@ -72,7 +60,7 @@ async def test_cost_report_by_team_as_table_csv_and_json(
         report = await asyncio.to_thread(cost.store.report, "team", None, None)
         return report.total.reports >= 4
 
-    await _eventually(stored)
+    await eventually(stored)
 
     as_json = await ainvoke(
         ["cost", "report", "--by", "team", "--format", "json", "--nats-url", url]

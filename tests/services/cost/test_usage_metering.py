@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import nats
 import nats.errors
 import pytest
+from conftest import eventually
 from nats.aio.client import Client
 
 from broker import Agent
@@ -51,23 +52,9 @@ def _cost(stack: Stack) -> CostService:
     return service
 
 
-async def _eventually(check: Callable[[], Any], what: str, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def _knows_team(service: CostService, agent: str) -> None:
     """Wait until the cost service's ``sb_agents`` mirror has ``agent``."""
-    await _eventually(lambda: service._team(agent) != "", f"the team of {agent}")
+    await eventually(lambda: service._team(agent) != "", f"the team of {agent}")
 
 
 async def _report(service: CostService, by: str = "agent", **kw: Any) -> CostReport:
@@ -82,7 +69,7 @@ async def _stored(service: CostService, count: int) -> CostReport:
         holder[:] = [await _report(service)]
         return holder[0].total.reports >= count
 
-    await _eventually(check, f"{count} stored reports")
+    await eventually(check, f"{count} stored reports")
     return holder[0]
 
 
@@ -93,7 +80,7 @@ async def _settled(nc: Client) -> None:
         info = await nc.jetstream().consumer_info(USAGE_STREAM, CONSUMER)
         return info.num_pending == 0 and info.num_ack_pending == 0
 
-    await _eventually(check, "the cost consumer to settle")
+    await eventually(check, "the cost consumer to settle")
 
 
 def _by_key(report: CostReport) -> dict[str, Any]:

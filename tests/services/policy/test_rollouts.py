@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,7 @@ from services.runner import Stack
 if TYPE_CHECKING:
     from conftest import AuditTrail, StackFactory
 
-from conftest import RawAgent, enroll
+from conftest import RawAgent, enroll, eventually
 
 V1, V2 = "1.0.0", "2.0.0"
 
@@ -109,26 +109,13 @@ def _policy(stack: Stack) -> PolicyService:
     return service
 
 
-async def _eventually(check: Callable[[], Any], timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
-
-
 async def _rollout(operator: Client, op: str, body: Any) -> RolloutStatus:
     return await request(operator, f"sb.admin.rollout.{op}", body, RolloutStatus, timeout=10)
 
 
 async def _routed(stack: Stack, route: RolloutStatus) -> None:
     """Wait until the policy replica applies the route the operator just set."""
-    await _eventually(lambda: _policy(stack)._route_desk().routes.get("recommender") == route.route)
+    await eventually(lambda: _policy(stack)._route_desk().routes.get("recommender") == route.route)
 
 
 async def _calls(shop: Agent, n: int, **kw: Any) -> Counter[str]:
@@ -157,7 +144,7 @@ async def test_a_route_splits_traffic_within_statistical_tolerance(
     assert 310 <= counts[V2] <= 490, counts
     assert counts[V1] + counts[V2] == 2_000
     # Per-version figures from every replica, within the status window.
-    await _eventually(
+    await eventually(
         lambda: sum(r.calls for r in _policy(stack)._route_desk().merged("recommender", 0).values())
         >= 2_000
     )
@@ -270,7 +257,7 @@ async def test_bad_routes_are_refused_and_the_old_route_stays(
             found = (await desk._versions("recommender")).get("3.0.0")
             return found is not None and found.health != "healthy"
 
-        await _eventually(stale, timeout=30)
+        await eventually(stale, timeout=30)
         with pytest.raises(InvalidInput, match="not healthy"):
             await _rollout(operator, "set", SetRollout(target="recommender", weights={"3.0.0": 5}))
     finally:
@@ -360,3 +347,32 @@ async def test_agents_cannot_change_routes_or_take_another_agents_version_calls(
     finally:
         assert raw.nc is not None
         await raw.nc.close()
+
+
+async def test_every_policy_replica_applies_a_route_change_within_a_second(
+    stack: Stack, make_stack: StackFactory, operator: Client, fleet: dict[str, Agent]
+) -> None:
+    second = _policy(await make_stack(services=["policy"]))
+    first = _policy(stack)
+    loop = asyncio.get_running_loop()
+    for weights in ({V2: 10}, {V2: 40}):
+        status = await _rollout(
+            operator, "set", SetRollout(target="recommender", weights=weights, stable=V1)
+        )
+        applied = loop.time()
+        await eventually(
+            lambda status=status: all(
+                p._route_desk().routes.get("recommender") == status.route for p in (first, second)
+            ),
+            timeout=1.0,
+        )
+        assert loop.time() - applied < 1.0
+    # Figures merge across replicas: calls routed by either count once.
+    counts = await _calls(fleet["shop"], 200)
+    await eventually(
+        lambda: all(
+            sum(m.calls for m in p._route_desk().merged("recommender", 0).values()) == 200
+            for p in (first, second)
+        )
+    )
+    assert sum(counts.values()) == 200
