@@ -12,10 +12,15 @@ from typing import Any
 
 import grpc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from opentelemetry import context as _otel_context
+from opentelemetry import trace as _trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode, TraceState
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
@@ -296,3 +301,52 @@ def test_audit_events_outside_any_span_have_no_ids() -> None:
     emitter.actor = "service:test"
     event = emitter.event("admin")
     assert event.trace_id == "" and not event.span_id and not event.parent_span_id
+
+
+# -- the hand-written W3C path agrees with OpenTelemetry's propagator --------------------------
+
+_KEYS = st.from_regex(r"[a-z][a-z0-9_\-*/]{0,20}", fullmatch=True)
+_VALUES = st.from_regex(r"[!-+\--<>-~]{1,30}", fullmatch=True)
+
+
+@given(
+    st.integers(1, 2**128 - 1),
+    st.integers(1, 2**64 - 1),
+    st.sampled_from([0, 1]),
+    st.dictionaries(_KEYS, _VALUES, max_size=4),
+    st.booleans(),
+)
+def test_fast_propagation_matches_opentelemetry(
+    trace_id: int, span_id: int, flags: int, state: dict[str, str], via: bool
+) -> None:
+    otel = TraceContextTextMapPropagator()
+    sc = _trace.SpanContext(
+        trace_id, span_id, False, _trace.TraceFlags(flags), _trace.TraceState(list(state.items()))
+    )
+    span = _trace.NonRecordingSpan(sc)
+    expected: dict[str, str] = {}
+    otel.inject(expected, context=_trace.set_span_in_context(span, _otel_context.Context()))
+    if not via:
+        assert telemetry.inject({}, span) == expected
+    headers = telemetry.inject({}, span, via=via)
+    ours = _trace.get_current_span(telemetry.extract(headers)).get_span_context()
+    theirs = _trace.get_current_span(
+        otel.extract(headers, context=_otel_context.Context())
+    ).get_span_context()
+    assert ours == theirs
+    assert ours.is_remote and (ours.trace_id, ours.span_id) == (trace_id, span_id)
+    if via:
+        assert ours.trace_state.get(telemetry.STATE_KEY) == f"{span_id:016x}"
+        assert {k: v for k, v in ours.trace_state.items() if k != telemetry.STATE_KEY} == {
+            k: v for k, v in state.items() if k != telemetry.STATE_KEY
+        }
+
+
+def test_other_traceparent_versions_go_to_opentelemetry() -> None:
+    future = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"
+    sc = _trace.get_current_span(telemetry.extract({"traceparent": future})).get_span_context()
+    assert sc.is_valid and sc.trace_id == 0x4BF92F3577B34DA6A3CE929D0E0E4736
+    zero = "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+    assert not _trace.get_current_span(
+        telemetry.extract({"traceparent": zero})
+    ).get_span_context().is_valid
