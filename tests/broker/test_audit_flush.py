@@ -30,21 +30,22 @@ async def nc(settings: Settings) -> AsyncIterator[Client]:
 
 async def test_flush_emitted_waits_for_earlier_events_only(nc: Client) -> None:
     emitter = AuditEmitter(nc, Subjects("sb"), "service:test", ack_timeout=30.0)
-    mine = await emitter.emit("usage", subject="s.1", data={"i": 1})
-    waiter = asyncio.ensure_future(emitter.flush_emitted(timeout=10))
-    # The waiter shipped its batch; wait until it is on the wire.
-    while emitter._publisher.pending == 0 and emitter.stats.acked == 0:
-        await asyncio.sleep(0)
-
-    # From now on no write is ever acknowledged (an ack lost on the way).
+    real_publish = emitter._publisher.publish
+    sent = asyncio.Event()
     lost: list[asyncio.Future[PubAck]] = []
 
-    async def never_acked(subject: str, data: bytes, headers: Any = None) -> Any:
-        lost.append(asyncio.get_running_loop().create_future())
-        return lost[-1]
+    async def publish(subject: str, data: bytes, headers: Any = None) -> Any:
+        if sent.is_set():  # from the second write on, no ack ever comes back
+            lost.append(asyncio.get_running_loop().create_future())
+            return lost[-1]
+        fut = await real_publish(subject, data, headers)
+        sent.set()
+        return fut
 
-    real_publish = emitter._publisher.publish
-    emitter._publisher.publish = never_acked  # type: ignore[method-assign]
+    emitter._publisher.publish = publish  # type: ignore[method-assign]
+    mine = await emitter.emit("usage", subject="s.1", data={"i": 1})
+    waiter = asyncio.ensure_future(emitter.flush_emitted(timeout=10))
+    await sent.wait()  # the waiter's batch is on the wire
     await emitter.emit("usage", subject="s.2", data={"i": 2})
 
     assert await waiter  # its own event is stored; the later one does not hold it up
