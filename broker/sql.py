@@ -46,13 +46,15 @@ def add_missing_columns(conn: Connection, table: Table) -> list[str]:
     return added
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, durable: bool = False) -> Engine:
     """A SQLAlchemy engine for the stores: SQLite (WAL, immediate write locks) or PostgreSQL.
 
-    SQLite files get WAL, ``synchronous=NORMAL`` and a busy timeout; a
-    connection opened with the execution option ``sb_write=True`` begins
-    ``IMMEDIATE`` (takes the write lock up front). PostgreSQL gets a
-    pre-pinged, recycled pool.
+    SQLite files get WAL, ``synchronous=NORMAL`` (``FULL`` when ``durable``:
+    every commit is fsynced, for stores whose callers act on a commit, e.g.
+    the cost meter acking usage) and a busy timeout; a connection opened
+    with the execution option ``sb_write=True`` begins ``IMMEDIATE`` (takes
+    the write lock up front). PostgreSQL gets a pre-pinged, recycled pool
+    (its commits are durable by default).
     """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
@@ -101,8 +103,9 @@ def make_engine(url: str) -> Engine:
                 # In WAL mode NORMAL cannot corrupt the database; a power cut
                 # may lose the last commits, which agents repeat (they
                 # re-register when a heartbeat is refused), and it keeps a
-                # heartbeat write from costing an fsync.
-                cursor.execute("PRAGMA synchronous=NORMAL")
+                # heartbeat write from costing an fsync. A durable store
+                # (acked usage, budget reservations) fsyncs every commit.
+                cursor.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
                 # Reads through the OS page cache, shared by the pooled
                 # connections, instead of each one's small private cache.
                 cursor.execute("PRAGMA mmap_size=268435456")

@@ -137,7 +137,8 @@ class UsageStore:
                 details={"backend": backend},
             )
         self.prices = prices
-        self._engine = make_engine(url)
+        # FULL sync: the meter acks usage after the commit, so the commit must be on disk.
+        self._engine = make_engine(url, durable=True)
         self._writer = self._engine.execution_options(sb_write=True)
         self._postgres = self._engine.dialect.name == "postgresql"
         dialect_insert = postgresql.insert if self._postgres else sqlite.insert

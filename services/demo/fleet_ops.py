@@ -177,18 +177,25 @@ class Screener:
         self.refused: list[CallDenied] = []
 
     async def screen(self, agent: Agent) -> None:
-        """Ask the model (authorize + reserve, then settle) ``calls_per_check`` times."""
-        for _ in range(self.calls_per_check):
-            try:
-                async with agent.model_call(
-                    self.MODEL, provider="openai", estimated_tokens=1_500,
-                    max_output_tokens=300, project="lending-demo",
-                ) as call:  # fmt: skip
-                    call.record(input_tokens=1_200, output_tokens=180)
-                self.model_calls += 1
-            except CallDenied as refused:  # the breaker (or the budget) stopped it
-                self.refused.append(refused)
-                raise
+        """Ask the model (authorize + reserve, then settle) ``calls_per_check`` times.
+
+        The regressed prompt's retries go out at once (a fan-out), as an
+        agent framework's parallel tool calls would.
+        """
+        if self.calls_per_check:
+            await asyncio.gather(*(self._ask(agent) for _ in range(self.calls_per_check)))
+
+    async def _ask(self, agent: Agent) -> None:
+        try:
+            async with agent.model_call(
+                self.MODEL, provider="openai", estimated_tokens=1_500,
+                max_output_tokens=300, project="lending-demo",
+            ) as call:  # fmt: skip
+                call.record(input_tokens=1_200, output_tokens=180)
+            self.model_calls += 1
+        except CallDenied as refused:  # the breaker (or the budget) stopped it
+            self.refused.append(refused)
+            raise
 
 
 async def show_runaway(

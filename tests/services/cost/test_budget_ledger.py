@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -208,5 +209,15 @@ def test_a_store_created_by_an_earlier_release_gains_the_new_columns(database_ur
         assert _reserve(s.ledger, [budget], "m", 50).granted
         s.record([_usage("m", 5)], {budget.key: budget})
         assert _state(s, "m") == "settled"
+    finally:
+        s.close()
+
+
+def test_the_cost_store_fsyncs_every_commit_on_sqlite(tmp_path: Path) -> None:
+    """The meter acks usage after the commit: the commit must be durable (synchronous=FULL)."""
+    s = UsageStore(f"sqlite:///{tmp_path / 'cost.db'}", load_prices(None))
+    try:
+        with s._engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
     finally:
         s.close()
