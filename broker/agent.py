@@ -67,6 +67,7 @@ from broker.replies import (
     H_CALL_ID,
     H_CALLER,
     H_CHAIN,
+    H_CHAIN_SIG,
     H_DEADLINE,
     H_ERROR,
     H_MSG_ID,
@@ -114,11 +115,22 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 HandlerFn = Callable[..., Awaitable[Any]]
 
-#: The ``Sb-Chain`` of the call the current handler serves ("" outside handlers):
-#: sent on with every call the handler makes, so the policy service can refuse
-#: call loops (``call_loop``). Each served call runs in its own task, hence its
-#: own context.
-_CHAIN: contextvars.ContextVar[str] = contextvars.ContextVar("sb_chain", default="")
+#: The ``Sb-Chain`` and ``Sb-Chain-Sig`` of the call the current handler serves
+#: (empty outside handlers): sent back with every call and model authorization
+#: the handler makes, so the policy service can refuse call loops
+#: (``call_loop``) and charge the budgets of the agents the work is done for
+#: (it believes the chain only with its own signature; see broker.identity).
+#: Each served call runs in its own task, hence its own context.
+_CHAIN: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
+    "sb_chain", default=("", "")
+)
+
+
+def _chain_headers() -> dict[str, str]:
+    chain, signature = _CHAIN.get()
+    if not chain:
+        return {}
+    return {H_CHAIN: chain, H_CHAIN_SIG: signature} if signature else {H_CHAIN: chain}
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +321,7 @@ class Agent:
         # of a call that was running must still go out on this connection.
         nc = self.nc
         headers = msg.headers or {}
-        _CHAIN.set(headers.get(H_CHAIN, ""))
+        _CHAIN.set((headers.get(H_CHAIN, ""), headers.get(H_CHAIN_SIG, "")))
         # sb.in.<self>.<capability>, or .<version token> after it for a routed call.
         cap_name = msg.subject.split(".", 4)[3]
         started = time.perf_counter_ns()
@@ -620,8 +632,7 @@ class Agent:
             hdrs[H_ROUTE_KEY] = route_key
         if version:
             hdrs[H_TARGET_VERSION] = version
-        if chain := _CHAIN.get():  # made by a handler: the chain it serves goes on
-            hdrs[H_CHAIN] = chain
+        hdrs.update(_chain_headers())  # made by a handler: the chain it serves goes on
         if headers:
             hdrs.update(headers)
         # A traceparent in ``headers`` is the parent; else the current span (a handler's).
@@ -723,7 +734,8 @@ class Agent:
                 Decision,
                 timeout=timeout,
                 hint="no policy service is answering; start one with `signalbox up`",
-                headers=inject({}),  # the sb.authz span's W3C trace context
+                # The sb.authz span's trace context, and the chain a handler serves.
+                headers=inject(_chain_headers()),
             )
             annotate(span, lambda: decision_attributes(decision))
             return decision

@@ -41,6 +41,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -64,6 +65,7 @@ __all__ = [
     "AUTH_ACCOUNT",
     "AUTH_USER",
     "CALLOUT_SUBJECT",
+    "CHAIN_GRACE",
     "OPERATOR_INBOX",
     "OPERATOR_USER",
     "SERVICE_USER",
@@ -73,12 +75,15 @@ __all__ = [
     "ServerSecrets",
     "agent_permissions",
     "auth_config",
+    "chain_key",
     "decode_jwt",
     "encode_jwt",
     "operator_connect_options",
     "operator_permissions",
     "resolve_secrets_dir",
     "service_connect_options",
+    "sign_chain",
+    "verify_chain",
 ]
 
 ACCOUNT = "SB"
@@ -217,6 +222,57 @@ def service_connect_options(settings: Settings) -> dict[str, Any]:
     """nats-py connect options of a service: ``SIGNALBOX_NATS_USER``/``_PASSWORD`` if set,
     else the ``sb-service`` password from the secrets folder, else none (open server)."""
     return _role_options(settings, SERVICE_USER, "service_password")
+
+
+# -- delegation chains ------------------------------------------------------------------
+#
+# When the policy service forwards a call to B it tells B on whose behalf it
+# runs (``Sb-Chain``: the agents whose handlers led to the call) and signs
+# that, for B, with a key only services hold (``Sb-Chain-Sig``). B's SDK sends
+# both back with what it does while serving the call (nested calls, model
+# authorizations), and the policy service believes the chain only if the
+# signature verifies. So an agent cannot charge another agent's budget, or
+# trip another agent's loop breaker, by naming it.
+
+#: A signed chain stays valid this long after the call's deadline (a handler
+#: may finish its model call a little late).
+CHAIN_GRACE = 60.0
+
+
+def chain_key(settings: Settings) -> bytes | None:
+    """The services' key for signing delegation chains (None without service credentials).
+
+    Derived from the ``sb-service`` password (or ``SIGNALBOX_NATS_PASSWORD``),
+    which every service replica has and no agent does.
+    """
+    password = service_connect_options(settings).get("password")
+    if not password:
+        return None
+    return hashlib.sha256(b"signalbox delegation chain v1\0" + str(password).encode()).digest()
+
+
+def sign_chain(key: bytes, target: str, chain: str, expires: float) -> str:
+    """``Sb-Chain-Sig`` for ``chain`` as forwarded to ``target``: ``<expires>.<mac>``."""
+    stamp = f"{expires:.3f}"
+    mac = hmac.new(key, f"{target}\n{chain}\n{stamp}".encode(), hashlib.sha256).hexdigest()
+    return f"{stamp}.{mac[:32]}"
+
+
+def verify_chain(
+    key: bytes | None, target: str, chain: str, signature: str, now: float
+) -> bool:
+    """True if ``signature`` is the services' unexpired signature of ``chain`` for ``target``."""
+    if key is None or not chain or not signature:
+        return False
+    stamp, _, mac = signature.rpartition(".")
+    try:
+        expires = float(stamp)
+    except ValueError:
+        return False
+    if expires < now:
+        return False
+    expected = hmac.new(key, f"{target}\n{chain}\n{stamp}".encode(), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected[:32], mac)
 
 
 def operator_connect_options(settings: Settings) -> dict[str, Any]:

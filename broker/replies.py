@@ -28,6 +28,7 @@ __all__ = [
     "H_CALL_ID",
     "H_CAPABILITY",
     "H_CHAIN",
+    "H_CHAIN_SIG",
     "H_DEADLINE",
     "H_ERROR",
     "H_MSG_ID",
@@ -52,6 +53,8 @@ H_CALLER = "Sb-Caller"
 #: of the call its handler serves on with every call the handler makes (loop
 #: breakers, :mod:`services.policy.guards`). Advisory: an agent could strip it.
 H_CHAIN = "Sb-Chain"
+#: The policy service's signature of ``Sb-Chain`` for its receiver (``broker.identity``).
+H_CHAIN_SIG = "Sb-Chain-Sig"
 H_TARGET = "Sb-Target"
 H_CAPABILITY = "Sb-Capability"
 H_DEADLINE = "Sb-Deadline"

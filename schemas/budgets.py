@@ -110,7 +110,9 @@ class ReserveBudget(Wire, frozen=True, tag="reserve_budget.v1"):
 
     The cost service charges the agent's own budgets, its team's (from the
     registry, not from this request), the project's, and those of every
-    agent in ``on_behalf_of`` (a parent task pays for its sub-calls too).
+    agent in ``on_behalf_of`` (a parent task pays for its sub-calls too): the
+    policy service fills it from the signed delegation chain of the call the
+    agent is serving, never from what the agent declares.
 
     Attributes:
         agent: The agent making the model call (proven by its authz subject).
@@ -120,7 +122,7 @@ class ReserveBudget(Wire, frozen=True, tag="reserve_budget.v1"):
             unknown, and then every estimated token is priced as output
             (the dearer side), so the reservation stays a worst case.
         project: Project charged.
-        on_behalf_of: Delegation chain, outermost first.
+        on_behalf_of: Verified delegation chain, outermost first.
         trace_id: Trace of the call, for the audit record.
     """
 

@@ -87,6 +87,7 @@ from broker.errors import (
     TargetUnavailable,
     UnknownTarget,
 )
+from broker.identity import CHAIN_GRACE, chain_key, sign_chain, verify_chain
 from broker.jetstream import (
     KV_AGENTS,
     KV_APPROVALS,
@@ -102,6 +103,7 @@ from broker.replies import (
     H_CALLER,
     H_CAPABILITY,
     H_CHAIN,
+    H_CHAIN_SIG,
     H_DEADLINE,
     H_ERROR,
     H_TIMEOUT_MS,
@@ -244,6 +246,8 @@ class PolicyService(Service):
         self.budgets: KVCache[Budget] | None = None
         #: Version routes and canary rollouts (after start; services.policy.routes).
         self.routes: RouteDesk | None = None
+        #: Signs the delegation chains this service forwards (broker.identity).
+        self._chain_key = chain_key(settings)
         for op, request_type in (
             ("set", SetRollout), ("promote", PromoteRollout), ("rollback", RollbackRollout),
             ("deprecate", DeprecateVersion), ("status", RolloutStatusRequest),
@@ -295,7 +299,7 @@ class PolicyService(Service):
             "ok": 0, "errors": 0, "timeouts": 0, "late_replies": 0,
             "authz": 0, "authz_allowed": 0, "authz_denied": 0,
             "parked": 0, "approved": 0, "shadow_disagreements": 0, "internal_errors": 0,
-            "budget_refused": 0, "budget_unavailable": 0,
+            "budget_refused": 0, "budget_unavailable": 0, "unsigned_chains": 0,
             "breaker_refused": 0, "breaker_trips": 0, "breaker_probes": 0,
         }  # fmt: skip
 
@@ -979,6 +983,10 @@ class PolicyService(Service):
         inject(forward, span, via=True)
         if gate.chain:
             forward[H_CHAIN] = gate.chain
+            if self._chain_key is not None:
+                forward[H_CHAIN_SIG] = sign_chain(
+                    self._chain_key, target, gate.chain, time.time() + timeout + CHAIN_GRACE
+                )
         await self.nc.publish(
             self.subjects.inbound_version(target, capability, version)
             if version
@@ -1002,12 +1010,24 @@ class PolicyService(Service):
                 agent,
             )
             return
-        decide = functools.partial(self._authorize, agent, msg.subject, current_trace_id())
+        try:
+            parents = parse_chain(self._verified_chain(agent, msg.headers))
+        except InvalidInput:
+            parents = ()
+        decide = functools.partial(
+            self._authorize, agent, msg.subject, current_trace_id(), parents=parents
+        )
         body, headers = await self.handle(msg.data, msg.subject, AuthzRequest, decide)
         await self.nc.publish(msg.reply, body, headers=headers or None)
 
     async def _authorize(
-        self, agent: str, subject: str, trace_id: str, request: AuthzRequest
+        self,
+        agent: str,
+        subject: str,
+        trace_id: str,
+        request: AuthzRequest,
+        *,
+        parents: tuple[str, ...] = (),
     ) -> Decision:
         assert self.agents is not None
         self.stats["authz"] += 1
@@ -1036,7 +1056,7 @@ class PolicyService(Service):
             )
         if decision.effect == "allow" and request.action == "use_model":
             decision = await self._reserve_budget(
-                agent, use.agent_record, request, decision, trace_id
+                agent, use.agent_record, request, decision, trace_id, parents
             )
         if probes:  # an allowed request closes the breaker; a denied one tested nothing
             ok = True if decision.effect == "allow" else None
@@ -1060,6 +1080,25 @@ class PolicyService(Service):
         )  # fmt: skip
         return decision
 
+    def _verified_chain(self, receiver: str, headers: dict[str, str] | None) -> str:
+        """The ``Sb-Chain`` in ``headers`` if this service signed it for ``receiver``, else "".
+
+        An agent sends back the chain it was given with what it does while
+        serving a call; one it made up (or kept past its expiry) counts as
+        none: it can neither charge another agent's budget nor trip another
+        agent's loop breaker by naming it.
+        """
+        if not headers:
+            return ""
+        chain = headers.get(H_CHAIN, "")
+        if chain and verify_chain(
+            self._chain_key, receiver, chain, headers.get(H_CHAIN_SIG, ""), time.time()
+        ):
+            return chain
+        if chain:
+            self.stats["unsigned_chains"] += 1
+        return ""
+
     def _route_desk(self) -> RouteDesk:
         assert self.routes is not None, "policy service not started"
         return self.routes
@@ -1077,8 +1116,14 @@ class PolicyService(Service):
         request: AuthzRequest,
         decision: Decision,
         trace_id: str,
+        parents: tuple[str, ...] = (),
     ) -> Decision:
         """Reserve an allowed model call's worst-case cost if any budget applies to it.
+
+        ``parents`` are the agents the call is made for, from the signed
+        delegation chain of the call the agent is serving (never from the
+        request's own ``on_behalf_of``, which any agent could fill with any
+        name): their budgets are charged too.
 
         The cost service holds the counters (``sb.cost.reserve``); this
         replica only asks when a budget applies (its watched ``sb_budgets``
@@ -1092,7 +1137,7 @@ class PolicyService(Service):
             agent=agent,
             team=record.manifest.team if record is not None else "",
             project=request.project,
-            on_behalf_of=request.on_behalf_of,
+            on_behalf_of=parents,
         ):
             return decision
         if not request.estimated_tokens:
@@ -1104,7 +1149,7 @@ class PolicyService(Service):
         ask = ReserveBudget(
             agent=agent, model=request.resource, input_tokens=request.estimated_tokens,
             output_tokens=request.max_output_tokens, project=request.project,
-            on_behalf_of=request.on_behalf_of, trace_id=trace_id,
+            on_behalf_of=parents, trace_id=trace_id,
         )  # fmt: skip
         try:
             reservation = await request_reply(
@@ -1232,7 +1277,7 @@ class PolicyService(Service):
         """Before Cedar: feed the detectors, refuse loops, check the caller's, its team's
         and the target's breakers. None: refused (answered, audited, counted)."""
         self._observe_rate(caller)
-        raw = (msg.headers or {}).get(H_CHAIN)
+        raw = self._verified_chain(caller, msg.headers)
         chain: tuple[str, ...] = ()
         if raw:
             try:

@@ -137,3 +137,21 @@ def test_an_open_server_needs_no_credentials(tmp_path: Path) -> None:
     settings = Settings(nats_url="nats://x:4222", data_dir=tmp_path)
     assert service_connect_options(settings) == {}
     assert operator_connect_options(settings) == {}
+
+
+def test_delegation_chains_verify_only_as_signed() -> None:
+    from broker.identity import sign_chain, verify_chain
+
+    key, other = b"k" * 32, b"o" * 32
+    sig = sign_chain(key, "worker", "orchestrator,planner", expires=1_000.0)
+    assert verify_chain(key, "worker", "orchestrator,planner", sig, now=999.0)
+    assert not verify_chain(key, "worker", "orchestrator,planner", sig, now=1_001.0)  # expired
+    assert not verify_chain(key, "mallory", "orchestrator,planner", sig, now=999.0)  # for B only
+    assert not verify_chain(key, "worker", "victim", sig, now=999.0)  # another chain
+    assert not verify_chain(other, "worker", "orchestrator,planner", sig, now=999.0)
+    assert not verify_chain(None, "worker", "orchestrator,planner", sig, now=999.0)
+    stamp, mac = sig.split(".", 1)[0], sig.rsplit(".", 1)[1]
+    later = f"{float(stamp) + 3600:.3f}.{mac}"  # stretching the expiry breaks the MAC
+    assert not verify_chain(key, "worker", "orchestrator,planner", later, now=999.0)
+    for junk in ("", "x", "abc.def", "1e99."):
+        assert not verify_chain(key, "worker", "orchestrator,planner", junk, now=999.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,12 +15,20 @@ from nats.aio.client import Client
 from typer.testing import CliRunner, Result
 
 from broker import Agent, BudgetExceeded
-from broker.codec import encode
+from broker.codec import decode, encode
 from broker.connection import connect
 from broker.identity import operator_connect_options
-from broker.replies import request
+from broker.replies import H_CHAIN, H_CHAIN_SIG, request
 from broker.settings import Settings
-from schemas import BudgetList, BudgetStatus, Decision, ListBudgets, SetBudget, ShowBudget
+from schemas import (
+    AuthzRequest,
+    BudgetList,
+    BudgetStatus,
+    Decision,
+    ListBudgets,
+    SetBudget,
+    ShowBudget,
+)
 from services.cli.main import app
 from services.cost.service import CostService
 from services.policy.cedar import shipped_policy_dir
@@ -43,9 +52,19 @@ def settings(settings: Settings, database_url: str) -> Settings:
 
 
 @pytest.fixture
-async def stack(make_stack: StackFactory) -> Stack:
+async def stack(make_stack: StackFactory, tmp_path: Path) -> Stack:
+    """The four services on the shipped policies, plus: orchestrator may ask worker to work."""
+    policies = tmp_path / "policies"
+    shutil.copytree(shipped_policy_dir(), policies)
+    (policies / "delegation.cedar").write_text(
+        '@id("orchestrator-may-delegate")\n'
+        '@description("orchestrator may hand work to worker")\n'
+        'permit (principal == Signalbox::Agent::"orchestrator", '
+        'action == Signalbox::Action::"call", '
+        'resource == Signalbox::Capability::"worker/work");\n'
+    )
     return await make_stack(
-        policy_dir=shipped_policy_dir(), services=["tracing", "registry", "policy", "cost"]
+        policy_dir=policies, services=["tracing", "registry", "policy", "cost"]
     )
 
 
@@ -197,21 +216,52 @@ async def test_budgets_fail_closed(
 
 
 async def test_a_parent_task_pays_for_calls_made_on_its_behalf(
-    stack: Stack, operator: Client, make_agent: AgentFactory
+    stack: Stack, operator: Client, make_agent: AgentFactory, settings: Settings
 ) -> None:
+    """The delegation chain the policy service signed decides whose budgets a model call
+    also charges: a worker's model calls while serving orchestrator charge orchestrator's
+    budget; naming someone in ``on_behalf_of``, or forging the chain, charges nobody."""
     await _set(operator, stack, "agent", "orchestrator", 0.15)
-    worker = await _agent(make_agent, stack, "worker", "ops")
-    first = await worker.authorize(
-        "use_model", MODEL, estimated_tokens=10_000, on_behalf_of=("orchestrator",)
-    )
-    assert first.effect == "allow"
-    second = await worker.authorize(
-        "use_model", MODEL, estimated_tokens=10_000, on_behalf_of=("orchestrator",)
-    )
-    assert second.reason_code == "budget_exceeded"
-    assert second.budget is not None and second.budget.key == "agent.orchestrator.day"
-    # Not on its behalf: the worker itself has no budget.
+    await _set(operator, stack, "agent", "victim", 0.01)
+    worker = make_agent("worker", team="ops")
+
+    @worker.capability("work")
+    async def work(_: dict[str, Any]) -> str:
+        decision = await worker.authorize("use_model", MODEL, estimated_tokens=10_000)
+        if decision.effect != "allow":
+            return decision.reason_code + ":" + (decision.budget.key if decision.budget else "")
+        return "allow"
+
+    await worker.start()
+    orchestrator = await _agent(make_agent, stack, "orchestrator", "ops")
+    await eventually(lambda: _cost(stack)._team("worker") == "ops")
+    assert await orchestrator.call("worker", "work", {}) == "allow"  # $0.10 of $0.15
+    assert await orchestrator.call("worker", "work", {}) == "budget_exceeded:agent.orchestrator.day"
+    # Outside a call it serves, the worker has no budget of its own: allowed.
     assert (await worker.authorize("use_model", MODEL, estimated_tokens=10_000)).effect == "allow"
+    # Naming another agent does not charge it, nor does a chain nobody signed.
+    named = await worker.authorize(
+        "use_model", MODEL, estimated_tokens=10_000, on_behalf_of=("victim",)
+    )
+    assert named.effect == "allow"
+    await _agent(make_agent, stack, "mallory", "ops")  # registered: policy allows its model use
+    raw = RawAgent()
+    assert settings.nats_url
+    nc = await raw.connect(settings.nats_url, "mallory", enroll(settings, "mallory"))
+    try:
+        forged = await nc.request(
+            "sb.authz.mallory",
+            encode(AuthzRequest(action="use_model", resource=MODEL, estimated_tokens=10_000)),
+            headers={H_CHAIN: "victim", H_CHAIN_SIG: "99999999999.000000"},
+            timeout=5,
+        )
+    finally:
+        await nc.close()
+    assert decode(forged.data, Decision).effect == "allow"
+    shown = await request(
+        operator, "sb.admin.budgets.show", ShowBudget(scope="agent", name="victim"), BudgetList
+    )
+    assert shown.budgets[0].reserved_usd == 0 and shown.budgets[0].spent_usd == 0
 
 
 async def test_agents_cannot_reserve_or_change_budgets(

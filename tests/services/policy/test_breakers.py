@@ -13,7 +13,7 @@ from nats.aio.client import Client
 
 from broker import Agent
 from broker.connection import connect
-from broker.errors import BreakerOpen, InvalidInput, RemoteError
+from broker.errors import BreakerOpen, RemoteError
 from broker.identity import operator_connect_options
 from broker.replies import H_CHAIN
 from broker.settings import Settings
@@ -235,13 +235,22 @@ async def test_a_call_loop_is_refused_past_the_limit(
     await audit_trail.wait_for(lambda r: r.kind == "breaker" and r.data["key"] == "agent.a")
 
 
-async def test_a_malformed_chain_header_is_rejected(
+async def test_a_chain_the_policy_service_did_not_sign_is_ignored(
     make_stack: StackFactory, make_agent: AgentFactory
 ) -> None:
-    await make_stack(allow=[("a", "b", ["echo"])])
+    """An agent cannot name others in Sb-Chain to trip their loop breakers (or, in
+    tests/services/cost/test_budgets.py, to spend their budgets): unsigned chains count
+    as none, malformed ones too."""
+    stack = await make_stack(allow=[("a", "b", ["echo"])], breaker_loop_max_visits=2)
     a, _ = await echo_pair(make_agent)
-    with pytest.raises(InvalidInput, match="Sb-Chain"):
-        await a.call("b", "echo", {}, headers={H_CHAIN: "x,*"})
+    policy = stack.services["policy"]
+    assert isinstance(policy, PolicyService)
+    for forged in ("victim,victim,victim,victim", "x,*", "b,a,b,a,b"):
+        assert await a.call("b", "echo", {"n": 1}, headers={H_CHAIN: forged}) == {"n": 1}
+    assert policy.stats["unsigned_chains"] == 3
+    assert policy.breakers is not None
+    assert policy.breakers.get("agent.victim") is None
+    assert policy.breakers.get("agent.b") is None
 
 
 # -- half-open: one probe, two replicas ----------------------------------------------------
