@@ -36,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +45,7 @@ from typing import Any
 import uvloop
 from _common import (
     CpuMeter,
+    Request,
     StackProcess,
     Summary,
     Throughput,
@@ -81,7 +82,6 @@ P50_TARGET = 2.0  # mediated p50 / raw p50 at most
 TPUT_TARGET = 0.40  # mediated throughput / raw throughput at least
 PATHS = ("raw", "mediated", "mediated-raw-client", "mediated-routed")
 
-Request = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)

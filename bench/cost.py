@@ -68,7 +68,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,6 +77,7 @@ from typing import Any
 import uvloop
 from _common import (
     CpuMeter,
+    Request,
     StackProcess,
     Summary,
     Throughput,
@@ -126,7 +127,6 @@ MODEL = "gpt-4o"
 ESTIMATED_TOKENS, MAX_OUTPUT_TOKENS = 1_000, 500
 AUTHZ_PATHS = ("raw", "authorize", "authorize+reserve", "model_call")
 
-Request = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)

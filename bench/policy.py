@@ -44,7 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +52,7 @@ from pathlib import Path
 import uvloop
 from _common import (
     CpuMeter,
+    Request,
     StackProcess,
     Summary,
     Throughput,
@@ -92,7 +93,6 @@ ASK = AuthzRequest(
     data_tags=("pii",),
 )
 
-Request = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,10 +117,10 @@ _SET_WINDOW = text(
 _NEW_RESERVATION = text(
     "INSERT INTO cost_reservation (id, agent, created_at, expires_at, amount_nanos, windows, "
     "state, settled_nanos, report_id, trace_id) VALUES (:id, :agent, :created, :expires, "
-    ":amount, :windows, 'open', 0, '', :trace)"
+    f":amount, :windows, '{OPEN}', 0, '', :trace)"
 )
 _SETTLE_RESERVATION = text(
-    "UPDATE cost_reservation SET state = 'settled', settled_nanos = :cost, report_id = :report "
+    f"UPDATE cost_reservation SET state = '{SETTLED}', settled_nanos = :cost, report_id = :report "
     "WHERE id = :id"
 )
 

@@ -17,7 +17,7 @@ from nats.aio.client import Client
 from rich.console import Console
 
 from broker import Agent
-from broker.errors import BreakerOpen, CallDenied, SignalboxError
+from broker.errors import BreakerOpen, SignalboxError
 from broker.subjects import Subjects
 from schemas import (
     AgentManifest,
@@ -174,7 +174,6 @@ class Screener:
         #: 0 until the runaway step (the desk's earlier steps use no model).
         self.calls_per_check = 0
         self.model_calls = 0
-        self.refused: list[CallDenied] = []
 
     async def screen(self, agent: Agent) -> None:
         """Ask the model (authorize + reserve, then settle) ``calls_per_check`` times.
@@ -186,16 +185,13 @@ class Screener:
             await asyncio.gather(*(self._ask(agent) for _ in range(self.calls_per_check)))
 
     async def _ask(self, agent: Agent) -> None:
-        try:
-            async with agent.model_call(
-                self.MODEL, provider="openai", estimated_tokens=1_500,
-                max_output_tokens=300, project="lending-demo",
-            ) as call:  # fmt: skip
-                call.record(input_tokens=1_200, output_tokens=180)
-            self.model_calls += 1
-        except CallDenied as refused:  # the breaker (or the budget) stopped it
-            self.refused.append(refused)
-            raise
+        """One model call; a refusal (breaker, budget) raises ``CallDenied`` to the handler."""
+        async with agent.model_call(
+            self.MODEL, provider="openai", estimated_tokens=1_500,
+            max_output_tokens=300, project="lending-demo",
+        ) as call:  # fmt: skip
+            call.record(input_tokens=1_200, output_tokens=180)
+        self.model_calls += 1
 
 
 async def show_runaway(

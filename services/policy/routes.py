@@ -42,7 +42,6 @@ from broker.codec import decode, encode
 from broker.errors import Conflict, InvalidInput, NotFound, SignalboxError, TargetUnavailable
 from broker.kvcache import KVCache
 from broker.replies import H_ROUTE_KEY, H_TARGET_VERSION, request
-from broker.subjects import version_token
 from schemas import (
     AgentRecord,
     CostByVersion,
@@ -287,9 +286,12 @@ class RouteDesk:
         )  # fmt: skip
         return {r.manifest.version: r for r in result.agents if r.manifest.name == target}
 
-    async def _check(self, target: str, route: Route) -> None:
-        """Refuse a route naming unknown versions, or giving traffic to unhealthy ones."""
-        known = await self._versions(target)
+    @staticmethod
+    def _check(target: str, route: Route, known: dict[str, AgentRecord]) -> None:
+        """Refuse a route naming unknown versions, or giving traffic to unhealthy ones.
+
+        ``known``: the registered versions (:meth:`_versions`), read once per change.
+        """
         if not known:
             raise _unknown(target)
         for version, weight in route.weights.items():
@@ -314,8 +316,17 @@ class RouteDesk:
 
     # -- operators -------------------------------------------------------------
 
-    async def _change(self, op: str, who: str, current: Route | None, new: Route) -> RolloutStatus:
-        await self._check(new.target, new)
+    async def _change(
+        self,
+        op: str,
+        who: str,
+        current: Route | None,
+        new: Route,
+        known: dict[str, AgentRecord] | None = None,
+    ) -> RolloutStatus:
+        if known is None:
+            known = await self._versions(new.target)
+        self._check(new.target, new, known)
         await self._write(new.target, new, expected=current)
         await self.service.audit.emit(
             "admin",
@@ -342,11 +353,11 @@ class RouteDesk:
                 details={"weights": dict(req.weights), "path": "$.weights"},
             )
         canary = canaries[0]
+        known = await self._versions(req.target)
+        if not known:
+            raise _unknown(req.target)
         stable = req.stable or (current.stable if current else "")
         if not stable:
-            known = await self._versions(req.target)
-            if not known:
-                raise _unknown(req.target)
             stable = _highest(v for v in known if v != canary)
         if not stable or stable == canary:
             raise InvalidInput(
@@ -362,7 +373,7 @@ class RouteDesk:
             previous=_without_history(current), changed_by=self.service.operator(req.requested_by),
             changed_at=time.time(), reason="set",
         )  # fmt: skip
-        return await self._change("set", new.changed_by, current, new)
+        return await self._change("set", new.changed_by, current, new, known)
 
     async def promote(self, req: PromoteRollout) -> RolloutStatus:
         """``promote``: all traffic to ``version``, which becomes the stable version."""
@@ -436,7 +447,7 @@ class RouteDesk:
             previous=_without_history(current), changed_by=who, changed_at=time.time(),
             reason=f"deprecate {req.version}",
         )  # fmt: skip
-        status = await self._change("deprecate", who, current, new)
+        status = await self._change("deprecate", who, current, new, known)
         if not req.archive:
             return status
         await request(
@@ -491,9 +502,6 @@ class RouteDesk:
             target=req.target, route=route, window=req.window, versions=tuple(rows)
         )
 
-    def subject_version(self, version: str) -> str:
-        """The subject token of ``version`` (see :func:`broker.subjects.version_token`)."""
-        return version_token(version)
 
 
 def _unknown(target: str) -> NotFound:
