@@ -36,6 +36,7 @@ __all__ = [
     "USAGE_STREAM",
     "approvals_bucket_config",
     "bucket_configs",
+    "bucket_keys",
     "ensure_bucket",
     "ensure_buckets",
     "ensure_stream",
@@ -212,6 +213,21 @@ async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValu
             return await js.create_key_value(config)
         except BadRequestError:
             return await js.key_value(config.bucket)
+
+
+async def bucket_keys(js: JetStreamContext, bucket: str, prefix: str = "") -> list[str]:
+    """Keys of ``bucket`` (starting with ``prefix``) that hold a message, sorted.
+
+    One ``STREAM.INFO`` request with a subjects filter: the server's own
+    answer. nats-py's ``KeyValue.keys()`` instead reads a watcher until it
+    signals "caught up", which it can do before delivering anything under
+    load, so a listing came back empty now and then (``policy history``
+    showed no versions in a CI run). A deleted key still has its delete
+    marker and may be listed: its ``get`` raises ``KeyNotFoundError``.
+    """
+    base = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{base}{prefix}>")
+    return sorted(subject[len(base) :] for subject in (info.state.subjects or {}))
 
 
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:

@@ -49,12 +49,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from broker.codec import decode, encode
 from broker.errors import CallDenied, Conflict, NotFound, SchemaError
-from broker.jetstream import KV_APPROVALS
+from broker.jetstream import KV_APPROVALS, bucket_keys
 from broker.replies import error_reply
 from schemas import (
     ApprovalList,
@@ -317,10 +317,7 @@ class ApprovalDesk:
 
     async def list(self, request: ListApprovals) -> ApprovalList:
         """``list``: pending requests (``all``: every stored one), newest first."""
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            return ApprovalList()
+        keys = await bucket_keys(self.service.js, KV_APPROVALS)
         now = time.time()
         found: list[ApprovalRequest] = []
         for key in keys:

@@ -38,15 +38,16 @@ from collections.abc import Mapping
 from typing import Literal
 
 import msgspec
+from nats.js import JetStreamContext
 from nats.js.errors import (
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
 )
 from nats.js.kv import KeyValue
 
 from broker.codec import decode
 from broker.errors import ConfigError, Conflict, InvalidInput, NotFound, SchemaError
+from broker.jetstream import KV_POLICIES, bucket_keys
 from schemas import (
     ActivePolicy,
     FileDiff,
@@ -121,10 +122,12 @@ class PolicyStore:
 
     Args:
         kv: The bucket.
+        js: The JetStream context it belongs to (for listing versions).
     """
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, js: JetStreamContext) -> None:
         self.kv = kv
+        self.js = js
 
     async def active(self) -> tuple[ActivePolicy | None, int]:
         """The pointer and its revision (``(None, 0)`` before the first set)."""
@@ -172,12 +175,8 @@ class PolicyStore:
 
     async def versions(self) -> list[int]:
         """Stored version numbers, ascending."""
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            return []
         out = []
-        for key in keys:
+        for key in await bucket_keys(self.js, KV_POLICIES, _SET_PREFIX):
             if key.startswith(_SET_PREFIX) and key[len(_SET_PREFIX) :].isdigit():
                 out.append(int(key[len(_SET_PREFIX) :]))
         return sorted(out)

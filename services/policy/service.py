@@ -444,7 +444,7 @@ class PolicyService(Service):
 
     async def _start_lifecycle(self) -> None:
         """Seed the bucket if empty, load its active set, then watch the pointer."""
-        store = self.policy_store = PolicyStore(await self.js.key_value(KV_POLICIES))
+        store = self.policy_store = PolicyStore(await self.js.key_value(KV_POLICIES), self.js)
         pointer, _ = await store.active()
         if pointer is None and isinstance(self.decider, CedarDecider):
             # Exactly version 1 and only if absent: racing replicas agree on one seed.

@@ -17,8 +17,10 @@ from broker.jetstream import (
     AUDIT_INTAKE_STREAM,
     AUDIT_STREAM,
     KV_AGENTS,
+    KV_POLICIES,
     USAGE_STREAM,
     bucket_configs,
+    bucket_keys,
     ensure_buckets,
     ensure_streams,
     stream_configs,
@@ -83,6 +85,19 @@ async def test_ensure_buckets_twice_returns_the_same_bucket(nc: Client, settings
     assert entry.value == b"1"  # not recreated: the value survived
     status = await second[KV_AGENTS].status()
     assert status.history == 5
+
+
+async def test_bucket_keys_lists_what_the_server_holds(nc: Client, settings: Settings) -> None:
+    js = nc.jetstream()
+    kv = (await ensure_buckets(js, settings))[KV_POLICIES]
+    assert await bucket_keys(js, KV_POLICIES) == []
+    for key in ("set.2", "set.10", "active", "set.1"):
+        await kv.put(key, b"x")
+    assert await bucket_keys(js, KV_POLICIES, "set.") == ["set.1", "set.10", "set.2"]
+    assert await bucket_keys(js, KV_POLICIES) == ["active", "set.1", "set.10", "set.2"]
+    # The listing is the server's answer, every time (kv.keys() came back empty at times).
+    for _ in range(20):
+        assert len(await bucket_keys(js, KV_POLICIES, "set.")) == 3
 
 
 async def test_connect_without_a_url_is_a_config_error() -> None:
