@@ -52,6 +52,7 @@ from opentelemetry.trace import SpanKind, TracerProvider
 from broker.audit import new_id
 from broker.codec import decode, encode
 from broker.connection import connect, sync_connection
+from broker.diagnostics import cancel_and_wait, finish_within
 from broker.errors import (
     BadRequest,
     CallTimeout,
@@ -111,6 +112,9 @@ from schemas import (
 __all__ = ["Agent", "CallContext"]
 
 log = logging.getLogger(__name__)
+
+#: Longest an agent waits for nats-py to close its connection at stop.
+_CLOSE_TIMEOUT = 5.0
 
 T = TypeVar("T")
 HandlerFn = Callable[..., Awaitable[Any]]
@@ -524,11 +528,8 @@ class Agent:
         nc, self._nc = self._nc, None
         if nc is None:
             return
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat_task
-            self._heartbeat_task = None
+        await cancel_and_wait(self._heartbeat_task, f"{self.name}: heartbeats")
+        self._heartbeat_task = None
         for sub in (self._sub, self._version_sub):
             if sub is not None:
                 with contextlib.suppress(Exception):
@@ -546,7 +547,7 @@ class Agent:
                 )
         with contextlib.suppress(Exception):
             await nc.flush(timeout=2)
-        await nc.close()
+        await finish_within(nc.close(), _CLOSE_TIMEOUT, f"{self.name}: closing its connection")
 
     async def __aenter__(self) -> Agent:
         await self.start()
@@ -641,9 +642,7 @@ class Agent:
             annotate(span, lambda: self._span_attributes(target=target, capability=capability))
             inject(hdrs, span)
             try:
-                msg = await self.nc.request(
-                    subject, encode(payload), timeout=timeout, headers=hdrs
-                )
+                msg = await self.nc.request(subject, encode(payload), timeout=timeout, headers=hdrs)
             except nats.errors.NoRespondersError as exc:
                 raise ControlPlaneUnavailable(
                     "no policy service is mediating calls; start one with `signalbox up`",

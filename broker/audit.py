@@ -31,6 +31,7 @@ from msgspec import UNSET
 from nats.aio.client import Client
 
 from broker.codec import encode
+from broker.diagnostics import cancel_and_wait
 from broker.jspub import JetStreamPublisher, PubAck
 from broker.replies import H_MSG_ID
 from broker.subjects import Subjects
@@ -292,8 +293,5 @@ class AuditEmitter:
         """Flush, then stop. Events still unacknowledged are logged."""
         if not await self.flush(timeout):
             log.error("%d audit events unacknowledged at shutdown", self.pending)
-        if self._retry_task is not None:
-            self._retry_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._retry_task
+        await cancel_and_wait(self._retry_task, "the audit retry loop")
         await self._publisher.stop()

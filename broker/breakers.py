@@ -52,6 +52,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from broker.audit import AuditEmitter
 from broker.codec import decode, encode
+from broker.diagnostics import cancel_and_wait
 from broker.errors import BreakerOpen, Conflict, InvalidInput, NotFound, SchemaError
 from broker.subjects import validate_token
 from schemas import Breaker, BreakerProbe, BreakerReason, BreakerScope
@@ -190,11 +191,8 @@ class BreakerBoard:
 
     async def stop(self) -> None:
         """Stop watching."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task, "the breaker watch")
+        self._task = None
 
     async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
         try:
@@ -512,9 +510,7 @@ class BreakerBoard:
             return None, entry.revision or 0
         return self._decode(key, entry.value), entry.revision or 0
 
-    async def _audit(
-        self, op: str, key: str, old: Breaker | None, new: Breaker, who: str
-    ) -> None:
+    async def _audit(self, op: str, key: str, old: Breaker | None, new: Breaker, who: str) -> None:
         data: dict[str, Any] = {
             "op": op,
             "key": key,

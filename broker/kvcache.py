@@ -16,6 +16,7 @@ from typing import Generic, TypeVar
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from broker.codec import decode
+from broker.diagnostics import cancel_and_wait
 from broker.errors import SchemaError
 
 __all__ = ["KVCache"]
@@ -87,11 +88,8 @@ class KVCache(Generic[T]):
 
     async def stop(self) -> None:
         """Stop watching."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task, "a KV cache watch")
+        self._task = None
 
     def get(self, key: str) -> T | None:
         """Current value of ``key`` (None if absent)."""

@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     server_start_timeout: float = Field(
         default=15.0, gt=0, description="Seconds to wait for the embedded server to be ready."
     )
+    shutdown_timeout: float = Field(
+        default=15.0,
+        gt=0,
+        description="Longest seconds one service may take to stop; after that it is abandoned "
+        "(and the place it was stuck is logged) so shutdown always ends.",
+    )
     max_call_bytes: int = Field(
         default=256 * 1024,
         gt=0,

@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.trace import TracerProvider
 
 from broker import telemetry
+from broker.diagnostics import finish_within
 from broker.identity import ServerSecrets, auth_config, resolve_secrets_dir
 from broker.server import EmbeddedServer
 from broker.service import Service
@@ -113,10 +114,8 @@ class Stack:
     async def stop(self) -> None:
         """Stop services in reverse order, then the embedded server."""
         for name in reversed(list(self.services)):
-            try:
-                await self.services.pop(name).stop()
-            except Exception:
-                log.exception("stopping %s failed", name)
+            service = self.services.pop(name)
+            await finish_within(service.stop(), self.settings.shutdown_timeout, f"stopping {name}")
         if self.server is not None:
             await asyncio.to_thread(self.server.stop)
             self.server = None

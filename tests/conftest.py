@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -17,6 +20,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from broker.agent import Agent
 from broker.codec import decode as _decode
 from broker.connection import Client, connect
+from broker.diagnostics import await_chain
 from broker.identity import ServerSecrets, auth_config, service_connect_options
 from broker.jetstream import AUDIT_STREAM
 from broker.server import EmbeddedServer
@@ -26,6 +30,59 @@ from schemas import AgentManifest, AuditEvent
 from services.policy.cedar import LABEL_FILE, SCHEMA_FILE, shipped_policy_dir
 from services.registry.credentials import CredentialStore
 from services.runner import Stack
+
+# -- a watchdog for hangs -----------------------------------------------------------------
+#
+# pytest-timeout prints the threads' stacks, which for an asyncio test only
+# shows the event loop idling in epoll. What hangs is a task awaiting
+# something; this dumps every task's await chain (coroutine by coroutine)
+# shortly before the timeout fires, so a hang in CI says where it is.
+
+WATCHDOG_AFTER = 45.0
+_loops: list[asyncio.AbstractEventLoop] = []
+
+
+def _dump_tasks(phase: str, nodeid: str) -> None:
+    out = [f"=== watchdog: {nodeid} still in {phase} after {WATCHDOG_AFTER:.0f} s; tasks:"]
+    for loop in list(_loops):
+        try:
+            tasks = list(asyncio.all_tasks(loop))
+        except RuntimeError:  # the loop changed its task set under us: try once more
+            tasks = list(asyncio.all_tasks(loop))
+        for task in tasks:
+            out.append(f"  {task.get_name()}:")
+            out.extend(f"    {line}" for line in await_chain(task))
+    print("\n".join(out), file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _watchdog(phase: str, item: pytest.Item) -> Iterator[None]:
+    timer = threading.Timer(WATCHDOG_AFTER, _dump_tasks, (phase, item.nodeid))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _watchdog("call", item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    with _watchdog("teardown", item):
+        yield
+    _loops.clear()
+
+
+@pytest.fixture(autouse=True)
+async def _watch_loop() -> None:
+    """Remember the test's event loop for the watchdog."""
+    _loops.append(asyncio.get_running_loop())
 
 
 @pytest.fixture(autouse=True)

@@ -51,6 +51,7 @@ from broker.breakers import BreakerBoard, breaker_key
 from broker.budgets import applicable_keys
 from broker.codec import decode, encode
 from broker.consumer import PullWorker
+from broker.diagnostics import cancel_and_wait
 from broker.errors import InvalidInput, NotFound, SchemaError, SignalboxError
 from broker.jetstream import KV_AGENTS, KV_BREAKERS, KV_BUDGETS, USAGE_STREAM
 from broker.kvcache import KVCache
@@ -165,11 +166,8 @@ class CostService(Service):
         await self._worker.start()
 
     async def on_stop(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry
-            self._expiry = None
+        await cancel_and_wait(self._expiry, "the reservation expiry loop")
+        self._expiry = None
         if self._budgets is not None:
             await self._budgets.stop()
             self._budgets = None
@@ -335,9 +333,7 @@ class CostService(Service):
             priced = self.prices.cost(request.model, 0, request.input_tokens)
         amount = priced.nanos / NANOS_PER_USD
         if not budgets:
-            return Reservation(
-                granted=True, amount_usd=amount, priced_by_fallback=priced.fallback
-            )
+            return Reservation(granted=True, amount_usd=amount, priced_by_fallback=priced.fallback)
         now = time.time()
         reservation_id = new_id()
         expires_at = now + self.settings.budget_reservation_ttl
@@ -503,9 +499,7 @@ class CostService(Service):
              if request.scope is None or b.scope == request.scope),
             key=lambda b: b.key,
         )  # fmt: skip
-        rows = [
-            (await asyncio.to_thread(self.store.ledger.status, b, now))[0] for b in budgets
-        ]
+        rows = [(await asyncio.to_thread(self.store.ledger.status, b, now))[0] for b in budgets]
         return BudgetList(budgets=tuple(rows))
 
     async def show_budget(self, request: ShowBudget) -> BudgetList:

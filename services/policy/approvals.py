@@ -53,6 +53,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from broker.codec import decode, encode
+from broker.diagnostics import cancel_and_wait
 from broker.errors import CallDenied, Conflict, NotFound, SchemaError
 from broker.jetstream import KV_APPROVALS, bucket_keys
 from broker.replies import error_reply
@@ -155,11 +156,8 @@ class ApprovalDesk:
             await self._expire(parked, why="the policy replica holding it stopped")
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5)
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-            self._watch = None
+        await cancel_and_wait(self._watch, "the approvals watch")
+        self._watch = None
 
     # -- parking -------------------------------------------------------------------------
 

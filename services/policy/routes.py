@@ -39,6 +39,7 @@ from nats.js.kv import KeyValue
 
 from broker.audit import new_id
 from broker.codec import decode, encode
+from broker.diagnostics import cancel_and_wait
 from broker.errors import Conflict, InvalidInput, NotFound, SignalboxError, TargetUnavailable
 from broker.kvcache import KVCache
 from broker.replies import H_ROUTE_KEY, H_TARGET_VERSION, request
@@ -103,11 +104,8 @@ class RouteDesk:
 
     async def stop(self) -> None:
         """Stop guarding (publishing a last snapshot), stop watching."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task, "the route guard")
+        self._task = None
         with contextlib.suppress(Exception):
             await self._publish(time.time())
         await self.figures.stop()
@@ -501,7 +499,6 @@ class RouteDesk:
         return RolloutStatus(
             target=req.target, route=route, window=req.window, versions=tuple(rows)
         )
-
 
 
 def _unknown(target: str) -> NotFound:

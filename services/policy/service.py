@@ -74,6 +74,7 @@ from broker.breakers import BreakerBoard, breaker_key, breaker_open
 from broker.budgets import applicable_keys
 from broker.codec import decode
 from broker.connection import sync_connection
+from broker.diagnostics import cancel_and_wait
 from broker.errors import (
     CallDenied,
     CallTimeout,
@@ -401,16 +402,10 @@ class PolicyService(Service):
             await asyncio.wait(set(self._breaker_tasks), timeout=5)
         if self.breakers is not None:
             await self.breakers.stop()
-        if self._shadow_watch is not None:
-            self._shadow_watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._shadow_watch
-            self._shadow_watch = None
-        if self._policy_watch is not None:
-            self._policy_watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._policy_watch
-            self._policy_watch = None
+        await cancel_and_wait(self._shadow_watch, "the shadow policy watch")
+        self._shadow_watch = None
+        await cancel_and_wait(self._policy_watch, "the policy watch")
+        self._policy_watch = None
 
     def _agent_changed(self, name: str, record: AgentRecord | None) -> None:
         # Precompute what the hot path needs, once per registry change.
@@ -1371,9 +1366,7 @@ class PolicyService(Service):
             self.stats["breaker_probes"] += 1
             if claimed.reason == "rate_anomaly" and claimed.scope == "agent":
                 figures = self.guards.rate.anomalous(claimed.name)
-                settled = await board.settle(
-                    claimed.key, call_id, figures is None, figures=figures
-                )
+                settled = await board.settle(claimed.key, call_id, figures is None, figures=figures)
                 if figures is not None:
                     refusal = settled or claimed
                     break

@@ -52,6 +52,7 @@ from nats.js.kv import KV_DEL, KV_OP, KeyValue
 from broker.audit import new_id
 from broker.codec import decode, encode
 from broker.connection import sync_connection
+from broker.diagnostics import cancel_and_wait
 from broker.errors import IdentityMismatch, NotFound, SignalboxError
 from broker.jetstream import KV_AGENTS
 from broker.service import Service
@@ -227,9 +228,7 @@ class RegistryService(Service):
         if self.micro is not None:
             await self.micro.stop()
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task, f"registry task {task.get_name()}")
         self._tasks = []
         if self._store is not None:
             # Endpoints have stopped: no heartbeat arrives after this flush.
