@@ -62,6 +62,7 @@ from typing import Any, ClassVar, Final, Literal
 
 import cedarpy
 import msgspec
+from cedarpy import _internal as _cedar_native
 
 from broker.errors import ConfigError
 from schemas import AgentRecord, Decision, Effect, PolicyFiles
@@ -80,11 +81,13 @@ __all__ = [
     "NAMESPACE",
     "POLICY_SUFFIX",
     "SCHEMA_FILE",
+    "CedarAnswer",
     "CedarDecider",
     "CedarPolicies",
     "PolicyInfo",
     "PolicySlice",
     "agent_entity",
+    "authorize",
     "capability_entity",
     "read_policy_dir",
     "shipped_policy_dir",
@@ -817,10 +820,10 @@ def _evaluate(
             eval_us=(time.perf_counter() - start) * 1e6,
             reason_code="default_deny",
         )
-    result = cedarpy.is_authorized(request, applicable.cedar, entities)
-    if result.diagnostics.errors:
-        return _deny(p, start, "evaluation_error", _errors(result.diagnostics.errors))
-    matched = tuple(result.diagnostics.reasons)
+    result = authorize(request, applicable.cedar, entities)
+    if result.errors:
+        return _deny(p, start, "evaluation_error", _errors(result.errors))
+    matched = tuple(result.reasons)
     code: ReasonCode
     effect: Effect
     if result.allowed:
@@ -834,9 +837,9 @@ def _evaluate(
         reasons = tuple(_why(p, "forbidden", i) for i in ids)
     else:
         # Only approval forbids matched: would the rest of the set allow it?
-        rest = cedarpy.is_authorized(request, applicable.without_approvals(), entities)
-        if rest.diagnostics.errors:
-            return _deny(p, start, "evaluation_error", _errors(rest.diagnostics.errors))
+        rest = authorize(request, applicable.without_approvals(), entities)
+        if rest.errors:
+            return _deny(p, start, "evaluation_error", _errors(rest.errors))
         if rest.allowed:
             code, effect, ids = "needs_approval", "needs_approval", matched
             reasons = tuple(_why(p, "needs human approval, required", i) for i in ids)
@@ -853,8 +856,69 @@ def _evaluate(
     )
 
 
-def _errors(errors: list[str]) -> str:
-    return "Cedar could not evaluate the request, so it is denied: " + "; ".join(errors[:5])
+def _errors(errors: list[Any]) -> str:
+    shown = "; ".join(e if isinstance(e, str) else json.dumps(e) for e in errors[:5])
+    return "Cedar could not evaluate the request, so it is denied: " + shown
+
+
+# -- calling Cedar ------------------------------------------------------------------------
+#
+# ``cedarpy.is_authorized`` is a Python wrapper around the extension's
+# ``is_authorized_batch``: per request it ``json.dumps`` the context, copies
+# the request, ``json.loads`` the whole answer (metrics included) and wraps it
+# in two objects. Measured on the shipped set with the entity and policy
+# handles cached: 73 µs per call through the wrapper, 41 µs calling the
+# extension with the same arguments; the difference was a third of a
+# decision's cost. So the decider calls the extension itself, with the
+# context encoded by msgspec and only the fields it reads decoded. This leans
+# on cedarpy's private module (pinned to a minor version range in
+# pyproject.toml): ``tests/services/policy/test_cedar_native.py`` checks
+# answers equal to the public API's on allowed, forbidden, default-deny and
+# erroring requests, so an upgrade that changes it fails loudly.
+
+
+class _Diagnostics(msgspec.Struct):
+    reason: list[str] = msgspec.field(default_factory=list)
+    errors: list[Any] = msgspec.field(default_factory=list)
+
+
+class CedarAnswer(msgspec.Struct):
+    """What the decider reads of Cedar's answer to one request."""
+
+    decision: str
+    diagnostics: _Diagnostics = msgspec.field(default_factory=_Diagnostics)
+
+    @property
+    def allowed(self) -> bool:
+        """Cedar's decision is Allow."""
+        return self.decision == "Allow"
+
+    @property
+    def reasons(self) -> list[str]:
+        """Ids of the policies that determined the decision."""
+        return self.diagnostics.reason
+
+    @property
+    def errors(self) -> list[Any]:
+        """Evaluation errors (a policy that errors is skipped by Cedar)."""
+        return self.diagnostics.errors
+
+
+_answer = msgspec.json.Decoder(CedarAnswer)
+_encode_context = msgspec.json.Encoder()
+
+
+def authorize(
+    request: dict[str, Any], policies: cedarpy.PolicySet, entities: cedarpy.Entities
+) -> CedarAnswer:
+    """Cedar's answer to ``request`` (principal, action, resource as uid dicts; context a dict).
+
+    Same semantics as ``cedarpy.is_authorized(request, policies, entities)``,
+    at about half its cost (see above).
+    """
+    native = {**request, "context": _encode_context.encode(request["context"]).decode()}
+    (raw,) = _cedar_native.is_authorized_batch([native], policies, entities._inner, None, False)
+    return _answer.decode(raw)
 
 
 def read_policy_dir(path: Path, *, label: str | None = None) -> PolicyFiles:

@@ -324,7 +324,7 @@ def test_an_unexpected_failure_denies_and_never_raises(monkeypatch: pytest.Monke
     def explode(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("engine on fire")
 
-    monkeypatch.setattr("services.policy.cedar.cedarpy.is_authorized", explode)
+    monkeypatch.setattr("services.policy.cedar.authorize", explode)
     decision = call(everyone, LOANS, CREDIT, "score")
     assert (decision.effect, decision.reason_code) == ("deny", "evaluation_error")
     assert "engine on fire" in decision.reasons[0]
