@@ -27,10 +27,14 @@ left out for every other principal; scopes Signalbox cannot rule out are
 kept): the cost of a decision follows the policies that apply, not the size
 of the fleet's rule book. Slices are compiled once per (principal, action,
 resource) and cached with the set. Cedar's answers are memoized too,
-keyed by everything they depend on (policy set, action, the records'
-identities, resource, every context value, the time in whole seconds), so a
-request repeated within the same second costs a dictionary lookup; the first
-one of each kind is evaluated by Cedar.
+keyed by everything they depend on: policy set, action, the records'
+identities, resource, and what the slice's policies can observe of the
+context (:class:`ContextProjection`). A slice that never reads
+``context.time`` is answered the same at every second, and one that only
+compares ``context.estimated_tokens`` with constants (``> 10000``) the same
+for every estimate on the same side of each constant; so fleet traffic with
+distinct estimates and an advancing clock costs a dictionary lookup per
+request, and Cedar evaluates the first request of each kind.
 
 Outcomes (``Decision.reason_code``):
 
@@ -55,7 +59,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Final, Literal
@@ -84,6 +89,7 @@ __all__ = [
     "CedarAnswer",
     "CedarDecider",
     "CedarPolicies",
+    "ContextProjection",
     "PolicyInfo",
     "PolicySlice",
     "agent_entity",
@@ -164,6 +170,7 @@ class CedarPolicies:
         "_bodies",
         "_compiled",
         "_slices",
+        "_version",
         "approval_ids",
         "cedar",
         "digest",
@@ -190,6 +197,7 @@ class CedarPolicies:
     ) -> None:
         self.label = label
         self.digest = digest
+        self._version = f"{label}@{digest[:12]}" if label else digest[:12]
         self.schema = schema
         self.schema_text = schema_text
         self.files = dict(files)
@@ -203,8 +211,7 @@ class CedarPolicies:
     @property
     def version(self) -> str:
         """``<label>@<digest[:12]>``, or the digest prefix alone when unlabelled."""
-        short = self.digest[:12]
-        return f"{self.label}@{short}" if self.label else short
+        return self._version
 
     def __repr__(self) -> str:
         return f"CedarPolicies(version={self.version!r}, policies={len(self.policies)})"
@@ -288,7 +295,8 @@ class CedarPolicies:
                 and _admits_action(body.get("action"), action)
                 and _admits(body.get("resource"), resource)
             )
-            found = PolicySlice(self, ids, self._compiled_set(ids))
+            projection = ContextProjection.of(self._bodies[i] for i in ids)
+            found = PolicySlice(self, ids, self._compiled_set(ids), projection)
             if len(self._slices) >= self.slice_cache_size:
                 del self._slices[next(iter(self._slices))]  # the oldest
             self._slices[key] = found
@@ -308,6 +316,123 @@ class CedarPolicies:
 #: A Cedar entity uid as (type, id), e.g. ("Signalbox::Agent", "loan-origination").
 Uid = tuple[str, str]
 
+#: Comparisons whose outcome for ``value OP constant`` only depends on where
+#: ``value`` falls among the constants (and whether it equals one).
+_ORDERING: Final = frozenset({"<", "<=", ">", ">=", "==", "!="})
+
+
+@dataclass(frozen=True, slots=True)
+class ContextProjection:
+    """What a slice of policies can observe of a request's context: the memo's key.
+
+    Built from the policies' JSON form. Per context attribute:
+
+    * not read by any policy: left out of the key;
+    * read only in comparisons with integer constants (``context.x > 10000``,
+      ``5 <= context.x``, ``==``, ``!=``): keyed by its position among those
+      constants, ``(bisect_left(constants, value), value in constants)``,
+      which decides every such comparison;
+    * read any other way (arithmetic, ``contains``, ``has``...): keyed by its
+      value.
+
+    A policy that uses ``context`` as a whole (anything but ``context.attr``)
+    makes the key the whole context.
+
+    Attributes:
+        whole: Key on the whole context.
+        attrs: ``(attribute, constants)`` in name order; ``constants`` is
+            None when the attribute is keyed by its value.
+    """
+
+    whole: bool
+    attrs: tuple[tuple[str, tuple[int, ...] | None], ...]
+
+    @classmethod
+    def of(cls, bodies: Iterable[Any]) -> ContextProjection:
+        """The projection for policies in Cedar's JSON form."""
+        uses: dict[str, set[int] | None] = {}
+        whole = False
+        for body in bodies:
+            for cond in body.get("conditions", ()):
+                whole |= _observe(cond.get("body"), uses)
+        attrs = tuple(
+            (name, None if cuts is None else tuple(sorted(cuts)))
+            for name, cuts in sorted(uses.items())
+        )
+        return cls(whole=whole, attrs=attrs)
+
+    def key(self, context: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The part of ``context`` the policies' answer can depend on."""
+        if self.whole:
+            return ("whole", _ctx(context))
+        out: list[Any] = []
+        for name, cuts in self.attrs:
+            value = context[name]
+            if cuts is not None and type(value) is int:
+                at = bisect_left(cuts, value)
+                out.append((at, at < len(cuts) and cuts[at] == value))
+            else:
+                out.append(_hashable(value))
+        return tuple(out)
+
+
+def _context_attr(node: Any) -> str | None:
+    """``name`` if ``node`` is ``context.name``."""
+    if isinstance(node, dict) and len(node) == 1 and "." in node:
+        access = node["."]
+        if isinstance(access, dict) and access.get("left") == {"Var": "context"}:
+            attr = access.get("attr")
+            return attr if isinstance(attr, str) else None
+    return None
+
+
+def _int_constant(node: Any) -> int | None:
+    if isinstance(node, dict) and len(node) == 1 and "Value" in node:
+        value = node["Value"]
+        if type(value) is int:
+            return value
+    return None
+
+
+def _observe(node: Any, uses: dict[str, set[int] | None]) -> bool:
+    """Record in ``uses`` how ``node``'s subtree reads the context; True if it reads it whole."""
+    if isinstance(node, dict):
+        if node == {"Var": "context"}:
+            return True  # the context itself, not one attribute of it
+        name = _context_attr(node)
+        if name is not None:  # read some way other than compared with a constant
+            uses[name] = None
+            return False
+        if len(node) == 1:
+            ((op, operands),) = node.items()
+            if op in _ORDERING and isinstance(operands, dict):
+                left, right = operands.get("left"), operands.get("right")
+                for side, other in ((left, right), (right, left)):
+                    attr, constant = _context_attr(side), _int_constant(other)
+                    if attr is not None and constant is not None:
+                        cuts = uses.get(attr, set())
+                        if cuts is not None:
+                            cuts.add(constant)
+                            uses[attr] = cuts
+                        return False
+        children: Iterable[Any] = node.values()
+    elif isinstance(node, list):
+        children = node
+    else:
+        return False
+    whole = False
+    for child in children:  # every child, not any(): each records its reads
+        whole |= _observe(child, uses)
+    return whole
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list | tuple | set | frozenset):
+        return ("set", tuple(sorted(map(repr, value))))
+    if isinstance(value, dict):
+        return ("record", tuple(sorted((k, _hashable(v)) for k, v in value.items())))
+    return value
+
 
 @dataclass(frozen=True, slots=True)
 class PolicySlice:
@@ -321,6 +446,7 @@ class PolicySlice:
     policies: CedarPolicies
     ids: tuple[str, ...]
     cedar: cedarpy.PolicySet
+    context: ContextProjection
 
     def without_approvals(self) -> cedarpy.PolicySet:
         """The slice minus its ``@effect("needs_approval")`` forbids."""
@@ -604,21 +730,23 @@ class CedarDecider:
                     p, start, "missing_entity", f"{r.target} has no capability {r.capability!r}"
                 )
             context = self._context(r.context)
-            memo_key = (p, "call", _key(caller), target_entities.key, r.capability, _ctx(context))
+            request = {
+                "principal": _uid("Agent", r.caller),
+                "action": _ACTION_UIDS["call"],
+                "resource": _uid("Capability", f"{r.target}/{r.capability}"),
+                "context": context,
+            }
+            applicable = self._slice(p, request)
+            seen = applicable.context.key(context)
+            memo_key = (p, "call", _key(caller), target_entities.key, r.capability, seen)
             known = self._memo.get(memo_key)
             if known is not None:
                 return _timed(known, start)
             entities = self._call_entities(p, caller, target_entities)
         except _EntityError as exc:
             return _deny(p, start, "evaluation_error", str(exc))
-        request = {
-            "principal": _uid("Agent", r.caller),
-            "action": _ACTION_UIDS["call"],
-            "resource": _uid("Capability", f"{r.target}/{r.capability}"),
-            "context": context,
-        }
         what = f"{r.caller} to call {r.target}.{r.capability}"
-        return self._evaluate(p, memo_key, request, entities, start, what)
+        return self._evaluate(p, applicable, memo_key, request, entities, start, what)
 
     def _decide_use(self, p: CedarPolicies, r: UseRequest, start: float) -> Decision:
         agent = r.agent_record
@@ -647,8 +775,15 @@ class CedarDecider:
         if problem:
             return _deny(p, start, "malformed_context", f"malformed context: {problem}")
         context = self._context(r.context)
+        request = {
+            "principal": _uid("Agent", r.agent),
+            "action": _ACTION_UIDS[r.action],
+            "resource": _uid(kind, r.resource),
+            "context": context,
+        }
+        applicable = self._slice(p, request)
         resource = (r.resource, r.provider, r.region, r.price_per_1k_tokens)
-        memo_key = (p, r.action, _key(agent), resource, _ctx(context))
+        memo_key = (p, r.action, _key(agent), resource, applicable.context.key(context))
         known = self._memo.get(memo_key)
         if known is not None:
             return _timed(known, start)
@@ -656,18 +791,19 @@ class CedarDecider:
             entities = self._use_entities(p, agent, r)
         except _EntityError as exc:
             return _deny(p, start, "evaluation_error", str(exc))
-        request = {
-            "principal": _uid("Agent", r.agent),
-            "action": _ACTION_UIDS[r.action],
-            "resource": _uid(kind, r.resource),
-            "context": context,
-        }
         what = f"{r.agent} to use {kind.lower()} {r.resource}"
-        return self._evaluate(p, memo_key, request, entities, start, what)
+        return self._evaluate(p, applicable, memo_key, request, entities, start, what)
+
+    @staticmethod
+    def _slice(p: CedarPolicies, request: dict[str, Any]) -> PolicySlice:
+        return p.slice(
+            _as_uid(request["principal"]), _as_uid(request["action"]), _as_uid(request["resource"])
+        )
 
     def _evaluate(
         self,
         p: CedarPolicies,
+        applicable: PolicySlice,
         memo_key: tuple[Any, ...],
         request: dict[str, Any],
         entities: cedarpy.Entities,
@@ -675,9 +811,6 @@ class CedarDecider:
         what: str,
     ) -> Decision:
         self.evaluations += 1
-        applicable = p.slice(
-            _as_uid(request["principal"]), _as_uid(request["action"]), _as_uid(request["resource"])
-        )
         decision = _evaluate(p, applicable, request, entities, start, what)
         if self._memo_size and decision.reason_code != "evaluation_error":
             if len(self._memo) >= self._memo_size:
@@ -766,7 +899,7 @@ def _kind(action: str) -> str:
     return "Model" if action == "use_model" else "Tool"
 
 
-def _ctx(context: dict[str, Any]) -> tuple[Any, ...]:
+def _ctx(context: Mapping[str, Any]) -> tuple[Any, ...]:
     """The context as a memo key (its sets as sorted tuples)."""
     return (
         context["estimated_tokens"],
@@ -823,7 +956,7 @@ def _evaluate(
     result = authorize(request, applicable.cedar, entities)
     if result.errors:
         return _deny(p, start, "evaluation_error", _errors(result.errors))
-    matched = tuple(result.reasons)
+    matched = tuple(sorted(result.reasons))  # Cedar lists them in no fixed order
     code: ReasonCode
     effect: Effect
     if result.allowed:

@@ -8,6 +8,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker.errors import ConfigError
 from schemas import AgentManifest, AgentRecord, Capability, Decision
@@ -429,12 +431,96 @@ def test_entities_are_built_once_per_record_and_answers_once_per_input() -> None
         assert call(decider, LOANS, CREDIT, "score").effect == "allow"
     assert decider.builds == 3  # credit-check, loan-origination, and the pair
     assert decider.evaluations == 1
-    call(decider, LOANS, CREDIT, "score", estimated_tokens=5)  # new input, same entities
-    assert (decider.builds, decider.evaluations) == (3, 2)
+    # A context no policy reads (a new estimate, another time) is the same input.
+    call(decider, LOANS, CREDIT, "score", estimated_tokens=5, time=NOW + 3600)
+    assert (decider.builds, decider.evaluations) == (3, 1)
     # A new registration of credit-check (a new record) is rebuilt and re-evaluated.
     newer = record("credit-check", {"score": ("pii", "pci-dss")}, registered_at=2.0)
     call(decider, LOANS, newer, "score")
-    assert (decider.builds, decider.evaluations) == (5, 3)
+    assert (decider.builds, decider.evaluations) == (5, 2)
+
+
+def test_answers_are_reused_for_contexts_the_policies_cannot_tell_apart() -> None:
+    decider = texts(
+        '@id("all") permit (principal, action, resource);\n'
+        '@id("big") forbid (principal, action, resource) when { context.estimated_tokens > 1000 };'
+    )
+    for tokens in (1, 50, 999):  # all below 1000
+        assert call(decider, LOANS, CREDIT, "score", estimated_tokens=tokens).effect == "allow"
+    assert decider.evaluations == 1
+    # Equal to a constant is a class of its own (it decides ==, <= and >= differently).
+    assert call(decider, LOANS, CREDIT, "score", estimated_tokens=1000).effect == "allow"
+    assert decider.evaluations == 2
+    for tokens in (1001, 5000, 10**9):
+        assert call(decider, LOANS, CREDIT, "score", estimated_tokens=tokens).effect == "deny"
+    assert decider.evaluations == 3
+    for second in range(5):  # no policy reads the time
+        call(decider, LOANS, CREDIT, "score", estimated_tokens=7, time=NOW + second)
+    assert decider.evaluations == 3
+
+
+@pytest.mark.parametrize(
+    ("condition", "expected"),
+    [
+        ("context.estimated_tokens > 10", "((estimated_tokens, (10,)),)"),
+        ("10 <= context.estimated_tokens && context.estimated_tokens != 99",
+         "((estimated_tokens, (10, 99)),)"),
+        ("context.estimated_tokens * 2 > 10", "((estimated_tokens, None),)"),
+        ("context.estimated_tokens > 10 && context.estimated_tokens + 1 > 3",
+         "((estimated_tokens, None),)"),
+        ('context.data_tags.contains("pii")', "((data_tags, None),)"),
+        ("context.time < 5 && context.estimated_tokens == 3",
+         "((estimated_tokens, (3,)), (time, (5,)))"),
+        ("context has time", "whole"),
+        ("context.estimated_tokens > context.time", "((estimated_tokens, None), (time, None))"),
+    ],
+)  # fmt: skip
+def test_the_projection_keeps_what_the_policies_can_observe(condition: str, expected: str) -> None:
+    policies = CedarPolicies.from_texts(
+        {"p.cedar": f"@id(\"x\") forbid (principal, action, resource) when {{ {condition} }};"},
+        SCHEMA,
+    )
+    projection = policies.slice(("Signalbox::Agent", "a"), ("Signalbox::Action", "call"),
+                                ("Signalbox::Capability", "b/c")).context  # fmt: skip
+    shown = "whole" if projection.whole else str(projection.attrs).replace("'", "")
+    assert shown == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    constants=st.lists(st.integers(-5, 40), min_size=1, max_size=3),
+    ops=st.lists(st.sampled_from(["<", "<=", ">", ">=", "==", "!="]), min_size=3, max_size=3),
+    times=st.lists(st.integers(0, 40), min_size=1, max_size=3),
+    requests=st.lists(
+        st.tuples(st.integers(0, 45), st.integers(0, 45), st.sampled_from([(), ("pii",)])),
+        min_size=1,
+        max_size=25,
+    ),
+)
+def test_a_memoized_answer_is_always_the_answer_cedar_gives(
+    constants: list[int],
+    ops: list[str],
+    times: list[int],
+    requests: list[tuple[int, int, tuple[str, ...]]],
+) -> None:
+    """Random thresholds on the tokens and the time, and a tag rule: every answer from
+    the memo equals a fresh evaluation of the same request."""
+    rules = ['@id("all") permit (principal, action, resource);']
+    for i, c in enumerate(constants):
+        rules.append(f'@id("tok{i}") forbid (principal, action, resource) '
+                     f"when {{ context.estimated_tokens {ops[i % 3]} {c} }};")  # fmt: skip
+    for i, t in enumerate(times):
+        rules.append(f'@id("time{i}") forbid (principal, action, resource) '
+                     f"when {{ {t} {ops[(i + 1) % 3]} context.time && "
+                     'context.data_tags.contains("pii") };')  # fmt: skip
+    policies = CedarPolicies.from_texts({"p.cedar": "\n".join(rules)}, SCHEMA)
+    memoized = CedarDecider(policies, clock=lambda: 0.0)
+    fresh = CedarDecider(policies, clock=lambda: 0.0, memo_size=0)
+    for tokens, when, tags in requests:
+        context = {"estimated_tokens": tokens, "time": when, "data_tags": tags}
+        a = call(memoized, LOANS, CREDIT, "score", **context)
+        b = call(fresh, LOANS, CREDIT, "score", **context)
+        assert (a.effect, a.policy_ids) == (b.effect, b.policy_ids), context
 
 
 def test_the_entities_follow_the_record(tmp_path: Path) -> None:
