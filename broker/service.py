@@ -39,7 +39,7 @@ from opentelemetry.trace import SpanKind, TracerProvider
 
 from broker.audit import AuditEmitter
 from broker.codec import decode, encode
-from broker.connection import sync_connection
+from broker.connection import SessionClient, sync_connection
 from broker.errors import NatsUnreachable, SignalboxError
 from broker.identity import service_connect_options
 from broker.jetstream import ensure_buckets, ensure_streams
@@ -58,6 +58,25 @@ Handler = Callable[[Any], Awaitable[Wire]]
 SERVER = SpanKind.SERVER
 
 
+class _ServiceBroker(NatsBroker):
+    """FastStream's NATS broker on Signalbox's client class.
+
+    FastStream connects with ``nats.connect()``, i.e. nats-py's plain
+    ``Client``; this broker connects a :class:`broker.connection.SessionClient`
+    instead, so the services parse message headers with its parser (half
+    nats-py's cost, on every call, usage report and audit event a service
+    reads) like the SDK and the CLI do. Overrides FastStream's ``_connect``
+    (same three steps; faststream is pinned to 0.7.x in pyproject.toml, and
+    ``tests/broker/test_service_client.py`` checks a service runs on it).
+    """
+
+    async def _connect(self) -> Client:
+        connection = SessionClient()
+        await connection.connect(**self._connection_kwargs)
+        self.config.connect(connection)
+        return connection
+
+
 class Service:
     """Base class of the registry, policy, cost and tracing services.
 
@@ -72,7 +91,7 @@ class Service:
         self.settings = settings
         self.subjects = Subjects(settings.subject_prefix)
         credentials = service_connect_options(settings)
-        self.broker = NatsBroker(
+        self.broker = _ServiceBroker(
             servers=(settings.nats_url or "").split(","),
             name=f"signalbox-{self.name}",
             logger=None,
