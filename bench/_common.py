@@ -40,6 +40,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from rich.table import Table
 
 from broker.server import EmbeddedServer, find_server_binary
@@ -352,19 +355,7 @@ class StackProcess:
                 (the message carries the tail of its log).
         """
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "stack",
-            "--nats-url",
-            self.nats_url,
-            "--data-dir",
-            str(self.data_dir),
-        ]
-        if self.policy_dir is not None:
-            cmd += ["--policy-dir", str(self.policy_dir)]
-        if self.services:
-            cmd += ["--services", ",".join(self.services)]
+        cmd = self.command()
         with self.log_path.open("wb") as log_file:
             self.proc = subprocess.Popen(
                 cmd,
@@ -379,6 +370,23 @@ class StackProcess:
         except BaseException:
             self.stop()
             raise
+
+    def command(self) -> list[str]:
+        """The child's command line."""
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "stack",
+            "--nats-url",
+            self.nats_url,
+            "--data-dir",
+            str(self.data_dir),
+        ]
+        if self.policy_dir is not None:
+            cmd += ["--policy-dir", str(self.policy_dir)]
+        if self.services:
+            cmd += ["--services", ",".join(self.services)]
+        return cmd
 
     def _wait_ready(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -428,6 +436,75 @@ class StackProcess:
         self.stop()
 
 
+class RelayProcess(StackProcess):
+    """A do-nothing relay in a child process: the floor of any mediator that relays.
+
+    It subscribes to ``listen`` and forwards each request to ``forward`` as a
+    request of its own (its own inbox, as the policy service does), then
+    relays the reply back: the same two extra hops as a mediated call, with
+    no decision, audit, trace or routing. Connects as the services' user
+    (secrets under ``data_dir``).
+    """
+
+    def __init__(self, nats_url: str, data_dir: Path, listen: str, forward: str) -> None:
+        super().__init__(nats_url, data_dir)
+        self.listen = listen
+        self.forward = forward
+
+    @property
+    def log_path(self) -> Path:
+        """The child's stderr (its log)."""
+        return self.data_dir / "relay.log"
+
+    def command(self) -> list[str]:
+        """The child's command line."""
+        return [
+            sys.executable, str(Path(__file__).resolve()), "relay",
+            "--nats-url", self.nats_url, "--data-dir", str(self.data_dir),
+            "--listen", self.listen, "--forward", self.forward,
+        ]  # fmt: skip
+
+
+async def relay(nc: Client, listen: str, forward: str, timeout: float = 10.0) -> Subscription:
+    """Relay requests on ``listen`` to ``forward`` and the replies back (concurrently)."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(msg: Msg) -> None:
+        reply = await nc.request(forward, msg.data, timeout=timeout, headers=msg.headers)
+        await nc.publish(msg.reply, reply.data, headers=reply.headers)
+
+    async def on_msg(msg: Msg) -> None:
+        task = loop.create_task(handle(msg))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return await nc.subscribe(listen, cb=on_msg, pending_msgs_limit=1_000_000)
+
+
+async def _run_relay(nats_url: str, data_dir: Path, listen: str, forward: str) -> None:
+    from broker.connection import connect
+    from broker.identity import service_connect_options
+    from broker.settings import Settings
+
+    settings = Settings(nats_url=nats_url, data_dir=data_dir)
+    nc = await connect(nats_url, name="bench-relay", **service_connect_options(settings))
+    await relay(nc, listen, forward)
+    await nc.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    threading.Thread(
+        target=lambda: (sys.stdin.buffer.read(), loop.call_soon_threadsafe(stop.set)),
+        daemon=True,
+    ).start()
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    await stop.wait()
+    await nc.close()
+
+
 async def _run_stack(
     nats_url: str, data_dir: Path, policy_dir: Path | None, services: Sequence[str]
 ) -> None:
@@ -475,7 +552,15 @@ def _main(argv: Sequence[str] | None = None) -> None:
     stack.add_argument("--data-dir", type=Path, required=True)
     stack.add_argument("--policy-dir", type=Path, default=None)
     stack.add_argument("--services", default="", help="comma-separated (default: all four)")
+    relay_cmd = sub.add_parser("relay", help="relay requests (no logic) until SIGTERM or EOF")
+    relay_cmd.add_argument("--nats-url", required=True)
+    relay_cmd.add_argument("--data-dir", type=Path, required=True)
+    relay_cmd.add_argument("--listen", required=True)
+    relay_cmd.add_argument("--forward", required=True)
     args = parser.parse_args(argv)
+    if args.command == "relay":
+        uvloop.run(_run_relay(args.nats_url, args.data_dir, args.listen, args.forward))
+        return
     names = [n for n in args.services.split(",") if n]
     uvloop.run(_run_stack(args.nats_url, args.data_dir, args.policy_dir, names))
 

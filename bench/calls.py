@@ -12,6 +12,11 @@ One embedded ``nats-server`` (free port, temp store, ``sync_interval`` not
 * ``mediated``: ``broker.Agent`` A calls agent B's ``echo`` capability through
   the policy service (registry, policy, tracing and cost all running, every
   call audited and chained);
+* ``raw-relay``: the raw requester and responder with a do-nothing nats-py
+  relay between them, in a process of its own like the policy service
+  (forwarding each request as a request of its own, relaying the reply
+  back): the same four network hops as a mediated call and none of its
+  work, i.e. the floor of any design in which a mediator relays calls;
 * ``mediated-raw-client``: a plain nats-py client requests ``sb.out.A.B.echo``
   (no SDK on the caller side), which separates SDK cost from mediation cost.
 
@@ -45,6 +50,7 @@ from typing import Any
 import uvloop
 from _common import (
     CpuMeter,
+    RelayProcess,
     Request,
     StackProcess,
     Summary,
@@ -54,6 +60,7 @@ from _common import (
     embedded_server,
     machine_info,
     mark,
+    relay,
     sequential,
     sigterm_unwinds,
     summarize,
@@ -77,10 +84,11 @@ CALLER, TARGET, CAPABILITY = "A", "B", "echo"
 #: Target of the routed path: two versions, a canary route splitting calls 50/50.
 ROUTED, ROUTED_VERSIONS = "B2", ("1.0.0", "1.1.0")
 RAW_SUBJECT = "bench.raw.echo"
+RELAY_SUBJECT = "bench.relay.echo"  # relayed to RAW_SUBJECT by a do-nothing relay
 SEQUENCER = "sb-sequencer"  # durable consumer of the tracing service on SB_AUDIT_IN
 P50_TARGET = 2.0  # mediated p50 / raw p50 at most
 TPUT_TARGET = 0.40  # mediated throughput / raw throughput at least
-PATHS = ("raw", "mediated", "mediated-raw-client", "mediated-routed")
+PATHS = ("raw", "raw-relay", "mediated", "mediated-raw-client", "mediated-routed")
 
 
 
@@ -194,8 +202,9 @@ def _check(msg: Msg, payload: bytes) -> None:
 @asynccontextmanager
 async def raw_path(
     url: str, payload: bytes, timeout: float, credentials: dict[str, Any]
-) -> AsyncIterator[Request]:
-    """A nats-py responder and a requester, each on its own connection."""
+) -> AsyncIterator[tuple[Request, Request]]:
+    """A nats-py responder and a requester, each on its own connection; yields a request
+    straight to the responder and one through the relay (:class:`_common.RelayProcess`)."""
     responder = await connect(url, name="bench-raw-responder", **credentials)
     requester = await connect(url, name="bench-raw-requester", **credentials)
     try:
@@ -209,7 +218,10 @@ async def raw_path(
         async def request() -> None:
             _check(await requester.request(RAW_SUBJECT, payload, timeout=timeout), payload)
 
-        yield request
+        async def relayed() -> None:
+            _check(await requester.request(RELAY_SUBJECT, payload, timeout=timeout), payload)
+
+        yield request, relayed
     finally:
         await requester.close()
         await responder.close()
@@ -376,7 +388,13 @@ async def run(
         tokens = enroll_agents(settings, (CALLER, TARGET, ROUTED))
         nc = await connect(url, name="bench-observer", **service)
         stack.push_async_callback(nc.close)
-        raw = await stack.enter_async_context(raw_path(url, payload, plan.timeout, service))
+        raw, relayed = await stack.enter_async_context(
+            raw_path(url, payload, plan.timeout, service)
+        )
+        if plan.in_process:  # else the relay runs in a child process (see main)
+            relay_nc = await connect(url, name="bench-relay", **service)
+            stack.push_async_callback(relay_nc.close)
+            await relay(relay_nc, RELAY_SUBJECT, RAW_SUBJECT)
         a = await stack.enter_async_context(agents(url, tokens))
         await wait_until_routable(a, payload)
         await set_route(url, settings)
@@ -387,6 +405,7 @@ async def run(
         stack.push_async_callback(client.close)
         requests = {
             "raw": raw,
+            "raw-relay": relayed,
             "mediated": sdk_request(a, payload, plan.timeout),
             "mediated-raw-client": raw_client_request(client, payload, plan.timeout),
             "mediated-routed": sdk_request(a, payload, plan.timeout, ROUTED),
@@ -508,6 +527,15 @@ def report_tables(
                     f"{r['mediated']['throughput']:.2f}x",
                     f">= {TPUT_TARGET:.2f}x",
                     mark(ok["throughput"]),
+                ],
+                [
+                    "raw-relay (floor of any relaying mediator)",
+                    f"{r['raw-relay']['p50']:.2f}x",
+                    "",
+                    "",
+                    f"{r['raw-relay']['throughput']:.2f}x",
+                    "",
+                    "",
                 ],
                 [
                     "mediated-raw-client",
@@ -638,6 +666,13 @@ def main(argv: list[str] | None = None) -> int:
                         child.start()
                         assert child.proc is not None
                         pids[label] = child.proc.pid
+                    relay_child = RelayProcess(
+                        server.url, settings.data_dir, RELAY_SUBJECT, RAW_SUBJECT
+                    )
+                    children.append(relay_child)
+                    relay_child.start()
+                    assert relay_child.proc is not None
+                    pids["relay"] = relay_child.proc.pid
                 results, chained = uvloop.run(run(plan, settings, pids, log))
             finally:
                 for child in reversed(children):
