@@ -442,8 +442,9 @@ class RelayProcess(StackProcess):
     It subscribes to ``listen`` and forwards each request to ``forward`` as a
     request of its own (its own inbox, as the policy service does), then
     relays the reply back: the same two extra hops as a mediated call, with
-    no decision, audit, trace or routing. Connects as the services' user
-    (secrets under ``data_dir``).
+    no decision, audit, trace or routing. On ``<listen>.direct`` it forwards
+    requests with the requester's reply subject (``relay(direct=True)``).
+    Connects as the services' user (secrets under ``data_dir``).
     """
 
     def __init__(self, nats_url: str, data_dir: Path, listen: str, forward: str) -> None:
@@ -465,12 +466,22 @@ class RelayProcess(StackProcess):
         ]  # fmt: skip
 
 
-async def relay(nc: Client, listen: str, forward: str, timeout: float = 10.0) -> Subscription:
-    """Relay requests on ``listen`` to ``forward`` and the replies back (concurrently)."""
+async def relay(
+    nc: Client, listen: str, forward: str, *, direct: bool = False, timeout: float = 10.0
+) -> Subscription:
+    """Relay requests on ``listen`` to ``forward`` and the replies back (concurrently).
+
+    ``direct``: pass each request on with the requester's reply subject
+    instead, so the responder answers the requester itself (one hop less:
+    the floor of a mediator that forwards calls but not replies).
+    """
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
 
     async def handle(msg: Msg) -> None:
+        if direct:
+            await nc.publish(forward, msg.data, reply=msg.reply, headers=msg.headers)
+            return
         reply = await nc.request(forward, msg.data, timeout=timeout, headers=msg.headers)
         await nc.publish(msg.reply, reply.data, headers=reply.headers)
 
@@ -490,6 +501,7 @@ async def _run_relay(nats_url: str, data_dir: Path, listen: str, forward: str) -
     settings = Settings(nats_url=nats_url, data_dir=data_dir)
     nc = await connect(nats_url, name="bench-relay", **service_connect_options(settings))
     await relay(nc, listen, forward)
+    await relay(nc, f"{listen}.direct", forward, direct=True)
     await nc.flush()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

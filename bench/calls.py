@@ -17,6 +17,9 @@ One embedded ``nats-server`` (free port, temp store, ``sync_interval`` not
   (forwarding each request as a request of its own, relaying the reply
   back): the same four network hops as a mediated call and none of its
   work, i.e. the floor of any design in which a mediator relays calls;
+* ``raw-forward``: the same relay forwarding each request with the
+  requester's own reply subject, so the responder answers the requester
+  directly (three hops): the floor of a mediator that stays off the reply path;
 * ``mediated-raw-client``: a plain nats-py client requests ``sb.out.A.B.echo``
   (no SDK on the caller side), which separates SDK cost from mediation cost.
 
@@ -88,7 +91,9 @@ RELAY_SUBJECT = "bench.relay.echo"  # relayed to RAW_SUBJECT by a do-nothing rel
 SEQUENCER = "sb-sequencer"  # durable consumer of the tracing service on SB_AUDIT_IN
 P50_TARGET = 2.0  # mediated p50 / raw p50 at most
 TPUT_TARGET = 0.40  # mediated throughput / raw throughput at least
-PATHS = ("raw", "raw-relay", "mediated", "mediated-raw-client", "mediated-routed")
+PATHS = (
+    "raw", "raw-relay", "raw-forward", "mediated", "mediated-raw-client", "mediated-routed",
+)  # fmt: skip
 
 
 
@@ -202,9 +207,10 @@ def _check(msg: Msg, payload: bytes) -> None:
 @asynccontextmanager
 async def raw_path(
     url: str, payload: bytes, timeout: float, credentials: dict[str, Any]
-) -> AsyncIterator[tuple[Request, Request]]:
+) -> AsyncIterator[tuple[Request, Request, Request]]:
     """A nats-py responder and a requester, each on its own connection; yields a request
-    straight to the responder and one through the relay (:class:`_common.RelayProcess`)."""
+    straight to the responder, one through the relay and one forwarded by it
+    (:class:`_common.RelayProcess`)."""
     responder = await connect(url, name="bench-raw-responder", **credentials)
     requester = await connect(url, name="bench-raw-requester", **credentials)
     try:
@@ -221,7 +227,11 @@ async def raw_path(
         async def relayed() -> None:
             _check(await requester.request(RELAY_SUBJECT, payload, timeout=timeout), payload)
 
-        yield request, relayed
+        async def forwarded() -> None:
+            subject = f"{RELAY_SUBJECT}.direct"
+            _check(await requester.request(subject, payload, timeout=timeout), payload)
+
+        yield request, relayed, forwarded
     finally:
         await requester.close()
         await responder.close()
@@ -388,13 +398,14 @@ async def run(
         tokens = enroll_agents(settings, (CALLER, TARGET, ROUTED))
         nc = await connect(url, name="bench-observer", **service)
         stack.push_async_callback(nc.close)
-        raw, relayed = await stack.enter_async_context(
+        raw, relayed, forwarded = await stack.enter_async_context(
             raw_path(url, payload, plan.timeout, service)
         )
         if plan.in_process:  # else the relay runs in a child process (see main)
             relay_nc = await connect(url, name="bench-relay", **service)
             stack.push_async_callback(relay_nc.close)
             await relay(relay_nc, RELAY_SUBJECT, RAW_SUBJECT)
+            await relay(relay_nc, f"{RELAY_SUBJECT}.direct", RAW_SUBJECT, direct=True)
         a = await stack.enter_async_context(agents(url, tokens))
         await wait_until_routable(a, payload)
         await set_route(url, settings)
@@ -406,6 +417,7 @@ async def run(
         requests = {
             "raw": raw,
             "raw-relay": relayed,
+            "raw-forward": forwarded,
             "mediated": sdk_request(a, payload, plan.timeout),
             "mediated-raw-client": raw_client_request(client, payload, plan.timeout),
             "mediated-routed": sdk_request(a, payload, plan.timeout, ROUTED),
@@ -534,6 +546,15 @@ def report_tables(
                     "",
                     "",
                     f"{r['raw-relay']['throughput']:.2f}x",
+                    "",
+                    "",
+                ],
+                [
+                    "raw-forward (floor if replies went straight back)",
+                    f"{r['raw-forward']['p50']:.2f}x",
+                    "",
+                    "",
+                    f"{r['raw-forward']['throughput']:.2f}x",
                     "",
                     "",
                 ],
