@@ -254,8 +254,12 @@ def chain_key(settings: Settings) -> bytes | None:
 def sign_chain(key: bytes, target: str, chain: str, expires: float) -> str:
     """``Sb-Chain-Sig`` for ``chain`` as forwarded to ``target``: ``<expires>.<mac>``."""
     stamp = f"{expires:.3f}"
-    mac = hmac.new(key, f"{target}\n{chain}\n{stamp}".encode(), hashlib.sha256).hexdigest()
-    return f"{stamp}.{mac[:32]}"
+    return f"{stamp}.{_chain_mac(key, target, chain, stamp)}"
+
+
+def _chain_mac(key: bytes, target: str, chain: str, stamp: str) -> str:
+    # hmac.digest: OpenSSL's one-shot HMAC, a third of hmac.new()'s cost (once per call).
+    return hmac.digest(key, f"{target}\n{chain}\n{stamp}".encode(), "sha256").hex()[:32]
 
 
 def verify_chain(
@@ -271,8 +275,7 @@ def verify_chain(
         return False
     if expires < now:
         return False
-    expected = hmac.new(key, f"{target}\n{chain}\n{stamp}".encode(), hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected[:32], mac)
+    return hmac.compare_digest(_chain_mac(key, target, chain, stamp), mac)
 
 
 def operator_connect_options(settings: Settings) -> dict[str, Any]:
