@@ -39,6 +39,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from broker.codec import encode
 from broker.errors import SchemaError, SignalboxError
 from broker.jetstream import AUDIT_STREAM
 from broker.subjects import Subjects
@@ -53,9 +54,9 @@ from services.cli.common import (
     parse_duration,
     run,
 )
-from services.cli.render import audit_table, to_json
+from services.cli.render import audit_table
 from services.tracing.chain import GENESIS
-from services.tracing.reader import audit_filter, scan, stream_bounds
+from services.tracing.reader import audit_filter, scan, scan_raw, stream_bounds
 from services.tracing.report import TagUsage, tag_report, tagged_capabilities
 from services.tracing.verify import ChainVerifier, VerifyReport
 
@@ -78,6 +79,12 @@ PROGRESS_MIN = 20_000
 UNTIL_SLACK = 60.0
 #: Progress is redrawn every this many records.
 _TICK = 2_000
+#: Bytes of replay output gathered before one write to stdout.
+_WRITE_CHUNK = 1 << 20
+#: Rows per table of ``audit replay --format table`` (a long replay streams table by table).
+_TABLE_ROWS = 1_000
+
+_decode_event = msgspec.json.Decoder(AuditEvent).decode
 
 Format = Literal["table", "json", "ndjson"]
 
@@ -285,17 +292,8 @@ def audit_replay(
     except SignalboxError as err:
         fail(err.message)
     status = Console(stderr=True, soft_wrap=True)
-    out = sys.stdout
-    events: list[AuditEvent] = []
     unreadable: list[int] = []
-
-    def emit(event: AuditEvent, first: bool) -> None:
-        if fmt == "table":
-            events.append(event)
-        elif fmt == "ndjson":
-            out.write(to_json(event) + "\n")
-        else:
-            out.write(("[\n" if first else ",\n") + to_json(event))
+    sink = _ReplaySink(fmt)
 
     async def main() -> int:
         nc = await connect_operator(url, settings)
@@ -303,35 +301,35 @@ def audit_replay(
             js = nc.jetstream()
             first, last = await stream_bounds(js)
             total = max(0, last - first + 1)
-            shown = 0
+            n = 0
             with _progress(total, "replaying") as bar:
                 task = bar.add_task("replay", total=total) if bar else None
-                n = 0
-                async with contextlib.aclosing(scan(js, subject, start_time=start)) as records:
-                    async for pos, record, _raw in records:
-                        n += 1
-                        if bar is not None and task is not None and n % _TICK == 0:
-                            bar.update(task, completed=pos - first + 1)
-                        if isinstance(record, SchemaError):
-                            unreadable.append(pos)
-                            continue
-                        if end is not None and record.time > end:
-                            if record.time > end + UNTIL_SLACK:
-                                break
-                            continue
-                        if trace is not None and record.trace_id != trace:
-                            continue
-                        emit(record, shown == 0)
-                        shown += 1
-            return shown
+                async with contextlib.aclosing(scan_raw(js, subject, start_time=start)) as batches:
+                    async for batch in batches:
+                        for pos, raw in batch:
+                            try:
+                                record = _decode_event(raw)
+                            except msgspec.MsgspecError:
+                                unreadable.append(pos)
+                                continue
+                            if end is not None and record.time > end:
+                                if record.time > end + UNTIL_SLACK:
+                                    return sink.shown
+                                continue
+                            if trace is not None and record.trace_id != trace:
+                                continue
+                            sink.add(record, raw)
+                        n += len(batch)
+                        if bar is not None and task is not None and n >= _TICK:
+                            n = 0
+                            bar.update(task, completed=batch[-1][0] - first + 1)
+            return sink.shown
         finally:
+            sink.flush()
             await nc.close()
 
     shown = run(main())
-    if fmt == "json":
-        out.write("[]\n" if shown == 0 else "\n]\n")
-    elif fmt == "table" and events:
-        Console(soft_wrap=True).print(audit_table(events, title="Audit replay"))
+    sink.close()
     for pos in unreadable:
         status.print(f"[yellow]warning:[/] audit record {pos} is unreadable (run `audit verify`)")
     window = f"from {_when(start)}" + (f" to {_when(end)}" if end is not None else "")
@@ -342,6 +340,71 @@ def audit_replay(
         f"[dim]{shown} record(s) {window}" + (f" ({filters})" if filters else "") + "[/]",
         highlight=False,
     )
+
+
+class _ReplaySink:
+    """Where ``audit replay`` puts the records it shows, in the chosen format.
+
+    ``ndjson`` and ``json`` write each record as stored (the bytes the hash
+    covers, which is what re-encoding the decoded record gives for every
+    record the sequencer wrote), gathered into large writes to stdout's
+    binary buffer; a stored record spread over several lines is re-encoded on
+    one. ``table`` prints a table every :data:`_TABLE_ROWS` records, so a long
+    replay streams instead of piling up in memory.
+    """
+
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self.shown = 0
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._rows: list[AuditEvent] = []
+        self._tables = 0
+        sys.stdout.flush()
+        self._out = sys.stdout.buffer
+
+    def add(self, record: AuditEvent, raw: bytes) -> None:
+        """Show ``record`` (stored as ``raw``)."""
+        if self.fmt == "table":
+            self._rows.append(record)
+            self.shown += 1
+            if len(self._rows) >= _TABLE_ROWS:
+                self._print_table()
+            return
+        if b"\n" in raw or b"\r" in raw:
+            raw = encode(record)
+        if self.fmt == "ndjson":
+            self._chunks.append(raw)
+            self._chunks.append(b"\n")
+        else:
+            self._chunks.append(b",\n" if self.shown else b"[\n")
+            self._chunks.append(raw)
+        self.shown += 1
+        self._size += len(raw) + 2
+        if self._size >= _WRITE_CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is gathered."""
+        if self._chunks:
+            self._out.write(b"".join(self._chunks))
+            self._chunks.clear()
+            self._size = 0
+
+    def close(self) -> None:
+        """Write the rest (and close the JSON array, print the last table)."""
+        if self.fmt == "json":
+            self._chunks.append(b"\n]\n" if self.shown else b"[]\n")
+        elif self.fmt == "table" and self._rows:
+            self._print_table()
+        self.flush()
+        self._out.flush()
+
+    def _print_table(self) -> None:
+        title = "Audit replay" if not self._tables else "Audit replay (continued)"
+        Console(soft_wrap=True).print(audit_table(self._rows, title=title))
+        self._rows = []
+        self._tables += 1
 
 
 # -- report -------------------------------------------------------------------------------

@@ -21,11 +21,15 @@ import contextlib
 import datetime
 import typing
 from collections.abc import AsyncGenerator, Callable
+from typing import Any
 
+import msgspec
 import nats.errors
+from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 from broker.codec import decode
@@ -36,17 +40,29 @@ from schemas import AuditEvent, AuditKind
 
 __all__ = [
     "AUDIT_KINDS",
+    "SCAN_HEARTBEAT",
+    "OrderedRead",
     "audit_filter",
     "count_from",
     "follow",
     "read",
     "scan",
+    "scan_raw",
     "start_of_last",
     "stream_bounds",
 ]
 
-#: Records :func:`scan` holds undecoded before it pauses delivery.
-_SCAN_BUFFER = 4096
+#: Seconds between the server's idle heartbeats on a quiet :func:`scan`.
+SCAN_HEARTBEAT = 2.0
+#: Heartbeats missed in a row before an ordered read recreates its consumer.
+_MISSED_HEARTBEATS = 2
+#: A consumer whose reader vanished (no interest) is deleted by the server after this long.
+_INACTIVE_THRESHOLD = 10.0
+_STATUS = Header.STATUS.value
+_STALLED = Header.CONSUMER_STALLED.value
+_LAST_CONSUMER = Header.LAST_CONSUMER.value
+_event_decoder = msgspec.json.Decoder(AuditEvent)
+_decode_event = _event_decoder.decode
 
 #: Every audit kind, in the order of :data:`schemas.AuditKind`.
 AUDIT_KINDS: tuple[str, ...] = typing.get_args(AuditKind)
@@ -245,96 +261,317 @@ async def scan(
     start_seq: int = 1,
     start_time: float | None = None,
     stream: str = AUDIT_STREAM,
-    buffer: int = _SCAN_BUFFER,
+    heartbeat: float = SCAN_HEARTBEAT,
 ) -> AsyncGenerator[tuple[int, AuditEvent | SchemaError, bytes], None]:
     """Yield ``(stream sequence, record, stored bytes)`` for what ``stream`` holds now, in order.
 
-    An ordered consumer (ephemeral, no acks, flow-controlled) from
-    ``start_seq``, or from the first record stored at or after ``start_time``
-    (Unix seconds) when given; it stops at the record that was last when it
-    started, so a busy trail still ends. Messages are taken by a subscription
-    callback and handed over in batches (several times faster than one
-    ``next_msg`` per record); at most ``buffer`` wait undecoded, beyond which
-    delivery pauses (flow control). A record that does not decode is yielded
-    as its :class:`SchemaError` (``details['seq']`` set) rather than raised:
-    the verifier reports it, replay warns about it.
+    An ordered read (:class:`OrderedRead`: an ephemeral push consumer, no
+    acks, flow-controlled, recreated past the last record seen on any gap)
+    from ``start_seq``, or from the first record stored at or after
+    ``start_time`` (Unix seconds) when given; it stops at the record that was
+    last when it started, so a busy trail still ends. Records are decoded as
+    the caller asks for them, a batch at a time; the server waits for the
+    caller to finish a batch before it sends more than its flow-control
+    window. A record that does not decode is yielded as its
+    :class:`SchemaError` (``details['seq']`` set) rather than raised: the
+    verifier reports it, replay warns about it.
+
+    Args:
+        js: JetStream context.
+        filter_subject: See :func:`audit_filter`.
+        start_seq: First stream sequence to read.
+        start_time: Start at the first record stored at or after this time instead.
+        stream: Stream to read.
+        heartbeat: Seconds between the server's idle heartbeats; two missed in
+            a row and the consumer is taken for lost and recreated.
+
+    Raises:
+        NotFound: no such stream.
+    """
+    async with contextlib.aclosing(
+        scan_raw(
+            js,
+            filter_subject,
+            start_seq=start_seq,
+            start_time=start_time,
+            stream=stream,
+            heartbeat=heartbeat,
+        )
+    ) as batches:
+        async for batch in batches:
+            for seq, data in batch:
+                record: AuditEvent | SchemaError
+                try:
+                    record = _decode_event(data)
+                except msgspec.MsgspecError:
+                    try:
+                        record = decode(data, AuditEvent)  # the path-bearing error
+                    except SchemaError as err:
+                        err.details["seq"] = seq
+                        record = err
+                yield seq, record, data
+
+
+async def scan_raw(
+    js: JetStreamContext,
+    filter_subject: str,
+    *,
+    start_seq: int = 1,
+    start_time: float | None = None,
+    stream: str = AUDIT_STREAM,
+    heartbeat: float = SCAN_HEARTBEAT,
+) -> AsyncGenerator[list[tuple[int, bytes]], None]:
+    """:func:`scan` undecoded: batches of ``(stream sequence, stored bytes)``, in order.
+
+    For readers that decode only what they need (or nothing: a raw dump).
+    Each batch is what arrived since the previous one; the next is asked of
+    the server only once the caller comes back for it (flow control). Same
+    arguments as :func:`scan`.
 
     Raises:
         NotFound: no such stream.
     """
     if start_time is not None:
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_TIME,
-            opt_start_time=datetime.datetime.fromtimestamp(start_time, datetime.UTC),
-        )
+        start: dict[str, Any] = {
+            "deliver_policy": DeliverPolicy.BY_START_TIME,
+            "opt_start_time": datetime.datetime.fromtimestamp(start_time, datetime.UTC),
+        }
     else:
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start_seq)
-        )
-    pending: list[Msg] = []
-    arrived = asyncio.Event()
-    drained = asyncio.Event()
-
-    async def take(msg: Msg) -> None:
-        pending.append(msg)
-        arrived.set()
-        if len(pending) >= buffer:
-            drained.clear()
-            await drained.wait()
-
+        start = {
+            "deliver_policy": DeliverPolicy.BY_START_SEQUENCE,
+            "opt_start_seq": max(1, start_seq),
+        }
     try:
-        sub = await js.subscribe(
-            filter_subject,
-            stream=stream,
-            ordered_consumer=True,
-            config=config,
-            cb=take,
-            pending_msgs_limit=-1,
-            pending_bytes_limit=-1,
-        )
+        info = await js.stream_info(stream)
     except JsNotFoundError as exc:
         raise NotFound(
             f"there is no {stream} stream on this server; start Signalbox with `signalbox up`",
             details={"stream": stream},
         ) from exc
+    end = int(info.state.last_seq)
+    reader = OrderedRead(js, stream, filter_subject, heartbeat=heartbeat)
     try:
-        info = await sub.consumer_info()
-        # (delivery may already have begun: pending then counts only the rest)
-        delivered = info.delivered.consumer_seq if info.delivered is not None else 0
-        if not info.num_pending and not delivered:
+        if end == 0 or not await reader.start(**start):
             return
-        while True:
-            await arrived.wait()
-            batch = pending[:]
-            pending.clear()
-            arrived.clear()
-            drained.set()
-            for msg in batch:
-                seq, left = _position(msg)
-                record: AuditEvent | SchemaError
-                try:
-                    record = decode(msg.data, AuditEvent)
-                except SchemaError as err:
-                    err.details["seq"] = seq
-                    record = err
-                yield seq, record, msg.data
-                if not left:
-                    return
+        finished = False
+        while not finished:
+            batch = await reader.next_batch()
+            if not batch:
+                return
+            out: list[tuple[int, bytes]] = []
+            for seq, left, data in batch:
+                if seq > end:  # written after we started
+                    finished = True
+                    break
+                out.append((seq, data))
+                if not left or seq >= end:
+                    finished = True
+                    break
+            if out:
+                yield out
     finally:
-        drained.set()
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+        await reader.close()
 
 
-def _position(msg: Msg) -> tuple[int, int]:
-    """Stream sequence and records pending after ``msg``, from its reply subject.
+class OrderedRead:
+    """An ordered read of a stream: an ephemeral push consumer on a plain core subscription.
 
-    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<time>.<pending>``
-    (and the longer form with domain and account hash): parsed directly,
-    being several times cheaper than ``msg.metadata``.
+    What nats-py's ``ordered_consumer=True`` does, with less work per message
+    (measured: about twice the messages per second here; nats-py's version
+    also answers flow control only from a 250 ms poll, which stalls the
+    server): the consumer (no acks, flow control, idle heartbeats, memory
+    storage, one replica) delivers to a private inbox; each message's
+    ``$JS.ACK`` reply subject carries its stream and consumer sequences and
+    what is still pending. Ordered means:
+
+    * a consumer sequence that is not the next one (a message lost between
+      server and client), a heartbeat naming a later last-delivered sequence,
+      an unexpected status, or two heartbeats missed in a row (the consumer
+      is gone: server restart, deleted) recreate the consumer from the stream
+      sequence after the last message received, on a fresh inbox; messages
+      still arriving for the old one are ignored (:attr:`resets` counts them);
+    * flow-control requests are answered when the reader comes back for the
+      next batch, so the server never runs more than its window ahead of the
+      caller (:attr:`flow_controls` counts them).
+
+    Use :meth:`start`, then :meth:`next_batch` until it returns an empty list
+    or you are done, then :meth:`close` (always).
     """
-    tokens = (msg.reply or "").split(".")
-    if len(tokens) == 9:
-        return int(tokens[5]), int(tokens[8])
-    meta = msg.metadata
-    return meta.sequence.stream, meta.num_pending
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        stream: str,
+        filter_subject: str,
+        *,
+        heartbeat: float = SCAN_HEARTBEAT,
+    ) -> None:
+        self._js = js
+        # nats-py 2.16 has no public accessor for a context's connection.
+        self._nc: Client = js._nc
+        self._stream = stream
+        self._filter = filter_subject
+        self._heartbeat = heartbeat
+        self._start: dict[str, Any] = {}
+        self._pending: list[tuple[int, int, bytes]] = []
+        self._arrived = asyncio.Event()
+        self._generation = 0
+        self._next_dseq = 1
+        self._last_sseq = 0
+        self._broken = False
+        self._heard = False
+        self._done = False
+        self._fc_reply: str | None = None
+        self._sub: Subscription | None = None
+        self._consumer: str | None = None
+        #: Times the consumer was recreated (gap, lost consumer, bad status).
+        self.resets = 0
+        #: Flow-control requests answered.
+        self.flow_controls = 0
+
+    @property
+    def consumer(self) -> str | None:
+        """Name of the current consumer (changes on every reset)."""
+        return self._consumer
+
+    async def start(self, **start: Any) -> int:
+        """Create the consumer; ``start`` is its deliver policy (``deliver_policy``,
+        ``opt_start_seq`` or ``opt_start_time``). Returns how many messages it has to deliver."""
+        self._start = start
+        return await self._create(start)
+
+    async def next_batch(self) -> list[tuple[int, int, bytes]]:
+        """The next ``(stream sequence, pending after it, data)`` messages, in order.
+
+        Waits for at least one; an empty list means nothing is left to read
+        (a recreated consumer had nothing pending).
+        """
+        while True:
+            if self._fc_reply is not None:
+                reply, self._fc_reply = self._fc_reply, None
+                self.flow_controls += 1
+                await self._nc.publish(reply)
+            if self._pending:
+                batch, self._pending = self._pending, []
+                return batch
+            if self._done:
+                return []
+            if self._broken:
+                await self._reset()
+                continue
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(self._heartbeat * _MISSED_HEARTBEATS + 0.05):
+                    await self._arrived.wait()
+            except TimeoutError:
+                if not self._heard:
+                    self._broken = True  # not even a heartbeat: the consumer is gone
+                self._heard = False
+
+    async def close(self) -> None:
+        """Unsubscribe and delete the consumer (the server would after ``inactive_threshold``)."""
+        self._generation += 1
+        await self._drop()
+
+    # -- internals ------------------------------------------------------------------------
+
+    async def _create(self, start: dict[str, Any]) -> int:
+        generation = self._generation
+        inbox = self._nc.new_inbox()
+
+        async def on_msg(msg: Msg) -> None:
+            if generation == self._generation and not self._broken:
+                self._on_msg(msg)
+
+        # Subscribed before the consumer exists: its first message cannot be missed.
+        self._sub = await self._nc.subscribe(
+            inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
+        config = ConsumerConfig(
+            deliver_subject=inbox,
+            filter_subject=self._filter,
+            ack_policy=AckPolicy.NONE,
+            max_deliver=1,
+            flow_control=True,
+            idle_heartbeat=self._heartbeat,
+            mem_storage=True,
+            num_replicas=1,
+            inactive_threshold=max(_INACTIVE_THRESHOLD, 5 * self._heartbeat),
+            **start,
+        )
+        try:
+            info = await self._js.add_consumer(self._stream, config)
+        except JsNotFoundError as exc:
+            raise NotFound(
+                f"there is no {self._stream} stream on this server; start Signalbox with "
+                "`signalbox up`",
+                details={"stream": self._stream},
+            ) from exc
+        self._consumer = info.name
+        return int(info.num_pending or 0)
+
+    def _on_msg(self, msg: Msg) -> None:
+        self._heard = True
+        headers = msg.headers
+        if headers is not None and _STATUS in headers:
+            self._on_status(msg, headers)
+            return
+        # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>
+        tokens = msg.reply.split(".")
+        if len(tokens) == 9:
+            sseq, dseq, left = int(tokens[5]), int(tokens[6]), int(tokens[8])
+        else:  # the longer form (domain, account hash), or not a JetStream message
+            try:
+                meta = msg.metadata
+            except Exception:  # not a JetStream message: someone wrote to our inbox
+                return
+            sseq, dseq, left = meta.sequence.stream, meta.sequence.consumer, meta.num_pending
+        if dseq != self._next_dseq:
+            self._broken = True  # a message was lost: start again after the last one kept
+            self._arrived.set()
+            return
+        self._next_dseq = dseq + 1
+        self._last_sseq = sseq
+        self._pending.append((sseq, left, msg.data))
+        self._arrived.set()
+
+    def _on_status(self, msg: Msg, headers: dict[str, str]) -> None:
+        if headers.get(_STATUS) != "100":
+            self._broken = True  # not a heartbeat or flow control: start again
+        elif msg.reply:  # flow control: answered when the reader takes the next batch
+            self._fc_reply = msg.reply
+        else:  # idle heartbeat
+            stalled = headers.get(_STALLED)
+            if stalled:
+                self._fc_reply = stalled
+            last = headers.get(_LAST_CONSUMER)
+            if last is not None and last != str(self._next_dseq - 1):
+                self._broken = True  # it delivered more than we received
+        self._arrived.set()
+
+    async def _reset(self) -> None:
+        self.resets += 1
+        self._generation += 1
+        await self._drop()
+        self._broken = False
+        self._next_dseq = 1
+        self._fc_reply = None
+        start = self._start
+        if self._last_sseq:
+            start = {
+                "deliver_policy": DeliverPolicy.BY_START_SEQUENCE,
+                "opt_start_seq": self._last_sseq + 1,
+            }
+        if not await self._create(start):
+            self._done = True
+
+    async def _drop(self) -> None:
+        sub, self._sub = self._sub, None
+        consumer, self._consumer = self._consumer, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if consumer is not None:
+            # (the inactivity threshold cleans up if this is lost or not permitted)
+            with contextlib.suppress(Exception):
+                await self._js.delete_consumer(self._stream, consumer)
