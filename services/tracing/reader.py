@@ -33,6 +33,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 from broker.codec import decode
+from broker.connection import SessionClient, Status, parse_status
 from broker.errors import InvalidInput, NotFound, SchemaError
 from broker.jetstream import AUDIT_STREAM
 from broker.subjects import Subjects, validate_token
@@ -59,6 +60,7 @@ _MISSED_HEARTBEATS = 2
 #: A consumer whose reader vanished (no interest) is deleted by the server after this long.
 _INACTIVE_THRESHOLD = 10.0
 _STATUS = Header.STATUS.value
+_DESCRIPTION = Header.DESCRIPTION.value
 _STALLED = Header.CONSUMER_STALLED.value
 _LAST_CONSUMER = Header.LAST_CONSUMER.value
 _event_decoder = msgspec.json.Decoder(AuditEvent)
@@ -479,14 +481,24 @@ class OrderedRead:
         generation = self._generation
         inbox = self._nc.new_inbox()
 
-        async def on_msg(msg: Msg) -> None:
-            if generation == self._generation and not self._broken:
-                self._on_msg(msg)
-
         # Subscribed before the consumer exists: its first message cannot be missed.
-        self._sub = await self._nc.subscribe(
-            inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
-        )
+        if isinstance(self._nc, SessionClient):  # every Signalbox connection
+
+            def on_raw(reply: bytes, data: bytes, headers: bytes) -> None:
+                if generation == self._generation and not self._broken:
+                    status = parse_status(headers) if headers else None
+                    self._deliver(reply.decode(), data, status)
+
+            self._sub = await self._nc.subscribe_raw(inbox, on_raw)
+        else:
+
+            async def on_msg(msg: Msg) -> None:
+                if generation == self._generation and not self._broken:
+                    self._deliver(msg.reply, msg.data, _status_of(msg.headers))
+
+            self._sub = await self._nc.subscribe(
+                inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
+            )
         config = ConsumerConfig(
             deliver_subject=inbox,
             filter_subject=self._filter,
@@ -510,19 +522,19 @@ class OrderedRead:
         self._consumer = info.name
         return int(info.num_pending or 0)
 
-    def _on_msg(self, msg: Msg) -> None:
+    def _deliver(self, reply: str, data: bytes, status: Status | None) -> None:
+        """One message off the subscription (a record, or a status if ``status``)."""
         self._heard = True
-        headers = msg.headers
-        if headers is not None and _STATUS in headers:
-            self._on_status(msg, headers)
+        if status is not None:
+            self._on_status(reply, status)
             return
         # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>
-        tokens = msg.reply.split(".")
+        tokens = reply.split(".")
         if len(tokens) == 9:
             sseq, dseq, left = int(tokens[5]), int(tokens[6]), int(tokens[8])
         else:  # the longer form (domain, account hash), or not a JetStream message
             try:
-                meta = msg.metadata
+                meta = Msg.Metadata._from_reply(reply)
             except Exception:  # not a JetStream message: someone wrote to our inbox
                 return
             sseq, dseq, left = meta.sequence.stream, meta.sequence.consumer, meta.num_pending
@@ -532,14 +544,15 @@ class OrderedRead:
             return
         self._next_dseq = dseq + 1
         self._last_sseq = sseq
-        self._pending.append((sseq, left, msg.data))
+        self._pending.append((sseq, left, data))
         self._arrived.set()
 
-    def _on_status(self, msg: Msg, headers: dict[str, str]) -> None:
-        if headers.get(_STATUS) != "100":
+    def _on_status(self, reply: str, status: Status) -> None:
+        headers = status.headers
+        if status.code != "100":
             self._broken = True  # not a heartbeat or flow control: start again
-        elif msg.reply:  # flow control: answered when the reader takes the next batch
-            self._fc_reply = msg.reply
+        elif reply:  # flow control: answered when the reader takes the next batch
+            self._fc_reply = reply
         else:  # idle heartbeat
             stalled = headers.get(_STALLED)
             if stalled:
@@ -575,3 +588,10 @@ class OrderedRead:
             # (the inactivity threshold cleans up if this is lost or not permitted)
             with contextlib.suppress(Exception):
                 await self._js.delete_consumer(self._stream, consumer)
+
+
+def _status_of(headers: dict[str, str] | None) -> Status | None:
+    """The status of a message nats-py parsed (a plain client's subscription)."""
+    if not headers or _STATUS not in headers:
+        return None
+    return Status(headers[_STATUS], headers.get(_DESCRIPTION, ""), headers)

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, StreamConfig
 
 from broker.codec import encode
+from broker.connection import Status
 from broker.errors import NotFound, SchemaError
 from schemas import AuditEvent
 from services.tracing.reader import OrderedRead, scan, scan_raw
@@ -107,15 +107,15 @@ def _lose(monkeypatch: pytest.MonkeyPatch, seq: int) -> list[str]:
     """Make the reader never see stream sequence ``seq`` (once), as if dropped on the way;
     returns the list its reply subject is put in when that happens."""
     lost: list[str] = []
-    original = OrderedRead._on_msg
+    original = OrderedRead._deliver
 
-    def lossy(self: OrderedRead, msg: Msg) -> None:
-        if not lost and msg.reply.split(".")[5] == str(seq):
-            lost.append(msg.reply)
+    def lossy(self: OrderedRead, reply: str, data: bytes, status: Status | None) -> None:
+        if not lost and status is None and reply.split(".")[5] == str(seq):
+            lost.append(reply)
             return
-        original(self, msg)
+        original(self, reply, data, status)
 
-    monkeypatch.setattr(OrderedRead, "_on_msg", lossy)
+    monkeypatch.setattr(OrderedRead, "_deliver", lossy)
     return lost
 
 
