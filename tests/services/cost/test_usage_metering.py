@@ -360,3 +360,37 @@ async def test_a_cost_service_killed_before_acking_restarts_with_exact_totals(
         assert report.total.cost_usd == pytest.approx(40 * 100 * 2.5 / 1e6)
     finally:
         await second.stop()
+
+
+async def test_cost_replicas_share_the_stream_and_count_every_report_once(
+    database_url: str,
+    settings: Settings,
+    make_stack: StackFactory,
+    make_agent: AgentFactory,
+    nc: Client,
+) -> None:
+    """Scaling out: replicas bind the same durable consumer and store into the same
+    database; each report is metered by one of them, and counted once."""
+    await make_stack(services=["tracing", "registry"])
+    await make_agent("loan", team="lending").start()
+    current = settings.model_copy(update={"database_url": database_url})
+    replicas = [CostService(current, batch=8), CostService(current, batch=8)]
+    try:
+        for replica in replicas:
+            await replica.start()
+            await _knows_team(replica, "loan")
+        reports = [
+            _usage("loan", i, model="gpt-4o", input_tokens=100, output_tokens=10)
+            for i in range(300)
+        ]
+        await _publish(nc.jetstream(), reports)
+        await _settled(nc)
+        assert all(r.metered > 0 for r in replicas), [r.metered for r in replicas]
+        total = await _report(replicas[0], "team")
+        assert total.total.reports == 300
+        assert round(total.total.cost_usd * NANOS_PER_USD) == 300 * round(
+            (100 * 2.5 + 10 * 10) / 1e6 * NANOS_PER_USD
+        )
+    finally:
+        for replica in replicas:
+            await replica.stop()
