@@ -24,7 +24,6 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import msgspec
-import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -168,11 +167,14 @@ async def follow(
     start_seq: int = 1,
     idle_timeout: float | None = None,
     on_error: Callable[[int, SchemaError], None] | None = None,
+    stream: str = AUDIT_STREAM,
+    heartbeat: float = SCAN_HEARTBEAT,
 ) -> AsyncGenerator[AuditEvent, None]:
     """Yield records matching ``filter_subject`` from ``start_seq`` on, in order, as they come.
 
-    Uses an ordered push consumer (ephemeral, no acks, self-healing on gaps),
-    so it never disturbs the services' durable consumers.
+    Reads through :class:`OrderedRead` in follow mode (an ephemeral push
+    consumer, no acks, self-healing on gaps), so it never disturbs the
+    services' durable consumers.
 
     Args:
         js: JetStream context.
@@ -182,47 +184,37 @@ async def follow(
             (``None``: follow until the caller stops iterating).
         on_error: Called with ``(stream sequence, error)`` for a record that
             does not decode; when unset such a record raises.
+        stream: Stream to read.
+        heartbeat: See :func:`scan`.
 
     Raises:
         SchemaError: an undecodable record and no ``on_error``
             (``details['seq']`` is its sequence).
-        NotFound: no ``SB_AUDIT`` stream.
+        NotFound: no such stream.
     """
+    reader = OrderedRead(js, stream, filter_subject, heartbeat=heartbeat, follow=True)
     try:
-        sub = await js.subscribe(
-            filter_subject,
-            stream=AUDIT_STREAM,
-            ordered_consumer=True,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=max(1, start_seq),
-            ),
+        await reader.start(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start_seq)
         )
-    except JsNotFoundError as exc:
-        raise NotFound(
-            f"there is no {AUDIT_STREAM} stream on this server; start Signalbox with "
-            "`signalbox up`",
-            details={"stream": AUDIT_STREAM},
-        ) from exc
-    try:
         while True:
             try:
-                msg = await sub.next_msg(timeout=idle_timeout)
-            except nats.errors.TimeoutError:
+                async with asyncio.timeout(idle_timeout):
+                    batch = await reader.next_batch()
+            except TimeoutError:
                 return
-            seq = msg.metadata.sequence.stream
-            try:
-                event = decode(msg.data, AuditEvent)
-            except SchemaError as err:
-                err.details["seq"] = seq
-                if on_error is None:
-                    raise
-                on_error(seq, err)
-                continue
-            yield event
+            for seq, _left, data in batch:
+                try:
+                    event = decode(data, AuditEvent)
+                except SchemaError as err:
+                    err.details["seq"] = seq
+                    if on_error is None:
+                        raise
+                    on_error(seq, err)
+                    continue
+                yield event
     finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+        await reader.close()
 
 
 async def read(
@@ -397,7 +389,8 @@ class OrderedRead:
       caller (:attr:`flow_controls` counts them).
 
     Use :meth:`start`, then :meth:`next_batch` until it returns an empty list
-    or you are done, then :meth:`close` (always).
+    or you are done, then :meth:`close` (always). With ``follow=True`` the
+    read never ends on its own: :meth:`next_batch` waits for new records.
     """
 
     def __init__(
@@ -407,8 +400,10 @@ class OrderedRead:
         filter_subject: str,
         *,
         heartbeat: float = SCAN_HEARTBEAT,
+        follow: bool = False,
     ) -> None:
         self._js = js
+        self._follow = follow
         # nats-py 2.16 has no public accessor for a context's connection.
         self._nc: Client = js._nc
         self._stream = stream
@@ -575,7 +570,7 @@ class OrderedRead:
                 "deliver_policy": DeliverPolicy.BY_START_SEQUENCE,
                 "opt_start_seq": self._last_sseq + 1,
             }
-        if not await self._create(start):
+        if not await self._create(start) and not self._follow:
             self._done = True
 
     async def _drop(self) -> None:

@@ -21,7 +21,7 @@ from broker.codec import encode
 from broker.connection import Status
 from broker.errors import NotFound, SchemaError
 from schemas import AuditEvent
-from services.tracing.reader import OrderedRead, scan, scan_raw
+from services.tracing.reader import OrderedRead, follow, scan, scan_raw
 
 if TYPE_CHECKING:
     from conftest import ServiceConnector
@@ -202,3 +202,37 @@ async def test_scan_decodes_and_reports_undecodable_records(js: JetStreamContext
     assert isinstance(wrong, SchemaError) and wrong.details["seq"] == 2
     assert wrong.details["path"] == "$.id"
     assert isinstance(garbage, SchemaError) and garbage.details["seq"] == 3
+
+
+def _event(i: int) -> AuditEvent:
+    return AuditEvent(id=f"e{i}", time=float(i), kind="admin", actor="x", seq=i)
+
+
+async def test_follow_reads_the_backlog_then_waits_for_new_records(
+    js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``follow`` (``audit tail``, ``reader.read``): the same ordered read, in follow
+    mode: an empty backlog does not end it, a lost message is read again, in order;
+    it ends after ``idle_timeout`` without a record."""
+    for i in range(1, 4):
+        await js.publish("t.ordered.a", encode(_event(i)))
+    lost = _lose(monkeypatch, 5)
+    seen: list[str] = []
+    errors: list[int] = []
+    stream = follow(js, "t.ordered.>", stream=STREAM, heartbeat=HEARTBEAT, idle_timeout=1.0,
+                    on_error=lambda seq, _err: errors.append(seq))  # fmt: skip
+    async with contextlib.aclosing(stream) as events:
+        async for event in events:
+            seen.append(event.id)
+            if event.id == "e3":  # the backlog is read: now new records, one lost on the way
+                for i in range(4, 7):
+                    await js.publish("t.ordered.b", encode(_event(i)))
+                await js.publish("t.ordered.b", b"not json")
+    assert seen == ["e1", "e2", "e3", "e4", "e5", "e6"]
+    assert lost and errors == [7]
+
+
+async def test_follow_on_a_missing_stream_says_so(js: JetStreamContext) -> None:
+    with pytest.raises(NotFound):
+        async for _ in follow(js, "x.>", stream="T_NOPE", heartbeat=HEARTBEAT):
+            pass
