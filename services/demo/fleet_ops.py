@@ -215,10 +215,13 @@ async def show_runaway(
     screen.calls_per_check = 1
     normal_until = time.monotonic() + 3.0
     screened = 0
-    while time.monotonic() < normal_until:  # ~5 screenings a second, one model call each
+    # Two screenings a second, one model call each: the regression's fifteen-fold
+    # fan-out then runs at 10x this rate even on a slow, busy machine (at ~5 a
+    # second it could fall short of 10x on 2 loaded cores and never trip).
+    while time.monotonic() < normal_until:
         await check(screened)
         screened += 1
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)
     before = screen.model_calls
     console.print(
         f"Normal: {screened} applications screened in 3 s, {before} model calls "
