@@ -219,7 +219,10 @@ class SessionClient(Client):
             return
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
-        handler(reply, data, headers or b"")  # nats-py passes None for no headers
+        try:
+            handler(reply, data, headers or b"")  # nats-py passes None for no headers
+        except Exception:  # a handler bug must not take the connection's read loop down
+            log.exception("a raw subscription's handler failed; the message is dropped")
 
     async def _process_err(self, err_msg: str) -> None:
         if _EXPIRED in err_msg.lower() and self.options.get("allow_reconnect"):

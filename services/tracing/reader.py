@@ -525,14 +525,14 @@ class OrderedRead:
             return
         # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>
         tokens = reply.split(".")
-        if len(tokens) == 9:
-            sseq, dseq, left = int(tokens[5]), int(tokens[6]), int(tokens[8])
-        else:  # the longer form (domain, account hash), or not a JetStream message
-            try:
+        try:
+            if len(tokens) == 9 and tokens[0] == "$JS":
+                sseq, dseq, left = int(tokens[5]), int(tokens[6]), int(tokens[8])
+            else:  # the longer form (domain, account hash), or not a JetStream message
                 meta = Msg.Metadata._from_reply(reply)
-            except Exception:  # not a JetStream message: someone wrote to our inbox
-                return
-            sseq, dseq, left = meta.sequence.stream, meta.sequence.consumer, meta.num_pending
+                sseq, dseq, left = meta.sequence.stream, meta.sequence.consumer, meta.num_pending
+        except Exception:  # not a JetStream message: someone wrote to our inbox; ignored
+            return
         if dseq != self._next_dseq:
             self._broken = True  # a message was lost: start again after the last one kept
             self._arrived.set()

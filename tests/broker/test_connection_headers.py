@@ -89,3 +89,25 @@ def test_status_blocks_are_read(block: bytes, expected: tuple[str, str, dict[str
 def test_plain_header_blocks_and_nothing_are_not_statuses() -> None:
     assert parse_status(b"NATS/1.0\r\nStatus: 100\r\n\r\n") is None
     assert parse_status(b"") is None
+
+
+async def test_a_raw_handler_that_raises_loses_its_message_not_the_connection(
+    nats_url: str,
+) -> None:
+    nc = await connect(nats_url, name="raw-reader")
+    try:
+        assert isinstance(nc, SessionClient)
+        got: list[bytes] = []
+
+        def handler(_reply: bytes, data: bytes, _headers: bytes) -> None:
+            if data == b"boom":
+                raise ValueError("a handler bug")
+            got.append(data)
+
+        await nc.subscribe_raw("t.raw.boom", handler)
+        for body in (b"one", b"boom", b"two"):
+            await nc.publish("t.raw.boom", body)
+        await sync_connection(nc)
+        assert got == [b"one", b"two"] and nc.is_connected
+    finally:
+        await nc.close()

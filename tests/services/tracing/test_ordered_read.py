@@ -236,3 +236,20 @@ async def test_follow_on_a_missing_stream_says_so(js: JetStreamContext) -> None:
     with pytest.raises(NotFound):
         async for _ in follow(js, "x.>", stream="T_NOPE", heartbeat=HEARTBEAT):
             pass
+
+
+async def test_messages_that_are_not_from_the_consumer_are_ignored(js: JetStreamContext) -> None:
+    await fill(js, 20)
+    reader = OrderedRead(js, STREAM, "t.ordered.>", heartbeat=HEARTBEAT)
+    try:
+        await reader.start(deliver_policy=DeliverPolicy.ALL)
+        assert reader._sub is not None
+        inbox = reader._sub.subject
+        nc = js._nc
+        await nc.publish(inbox, b"junk")  # no reply subject
+        await nc.publish(inbox, b"junk", reply="a.b")
+        await nc.publish(inbox, b"junk", reply="$JS.ACK.S.C.x.y.z.t.p")  # right shape, not numbers
+        assert await drain(reader, 20) == list(range(1, 21))
+        assert reader.resets == 0
+    finally:
+        await reader.close()
