@@ -503,18 +503,26 @@ async def _run_relay(nats_url: str, data_dir: Path, listen: str, forward: str) -
     await relay(nc, listen, forward)
     await relay(nc, f"{listen}.direct", forward, direct=True)
     await nc.flush()
-    stop = asyncio.Event()
+    await _ready_until_stopped()
+    await nc.close()
+
+
+async def _ready_until_stopped() -> None:
+    """Tell the parent ``ready`` (stdout), then return on SIGINT, SIGTERM or stdin EOF
+    (the parent gone, or asking the child to stop)."""
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    threading.Thread(
-        target=lambda: (sys.stdin.buffer.read(), loop.call_soon_threadsafe(stop.set)),
-        daemon=True,
-    ).start()
+
+    def watch_stdin() -> None:
+        sys.stdin.buffer.read()
+        loop.call_soon_threadsafe(stop.set)
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     await stop.wait()
-    await nc.close()
 
 
 async def _run_stack(
@@ -532,21 +540,8 @@ async def _run_stack(
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-    def watch_stdin() -> None:
-        # EOF on stdin means the parent is gone (or asked us to stop).
-        sys.stdin.buffer.read()
-        loop.call_soon_threadsafe(stop.set)
-
-    threading.Thread(target=watch_stdin, daemon=True).start()
     async with Stack(settings, services or tuple(SERVICES)) as stack:
-        sys.stdout.write("ready\n")
-        sys.stdout.flush()
-        await stop.wait()
+        await _ready_until_stopped()
         stats = {name: getattr(svc, "stats", None) for name, svc in stack.services.items()}
         # For whoever reads the child's log after a surprising run.
         print(f"stopping; service stats: {stats}", file=sys.stderr, flush=True)

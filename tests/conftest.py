@@ -281,6 +281,20 @@ async def make_agent(settings: Settings) -> AsyncIterator[AgentFactory]:
         await agent.stop()
 
 
+async def echo_pair(make: AgentFactory, *, team: str = "team-1") -> tuple[Agent, Agent]:
+    """Agent ``a`` and agent ``b`` (of ``team``) serving ``echo``, both started."""
+    b = make("b", team=team)
+
+    @b.capability("echo")
+    async def echo(req: dict[str, Any]) -> dict[str, Any]:
+        return req
+
+    a = make("a")
+    await b.start()
+    await a.start()
+    return a, b
+
+
 class AuditTrail:
     """Reads the chained ``SB_AUDIT`` stream with an ephemeral JetStream pull consumer."""
 

@@ -22,7 +22,7 @@ from services.cli.main import app
 if TYPE_CHECKING:
     from conftest import AgentFactory, AuditTrail, ServiceConnector, StackFactory
 
-from conftest import enroll
+from conftest import echo_pair, enroll
 
 
 @pytest.fixture
@@ -45,15 +45,7 @@ async def test_operators_trip_list_and_reset_breakers(
     make_stack: StackFactory, make_agent: AgentFactory, audit_trail: AuditTrail, cli: Any
 ) -> None:
     await make_stack(allow=[("a", "b", ["echo"])])
-    b = make_agent("b", team="payments")
-
-    @b.capability("echo")
-    async def echo(req: dict[str, Any]) -> dict[str, Any]:
-        return req
-
-    a = make_agent("a")
-    await b.start()
-    await a.start()
+    a, _ = await echo_pair(make_agent, team="payments")
     assert (await cli("breakers", "list")).output.strip() == "no open breakers: every call flows"
 
     tripped = await cli("breakers", "trip", "b", "--reason", "bad deploy 4.2", "--for", "10m")

@@ -26,6 +26,8 @@ from services.runner import Stack
 if TYPE_CHECKING:
     from conftest import AgentFactory, AuditTrail, StackFactory
 
+from conftest import echo_pair
+
 SUBJECTS = Subjects("sb")
 
 
@@ -64,20 +66,6 @@ async def operator(settings: Settings) -> AsyncIterator[Client]:
     nc = await connect(settings.nats_url, name="test-operator", **options)
     yield nc
     await nc.close()
-
-
-async def echo_pair(make_agent: AgentFactory) -> tuple[Agent, Agent]:
-    """Agent ``a`` and agent ``b`` serving ``echo`` (started)."""
-    b = make_agent("b")
-
-    @b.capability("echo")
-    async def echo(req: dict[str, Any]) -> dict[str, Any]:
-        return req
-
-    a = make_agent("a")
-    await b.start()
-    await a.start()
-    return a, b
 
 
 # -- call-rate anomaly ---------------------------------------------------------------------

@@ -12,14 +12,17 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+import nats
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, StreamConfig
 
 from broker.codec import encode
-from broker.connection import Status
+from broker.connection import SessionClient, Status
 from broker.errors import NotFound, SchemaError
+from broker.identity import service_connect_options
+from broker.settings import Settings
 from schemas import AuditEvent
 from services.tracing.reader import OrderedRead, follow, scan, scan_raw
 
@@ -31,14 +34,24 @@ STREAM = "T_ORDERED"
 HEARTBEAT = 0.2
 
 
-@pytest.fixture
-async def js(service_nc: ServiceConnector) -> AsyncIterator[JetStreamContext]:
-    nc: Client = await service_nc()
+@pytest.fixture(params=["session-client", "plain-nats-py"])
+async def js(
+    request: pytest.FixtureRequest, service_nc: ServiceConnector, settings: Settings
+) -> AsyncIterator[JetStreamContext]:
+    """On Signalbox's client (raw subscriptions) and on a plain nats-py client (the
+    reader's fallback: nats-py's messages), the same behaviour."""
+    if request.param == "session-client":
+        nc: Client = await service_nc()
+    else:
+        nc = await nats.connect(settings.nats_url or "", **service_connect_options(settings))
+        assert not isinstance(nc, SessionClient)
     js = nc.jetstream(publish_async_max_pending=512)
     await js.add_stream(StreamConfig(name=STREAM, subjects=["t.ordered.>"]))
     yield js
     with contextlib.suppress(Exception):
         await js.delete_stream(STREAM)
+    if request.param != "session-client":
+        await nc.close()
 
 
 async def fill(js: JetStreamContext, n: int, *, size: int = 64, start: int = 0) -> None:
