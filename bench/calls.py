@@ -318,13 +318,25 @@ def raw_client_request(nc: Client, payload: bytes, timeout: float) -> Request:
     return request
 
 
-def enroll_agents(settings: Settings, names: tuple[str, ...]) -> dict[str, str]:
-    """A credential per agent, issued straight into the registry's store."""
+def enroll_agents(
+    settings: Settings, names: tuple[str, ...], teams: dict[str, str] | None = None
+) -> dict[str, str]:
+    """A credential per agent, issued straight into the registry's store, each agent bound to
+    owner ``bench`` and its team in ``teams`` (default ``bench``), as its manifest declares."""
+    from schemas import AgentBinding
     from services.registry.credentials import CredentialStore
 
     store = CredentialStore(settings.resolved_database_url)
     try:
-        return {name: store.issue(name, 3600.0, created_by="bench").token for name in names}
+        return {
+            name: store.issue(
+                name, 3600.0, created_by="bench",
+                binding=AgentBinding(
+                    agent=name, owner="bench", team=(teams or {}).get(name, "bench")
+                ),
+            ).token
+            for name in names
+        }  # fmt: skip
     finally:
         store.close()
 

@@ -599,7 +599,9 @@ async def run_authz(
         nc = await connect(url, name="bench-observer", **service)
         stack.push_async_callback(nc.close)
         raw_go = await stack.enter_async_context(raw_path(url, payload, plan.timeout, service))
-        tokens = enroll_agents(settings, (FREE, BUDGETED))
+        tokens = enroll_agents(
+            settings, (FREE, BUDGETED), {FREE: "bench-free-team", BUDGETED: BUDGET_TEAM}
+        )
         free, budgeted = await stack.enter_async_context(authz_agents(url, tokens))
         await set_budgets(settings, "team", [BUDGET_TEAM])
         await until_reserving(budgeted)

@@ -21,6 +21,7 @@ temporary data dir; ``--database-url`` points it at PostgreSQL instead.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -52,6 +53,7 @@ from rich.console import Console
 
 from broker.codec import decode, encode
 from broker.replies import is_error
+from broker.subjects import AGENT_INBOX_ROOT, SERVICE_INBOX, inbox_prefix
 from schemas import (
     AgentManifest,
     AgentRecord,
@@ -110,6 +112,46 @@ async def _request(nc: Client, subject: str, body: bytes) -> bytes:
     return msg.data
 
 
+class AgentReplies:
+    """Requests as many agents over one connection (the bench's fleet).
+
+    The registry answers an agent-scoped request only into that agent's own
+    inbox (``_INBOX.agent.<name>.…``), so each request names its agent's
+    inbox as reply; one subscription on ``_INBOX.agent.>`` takes them all.
+    """
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._waiting: dict[str, asyncio.Future[Any]] = {}
+        self._next = 0
+
+    async def start(self) -> None:
+        """Subscribe the agents' inboxes."""
+        await self._nc.subscribe(f"{AGENT_INBOX_ROOT}.>", cb=self._on_reply)
+        await self._nc.flush()
+
+    async def _on_reply(self, msg: Any) -> None:
+        waiter = self._waiting.pop(msg.subject, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(msg)
+
+    async def request(self, agent: str, subject: str, body: bytes) -> bytes:
+        """``subject`` asked as ``agent``; the reply's body (raises on an error reply)."""
+        self._next += 1
+        reply = f"{inbox_prefix(agent)}.{self._next}"
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[reply] = waiter
+        try:
+            await self._nc.publish(subject, body, reply=reply)
+            msg = await asyncio.wait_for(waiter, 10)
+        finally:
+            self._waiting.pop(reply, None)
+        if is_error(msg.headers):
+            raise RuntimeError(f"{subject}: {msg.data!r}")
+        data: bytes = msg.data
+        return data
+
+
 class Heartbeats(NamedTuple):
     """Heartbeat figures of one run, with the raw baseline measured alongside."""
 
@@ -123,8 +165,10 @@ async def run(
     url: str, n_agents: int, n_queries: int, n_beats: int, log: Console
 ) -> tuple[dict[str, Summary], float, Heartbeats]:
     """Register the fleet, measure every query shape and the raw baseline, then heartbeats."""
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, inbox_prefix=SERVICE_INBOX)  # reads as a service
     responder = await nats.connect(url)
+    fleet_nc = AgentReplies(nc)
+    await fleet_nc.start()
 
     async def echo(msg: Any) -> None:
         await responder.publish(msg.reply, msg.data)
@@ -138,7 +182,9 @@ async def run(
 
     async def register() -> None:
         manifest = next(manifests)
-        data = await _request(nc, f"sb.registry.register.{manifest.name}", encode(manifest))
+        data = await fleet_nc.request(
+            manifest.name, f"sb.registry.register.{manifest.name}", encode(manifest)
+        )
         decode(data, Registered)
 
     done = await concurrent(register, n_agents, 64)
@@ -176,6 +222,7 @@ async def run(
     # Heartbeats: one instance per agent, cycling through the fleet.
     beats = [
         (
+            m.name,
             f"sb.registry.heartbeat.{m.name}",
             encode(Heartbeat(name=m.name, version=m.version, instance=f"bench-{i:05d}")),
         )
@@ -185,9 +232,9 @@ async def run(
 
     async def heartbeat() -> None:
         nonlocal turn
-        subject, body = beats[turn % len(beats)]
+        agent, subject, body = beats[turn % len(beats)]
         turn += 1
-        decode(await _request(nc, subject, body), AgentRecord)
+        decode(await fleet_nc.request(agent, subject, body), AgentRecord)
 
     log.log(f"heartbeats: {n_beats:,} with 64 in flight, {n_queries:,} sequential")
     await concurrent(heartbeat, max(500, n_beats // 10), 64)  # warm-up

@@ -12,6 +12,7 @@ from broker.audit import AuditEmitter, new_id
 from broker.codec import decode, encode
 from broker.connection import connect
 from broker.errors import (
+    AttributeMismatch,
     AuthenticationFailed,
     BadRequest,
     BreakerOpen,
@@ -24,6 +25,7 @@ from broker.errors import (
     ControlPlaneUnavailable,
     IdentityMismatch,
     InvalidInput,
+    InvalidReplySubject,
     InvalidSubjectToken,
     NatsUnreachable,
     NotFound,
@@ -46,6 +48,7 @@ from broker.subjects import Subjects, validate_token
 
 __all__ = [
     "Agent",
+    "AttributeMismatch",
     "AuditEmitter",
     "AuthenticationFailed",
     "BadRequest",
@@ -61,6 +64,7 @@ __all__ = [
     "EmbeddedServer",
     "IdentityMismatch",
     "InvalidInput",
+    "InvalidReplySubject",
     "InvalidSubjectToken",
     "ModelCall",
     "NatsUnreachable",

@@ -359,6 +359,13 @@ class Agent:
         except InvalidInput as err:
             # Decode failures and unknown capabilities are the caller's fault.
             return error_reply(BadRequest(f"bad request: {err.message}", details=err.details))
+        except Exception as exc:  # any bytes at all get an answer, never silence
+            return error_reply(
+                BadRequest(
+                    f"bad request: the input could not be read ({type(exc).__name__})",
+                    details={"exception": type(exc).__name__},
+                )
+            )
         try:
             if cap.wants_ctx:
                 ctx = CallContext(meta=self._meta(headers, cap_name), headers=headers)
@@ -484,7 +491,9 @@ class Agent:
             ``await agent.discover(capability="score", versions="^1")``
         """
         q = query or DiscoverAgents(**filters)
-        return await self._rpc(self.subjects.registry("discover"), q, DiscoverResult, 5.0)
+        return await self._rpc(
+            self.subjects.registry_for("discover", self.name), q, DiscoverResult, 5.0
+        )
 
     async def register(self, timeout: float = 5.0) -> Registered:
         """Register :meth:`full_manifest` with the registry.
@@ -665,7 +674,7 @@ class Agent:
         provider: str = "",
         region: str = "",
         price_per_1k_tokens: float = 0.0,
-        estimated_tokens: int = 0,
+        estimated_tokens: int | None = None,
         data_tags: tuple[str, ...] = (),
         on_behalf_of: tuple[str, ...] = (),
         max_output_tokens: int = 0,
@@ -686,7 +695,9 @@ class Agent:
             provider: Model or tool provider.
             region: Region of the endpoint that would serve the call.
             price_per_1k_tokens: Model price in USD per 1,000 tokens.
-            estimated_tokens: Tokens this one invocation is expected to use.
+            estimated_tokens: Tokens this one invocation is expected to use; None
+                (the default): not given, which policies see as an unknown
+                estimate (``context.estimated_tokens_known`` false), never as 0.
             data_tags: Classification tags of the data sent (``pii``...).
             on_behalf_of: Delegation chain (agents or users), outermost first.
             max_output_tokens: Most completion tokens the call may produce.
@@ -745,7 +756,7 @@ class Agent:
         *,
         provider: str = "",
         region: str = "",
-        estimated_tokens: int = 0,
+        estimated_tokens: int | None = None,
         max_output_tokens: int = 0,
         project: str = "",
         data_tags: tuple[str, ...] = (),
@@ -775,6 +786,12 @@ class Agent:
 
         Either pass a :class:`~schemas.UsageReport` or its fields
         (``model=``, ``input_tokens=``...). Returns the report id.
+
+        Reported from a handler, the report carries the delegation chain the
+        policy service signed for the call being served (``Sb-Chain``,
+        ``Sb-Chain-Sig``): the cost service charges the budgets of those
+        agents, and of no one the report's ``on_behalf_of`` names. Its
+        ``project`` is charged only if an operator bound it to this agent.
         """
         with self.telemetry.hop("sb.usage", kind=SpanKind.PRODUCER, parent=None) as span:
             # Charged to the current trace (a handler's call) unless it names its own.
@@ -796,7 +813,8 @@ class Agent:
             await js.publish(
                 self.subjects.usage(self.name),
                 encode(report),
-                headers=inject({H_MSG_ID: report.id}, span),
+                # The chain a handler serves: the only delegation the cost service charges.
+                headers=inject({H_MSG_ID: report.id, **_chain_headers()}, span),
             )
             return report.id
 

@@ -162,6 +162,39 @@ class AuditEmitter:
         self.add(ev)
         return ev
 
+    def alert_unreadable(
+        self,
+        bucket: str,
+        key: str,
+        reason: str,
+        *,
+        effect: str,
+        fix: str,
+        event: str = "unreadable_record",
+    ) -> AuditEvent:
+        """Audit (kind ``alert``) a stored KV record nobody can use, and what is done about it.
+
+        Synchronous (no I/O), so KV watch callbacks can call it.
+
+        Args:
+            bucket: The KV bucket (``sb_budgets``...).
+            key: The record's key.
+            reason: Why it cannot be used (the decode or validation error).
+            effect: What the system does meanwhile (fails closed, keeps the last set...).
+            fix: The operator's command that rewrites it.
+            event: ``unreadable_record`` (it does not decode) or ``unusable_record``
+                (it decodes but cannot be used, e.g. a policy set that does not validate).
+        """
+        ev = self.event(
+            "alert",
+            subject=f"$KV.{bucket}.{key}",
+            span_id="",
+            data={"event": event, "bucket": bucket, "key": key,
+                  "reason": reason, "effect": effect, "fix": fix},
+        )  # fmt: skip
+        self.add(ev)
+        return ev
+
     async def publish(self, ev: AuditEvent) -> None:
         """Buffer an already built event (kept for symmetry with :meth:`emit`)."""
         self.add(ev)

@@ -25,6 +25,14 @@ the key's KV revision, so concurrent replicas never clobber each other::
 Every change is an audit event (kind ``breaker``) emitted by whoever made
 it, with the record before and after.
 
+A stored record that cannot be read (not JSON, invalid UTF-8, a wrong tag or
+field, or the record of another key) fails closed: the board holds that
+breaker ``open`` with reason ``unreadable`` and the decode error in its text
+(so ``signalbox breakers list`` shows it and refused callers are told), logs
+an ERROR and audits an ``alert`` (once per stored revision, by every board
+that sees it). :meth:`BreakerBoard.reset` then writes a clean, closed record
+(audited as usual), and so does a :meth:`~BreakerBoard.trip`.
+
 Example (the cost service on an exhausted budget)::
 
     board = BreakerBoard(await js.key_value(KV_BREAKERS), audit, "service:cost")
@@ -204,27 +212,61 @@ class BreakerBoard:
                 if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
                     self._forget(entry.key, revision)
                 else:
-                    self._apply(entry.key, self._decode(entry.key, entry.value), revision)
+                    breaker, problem = self._parse(entry.key, entry.value)
+                    if problem:
+                        self._alarm(entry.key, problem, revision)
+                    self._apply(entry.key, breaker, revision)
                 if entry.delta == 0:
                     self._ready.set()
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
-    def _decode(self, key: str, value: bytes) -> Breaker | None:
+    def _parse(self, key: str, value: bytes) -> tuple[Breaker | None, str]:
+        """The breaker stored under ``key`` and ""; or, when the record cannot be read,
+        the fail-closed stand-in (:meth:`_unreadable`) and why."""
         try:
-            return decode(value, Breaker)
+            breaker = decode(value, Breaker)
         except SchemaError as err:
-            # Fail closed: a breaker nobody can read stays open until reset.
-            log.error("sb_breakers key %s: undecodable record, treated as open: %s", key, err)
-            try:
-                scope, name = split_key(key)
-            except InvalidInput:
-                return None
-            return Breaker(
-                key=key, scope=scope, name=name, state="open", reason="manual",
-                text="the stored breaker record cannot be read; reset it",
-            )  # fmt: skip
+            problem = err.message
+        else:
+            if breaker.key == key:
+                return breaker, ""
+            problem = f"the record under {key} is the record of {breaker.key}"
+        return self._unreadable(key, problem), problem
+
+    def _unreadable(self, key: str, problem: str) -> Breaker | None:
+        """Fail closed: the breaker ``key`` held open until reset (None: not a breaker key)."""
+        try:
+            scope, name = split_key(key)
+        except InvalidInput:
+            return None  # no agent or team is named by it: nothing to hold open
+        return Breaker(
+            key=key, scope=scope, name=name, state="open", reason="unreadable",
+            text=f"its stored record in {self.kv._name} cannot be read ({problem[:300]}); "
+            "calls are refused until an operator resets it",
+            since=self.clock(), tripped_by=f"$KV.{self.kv._name}",
+            changed_by=f"$KV.{self.kv._name}", changed_at=self.clock(),
+        )  # fmt: skip
+
+    def _alarm(self, key: str, problem: str, revision: int) -> None:
+        """Log and audit (kind ``alert``) an unreadable record, once per stored revision."""
+        current = self._records.get(key)
+        if current is not None and current[1] >= revision:
+            return  # already seen
+        log.error(
+            "%s key %s: unreadable breaker record (%s); held open (fail closed) until "
+            "`signalbox breakers reset` rewrites it",
+            self.kv._name,
+            key,
+            problem,
+        )
+        scope, _, name = key.partition(".")
+        self.audit.alert_unreadable(
+            self.kv._name, key, problem,
+            effect="breaker held open: calls of and to it are refused (fail closed)",
+            fix=f"signalbox breakers reset {scope}:{name}",
+        )  # fmt: skip
 
     def _apply(self, key: str, breaker: Breaker | None, revision: int) -> None:
         current = self._records.get(key)
@@ -508,7 +550,7 @@ class BreakerBoard:
             return None, 0
         if not entry.value:
             return None, entry.revision or 0
-        return self._decode(key, entry.value), entry.revision or 0
+        return self._parse(key, entry.value)[0], entry.revision or 0
 
     async def _audit(self, op: str, key: str, old: Breaker | None, new: Breaker, who: str) -> None:
         data: dict[str, Any] = {

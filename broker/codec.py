@@ -56,6 +56,15 @@ def decode(data: bytes, type_: type[T]) -> T:
         raise SchemaError(
             f"malformed JSON: {exc}", details={"path": "$", "error": str(exc)}
         ) from exc
+    except UnicodeDecodeError as exc:  # msgspec raises it for invalid UTF-8 in a string
+        raise SchemaError(
+            f"malformed JSON: invalid UTF-8 at byte {exc.start}",
+            details={"path": "$", "error": "invalid UTF-8"},
+        ) from exc
+    except RecursionError as exc:  # msgspec's own depth limit (~1,000 levels)
+        raise SchemaError(
+            "malformed JSON: nested too deeply", details={"path": "$", "error": str(exc)}
+        ) from exc
 
 
 def ensure_size(data: bytes, limit: int, *, what: str = "payload") -> None:

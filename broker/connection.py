@@ -28,6 +28,7 @@ from broker.errors import AuthenticationFailed, ConfigError
 
 __all__ = [
     "Client",
+    "MalformedHandler",
     "RawHandler",
     "SessionClient",
     "Status",
@@ -172,6 +173,15 @@ async def connect(
 #: when it has none), synchronously, from the connection's read loop.
 RawHandler = Callable[[bytes, bytes, bytes], None]
 
+#: Called with a dropped message's subject, reply subject (raw bytes, possibly
+#: invalid UTF-8) and the reason, synchronously, from the connection's read loop.
+MalformedHandler = Callable[[bytes, bytes, str], None]
+
+# What a subject or reply subject may be off the wire: 1-512 printable ASCII
+# bytes (broker.subjects.MAX_SUBJECT_BYTES). The server relays any bytes but
+# whitespace; nats-py's reply.decode() on invalid UTF-8 ends its read loop.
+_WIRE_SUBJECT = re.compile(rb"[!-~]{1,512}")
+
 
 class SessionClient(Client):
     """nats-py's client, reconnecting (not closing) when the server ends an expired session.
@@ -183,11 +193,39 @@ class SessionClient(Client):
     client reconnects, and so does this one: the reconnect presents the
     credential again, and the auth callout checks it again.
 
+    No input can stop its read loop (nats-py's ends on any exception in
+    message processing and leaves the connection deaf until the server pings
+    it out, minutes later): a message whose subject or reply subject is not
+    1-512 printable ASCII bytes is dropped before nats-py decodes it, any
+    other failure to process a message drops that message, and both are
+    counted (:attr:`malformed`) and reported to :attr:`on_malformed`. Should
+    the read loop end anyway while the connection is up, the connection
+    reconnects (:meth:`_read_loop`).
+
     Also: a faster header parser (:meth:`_parse_header_lines`) and raw
     subscriptions (:meth:`subscribe_raw`) for bulk readers.
     """
 
     _raw_handlers: dict[int, RawHandler] | None = None
+    #: Messages dropped because they could not be read (see the class docstring).
+    malformed: int = 0
+    #: Told about each dropped message (services count and audit them).
+    on_malformed: MalformedHandler | None = None
+    #: Subscriptions whose dropped messages are terminated (:meth:`term_unreadable`).
+    _term_sids: set[int] | None = None
+
+    def term_unreadable(self, sub: Subscription) -> None:
+        """Terminate (``+TERM``) the JetStream messages of ``sub`` that are dropped unread.
+
+        For a pull consumer's delivery inbox, on which only JetStream delivers:
+        a message never acked is redelivered after ``ack_wait`` forever and
+        holds a slot of the consumer's ``max_ack_pending`` meanwhile, so stored
+        messages nobody can read (an agent's usage report with a broken header
+        block) would stall the consumer for everyone.
+        """
+        if self._term_sids is None:
+            self._term_sids = set()
+        self._term_sids.add(sub._id)
 
     async def subscribe_raw(self, subject: str, handler: RawHandler) -> Subscription:
         """Subscribe with ``handler`` called for each message as it is read off the socket.
@@ -209,10 +247,21 @@ class SessionClient(Client):
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
     ) -> None:
+        if _WIRE_SUBJECT.fullmatch(subject) is None or (
+            reply and _WIRE_SUBJECT.fullmatch(reply) is None
+        ):
+            self._drop(subject, reply, "subject or reply subject is not 1-512 printable ASCII")
+            return
         handlers = self._raw_handlers
         handler = handlers.get(sid) if handlers else None
         if handler is None:
-            await super()._process_msg(sid, subject, reply, data, headers)
+            try:
+                await super()._process_msg(sid, subject, reply, data, headers)
+            except Exception as exc:  # never the read loop's end: drop this message only
+                self._drop(subject, reply, f"unreadable message ({type(exc).__name__})")
+                if self._term_sids and sid in self._term_sids and reply.startswith(b"$JS.ACK."):
+                    with contextlib.suppress(Exception):  # reply: printable ASCII (checked)
+                        await self.publish(reply.decode(), b"+TERM")
             return
         if sid not in self._subs:  # unsubscribed: forget it
             del handlers[sid]  # type: ignore[union-attr]
@@ -223,6 +272,24 @@ class SessionClient(Client):
             handler(reply, data, headers or b"")  # nats-py passes None for no headers
         except Exception:  # a handler bug must not take the connection's read loop down
             log.exception("a raw subscription's handler failed; the message is dropped")
+
+    def _drop(self, subject: bytes, reply: bytes, reason: str) -> None:
+        self.malformed += 1
+        log.debug("nats: dropped a message on %r: %s", subject[:80], reason)
+        hook = self.on_malformed
+        if hook is not None:
+            try:
+                hook(subject, reply, reason)
+            except Exception:
+                log.exception("the malformed-message hook failed")
+
+    async def _read_loop(self) -> None:
+        """nats-py's read loop, and a watchdog: if it ends while the connection is
+        still up (an error nats-py only logs), reconnect instead of going deaf."""
+        await super()._read_loop()
+        if self.is_connected:
+            log.error("nats: the connection's read loop ended unexpectedly; reconnecting")
+            await self._process_op_err(nats.errors.ProtocolError())
 
     async def _process_err(self, err_msg: str) -> None:
         if _EXPIRED in err_msg.lower() and self.options.get("allow_reconnect"):

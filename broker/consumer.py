@@ -45,6 +45,8 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from broker.connection import SessionClient
+
 __all__ = ["PullWorker"]
 
 log = logging.getLogger(__name__)
@@ -138,6 +140,8 @@ class PullWorker:
         )
         self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+        if isinstance(self._nc, SessionClient):  # a message it cannot read: never redelivered
+            self._nc.term_unreadable(self._sub)
         self._stopping.clear()
         self._credit = 0
         self._heard = time.monotonic()

@@ -20,6 +20,8 @@ structured error replies) plus free-form ``details``::
     │   └── Conflict                     clashes with stored state    "conflict"
     ├── NotFound (LookupError)           unknown entity               "not_found"
     ├── IdentityMismatch (PermissionError) acts for another agent     "identity_mismatch"
+    │   ├── InvalidReplySubject           reply outside own reply space "invalid_reply_subject"
+    │   └── AttributeMismatch             declares other attributes than bound "attribute_mismatch"
     └── CallError                        an agent call failed         "call_error"
         ├── CallDenied (PermissionError) policy said no               "denied"
         │   ├── BreakerOpen               a circuit breaker is open    "breaker_open"
@@ -40,6 +42,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "AttributeMismatch",
     "AuthenticationFailed",
     "BadRequest",
     "BreakerOpen",
@@ -52,6 +55,7 @@ __all__ = [
     "ControlPlaneUnavailable",
     "IdentityMismatch",
     "InvalidInput",
+    "InvalidReplySubject",
     "InvalidSubjectToken",
     "NatsUnreachable",
     "NotFound",
@@ -182,6 +186,32 @@ class IdentityMismatch(SignalboxError, PermissionError):
     """
 
     code = "identity_mismatch"
+
+
+class InvalidReplySubject(IdentityMismatch):
+    """A request's reply subject is outside its sender's own reply space.
+
+    A service publishes its reply with its own rights, so it answers only
+    into the sender's inbox (:func:`broker.subjects.reply_fault`); a request
+    naming ``$KV.…``, an admin subject or another agent's inbox is refused
+    unanswered and audited.
+    """
+
+    code = "invalid_reply_subject"
+
+
+class AttributeMismatch(IdentityMismatch):
+    """An agent's manifest declares a governance attribute other than the one bound to it.
+
+    Team, owner, namespace, region, projects and principal tags are bound to
+    an agent by an operator at enrollment (``signalbox agents enroll NAME
+    --team ...``, changed with ``signalbox agents bind``); policies and
+    budgets read the bound values, never the agent's. A registration naming
+    another value is refused with nothing written; ``details`` names the
+    ``field``, the ``declared`` and the ``bound`` value.
+    """
+
+    code = "attribute_mismatch"
 
 
 class CallError(SignalboxError):

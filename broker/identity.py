@@ -58,7 +58,13 @@ import nkeys
 
 from broker.errors import ConfigError, InvalidInput
 from broker.settings import Settings
-from broker.subjects import Subjects, inbox_prefix
+from broker.subjects import (
+    OPERATOR_INBOX,
+    SERVICE_INBOX,
+    Subjects,
+    inbox_prefix,
+    operator_inbox,
+)
 
 __all__ = [
     "ACCOUNT",
@@ -67,7 +73,11 @@ __all__ = [
     "CALLOUT_SUBJECT",
     "CHAIN_GRACE",
     "OPERATOR_INBOX",
+    "OPERATOR_READ_OPS",
+    "OPERATOR_ROLES",
+    "OPERATOR_TOKEN_PREFIX",
     "OPERATOR_USER",
+    "SERVICE_NAMES",
     "SERVICE_USER",
     "SYSTEM_ACCOUNT",
     "SYSTEM_USER",
@@ -79,9 +89,12 @@ __all__ = [
     "decode_jwt",
     "encode_jwt",
     "operator_connect_options",
+    "operator_name",
     "operator_permissions",
     "resolve_secrets_dir",
     "service_connect_options",
+    "service_permissions",
+    "service_user",
     "sign_chain",
     "verify_chain",
 ]
@@ -95,8 +108,10 @@ AUTH_USER = "sb-auth"
 SYSTEM_USER = "sb-system"
 #: Where the server sends authorization requests (in the AUTH account).
 CALLOUT_SUBJECT = "$SYS.REQ.USER.AUTH"
-#: Reply-subject prefix of operator connections (the CLI).
-OPERATOR_INBOX = "_INBOX.operator"
+
+#: The services that connect with a user of their own (least privilege:
+#: :func:`service_permissions`); user ``sb-<name>``, password ``<name>.password``.
+SERVICE_NAMES = ("registry", "policy", "cost", "tracing")
 
 _FILES = {
     "issuer_seed": "issuer.nk",
@@ -104,7 +119,13 @@ _FILES = {
     "service_password": "service.password",
     "system_password": "system.password",
     "operator_password": "operator.password",
+    **{f"{name}_password": f"{name}.password" for name in SERVICE_NAMES},
 }
+
+
+def service_user(name: str) -> str:
+    """The NATS user of service ``name`` (``sb-registry``...)."""
+    return f"sb-{name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +141,15 @@ class ServerSecrets:
     service_password: str
     system_password: str
     operator_password: str
+    registry_password: str
+    policy_password: str
+    cost_password: str
+    tracing_password: str
+
+    def password_of(self, service: str) -> str:
+        """The password of service ``service``'s own user."""
+        value: str = getattr(self, f"{service}_password")
+        return value
 
     @property
     def issuer_public_key(self) -> str:
@@ -134,13 +164,8 @@ class ServerSecrets:
     def generate(cls) -> ServerSecrets:
         """Fresh random secrets."""
         seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_ACCOUNT).decode()
-        return cls(
-            issuer_seed=seed,
-            auth_password=secrets.token_urlsafe(32),
-            service_password=secrets.token_urlsafe(32),
-            system_password=secrets.token_urlsafe(32),
-            operator_password=secrets.token_urlsafe(32),
-        )
+        passwords = {attr: secrets.token_urlsafe(32) for attr in _FILES if attr != "issuer_seed"}
+        return cls(issuer_seed=seed, **passwords)
 
     @classmethod
     def load(cls, folder: Path) -> ServerSecrets:
@@ -218,10 +243,23 @@ def _role_options(settings: Settings, user: str, attr: str) -> dict[str, Any]:
     return {"user": user, "password": _read_secret(path)}
 
 
-def service_connect_options(settings: Settings) -> dict[str, Any]:
-    """nats-py connect options of a service: ``SIGNALBOX_NATS_USER``/``_PASSWORD`` if set,
-    else the ``sb-service`` password from the secrets folder, else none (open server)."""
-    return _role_options(settings, SERVICE_USER, "service_password")
+def service_connect_options(settings: Settings, service: str | None = None) -> dict[str, Any]:
+    """nats-py connect options of a service, and the services' inbox prefix (endpoints
+    answer services only under it).
+
+    Credentials: ``SIGNALBOX_NATS_USER``/``_PASSWORD`` if set; else service
+    ``service``'s own least-privilege user (``sb-<service>``) when its password
+    file exists; else the full-rights ``sb-service`` user (maintenance, tests,
+    benches); else none (an open server).
+    """
+    options: dict[str, Any] = {}
+    if service is not None and not settings.nats_user:
+        path = resolve_secrets_dir(settings) / _FILES.get(f"{service}_password", "")
+        if path.name and path.exists():
+            options = {"user": service_user(service), "password": _read_secret(path)}
+    if not options:
+        options = _role_options(settings, SERVICE_USER, "service_password")
+    return {**options, "inbox_prefix": SERVICE_INBOX}
 
 
 # -- delegation chains ------------------------------------------------------------------
@@ -279,11 +317,39 @@ def verify_chain(
 
 
 def operator_connect_options(settings: Settings) -> dict[str, Any]:
-    """nats-py connect options of an operator (the CLI), like :func:`service_connect_options`."""
-    options = _role_options(settings, OPERATOR_USER, "operator_password")
-    if options.get("user") == OPERATOR_USER:
-        options["inbox_prefix"] = OPERATOR_INBOX
-    return options
+    """nats-py connect options of an operator (the CLI), like :func:`service_connect_options`.
+
+    With ``SIGNALBOX_OPERATOR_CREDENTIAL`` (a named operator's ``sbo1.…``
+    token, `signalbox operators add`): that token, checked by the auth
+    callout, and the operator's own inbox. Otherwise the shared bootstrap
+    operator: ``SIGNALBOX_NATS_USER``/``_PASSWORD`` or ``sb-operator``'s
+    password from the secrets folder.
+    """
+    if settings.operator_credential is not None:
+        token = settings.operator_credential.get_secret_value()
+        return {"token": token, "inbox_prefix": operator_inbox(operator_name(token))}
+    # The operators' inbox whoever the user is: admin endpoints answer only under it.
+    return {**_role_options(settings, OPERATOR_USER, "operator_password"),
+            "inbox_prefix": OPERATOR_INBOX}  # fmt: skip
+
+
+#: Prefix of a named operator's credential ``sbo1.<name>.<id>.<secret>``.
+OPERATOR_TOKEN_PREFIX = "sbo1"
+
+
+def operator_name(token: str) -> str:
+    """The operator a ``sbo1.<name>.<id>.<secret>`` credential names.
+
+    Raises:
+        ConfigError: not such a credential.
+    """
+    parts = token.strip().split(".")
+    if len(parts) != 4 or parts[0] != OPERATOR_TOKEN_PREFIX or not parts[1]:
+        raise ConfigError(
+            "SIGNALBOX_OPERATOR_CREDENTIAL is not an operator credential (sbo1.<name>.<id>."
+            "<secret>, from `signalbox operators add NAME`)"
+        )
+    return parts[1]
 
 
 # -- permissions ------------------------------------------------------------------------
@@ -343,8 +409,36 @@ def agent_permissions(subjects: Subjects, agent: str) -> Permissions:
 _OPERATOR_READ_STREAMS = ("SB_AUDIT", "SB_USAGE", "KV_sb_agents")
 
 
-def operator_permissions(subjects: Subjects) -> Permissions:
-    """Operators: admin endpoints, registry reads, micro discovery, read-only JetStream."""
+#: Admin operations that change nothing: all a ``viewer`` operator may ask.
+OPERATOR_READ_OPS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("registry", "get"), ("registry", "list"), ("registry", "discover"),
+        ("registry", "credentials"), ("registry", "binding"),
+        ("operators", "list"),
+        ("policy", "validate"), ("policy", "show"), ("policy", "history"), ("policy", "diff"),
+        ("approvals", "list"), ("breakers", "list"), ("rollout", "status"),
+        ("cost", "report"), ("budgets", "list"), ("budgets", "show"),
+    }
+)  # fmt: skip
+#: Operator roles: ``admin`` may ask every admin operation, ``viewer`` only
+#: :data:`OPERATOR_READ_OPS`.
+OPERATOR_ROLES = ("admin", "viewer")
+
+
+def operator_permissions(
+    subjects: Subjects, name: str = "", role: str = "admin"
+) -> Permissions:
+    """Operators: admin endpoints, registry reads, micro discovery, read-only JetStream.
+
+    The shared bootstrap operator (``name`` empty: the static user
+    ``sb-operator``) asks on ``sb.admin.<service>.<op>`` and reads the
+    registry on ``sb.registry.<op>``. A named operator (``signalbox operators
+    add``, through the auth callout) may publish only
+    ``sb.admin.<service>.<op>.<name>`` (every operation for ``admin``, the
+    read-only ones for ``viewer``) and subscribe only its own inbox
+    ``_INBOX.operator.<name>``: the subject is its authenticated identity,
+    the audit actor of what it asks.
+    """
     p = subjects.prefix
     js_read: list[str] = ["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST"]
     for stream in _OPERATOR_READ_STREAMS:
@@ -361,22 +455,109 @@ def operator_permissions(subjects: Subjects) -> Permissions:
             f"$JS.ACK.{stream}.>",
             "$JS.FC.>",
         ]
+    js = tuple(dict.fromkeys(js_read))
+    # The approval requests feed (`signalbox approvals`, dashboards).
+    feed = f"{p}.approvals.requested"
+    if not name:
+        return Permissions(
+            publish=(
+                f"{p}.admin.*.*",
+                *(f"{p}.registry.{op}" for op in ("get", "list", "discover")),
+                "$SRV.>",
+                *js,
+            ),
+            subscribe=(f"{OPERATOR_INBOX}.>", feed),
+            allow_responses=False,
+        )
+    if role not in OPERATOR_ROLES:
+        raise InvalidInput(f"unknown operator role {role!r}; use one of {OPERATOR_ROLES}")
+    admin = (
+        (f"{p}.admin.*.*.{name}",)
+        if role == "admin"
+        else tuple(f"{p}.admin.{svc}.{op}.{name}" for svc, op in sorted(OPERATOR_READ_OPS))
+    )
     return Permissions(
-        publish=(
-            f"{p}.admin.>",
-            f"{p}.registry.get",
-            f"{p}.registry.list",
-            f"{p}.registry.discover",
-            "$SRV.>",
-            *dict.fromkeys(js_read),
-        ),
-        # The approval requests feed (`signalbox approvals`, dashboards).
-        subscribe=(f"{OPERATOR_INBOX}.>", f"{p}.approvals.requested"),
+        publish=(*admin, "$SRV.>", *js),
+        subscribe=(f"{operator_inbox(name)}.>", feed),
         allow_responses=False,
     )
 
 
 _SERVICE = Permissions(publish=(">",), subscribe=(">",), allow_responses=False)
+
+#: JetStream API every service uses: create/update/inspect streams and buckets
+#: (each replica ensures them at start), consumers, direct and message gets,
+#: acks and flow control. Never delete or purge a stream.
+_JS_COMMON = (
+    "$JS.API.INFO",
+    "$JS.API.STREAM.NAMES",
+    "$JS.API.STREAM.LIST",
+    "$JS.API.STREAM.INFO.*",
+    "$JS.API.STREAM.CREATE.*",
+    "$JS.API.STREAM.UPDATE.*",
+    "$JS.API.STREAM.MSG.GET.*",
+    "$JS.API.DIRECT.GET.>",
+    "$JS.API.CONSUMER.>",
+    "$JS.ACK.>",
+    "$JS.FC.>",
+)
+
+
+def service_permissions(subjects: Subjects, service: str) -> Permissions:
+    """Least privilege for service ``service`` (one of :data:`SERVICE_NAMES`).
+
+    Every service may publish replies into inboxes (``_INBOX.>``: agents',
+    operators' and services'; which one is checked per request), audit
+    events, and the JetStream API of :data:`_JS_COMMON`; beyond that only
+    the KV buckets it owns and the subjects it sends on. So a reply check a
+    service missed still cannot write another service's KV bucket, an admin
+    subject or an agent's call subject, delete a stream, or read agents'
+    calls (only the policy service subscribes ``sb.out.>``/``sb.in.>``).
+    """
+    p = subjects.prefix
+    own_kv = {
+        "registry": ("sb_agents",),
+        "policy": ("sb_policies", "sb_approvals", "sb_routes", "sb_rollout_stats", "sb_breakers"),
+        "cost": ("sb_budgets", "sb_breakers"),
+        "tracing": (),
+    }[service]
+    publish = {
+        "registry": (f"{p}.registry.changed",),
+        "policy": (
+            f"{p}.in.>",
+            f"{p}.approvals.requested",
+            f"{p}.cost.reserve",
+            f"{p}.cost.versions",
+            *(f"{p}.registry.{op}" for op in ("get", "list", "discover")),
+            # `rollout deprecate --archive`: the registry drops the version.
+            f"{p}.admin.registry.deregister",
+        ),
+        "cost": (),
+        "tracing": (f"{p}.audit.log.>",),
+    }[service]
+    subscribe = {
+        "registry": (
+            f"{p}.registry.>", f"{p}.admin.registry.>", f"{p}.admin.operators.>", "$SRV.>"
+        ),
+        "policy": (
+            f"{p}.out.>",
+            f"{p}.authz.*",
+            *(f"{p}.admin.{desk}.>" for desk in ("policy", "approvals", "breakers", "rollout")),
+        ),
+        "cost": (f"{p}.cost.>", f"{p}.admin.cost.>", f"{p}.admin.budgets.>"),
+        "tracing": (f"{p}.admin.tracing.>",),
+    }[service]
+    return Permissions(
+        publish=(
+            "_INBOX.>",
+            f"{p}.audit.in.>",
+            *_JS_COMMON,
+            *(f"$KV.{bucket}.>" for bucket in own_kv),
+            *publish,
+        ),
+        subscribe=(f"{SERVICE_INBOX}.>", *subscribe),
+        allow_responses=False,
+    )
 
 
 def _bcrypt(password: str) -> str:
@@ -405,6 +586,14 @@ def auth_config(secrets_: ServerSecrets, subjects: Subjects) -> dict[str, Any]:
                 "jetstream": "enabled",
                 "users": [
                     user(SERVICE_USER, secrets_.service_password, _SERVICE),
+                    *(
+                        user(
+                            service_user(name),
+                            secrets_.password_of(name),
+                            service_permissions(subjects, name),
+                        )
+                        for name in SERVICE_NAMES
+                    ),
                     user(OPERATOR_USER, secrets_.operator_password, operator_permissions(subjects)),
                 ],
             },
@@ -416,7 +605,10 @@ def auth_config(secrets_: ServerSecrets, subjects: Subjects) -> dict[str, Any]:
             "auth_callout": {
                 "issuer": secrets_.issuer_public_key,
                 "account": AUTH_ACCOUNT,
-                "auth_users": [AUTH_USER, SERVICE_USER, OPERATOR_USER, SYSTEM_USER],
+                "auth_users": [
+                    *(AUTH_USER, SERVICE_USER, OPERATOR_USER, SYSTEM_USER),
+                    *(service_user(name) for name in SERVICE_NAMES),
+                ],
             }
         },
     }

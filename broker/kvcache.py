@@ -3,6 +3,13 @@
 Services read shared state (agents, later policies, breakers and routes)
 from memory on every request; a KV watch keeps that memory current within
 milliseconds of a change on any replica.
+
+A value that does not decode is never silently skipped: the key leaves the
+readable copy (a stale older value is not kept either), is listed in
+:attr:`KVCache.unreadable` with the reason until a readable value or a
+delete replaces it, is logged as an ERROR and reported to ``on_unreadable``.
+Whoever reads the cache decides what an unreadable key means for them (a
+budget: refuse the model calls it governs, see :mod:`broker.budgets`).
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ class KVCache(Generic[T]):
         kv: The bucket.
         type_: Wire type of the values.
         on_change: Called with ``(key, value or None)`` after each change.
+        on_unreadable: Called with ``(key, reason)`` when a key's new value does
+            not decode (once per stored revision).
     """
 
     def __init__(
@@ -41,11 +50,15 @@ class KVCache(Generic[T]):
         type_: type[T],
         *,
         on_change: Callable[[str, T | None], None] | None = None,
+        on_unreadable: Callable[[str, str], None] | None = None,
     ) -> None:
         self._kv = kv
         self._type = type_
         self._on_change = on_change
+        self._on_unreadable = on_unreadable
         self._data: dict[str, T] = {}
+        #: Keys whose current value does not decode, with the reason.
+        self.unreadable: dict[str, str] = {}
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.revision = 0
@@ -65,19 +78,18 @@ class KVCache(Generic[T]):
                 self.revision = max(self.revision, entry.revision or 0)
                 if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
                     self._data.pop(entry.key, None)
+                    self.unreadable.pop(entry.key, None)
                     value: T | None = None
                 else:
                     try:
                         value = decode(entry.value, self._type)
                     except SchemaError as err:
-                        log.error(
-                            "KV %s key %s: undecodable value ignored: %s",
-                            self._kv._name,
-                            entry.key,
-                            err,
-                        )
+                        self._unreadable(entry.key, err.message)
+                        if entry.delta == 0:
+                            self._ready.set()
                         continue
                     self._data[entry.key] = value
+                    self.unreadable.pop(entry.key, None)
                 if self._on_change is not None:
                     self._on_change(entry.key, value)
                 if entry.delta == 0:
@@ -85,6 +97,25 @@ class KVCache(Generic[T]):
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
+
+    def _unreadable(self, key: str, reason: str) -> None:
+        """``key``'s value does not decode: drop it, remember why, log and report it."""
+        old = self._data.pop(key, None)
+        self.unreadable[key] = reason
+        log.error(
+            "KV %s key %s: unreadable value (%s); its readers treat it as unreadable until "
+            "it is rewritten",
+            self._kv._name,
+            key,
+            reason,
+        )
+        if old is not None and self._on_change is not None:
+            self._on_change(key, None)
+        if self._on_unreadable is not None:
+            try:
+                self._on_unreadable(key, reason)
+            except Exception:  # a listener's bug must not stop the watch
+                log.exception("KV %s: on_unreadable callback failed", self._kv._name)
 
     async def stop(self) -> None:
         """Stop watching."""

@@ -55,7 +55,7 @@ class ModelCall:
         *,
         provider: str = "",
         region: str = "",
-        estimated_tokens: int = 0,
+        estimated_tokens: int | None = None,
         max_output_tokens: int = 0,
         project: str = "",
         data_tags: tuple[str, ...] = (),

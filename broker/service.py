@@ -11,7 +11,14 @@ endpoint the same contract:
 * a :class:`~broker.errors.SignalboxError` from the handler becomes a
   structured error reply with its code;
 * anything else becomes an ``internal`` error reply (and is logged);
-* every rejected request is counted and audited (kind ``rejected``).
+* every rejected request is counted and audited (kind ``rejected``);
+* the reply subject is checked *before any work* against the endpoint's
+  :class:`~broker.subjects.Audience`: a reply goes only into the sender's
+  own reply space (an agent's ``_INBOX.agent.<name>``, the operators' or the
+  services' inbox), because it is published with the service's rights. A
+  request naming anything else (``$KV.…``, an admin subject, another agent's
+  inbox, no reply at all) is refused unanswered, counted and audited with
+  the real sender.
 
 FastStream runs the service (lifecycle, ``python -m services.<name>``, the
 connection); endpoints and hot paths (call mediation) are plain nats-py
@@ -24,8 +31,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
+import functools
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from faststream import FastStream
@@ -40,13 +50,15 @@ from opentelemetry.trace import SpanKind, TracerProvider
 from broker.audit import AuditEmitter
 from broker.codec import decode, encode
 from broker.connection import SessionClient, sync_connection
-from broker.errors import NatsUnreachable, SignalboxError
+from broker.diagnostics import cancel_and_wait
+from broker.errors import InvalidReplySubject, NatsUnreachable, SchemaError, SignalboxError
 from broker.identity import service_connect_options
 from broker.jetstream import ensure_buckets, ensure_streams
 from broker.replies import error_reply
 from broker.settings import Settings
-from broker.subjects import Subjects
+from broker.subjects import SERVICE_INBOX, Audience, Subjects, reply_fault
 from broker.telemetry import ATTR, Telemetry, annotate
+from broker.throttle import Emit, Summarizer
 from schemas import Wire
 
 __all__ = ["Service"]
@@ -56,6 +68,20 @@ log = logging.getLogger(__name__)
 Req = TypeVar("Req")
 Handler = Callable[[Any], Awaitable[Wire]]
 SERVER = SpanKind.SERVER
+
+
+#: The named operator whose admin request is being handled ("": the bootstrap
+#: operator, or not an admin request); see :meth:`Service.operator`.
+_OPERATOR: contextvars.ContextVar[str] = contextvars.ContextVar("sb_operator", default="")
+
+
+@dataclass(frozen=True, slots=True)
+class _Endpoint:
+    subject: str
+    queue: str
+    request_type: Any
+    fn: Callable[[Any], Awaitable[Wire]]
+    audience: Audience
 
 
 class _ServiceBroker(NatsBroker):
@@ -90,23 +116,28 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.subjects = Subjects(settings.subject_prefix)
-        credentials = service_connect_options(settings)
+        credentials = service_connect_options(settings, self.name)
         self.broker = _ServiceBroker(
             servers=(settings.nats_url or "").split(","),
             name=f"signalbox-{self.name}",
             logger=None,
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
+            # Services' requests (to each other, to JetStream) get their replies
+            # here; endpoints of Audience.SERVICE answer only under it.
+            inbox_prefix=SERVICE_INBOX,
             error_cb=self._error_cb,
             security=(
                 NatsUserPassword(credentials["user"], credentials["password"])
-                if credentials
+                if "user" in credentials
                 else None
             ),
         )
         self.rejected: collections.Counter[str] = collections.Counter()
+        self._refusals: Summarizer[dict[str, Any]] = Summarizer(settings.refusal_summary_window)
+        self._refusal_flusher: asyncio.Task[None] | None = None
         self._audit: AuditEmitter | None = None
-        self._endpoints: list[tuple[str, str, Any, Callable[[Any], Awaitable[Wire]]]] = []
+        self._endpoints: list[_Endpoint] = []
         self._subs: list[Subscription] = []
         self._inflight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(256)
@@ -124,9 +155,20 @@ class Service:
         return f"service:{self.name}"
 
     @staticmethod
-    def operator(requested_by: str) -> str:
-        """Audit actor of an operator's admin request (``operator:<name>``)."""
-        return f"operator:{requested_by}" if requested_by else "operator"
+    def operator(requested_by: str = "") -> str:
+        """Audit actor of the admin request being handled: who the NATS server
+        authenticated, never what the request body says.
+
+        ``operator:<name>`` for a named operator (its subject
+        ``sb.admin.<service>.<op>.<name>`` is the only one its credential may
+        publish); for the shared bootstrap operator, ``bootstrap``, or
+        ``bootstrap:<requested_by>`` with the login the CLI declares (a
+        label, not an identity: the bootstrap credential is shared).
+        """
+        named = _OPERATOR.get()
+        if named:
+            return f"operator:{named}"
+        return f"bootstrap:{requested_by}" if requested_by else "bootstrap"
 
     @property
     def nc(self) -> Client:
@@ -173,19 +215,121 @@ class Service:
         return run
 
     def endpoint(
-        self, subject: str, request_type: type[Req], *, queue: str | None = None
+        self,
+        subject: str,
+        request_type: type[Req],
+        *,
+        audience: Audience | None = None,
+        queue: str | None = None,
     ) -> Callable[[Callable[[Req], Awaitable[Wire]]], Callable[[Req], Awaitable[Wire]]]:
         """Declare a request-reply endpoint (queue group: the service name).
 
         The decorated coroutine takes the decoded request and returns a wire
         Struct, or raises a :class:`SignalboxError`.
+
+        Args:
+            subject: What to subscribe to. A subject ending in ``.*`` is
+                agent-scoped: its last token is the agent asking.
+            request_type: The request's wire type.
+            audience: Who may send it (where its reply may go). Default:
+                operators for ``<prefix>.admin.…``, the named agent for
+                agent-scoped subjects; any other subject must say.
+            queue: Queue group (default ``sb-<service name>``).
         """
+        if audience is None:
+            if subject.startswith(f"{self.subjects.prefix}.admin."):
+                audience = Audience.OPERATOR
+            elif subject.endswith(".*"):
+                audience = Audience.AGENT
+            else:
+                raise ValueError(f"endpoint {subject}: say who may send it (audience=...)")
+        if Audience.AGENT in audience and not subject.endswith(".*"):
+            raise ValueError(f"endpoint {subject}: an agent audience needs an agent-scoped subject")
 
         def register(fn: Callable[[Req], Awaitable[Wire]]) -> Callable[[Req], Awaitable[Wire]]:
-            self._endpoints.append((subject, queue or f"sb-{self.name}", request_type, fn))
+            self._endpoints.append(
+                _Endpoint(subject, queue or f"sb-{self.name}", request_type, fn, audience)
+            )
             return fn
 
         return register
+
+    def reply_fault(self, msg: Msg, audience: Audience, agent: str = "") -> str | None:
+        """Why ``msg``'s reply subject is outside its sender's reply space (None: it is not).
+
+        See :func:`broker.subjects.reply_fault`; for endpoints the check is
+        done by the base class, hot paths with their own subscriptions call
+        this (then :meth:`refuse_reply`).
+        """
+        return reply_fault(msg.reply, audience, agent)
+
+    async def refuse_reply(self, msg: Msg, fault: str, *, actor: str) -> None:
+        """Count and audit (summarized per sender) a request refused for its reply
+        subject; nothing is answered."""
+        err = InvalidReplySubject(
+            f"request on {msg.subject} refused: {fault}; it was not answered and had no effect",
+            details={"subject": msg.subject, "reply": msg.reply[:200], "fault": fault},
+        )
+        self.refused(err, subject=msg.subject, actor=actor)
+
+    def refused(self, err: SignalboxError, *, subject: str, actor: str) -> None:
+        """Count a refused request and audit it, summarized per actor and code.
+
+        For refusals a sender can repeat at will (bad reply subjects,
+        unreadable messages): the first of each actor and code in a window
+        (``SIGNALBOX_REFUSAL_SUMMARY_WINDOW``) is audited at once, the rest
+        as one ``rejected`` record with their count when the window closes.
+        Synchronous, no I/O (the connection's read loop calls it).
+        """
+        self.rejected[err.code] += 1
+        payload = {"subject": subject, "message": err.message, "details": err.details}
+        for emit in self._refusals.note(f"{actor}\0{err.code}", payload, label=err.code):
+            self._audit_refusal(emit)
+
+    def _audit_refusal(self, emit: Emit[dict[str, Any]]) -> None:
+        if self._audit is None:
+            return
+        actor, _, code = emit.key.partition("\0")
+        first = emit.payload
+        data: dict[str, Any] = {
+            "code": code or "rejected",
+            "message": first["message"],
+            "details": first["details"],
+        }
+        if emit.kind == "summary" or emit.overflow:
+            data["summary"] = {
+                "count": emit.count,
+                "counts": dict(emit.counts),
+                "window_s": round(emit.ends - emit.started, 3),
+                "overflow": emit.overflow,
+            }
+        self._audit.add(
+            self._audit.event(
+                "rejected",
+                subject=first["subject"],
+                actor=actor if not emit.overflow else "unknown",
+                data=data,
+            )
+        )
+
+    def _on_malformed(self, subject: bytes, reply: bytes, reason: str) -> None:
+        """The connection dropped a message it could not read: count and audit it
+        (summarized), with the sender its subject names when it names one."""
+        text = subject[:200].decode("ascii", "replace")
+        err = SchemaError(
+            f"message on {text!r} dropped unread: {reason}",
+            details={"subject": text, "reply": reply[:200].decode("ascii", "replace")},
+        )
+        # The sender from the whole subject: cut at 200 bytes, a long one loses its tokens.
+        sender = self.subjects.sender_of(subject.decode("ascii", "replace"))
+        self.refused(err, subject=text, actor=sender or "unknown")
+
+    async def _flush_refusals(self) -> None:
+        """Audit the summaries of refusal windows as they close."""
+        while True:
+            await asyncio.sleep(min(self._refusals.window / 2, 5.0))
+            for emit in self._refusals.flush_due():
+                self._audit_refusal(emit)
 
     async def _serve_endpoints(self) -> None:
         """Subscribe every declared endpoint on :attr:`nc`.
@@ -195,23 +339,38 @@ class Service:
         whole SQLite discovery query. Each request runs in its own task
         (bounded), so a slow one does not hold up the rest.
         """
-        for subject, queue, request_type, fn in self._endpoints:
+        for ep in self._endpoints:
 
-            async def on_request(
-                msg: Msg,
-                request_type: Any = request_type,
-                fn: Callable[[Any], Awaitable[Wire]] = fn,
-            ) -> None:
+            async def on_request(msg: Msg, ep: _Endpoint = ep, named: bool = False) -> None:
+                last = msg.subject.rpartition(".")[2]
+                agent = last if Audience.AGENT in ep.audience else ""
+                operator = last if named else ""
+                fault = reply_fault(msg.reply, ep.audience, agent, operator)
+                if fault is not None:
+                    actor = (
+                        agent
+                        or (operator and f"operator:{operator}")
+                        or ("bootstrap" if Audience.OPERATOR in ep.audience else "unknown")
+                    )
+                    await self.refuse_reply(msg, fault, actor=actor)
+                    return
                 await self._slots.acquire()
-                task = asyncio.ensure_future(self._respond(msg, request_type, fn))
+                token = _OPERATOR.set(operator)  # the task copies this context
+                try:
+                    task = asyncio.ensure_future(self._respond(msg, ep.request_type, ep.fn))
+                finally:
+                    _OPERATOR.reset(token)
                 self._inflight.add(task)
                 task.add_done_callback(self._request_done)
 
-            self._subs.append(
-                await self.nc.subscribe(
-                    subject, queue=queue, cb=on_request, pending_msgs_limit=100_000
-                )
+            subscribe = functools.partial(
+                self.nc.subscribe, queue=ep.queue, pending_msgs_limit=100_000
             )
+            self._subs.append(await subscribe(ep.subject, cb=on_request))
+            if ep.subject.startswith(f"{self.subjects.prefix}.admin."):
+                # Named operators: sb.admin.<service>.<op>.<operator>.
+                named = functools.partial(on_request, named=True)
+                self._subs.append(await subscribe(f"{ep.subject}.*", cb=named))
         await sync_connection(self.nc)
 
     def _request_done(self, task: asyncio.Task[None]) -> None:
@@ -222,9 +381,8 @@ class Service:
         self, msg: Msg, request_type: Any, fn: Callable[[Any], Awaitable[Wire]]
     ) -> None:
         body, headers = await self.handle(msg.data, msg.subject, request_type, fn)
-        if msg.reply:
-            with contextlib.suppress(Exception):
-                await self.nc.publish(msg.reply, body, headers=headers or None)
+        with contextlib.suppress(Exception):  # the reply space was checked on arrival
+            await self.nc.publish(msg.reply, body, headers=headers or None)
 
     async def _stop_endpoints(self) -> None:
         for sub in self._subs:
@@ -290,7 +448,11 @@ class Service:
         await ensure_streams(self.js, self.settings)
         await ensure_buckets(self.js, self.settings)
         self._audit = AuditEmitter(self.nc, self.subjects, self.actor)
+        nc = self.nc
+        if isinstance(nc, SessionClient):
+            nc.on_malformed = self._on_malformed
         await self.on_start()
+        self._refusal_flusher = asyncio.ensure_future(self._flush_refusals())
         self._started = True
 
     async def start(self) -> None:
@@ -308,6 +470,10 @@ class Service:
         self._started = False
         await self._stop_endpoints()
         await self.on_stop()
+        await cancel_and_wait(self._refusal_flusher, f"the {self.name} refusal summaries")
+        self._refusal_flusher = None
+        for emit in self._refusals.flush_all():  # no count is lost at shutdown
+            self._audit_refusal(emit)
         if self._audit is not None:
             await self._audit.close()
         await self.broker.stop()

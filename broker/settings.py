@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     server_start_timeout: float = Field(
         default=15.0, gt=0, description="Seconds to wait for the embedded server to be ready."
     )
+    refusal_summary_window: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds over which a service summarizes refused requests (a reply "
+        "subject outside the sender's reply space, unreadable subjects or headers) per sender "
+        "and reason: the first is audited at once, the rest as one record with their count, "
+        "so a flood cannot fill the audit trail.",
+    )
     shutdown_timeout: float = Field(
         default=15.0,
         gt=0,
@@ -120,6 +128,14 @@ class Settings(BaseSettings):
         description="Seconds the policy service waits for the cost service to reserve a "
         "model call's budget; no answer means deny (budget_unavailable).",
     )
+    default_token_estimate: int = Field(
+        default=1000,
+        gt=0,
+        le=10**12,
+        description="Tokens a call or model/tool use is assumed to need when it carries no "
+        "estimate (for a call, at least its payload in tokens, 4 bytes each); policies see it "
+        "as context.estimated_tokens, with context.estimated_tokens_known false.",
+    )
     breaker_rate_factor: float = Field(
         default=10.0,
         gt=1,
@@ -160,6 +176,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Calls to a target (per policy replica and window) before its error rate "
         "can trip.",
+    )
+    breaker_min_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="A timeout counts against the target's error rate only when the caller "
+        "allowed at least this many seconds (or SIGNALBOX_CALL_TIMEOUT, if lower): a caller's "
+        "own short deadline is not the target's failure.",
     )
     breaker_cooldown: float = Field(
         default=30.0,
@@ -209,6 +232,16 @@ class Settings(BaseSettings):
         default=None,
         description="An agent's credential (from `signalbox agents enroll`), used by the SDK.",
     )
+    operator_credential: SecretStr | None = Field(
+        default=None,
+        description="A named operator's credential (from `signalbox operators add`), used by "
+        "the CLI instead of the shared bootstrap operator.",
+    )
+    operator_credential_ttl: float = Field(
+        default=90 * 86400.0,
+        gt=0,
+        description="Default lifetime (s) of an operator credential.",
+    )
     agent_credential_ttl: float = Field(
         default=7 * 86400.0,
         gt=0,
@@ -219,6 +252,26 @@ class Settings(BaseSettings):
         gt=0,
         description="Lifetime in seconds of the user JWT the server gets for an agent "
         "connection; at expiry the client reconnects and its credential is checked again.",
+    )
+    auth_fail_burst: int = Field(
+        default=10,
+        ge=1,
+        description="Failed agent authentications from one source (an address, or an address "
+        "and a credential id) within SIGNALBOX_AUTH_FAIL_WINDOW after which the auth callout "
+        "refuses that source at once, without checking, for a window (doubling per repeat).",
+    )
+    auth_fail_window: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds of the auth callout's failure window: failures are counted per "
+        "source in it, a source's first block lasts it, and each source's failures are audited "
+        "as its first one plus one summary per window.",
+    )
+    auth_fail_backoff_max: float = Field(
+        default=600.0,
+        gt=0,
+        description="Longest seconds the auth callout refuses a source without checking (the "
+        "block doubles each time the source is blocked again).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level of services."

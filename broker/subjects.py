@@ -5,10 +5,11 @@ All subjects hang under one configurable prefix (default ``sb``)::
     sb.out.<caller>.<target>.<capability>   caller -> policy (request)
     sb.in.<target>.<capability>             policy -> target (request)
     sb.in.<target>.<capability>.<version>   policy -> one version of target (routed)
-    sb.registry.<op>.<agent>                agent-scoped registry endpoints
-                                            (register, heartbeat, deregister)
-    sb.registry.<op>                        read-only registry endpoints
-                                            (get, list, discover)
+    sb.registry.<op>.<agent>                registry endpoints an agent asks as itself
+                                            (register, heartbeat, deregister,
+                                            and the reads get, list, discover)
+    sb.registry.<op>                        read-only registry endpoints for
+                                            operators and services
     sb.registry.changed                     registry replicas' change feed
     sb.audit.in.<kind>.<actor>              audit intake (stream SB_AUDIT_IN)
     sb.audit.log.<kind>.<actor>             chained audit (stream SB_AUDIT)
@@ -16,11 +17,13 @@ All subjects hang under one configurable prefix (default ``sb``)::
     sb.usage.<agent>                        usage reports (stream SB_USAGE)
     sb.cost.reserve                         policy -> cost: reserve a model call's budget
     sb.cost.versions                        policy -> cost: spend per agent version
-    sb.admin.<service>.<op>                 operator-only endpoints
+    sb.admin.<service>.<op>                 operator-only endpoints (bootstrap operator)
+    sb.admin.<service>.<op>.<operator>      the same, for a named operator
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import re
 from dataclasses import dataclass
@@ -29,19 +32,37 @@ from typing import Final
 from broker.errors import InvalidInput, InvalidSubjectToken
 
 __all__ = [
+    "AGENT_INBOX_ROOT",
     "AGENT_REGISTRY_OPS",
+    "MAX_SUBJECT_BYTES",
+    "OPERATOR_INBOX",
     "REGISTRY_READ_OPS",
+    "SERVICE_INBOX",
+    "Audience",
     "Subjects",
     "inbox_prefix",
     "is_valid_token",
+    "operator_inbox",
+    "reply_fault",
+    "subject_fault",
     "validate_token",
     "version_token",
 ]
 
 #: Registry operations on one agent's own entry: their subjects end in the agent's name.
 AGENT_REGISTRY_OPS: Final = ("register", "heartbeat", "deregister")
-#: Read-only registry operations (any agent may ask about any other).
+#: Read-only registry operations (any agent may ask about any other, as itself).
 REGISTRY_READ_OPS: Final = ("get", "list", "discover")
+
+#: Root of every agent's private inbox (``_INBOX.agent.<name>``).
+AGENT_INBOX_ROOT: Final = "_INBOX.agent"
+#: Operators' inboxes (the CLI connects with this inbox prefix).
+OPERATOR_INBOX: Final = "_INBOX.operator"
+#: Services' inboxes (every service connection uses this inbox prefix).
+SERVICE_INBOX: Final = "_INBOX.service"
+#: Longest subject or reply subject any Signalbox process accepts off the wire.
+#: Ours stay under 200 bytes (an agent's inbox with a 64-byte name is ~110).
+MAX_SUBJECT_BYTES: Final = 512
 
 # Conservative token alphabet: safe in subjects, KV keys, stream and consumer
 # names, and file names; no wildcards, dots or whitespace.
@@ -81,6 +102,95 @@ def version_token(version: str) -> str:
     return validate_token(version.replace(".", "_").replace("+", "__"), what="version")
 
 
+class Audience(enum.Flag):
+    """Who may send a request to an endpoint, hence where its reply may go.
+
+    The NATS server's permissions decide who can publish a subject; the
+    audience of an endpoint restates that so the service can check the
+    reply subject before doing any work (a reply is published with the
+    service's rights, so a reply subject naming ``$KV.>``, an admin subject
+    or another agent's inbox would make the service act for the sender).
+    """
+
+    #: The agent named by the subject's last token (``sb.registry.get.<agent>``).
+    AGENT = enum.auto()
+    #: An operator (``sb.admin.>``): replies under :data:`OPERATOR_INBOX`.
+    OPERATOR = enum.auto()
+    #: Another service (``sb.cost.reserve``): replies under :data:`SERVICE_INBOX`.
+    SERVICE = enum.auto()
+
+
+# Printable ASCII without space: what a subject may hold here (NATS itself
+# passes any bytes but whitespace, invalid UTF-8 and control characters included).
+_SUBJECT = re.compile(r"[!-~]+\Z")
+
+
+def subject_fault(subject: str) -> str | None:
+    """Why ``subject`` is not a well-formed literal subject, or None if it is.
+
+    Well-formed: 1 to :data:`MAX_SUBJECT_BYTES` printable ASCII characters,
+    tokens separated by single dots, no wildcard tokens.
+    """
+    if not subject:
+        return "empty subject"
+    if len(subject) > MAX_SUBJECT_BYTES:
+        return f"subject longer than {MAX_SUBJECT_BYTES} bytes"
+    if not _SUBJECT.match(subject):
+        return "subject with characters outside printable ASCII"
+    for token in subject.split("."):
+        if not token:
+            return "subject with an empty token"
+        if token in ("*", ">"):
+            return "subject with a wildcard token"
+    return None
+
+
+def operator_inbox(operator: str) -> str:
+    """Private inbox prefix of a named operator (``_INBOX.operator.<name>``)."""
+    return f"{OPERATOR_INBOX}.{validate_token(operator, what='operator name')}"
+
+
+def reply_fault(
+    reply: str, audience: Audience, agent: str = "", operator: str = ""
+) -> str | None:
+    """Why a request's ``reply`` subject is not one its sender may name, or None.
+
+    The sender's reply space is: an agent's own inbox
+    (``_INBOX.agent.<agent>.…``) when the endpoint's audience includes
+    :attr:`Audience.AGENT` and the subject named ``agent``; the operators'
+    inbox; the services' inbox. Anything else (no reply, another agent's
+    inbox, ``$KV.…``, an admin or call subject) is refused before any work.
+
+    Args:
+        reply: The request's reply subject.
+        audience: Who may send this request (the endpoint's declaration).
+        agent: The agent the request's subject names (``""``: none).
+        operator: The named operator the request's subject names: its reply
+            must be under its own inbox (``""``: the bootstrap operator, any
+            operator inbox).
+    """
+    if not reply:
+        return "no reply subject: use request-reply"
+    fault = subject_fault(reply)
+    if fault is not None:
+        return f"malformed reply subject ({fault})"
+    if Audience.AGENT in audience and agent and reply.startswith(f"{AGENT_INBOX_ROOT}.{agent}."):
+        return None
+    operators = f"{OPERATOR_INBOX}.{operator}." if operator else f"{OPERATOR_INBOX}."
+    if Audience.OPERATOR in audience and reply.startswith(operators):
+        return None
+    if Audience.SERVICE in audience and reply.startswith(f"{SERVICE_INBOX}."):
+        return None
+    spaces = []
+    if Audience.AGENT in audience and agent:
+        spaces.append(f"{AGENT_INBOX_ROOT}.{agent}.>")
+    if Audience.OPERATOR in audience:
+        spaces.append(f"{operators}>")
+    if Audience.SERVICE in audience:
+        spaces.append(f"{SERVICE_INBOX}.>")
+    return f"reply subject outside the sender's reply space ({' or '.join(spaces) or 'none'})"
+
+
 def inbox_prefix(agent: str) -> str:
     """Private inbox prefix of an agent (replies to its requests land under it).
 
@@ -88,7 +198,7 @@ def inbox_prefix(agent: str) -> str:
     apart from nats-py's default ``_INBOX.<22-character nuid>`` inboxes of
     services, whatever an agent is named.
     """
-    return f"_INBOX.agent.{validate_token(agent, what='agent name')}"
+    return f"{AGENT_INBOX_ROOT}.{validate_token(agent, what='agent name')}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +209,24 @@ class Subjects:
 
     def __post_init__(self) -> None:
         validate_token(self.prefix, what="subject prefix")
+
+    def sender_of(self, subject: str) -> str | None:
+        """The agent an agent-scoped subject names (the only one allowed to publish it),
+        or None: ``sb.out.<agent>.…``, ``sb.authz.<agent>``, ``sb.usage.<agent>``,
+        ``sb.registry.<op>.<agent>``."""
+        tokens = subject.split(".")
+        if len(tokens) < 3 or tokens[0] != self.prefix:
+            return None
+        kind = tokens[1]
+        if (kind, len(tokens)) in (("out", 5), ("authz", 3), ("usage", 3)):
+            agent = tokens[2]
+        elif kind == "registry" and len(tokens) == 4 and tokens[2] in (
+            AGENT_REGISTRY_OPS + REGISTRY_READ_OPS
+        ):
+            agent = tokens[3]
+        else:
+            return None
+        return agent if is_valid_token(agent) else None
 
     def out(self, caller: str, target: str, capability: str) -> str:
         """Subject an agent requests to call ``target``'s ``capability``."""
@@ -149,18 +277,20 @@ class Subjects:
         """Agent-scoped registry subject ``sb.registry.<op>.<agent>``.
 
         ``op`` is one of :data:`AGENT_REGISTRY_OPS` (``register``,
-        ``heartbeat``, ``deregister``). The agent's name is in the subject so
-        the NATS server can let each agent publish only under its own; the
-        registry refuses a body naming another agent (``identity_mismatch``).
+        ``heartbeat``, ``deregister``) or :data:`REGISTRY_READ_OPS` (``get``,
+        ``list``, ``discover``). The agent's name is in the subject so the NATS
+        server can let each agent publish only under its own, and the registry
+        knows who asks (its reply may only go to that agent's inbox); it
+        refuses a body naming another agent (``identity_mismatch``).
 
         Raises:
-            InvalidInput: ``op`` is not agent-scoped.
+            InvalidInput: ``op`` is not a registry operation.
             InvalidSubjectToken: ``agent`` is not a valid subject token.
         """
-        if op not in AGENT_REGISTRY_OPS:
+        if op not in AGENT_REGISTRY_OPS and op not in REGISTRY_READ_OPS:
             raise InvalidInput(
-                f"registry operation {op!r} is not agent-scoped; use one of "
-                f"{', '.join(AGENT_REGISTRY_OPS)} (read-only operations: Subjects.registry)",
+                f"unknown registry operation {op!r}; use one of "
+                f"{', '.join(AGENT_REGISTRY_OPS + REGISTRY_READ_OPS)}",
                 details={"op": op},
             )
         return f"{self.prefix}.registry.{op}.{validate_token(agent, what='agent name')}"
@@ -171,11 +301,8 @@ class Subjects:
         return f"{self.prefix}.registry.{op}.*"
 
     def registry_of(self, agent: str) -> tuple[str, ...]:
-        """Every registry subject ``agent`` may publish on (its own scoped ones, the reads)."""
-        return (
-            *(self.registry_for(op, agent) for op in AGENT_REGISTRY_OPS),
-            *(self.registry(op) for op in REGISTRY_READ_OPS),
-        )
+        """Every registry subject ``agent`` may publish on (all under its own name)."""
+        return tuple(self.registry_for(op, agent) for op in AGENT_REGISTRY_OPS + REGISTRY_READ_OPS)
 
     @property
     def registry_changes(self) -> str:
@@ -228,9 +355,14 @@ class Subjects:
         """``sb.cost.versions``: spend per version of an agent (services only)."""
         return f"{self.prefix}.cost.versions"
 
-    def admin(self, service: str, op: str) -> str:
-        """Operator-only endpoint of a service."""
-        return f"{self.prefix}.admin.{validate_token(service)}.{validate_token(op)}"
+    def admin(self, service: str, op: str, operator: str = "") -> str:
+        """Operator-only endpoint of a service: ``sb.admin.<service>.<op>`` for the
+        bootstrap operator, ``sb.admin.<service>.<op>.<operator>`` for a named one (its
+        credential lets it publish only under its own name, so the name is its identity)."""
+        subject = f"{self.prefix}.admin.{validate_token(service)}.{validate_token(op)}"
+        if not operator:
+            return subject
+        return f"{subject}.{validate_token(operator, what='operator name')}"
 
 
 def _safe(actor: str) -> str:

@@ -44,13 +44,28 @@ from schemas.cost import (
 )
 from schemas.errors import ErrorReply
 from schemas.identity import (
+    BINDING_FIELDS,
+    AgentBinding,
+    BindAgent,
+    Bound,
     CredentialInfo,
     CredentialList,
     EnrollAgent,
     Enrolled,
+    GetBinding,
     ListCredentials,
     RevokeAgent,
     Revoked,
+)
+from schemas.operators import (
+    AddOperator,
+    ListOperators,
+    OperatorAdded,
+    OperatorInfo,
+    OperatorList,
+    OperatorRevoked,
+    OperatorRole,
+    RevokeOperator,
 )
 from schemas.policy import (
     ActivePolicy,
@@ -110,8 +125,11 @@ from schemas.routes import (
 )
 
 __all__ = [
+    "BINDING_FIELDS",
     "SCHEMA_VERSION",
     "ActivePolicy",
+    "AddOperator",
+    "AgentBinding",
     "AgentInstance",
     "AgentList",
     "AgentManifest",
@@ -124,6 +142,8 @@ __all__ = [
     "AuditEvent",
     "AuditKind",
     "AuthzRequest",
+    "BindAgent",
+    "Bound",
     "Breaker",
     "BreakerList",
     "BreakerProbe",
@@ -160,6 +180,7 @@ __all__ = [
     "ErrorReply",
     "FileDiff",
     "GetAgent",
+    "GetBinding",
     "Health",
     "Heartbeat",
     "InstanceStats",
@@ -168,6 +189,12 @@ __all__ = [
     "ListBreakers",
     "ListBudgets",
     "ListCredentials",
+    "ListOperators",
+    "OperatorAdded",
+    "OperatorInfo",
+    "OperatorList",
+    "OperatorRevoked",
+    "OperatorRole",
     "PolicyApplied",
     "PolicyDiff",
     "PolicyFiles",
@@ -184,6 +211,7 @@ __all__ = [
     "ReserveBudget",
     "ResetBreaker",
     "RevokeAgent",
+    "RevokeOperator",
     "Revoked",
     "RollbackPolicies",
     "RollbackRollout",

@@ -34,8 +34,12 @@ BreakerScope = Literal["agent", "team"]
 BreakerState = Literal["closed", "open", "half_open"]
 #: Why a breaker tripped: a budget was exhausted (the cost service), an agent's
 #: call rate jumped over its baseline, a target's error rate crossed the
-#: threshold, a call chain looped, or an operator tripped it.
-BreakerReason = Literal["budget", "rate_anomaly", "error_rate", "call_loop", "manual"]
+#: threshold, a call chain looped, or an operator tripped it. ``unreadable``:
+#: its stored record cannot be read, so it is held open (fail closed) until an
+#: operator resets it, which writes a clean record.
+BreakerReason = Literal[
+    "budget", "rate_anomaly", "error_rate", "call_loop", "manual", "unreadable"
+]
 
 #: ``agent.<name>`` or ``team.<name>``; names are subject tokens.
 BreakerKey = Annotated[str, msgspec.Meta(pattern=r"^(agent|team)\.[A-Za-z0-9_-]{1,64}$(?!\n)")]
@@ -70,7 +74,8 @@ class Breaker(Wire, frozen=True, tag="breaker.v1"):
         name: The agent's or team's name.
         state: ``closed``, ``open`` or ``half_open``.
         reason: What tripped it (``budget``, ``rate_anomaly``, ``error_rate``,
-            ``call_loop``, ``manual``); kept after it closes, for the record.
+            ``call_loop``, ``manual``; ``unreadable``: the stored record could not
+            be read, see :data:`BreakerReason`); kept after it closes, for the record.
         text: Why, in words an operator can act on.
         figures: The numbers that tripped it (``rate``, ``baseline``,
             ``error_rate``, ``calls``, ``depth``...).

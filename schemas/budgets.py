@@ -218,6 +218,14 @@ class ShowBudget(Wire, frozen=True, tag="show_budget.v1"):
 
 
 class BudgetList(Wire, frozen=True, tag="budget_list.v1"):
-    """Budgets and their windows, most recent window first per budget."""
+    """Budgets and their windows, most recent window first per budget.
+
+    Attributes:
+        budgets: The readable budgets.
+        unreadable: Records of ``sb_budgets`` that cannot be read, key -> why
+            (the model calls they govern are refused until they are rewritten
+            with ``signalbox budgets set``).
+    """
 
     budgets: tuple[BudgetStatus, ...] = ()
+    unreadable: dict[str, str] = msgspec.field(default_factory=dict)

@@ -43,8 +43,12 @@ class UsageReport(Wire, frozen=True, tag="usage_report.v1"):
         tool_calls: Tool calls made by the model in this call.
         latency_ms: Wall-clock latency of the call.
         trace_id: Trace the call belongs to.
-        project: Project charged (chargeback key).
-        on_behalf_of: Chain of agents the call was made for, outermost first.
+        project: Project charged (chargeback key): honoured only if it is one
+            of the projects an operator bound to the agent.
+        on_behalf_of: Chain of agents the call was made for, outermost first
+            (informational: the cost service charges the delegating agents
+            of the signed ``Sb-Chain`` the report's headers carry, never
+            these names).
         reservation_id: The budget reservation this call settles (from the
             authorizing :class:`~schemas.Decision`); its worst-case amount is
             replaced by this report's actual cost.
@@ -93,6 +97,12 @@ class CostRow(Wire, frozen=True, tag="cost_row.v1"):
         cost_usd: Computed cost in US dollars.
         fallback_priced: Reports of models missing from the prices file,
             priced by its ``fallback`` entry.
+        unreserved: Reports a budget applied to that settled no reservation
+            (the model call skipped ``authorize``/``model_call``): charged,
+            but nothing checked the budget before the money was spent.
+        attribution_dropped: Reports that named a project not bound to their
+            agent, or delegating agents without a chain signed by the policy
+            service: charged to their agent and team only.
     """
 
     key: str
@@ -103,6 +113,8 @@ class CostRow(Wire, frozen=True, tag="cost_row.v1"):
     tool_calls: Count = 0
     cost_usd: float = 0.0
     fallback_priced: Count = 0
+    unreserved: Count = 0
+    attribution_dropped: Count = 0
 
 
 class CostReport(Wire, frozen=True, tag="cost_report.v1"):

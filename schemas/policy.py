@@ -69,7 +69,9 @@ class Decision(Wire, frozen=True, tag="decision.v1"):
             fail-closed guard: ``unknown_agent``, ``unknown_action``,
             ``missing_entity``, ``malformed_context``, ``evaluation_error``;
             or a budget guard after the policies allowed a model call:
-            ``budget_exceeded``, ``estimate_required``, ``budget_unavailable``.
+            ``budget_exceeded``, ``estimate_required``, ``budget_unavailable``,
+            ``budget_unreadable`` (a budget record the call would be charged
+            to cannot be read; the reason names it and how to rewrite it).
         reservation_id: For an allowed model call some budget applies to: the
             reservation of its worst-case cost; report the call's usage with
             this ``reservation_id`` to settle it (``Agent.model_call`` does).
@@ -91,7 +93,7 @@ class Decision(Wire, frozen=True, tag="decision.v1"):
     breaker: Breaker | None = None
 
 
-class AuthzRequest(Wire, frozen=True, tag="authz_request.v1"):
+class AuthzRequest(Wire, frozen=True, tag="authz_request.v1", omit_defaults=True):
     """Asked on ``sb.authz.<agent>`` before an LLM or tool call; answered with a :class:`Decision`.
 
     The asking agent is the subject's last token (which the server's
@@ -106,7 +108,12 @@ class AuthzRequest(Wire, frozen=True, tag="authz_request.v1"):
             (``eu-west-1``); empty means unknown (EU-residency rules treat it
             as outside the EU).
         price_per_1k_tokens: Model price, USD per 1,000 tokens.
-        estimated_tokens: Tokens this single invocation is expected to use.
+        estimated_tokens: Tokens this single invocation is expected to use;
+            None (absent on the wire): not given, which policies see as an
+            unknown estimate (``context.estimated_tokens_known`` false, with
+            ``SIGNALBOX_DEFAULT_TOKEN_ESTIMATE`` as ``context.estimated_tokens``),
+            never as zero. Defaults are left out of the encoding, so a peer
+            that predates this sees an absent estimate as before.
         data_tags: Classification tags of the data sent (``pii``, ``pci-dss``).
         on_behalf_of: Delegation chain (agents or users), outermost first.
         max_output_tokens: Most completion tokens the call may produce (the
@@ -120,7 +127,7 @@ class AuthzRequest(Wire, frozen=True, tag="authz_request.v1"):
     provider: _Short = ""
     region: _Short = ""
     price_per_1k_tokens: Annotated[float, msgspec.Meta(ge=0, le=1_000_000)] = 0.0
-    estimated_tokens: Annotated[int, msgspec.Meta(ge=0, le=10**12)] = 0
+    estimated_tokens: Annotated[int, msgspec.Meta(ge=0, le=10**12)] | None = None
     data_tags: Annotated[tuple[_Text, ...], msgspec.Meta(max_length=64)] = ()
     on_behalf_of: Annotated[tuple[_Text, ...], msgspec.Meta(max_length=32)] = ()
     max_output_tokens: Annotated[int, msgspec.Meta(ge=0, le=10**12)] = 0
@@ -341,14 +348,21 @@ class PolicyShown(Wire, frozen=True, tag="policy_shown.v1"):
     """Reply of ``show``: one version with its texts.
 
     Attributes:
-        record: The stored version.
-        active: Whether it is the active one.
-        active_version: The active version.
+        record: The stored version (by default the active one; with an
+            ``alarm``, the one the answering replica evaluates instead).
+        active: Whether it is the active one (and in force).
+        active_version: The active version (0: none, or the pointer is unreadable).
+        alarm: Why the active set is not in force ("" when it is): the
+            active-policy pointer, or the set it names, cannot be read or
+            loaded; the replicas keep their last valid set meanwhile.
+        evaluating: The policy-set version the answering replica evaluates.
     """
 
     record: PolicySetRecord
     active: bool
     active_version: int
+    alarm: str = ""
+    evaluating: str = ""
 
 
 class PolicyHistory(Wire, frozen=True, tag="policy_history.v1"):

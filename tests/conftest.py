@@ -26,7 +26,7 @@ from broker.jetstream import AUDIT_STREAM
 from broker.server import EmbeddedServer
 from broker.settings import Settings
 from broker.subjects import Subjects, inbox_prefix
-from schemas import AgentManifest, AuditEvent
+from schemas import AgentBinding, AgentManifest, AuditEvent
 from services.policy.cedar import LABEL_FILE, SCHEMA_FILE, shipped_policy_dir
 from services.registry.credentials import CredentialStore
 from services.runner import Stack
@@ -157,7 +157,7 @@ async def service_nc(settings: Settings) -> AsyncIterator[ServiceConnector]:
     async def make(name: str = "test-service", **options: Any) -> Client:
         assert settings.nats_url is not None
         nc = await connect(
-            settings.nats_url, name=name, **service_connect_options(settings), **options
+            settings.nats_url, name=name, **{**service_connect_options(settings), **options}
         )
         made.append(nc)
         return nc
@@ -167,11 +167,18 @@ async def service_nc(settings: Settings) -> AsyncIterator[ServiceConnector]:
         await nc.close()
 
 
-def enroll(settings: Settings, name: str, ttl: float = 3600.0) -> str:
-    """Issue a credential for agent ``name`` straight into the registry's store."""
+def enroll(settings: Settings, name: str, ttl: float = 3600.0, **attributes: Any) -> str:
+    """Issue a credential for agent ``name`` straight into the registry's store.
+
+    ``attributes`` (``team``, ``owner``, ``namespace``, ``region``,
+    ``projects``, ``tags``) are bound to the agent, as ``signalbox agents
+    enroll NAME --team ...`` does, unless it is bound already; none binds
+    nothing, so the agent may then register only without them.
+    """
     store = CredentialStore(settings.resolved_database_url)
+    binding = AgentBinding(agent=name, bound_by="test", **attributes)
     try:
-        return store.issue(name, ttl, created_by="test").token
+        return store.issue(name, ttl, created_by="test", binding=binding).token
     finally:
         store.close()
 
@@ -264,14 +271,32 @@ async def make_stack(settings: Settings) -> AsyncIterator[StackFactory]:
 @pytest.fixture
 async def make_agent(settings: Settings) -> AsyncIterator[AgentFactory]:
     """Build agents on the fresh server (not started), each enrolled with a credential of
-    its own (pass ``credential=`` to override); every one is stopped at teardown."""
+    its own (pass ``credential=`` to override); every one is stopped at teardown.
+
+    ``owner`` and ``team`` are declared in the manifest and bound at enrollment,
+    with ``namespace``, ``region``, ``projects`` and ``tags`` (bound only: the
+    registry writes them into the stored manifest).
+    """
     made: list[Agent] = []
 
-    def make(name: str, *, owner: str = "owner-1", team: str = "team-1", **kwargs: Any) -> Agent:
+    def make(
+        name: str,
+        *,
+        owner: str = "owner-1",
+        team: str = "team-1",
+        namespace: str = "",
+        region: str = "",
+        projects: tuple[str, ...] = (),
+        tags: tuple[str, ...] = (),
+        **kwargs: Any,
+    ) -> Agent:
         manifest = AgentManifest(name=name, version="1.0.0", owner=owner, team=team)
         assert settings.nats_url is not None
         if "credential" not in kwargs:
-            kwargs["credential"] = enroll(settings, name)
+            kwargs["credential"] = enroll(
+                settings, name, owner=owner, team=team, namespace=namespace, region=region,
+                projects=projects, tags=tags,
+            )  # fmt: skip
         agent = Agent(manifest, nats_url=settings.nats_url, **kwargs)
         made.append(agent)
         return agent
@@ -464,6 +489,27 @@ class RawAgent:
                 return
             await asyncio.sleep(0.02)
         raise AssertionError(f"no permissions violation for {needle!r}; errors: {self.errors}")
+
+
+async def ask(
+    nc: Client,
+    subject: str,
+    data: bytes,
+    *,
+    inbox: str,
+    timeout: float = 5.0,
+    headers: dict[str, str] | None = None,
+) -> Any:
+    """Request ``subject`` with a reply subject under ``inbox`` (a service connection may
+    subscribe anywhere, so one connection can ask as any agent, operator or service:
+    endpoints answer only into the sender's own reply space). Returns the reply ``Msg``."""
+    sub = await nc.subscribe(f"{inbox}.{os.urandom(8).hex()}", max_msgs=1)
+    try:
+        await nc.publish(subject, data, reply=sub.subject, headers=headers)
+        return await sub.next_msg(timeout=timeout)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
 
 # -- waiting ----------------------------------------------------------------------------

@@ -946,13 +946,13 @@ async def test_an_enrolled_agent_connects_to_another_node(
             enrolled = await request(
                 operator,
                 subjects.admin("registry", "enroll"),
-                EnrollAgent(name="credit-check"),
+                EnrollAgent(name="credit-check", team="risk", owner="risk"),
                 Enrolled,
             )
         finally:
             await operator.close()
         # Subscriptions reach the other nodes asynchronously: wait for them.
-        discover = subjects.registry("discover")
+        discover = subjects.registry_wildcard("discover")  # what the registry subscribes
         await local_cluster.wait_for_interest(second, CALLOUT_SUBJECT, discover)
         await local_cluster.wait_for_interest(third, CALLOUT_SUBJECT)
 

@@ -39,6 +39,15 @@ def test_configuration_table_lists_every_setting_and_nothing_else() -> None:
     assert documented == fields
 
 
+def _enroll_options(name: str) -> dict[str, str]:
+    """The attributes the README's `signalbox agents enroll NAME --team T --owner O` binds."""
+    line = re.search(rf"^signalbox agents enroll {name} (.*)$", _text(), re.M)
+    assert line is not None, f"the README enrolls no {name}"
+    flags = line.group(1).split()
+    pairs = zip(flags[::2], flags[1::2], strict=True)
+    return {flag.removeprefix("--"): value for flag, value in pairs}
+
+
 def test_agent_example_runs(settings: Settings, tmp_path: Path) -> None:
     example = re.search(r"## An agent\n\n```python\n(.*?)```", _text(), re.S)
     assert example is not None
@@ -51,8 +60,12 @@ def test_agent_example_runs(settings: Settings, tmp_path: Path) -> None:
     # Each agent with a credential of its own, as `signalbox agents enroll` issues them.
     env = {
         **os.environ,
-        "CREDIT_CHECK_CREDENTIAL": enroll(settings, "credit-check"),
-        "LOAN_ORIGINATION_CREDENTIAL": enroll(settings, "loan-origination"),
+        "CREDIT_CHECK_CREDENTIAL": enroll(
+            settings, "credit-check", **_enroll_options("credit-check")
+        ),
+        "LOAN_ORIGINATION_CREDENTIAL": enroll(
+            settings, "loan-origination", **_enroll_options("loan-origination")
+        ),
     }
 
     import asyncio

@@ -124,8 +124,17 @@ def _print(result: BudgetList, as_json: bool, title: str) -> None:
         typer.echo(to_json(result))
         return
     statuses = result.budgets
+    for key, why in result.unreadable.items():
+        scope, _, rest = key.partition(".")
+        name, _, window = rest.rpartition(".")
+        typer.echo(
+            f"UNREADABLE budget record {key} ({why}): the model calls it governs are refused; "
+            f"rewrite it with `signalbox budgets set {scope}:{name} --limit USD --window {window}`",
+            err=True,
+        )
     if not statuses:
-        typer.echo("No budgets. Set one with `signalbox budgets set team:NAME --limit USD`.")
+        if not result.unreadable:
+            typer.echo("No budgets. Set one with `signalbox budgets set team:NAME --limit USD`.")
         return
     Console().print(budget_table(statuses, title))
 

@@ -10,9 +10,20 @@ from broker.replies import request
 from broker.subjects import Subjects
 from schemas import AgentList, AgentRecord, ListAgents
 
-__all__ = ["admin_request", "list_agents", "registry_request"]
+__all__ = ["admin_request", "list_agents", "operator_of", "registry_request"]
 
 T = TypeVar("T")
+
+
+def operator_of(nc: Client) -> str:
+    """The named operator ``nc`` is connected as (``""``: the bootstrap operator).
+
+    A named operator's credential lets it publish only admin subjects ending
+    in its own name (``sb.admin.<service>.<op>.<name>``), including its
+    registry reads; :func:`services.cli.common.connect_operator` records the
+    name on the connection.
+    """
+    return str(getattr(nc, "sb_operator", ""))
 
 
 async def registry_request(
@@ -31,9 +42,10 @@ async def registry_request(
         CallTimeout: the registry did not answer within ``timeout``.
         SignalboxError: the registry's structured error reply, typed by its code.
     """
+    operator = operator_of(nc)
     return await request(
         nc,
-        subjects.registry(op),
+        subjects.admin("registry", op, operator) if operator else subjects.registry(op),
         body,
         returns,
         timeout=timeout,
@@ -59,7 +71,7 @@ async def admin_request(
     """
     return await request(
         nc,
-        subjects.admin(service, op),
+        subjects.admin(service, op, operator_of(nc)),
         body,
         returns,
         timeout=timeout,

@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from broker.connection import connect
 from broker.errors import AuthenticationFailed, SignalboxError
-from broker.identity import operator_connect_options
+from broker.identity import operator_connect_options, operator_name
 from broker.settings import Settings
 from broker.subjects import Subjects
 from services.cli.client import admin_request
@@ -111,8 +111,14 @@ async def connect_operator(
     """Connect as an operator (credentials from the secrets folder or SIGNALBOX_NATS_USER)."""
     try:
         options = operator_connect_options(settings)
-        return await connect(url, name="signalbox-cli", connect_timeout=CONNECT_TIMEOUT, **options)
+        nc = await connect(url, name="signalbox-cli", connect_timeout=CONNECT_TIMEOUT, **options)
     except AuthenticationFailed as exc:
+        if settings.operator_credential is not None:
+            raise SignalboxError(
+                f"NATS at {url} refused SIGNALBOX_OPERATOR_CREDENTIAL (revoked, expired or "
+                "mistyped): ask an admin for a new one (`signalbox operators add NAME`)",
+                details={"url": url},
+            ) from exc
         raise SignalboxError(
             f"NATS at {url} refused the operator credentials; run the command where "
             "`signalbox up` keeps its data (or set SIGNALBOX_DATA_DIR / SIGNALBOX_SECRETS_DIR "
@@ -123,6 +129,10 @@ async def connect_operator(
         raise SignalboxError(
             f"cannot reach NATS at {url}; {hint}", details={"url": url, "error": repr(exc)}
         ) from exc
+    if settings.operator_credential is not None:
+        # Read by services.cli.client.operator_of: the subjects this operator may use.
+        nc.sb_operator = operator_name(settings.operator_credential.get_secret_value())  # type: ignore[attr-defined]
+    return nc
 
 
 def admin_call(nats_url: str | None, service: str, op: str, request: Any, returns: type[T]) -> T:

@@ -44,6 +44,8 @@ _COLUMNS = (
     "tool_calls",
     "cost_usd",
     "fallback_priced",
+    "unreserved",
+    "attribution_dropped",
 )
 
 
@@ -75,6 +77,9 @@ def cost_table(report: CostReport) -> Table:
     table.add_column("tool calls", justify="right", footer=f"{total.tool_calls:,}")
     table.add_column("cost (USD)", justify="right", footer=_usd(total.cost_usd))
     table.add_column("fallback-priced", justify="right", footer=f"{total.fallback_priced:,}")
+    # Budgeted usage no reservation covered; reports whose project or chain was not honoured.
+    table.add_column("unreserved", justify="right", footer=f"{total.unreserved:,}")
+    table.add_column("unattributed", justify="right", footer=f"{total.attribution_dropped:,}")
     for row in report.rows:
         table.add_row(
             _key(report.by, row.key),
@@ -85,6 +90,8 @@ def cost_table(report: CostReport) -> Table:
             f"{row.tool_calls:,}",
             _usd(row.cost_usd),
             f"{row.fallback_priced:,}" if row.fallback_priced else "",
+            f"{row.unreserved:,}" if row.unreserved else "",
+            f"{row.attribution_dropped:,}" if row.attribution_dropped else "",
         )
     return table
 
@@ -103,6 +110,8 @@ def _csv(report: CostReport) -> str:
             str(row.tool_calls),
             f"{row.cost_usd:.9f}",
             str(row.fallback_priced),
+            str(row.unreserved),
+            str(row.attribution_dropped),
         ]
 
     for row in report.rows:

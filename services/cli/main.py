@@ -5,7 +5,12 @@
     signalbox up [--nats-url URL] [--data-dir DIR] [--port N]    run the control plane
     signalbox demo [--data-dir DIR]                             scripted demo, real agents
     signalbox agents list [--team T] [--capability C] [--json]  registered agents
-    signalbox agents enroll NAME [--ttl 7d] [--note N]          issue an agent credential
+    signalbox agents show NAME [--version V] [--json]            one agent, its bound attributes
+    signalbox agents enroll NAME [--ttl 7d] [--note N] [--team T] [--owner O] [--namespace N]
+                                 [--region R] [--project P]... [--tag K]...
+                                                                issue a credential, bind attributes
+    signalbox agents bind NAME [--team T] ... [--clear-projects] [--clear-tags] [--reason R]
+                                                                change bound attributes
     signalbox agents revoke NAME [--credential ID]              revoke and disconnect
     signalbox agents credentials [NAME] [--all] [--json]        list credentials
     signalbox audit tail [--kind K] [--agent A] [--last N] [--count N] [--json]
@@ -39,7 +44,7 @@ from rich.panel import Panel
 from rich.table import Table
 from typer.core import TyperGroup
 
-from broker.errors import SchemaError, SignalboxError
+from broker.errors import NotFound, SchemaError, SignalboxError
 from broker.identity import (
     ServerSecrets,
     auth_config,
@@ -49,13 +54,17 @@ from broker.server import render_blocks
 from broker.settings import Settings
 from broker.subjects import Subjects, validate_token
 from schemas import (
+    AgentBinding,
     AgentRecord,
+    BindAgent,
+    Bound,
     CredentialList,
     DiscoverAgents,
     DiscoverResult,
     EnrollAgent,
     Enrolled,
     GetAgent,
+    GetBinding,
     ListCredentials,
     RevokeAgent,
     Revoked,
@@ -64,7 +73,7 @@ from services.cli.approvals_cmds import approvals_app
 from services.cli.audit_cmds import audit_app
 from services.cli.breakers_cmds import breakers_app
 from services.cli.budgets_cmds import budgets_app
-from services.cli.client import list_agents, registry_request
+from services.cli.client import admin_request, list_agents, registry_request
 from services.cli.common import (
     DEFAULT_NATS_URL,
     JsonOption,
@@ -76,14 +85,17 @@ from services.cli.common import (
     load_settings,
     parse_duration,
     run,
+    who,
 )
 from services.cli.cost_cmds import cost_app
+from services.cli.operators_cmds import operators_app
 from services.cli.policy_cmds import policy_app
 from services.cli.render import (
     agent_panel,
     agents_table,
     audit_header,
     audit_line,
+    binding_grid,
     credentials_table,
     to_json,
 )
@@ -134,6 +146,7 @@ app.add_typer(budgets_app, name="budgets")
 app.add_typer(rollout_app, name="rollout")
 app.command("rollback")(rollback)
 app.add_typer(breakers_app, name="breakers")
+app.add_typer(operators_app, name="operators")
 
 # -- commands -----------------------------------------------------------------------------
 
@@ -289,6 +302,26 @@ async def _registry(url: str, settings: Settings, op: str, request: Any, returns
         await nc.close()
 
 
+async def _record_and_binding(
+    url: str, settings: Settings, request: GetAgent
+) -> tuple[AgentRecord, AgentBinding | None]:
+    """One agent version and its bound attributes (None: never enrolled)."""
+    nc = await connect_operator(url, settings)
+    subjects = Subjects(settings.subject_prefix)
+    try:
+        record = await registry_request(nc, subjects, "get", request, AgentRecord)
+        try:
+            binding = await admin_request(
+                nc, subjects, "binding", GetBinding(name=request.name), AgentBinding,
+                service="registry",
+            )  # fmt: skip
+        except NotFound:
+            binding = None
+        return record, binding
+    finally:
+        await nc.close()
+
+
 @agents_app.command("show")
 def agents_show(
     name: Annotated[str, typer.Argument(help="Agent name.")],
@@ -298,20 +331,32 @@ def agents_show(
     nats_url: NatsUrlOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Show one agent version: manifest, health, capabilities."""
+    """Show one agent version: manifest, health, capabilities (with their data tags), and
+    the attributes an operator bound to the agent (team, owner, namespace, region, projects,
+    tags; `--json`: under the key "binding", null if it was never enrolled)."""
     url, settings = client_url(nats_url)
     try:
         request = GetAgent(name=name, version=version)
         validate_token(name, what="agent name")
     except SignalboxError as err:
         fail(err.message)
-    record = run(_registry(url, settings, "get", request, AgentRecord))
+    record, binding = run(_record_and_binding(url, settings, request))
     if json_out:
-        typer.echo(to_json(record))
+        doc = msgspec.to_builtins(record)
+        doc["binding"] = msgspec.to_builtins(binding) if binding is not None else None
+        typer.echo(to_json(doc))
         return
-    Console().print(
+    console = Console()
+    console.print(
         Panel(agent_panel(record), title=f"{record.manifest.name} {record.manifest.version}")
     )
+    if binding is None:
+        console.print(
+            f"{name} was never enrolled: its attributes are the ones it declared "
+            "(`signalbox agents enroll` binds them)."
+        )
+        return
+    console.print(Panel(binding_grid(binding), title="Bound by operators"))
 
 
 @agents_app.command("discover")
@@ -386,6 +431,53 @@ def _agent_name(name: str) -> str:
         fail(err.message)
 
 
+TeamOption = Annotated[str | None, typer.Option("--team", help="Bind this team.")]
+OwnerOption = Annotated[str | None, typer.Option("--owner", help="Bind this owner.")]
+NamespaceOption = Annotated[
+    str | None, typer.Option("--namespace", help="Bind this Cedar namespace (finance...).")
+]
+RegionOption = Annotated[
+    str | None, typer.Option("--region", help="Bind this data-residency region (eu...).")
+]
+ProjectOption = Annotated[
+    list[str] | None,
+    typer.Option("--project", help="Bind this project (repeatable; replaces the bound ones)."),
+]
+TagOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tag", help="Bind this principal tag, e.g. data-residency:eu (repeatable; replaces)."
+    ),
+]
+
+
+def _attributes(
+    team: str | None,
+    owner: str | None,
+    namespace: str | None,
+    region: str | None,
+    projects: list[str] | None,
+    tags: list[str] | None,
+) -> dict[str, Any]:
+    """The attribute fields of an enroll or bind request (only the options given)."""
+    fields: dict[str, Any] = {
+        "team": team, "owner": owner, "namespace": namespace, "region": region,
+        "projects": projects, "tags": tags,
+    }  # fmt: skip
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _request(doc: dict[str, Any], kind: type[T]) -> T:
+    """``doc`` as a wire request, or exit 1 naming the bad option."""
+    try:
+        return msgspec.convert(doc, kind)
+    except msgspec.ValidationError as exc:
+        fail(
+            f"{exc}; projects and tags are single values without commas or surrounding "
+            "spaces (repeat --project / --tag for several)"
+        )
+
+
 @agents_app.command("enroll")
 def agents_enroll(
     name: AgentName,
@@ -398,13 +490,30 @@ def agents_enroll(
         ),
     ] = None,
     note: Annotated[str, typer.Option("--note", help="Kept with the credential.")] = "",
+    team: TeamOption = None,
+    owner: OwnerOption = None,
+    namespace: NamespaceOption = None,
+    region: RegionOption = None,
+    project: ProjectOption = None,
+    tag: TagOption = None,
     nats_url: NatsUrlOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Issue a credential for an agent; it is shown once: hand it to the agent."""
-    request = EnrollAgent(
-        name=_agent_name(name), ttl=parse_duration(ttl) if ttl else 0.0, note=note
-    )
+    """Issue a credential for an agent; it is shown once: hand it to the agent.
+
+    --team, --owner, --namespace, --region, --project and --tag bind the agent's
+    governance attributes: the registry stores them in its manifest whatever it
+    declares, and refuses a manifest declaring others. Enrolling again keeps the
+    bound attributes unless options are given (then only those change).
+    """
+    request = _request(
+        {
+            "type": "enroll_agent.v1", "name": _agent_name(name),
+            "ttl": parse_duration(ttl) if ttl else 0.0, "note": note, "requested_by": who(),
+            **_attributes(team, owner, namespace, region, project, tag),
+        },
+        EnrollAgent,
+    )  # fmt: skip
     enrolled = admin_call(nats_url, "registry", "enroll", request, Enrolled)
     if json_out:
         typer.echo(to_json(enrolled))
@@ -421,8 +530,64 @@ def agents_enroll(
         "use",
         f"SIGNALBOX_AGENT_CREDENTIAL='{enrolled.token}' (or Agent(..., credential=...))",
     )
-    Console(soft_wrap=True).print(
+    console = Console(soft_wrap=True)
+    console.print(
         Panel(grid, title="Agent credential · shown once, store it now", border_style="green")
+    )
+    if enrolled.binding is not None:
+        console.print(Panel(binding_grid(enrolled.binding), title="Bound by operators"))
+
+
+@agents_app.command("bind")
+def agents_bind(
+    name: AgentName,
+    team: TeamOption = None,
+    owner: OwnerOption = None,
+    namespace: NamespaceOption = None,
+    region: RegionOption = None,
+    project: ProjectOption = None,
+    tag: TagOption = None,
+    clear_projects: Annotated[
+        bool, typer.Option("--clear-projects", help="Bind no project.")
+    ] = False,
+    clear_tags: Annotated[bool, typer.Option("--clear-tags", help="Bind no tag.")] = False,
+    reason: Annotated[str, typer.Option("--reason", help="Kept in the audit trail.")] = "",
+    nats_url: NatsUrlOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Change an enrolled agent's bound attributes: only the options given change.
+
+    Its registered versions are rewritten at once (policies, budgets and discovery
+    see the new values); audited with the values before and after.
+    """
+    if clear_projects and project:
+        fail("give --project or --clear-projects, not both")
+    if clear_tags and tag:
+        fail("give --tag or --clear-tags, not both")
+    fields = _attributes(
+        team, owner, namespace, region, [] if clear_projects else project, [] if clear_tags else tag
+    )
+    if not fields:
+        fail(
+            "nothing to change: give at least one of --team, --owner, --namespace, --region, "
+            "--project, --tag, --clear-projects, --clear-tags"
+        )
+    request = _request(
+        {"type": "bind_agent.v1", "name": _agent_name(name), "reason": reason,
+         "requested_by": who(), **fields},
+        BindAgent,
+    )  # fmt: skip
+    bound = admin_call(nats_url, "registry", "bind", request, Bound)
+    if json_out:
+        typer.echo(to_json(bound))
+        return
+    console = Console()
+    console.print(
+        Panel(binding_grid(bound.binding, previous=bound.previous), title=f"{name}: bound")
+    )
+    changed = ", ".join(bound.changed) or "nothing (the values were already bound)"
+    console.print(
+        f"Changed: {changed}; {bound.versions} registered version(s) of {name} rewritten."
     )
 
 

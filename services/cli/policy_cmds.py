@@ -237,6 +237,9 @@ def show(
     meta = Table(box=box.SIMPLE_HEAD, show_header=False, title=f"Policy set version {r.version}")
     meta.add_column(style="bold")
     meta.add_column(overflow="fold")
+    if shown.alarm:
+        meta.add_row("ALARM", Text(shown.alarm, "bold red"))
+        meta.add_row("evaluating", Text(f"{shown.evaluating} (shown below)", "yellow"))
     meta.add_row("status", Text("active", "green") if shown.active else
                  Text(f"stored (active: {shown.active_version})", "dim"))  # fmt: skip
     meta.add_row("label", r.label)

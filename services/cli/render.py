@@ -12,7 +12,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from schemas import AgentRecord, AuditEvent, CredentialInfo
+from schemas import BINDING_FIELDS, AgentBinding, AgentRecord, AuditEvent, CredentialInfo
 
 __all__ = [
     "KIND_STYLES",
@@ -20,6 +20,7 @@ __all__ = [
     "audit_header",
     "audit_line",
     "audit_table",
+    "binding_grid",
     "credentials_table",
     "summarize",
     "to_json",
@@ -210,8 +211,31 @@ def agent_panel(record: AgentRecord) -> Table:
     for key, value in rows:
         grid.add_row(key, value)
     for cap in m.capabilities:
-        tags = f"  [{', '.join(cap.tags)}]" if cap.tags else ""
+        # Data tags, declared by the agent (policies read them as resource.tags).
+        tags = f"  tags: {', '.join(cap.tags)}" if cap.tags else "  tags: —"
         grid.add_row("capability", Text(f"{cap.name}{tags}  {cap.description}".rstrip()))
+    return grid
+
+
+def _attribute(value: str | tuple[str, ...]) -> str:
+    if isinstance(value, tuple):
+        return ", ".join(value) or "—"
+    return value or "—"
+
+
+def binding_grid(binding: AgentBinding, *, previous: AgentBinding | None = None) -> Table:
+    """An agent's bound attributes (with the values before, when ``previous`` is given)."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for field in BINDING_FIELDS:
+        value = _attribute(getattr(binding, field))
+        if previous is not None and getattr(previous, field) != getattr(binding, field):
+            value = f"{_attribute(getattr(previous, field))} → {value}"
+        grid.add_row(field, value)
+    if binding.bound_at:
+        by = f" by {binding.bound_by}" if binding.bound_by else ""
+        grid.add_row("bound", f"{_clock(binding.bound_at, with_date=True)}{by}")
     return grid
 
 

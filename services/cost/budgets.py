@@ -50,6 +50,7 @@ __all__ = [
     "BudgetLedger",
     "Grant",
     "ReservationRow",
+    "Settlement",
     "WindowRow",
     "window_bounds",
 ]
@@ -143,6 +144,21 @@ class BudgetAlert:
     budget: Budget
     charge: BudgetCharge
     hard: bool
+
+
+@dataclass(slots=True)
+class Settlement:
+    """Outcome of :meth:`BudgetLedger.settle`.
+
+    Attributes:
+        alerts: Thresholds crossed (audit them; trip breakers on hard ones).
+        unreserved: ``(agent, report id)`` of rows that some budget applies
+            to but that settled no open reservation of their agent: charged
+            all the same, and flagged.
+    """
+
+    alerts: list[BudgetAlert] = field(default_factory=list)
+    unreserved: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -274,7 +290,7 @@ class BudgetLedger:
         conn: Connection,
         usage: Sequence[Mapping[str, Any]],
         budgets: BudgetLookup,
-    ) -> list[BudgetAlert]:
+    ) -> Settlement:
         """Charge newly inserted usage rows to their budgets, inside the metering transaction.
 
         ``usage`` rows (``agent``, ``id``, ``time``, ``team``, ``project``,
@@ -282,7 +298,8 @@ class BudgetLedger:
         the rows this transaction inserted. A row whose reservation is open
         (and belongs to its agent) replaces the reserved amount with its cost
         on the reserved windows; any other row adds its cost to the windows
-        of the budgets that apply to it now.
+        of the budgets that apply to it now, and is reported ``unreserved``
+        when there are any.
         """
         spent: dict[tuple[str, int], int] = defaultdict(int)
         released: dict[tuple[str, int], int] = defaultdict(int)
@@ -294,6 +311,7 @@ class BudgetLedger:
                 query = query.with_for_update()
             open_by_id = {r.id: r for r in conn.execute(query)}
         settled: list[tuple[str, int, str]] = []
+        unreserved: list[tuple[str, str]] = []
         for row in usage:
             reservation = open_by_id.pop(row.get("reservation_id") or "", None)
             if reservation is not None and reservation.agent == row["agent"]:
@@ -302,18 +320,21 @@ class BudgetLedger:
                     spent[(key, int(start))] += row["cost_nanos"]
                 settled.append((reservation.id, row["cost_nanos"], row["id"]))
                 continue
-            for budget in applicable_keys(
+            applicable = applicable_keys(
                 budgets,
                 agent=row["agent"],
                 team=row["team"],
                 project=row["project"],
                 on_behalf_of=[p for p in str(row["on_behalf_of"]).split(",") if p],
-            ):
+            )
+            if applicable:
+                unreserved.append((row["agent"], row["id"]))
+            for budget in applicable:
                 start, _ = window_bounds(budget.window, row["time"])
                 spent[(budget.key, start)] += row["cost_nanos"]
         touched = sorted(set(spent) | set(released))
         if not touched:
-            return []
+            return Settlement(unreserved=unreserved)
         rows = self._lock(conn, touched)
         alerts: list[BudgetAlert] = []
         for key, start in touched:
@@ -345,7 +366,7 @@ class BudgetLedger:
                 _SETTLE_RESERVATION,
                 [{"id": rid, "cost": cost, "report": report} for rid, cost, report in settled],
             )
-        return alerts
+        return Settlement(alerts=alerts, unreserved=unreserved)
 
     # -- expire ----------------------------------------------------------------
 

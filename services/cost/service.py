@@ -3,9 +3,17 @@
 Metering. A durable pull consumer (:class:`~broker.consumer.PullWorker`,
 shared by every replica) fetches batches. Each report is validated (shape,
 and that its ``agent`` field matches the subject it was published on, so one
-agent cannot report usage as another), charged to the team the ``sb_agents``
-registry mirror gives for that agent *when it is metered* (reports carry no
-team: an agent could name any), costed from the prices file, and the batch is
+agent cannot report usage as another) and attributed from what operators
+decided, never from what the report says (an agent could write anything):
+the team is the one the ``sb_agents`` registry mirror gives for the agent
+*when it is metered* (its bound team); the report's ``project`` only if it
+is one of the projects bound to the agent; the delegating agents only from
+the ``Sb-Chain`` the policy service signed for it (sent back by the SDK
+with the report, verified with the services' key as of the report's time in
+the stream), never from the report's ``on_behalf_of``. What is not honoured
+is kept in the row (``ignored_project``, ``dropped_on_behalf_of``) and
+counted (:attr:`CostService.attribution_stats`). Each report is then costed
+from the prices file, and the batch is
 inserted in one SQL transaction that skips reports already stored (primary
 key ``(agent, report id)``; see :mod:`services.cost.store`). Only after the
 commit, and after the batch's audit events (``usage``, ``rejected``) are
@@ -15,6 +23,10 @@ committed, so every report is counted exactly once.
 
 Invalid reports are audited as ``rejected``, counted, and terminated (never
 redelivered forever, never silently dropped).
+
+Usage that a budget applies to but that settles no reservation (the model
+call skipped ``authorize``) is charged all the same, stored ``unreserved``
+and audited (kind ``budget``, event ``unreserved``).
 
 Budgets (:mod:`services.cost.budgets`). Definitions live in the KV bucket
 ``sb_budgets``; operators set them on ``sb.admin.budgets.<op>``. The policy
@@ -48,17 +60,21 @@ from opentelemetry.trace import SpanKind
 
 from broker.audit import new_id
 from broker.breakers import BreakerBoard, breaker_key
-from broker.budgets import applicable_keys
+from broker.budgets import applicable_keys, unreadable_budget, unreadable_keys
 from broker.codec import decode, encode
 from broker.consumer import PullWorker
 from broker.diagnostics import cancel_and_wait
 from broker.errors import InvalidInput, NotFound, SchemaError, SignalboxError
+from broker.identity import chain_key, verify_chain
 from broker.jetstream import KV_AGENTS, KV_BREAKERS, KV_BUDGETS, USAGE_STREAM
 from broker.kvcache import KVCache
+from broker.replies import H_CHAIN, H_CHAIN_SIG
 from broker.service import Service
 from broker.settings import Settings
+from broker.subjects import Audience, is_valid_token
 from broker.telemetry import ATTR, AuditIds, annotate, extract, hex_ids, parent_ids
 from schemas import (
+    AgentManifest,
     AgentRecord,
     Budget,
     BudgetList,
@@ -79,7 +95,7 @@ from services.cost.budgets import BudgetAlert
 from services.cost.prices import NANOS_PER_USD, Prices, load_prices
 from services.cost.store import UsageStore
 
-__all__ = ["CONSUMER", "CostService"]
+__all__ = ["CONSUMER", "CostService", "bound_projects"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +103,22 @@ _PERIODIC = {"day": "daily", "month": "monthly"}
 
 #: Durable consumer of every cost replica on ``SB_USAGE``.
 CONSUMER = "sb-cost-meter"
+#: Most agents read from a usage report's ``Sb-Chain`` (the policy service signs shorter ones).
+_MAX_CHAIN = 256
+
+
+def bound_projects(manifest: AgentManifest) -> frozenset[str]:
+    """Projects a registered agent's usage may be charged to, per its stored manifest.
+
+    The registry stores the projects an operator bound to the agent in the
+    metadata entry ``projects`` (comma-joined) and one of them as ``project``
+    (for an agent never enrolled, registered while identity is off, the
+    declared ``project``); see :mod:`services.registry.binding`.
+    """
+    projects = {p.strip() for p in manifest.metadata.get("projects", "").split(",")}
+    projects.add(manifest.project)
+    projects.discard("")
+    return frozenset(projects)
 
 
 class CostService(Service):
@@ -101,6 +133,10 @@ class CostService(Service):
         metered: Reports committed to SQL by this replica (duplicates included:
             the store, not this counter, is exactly-once).
         store_failures: Batches whose SQL write failed (left to redeliver).
+        attribution_stats: Reports whose ``project`` was not bound to their
+            agent (``ignored_projects``), whose ``on_behalf_of`` or chain was
+            not signed by the policy service (``unsigned_chains``), and budgeted
+            usage that settled no reservation (``unreserved``), by this replica.
     """
 
     name = "cost"
@@ -111,6 +147,11 @@ class CostService(Service):
         self.ack_wait = ack_wait
         self.metered = 0
         self.store_failures = 0
+        self.attribution_stats: dict[str, int] = {
+            "ignored_projects": 0, "unsigned_chains": 0, "unreserved": 0,
+        }  # fmt: skip
+        #: The services' key for delegation chains (broker.identity; None on an open server).
+        self._chain_key = chain_key(settings)
         self._prices: Prices | None = None
         self._store: UsageStore | None = None
         self._agents: KVCache[AgentRecord] | None = None
@@ -122,11 +163,14 @@ class CostService(Service):
         #: Reservations granted / refused, and budget alerts audited, by this replica.
         self.budget_stats: dict[str, int] = {
             "reserved": 0, "refused": 0, "expired": 0, "soft_alerts": 0, "exhausted": 0,
+            "unreadable": 0,
         }  # fmt: skip
         s = self.subjects
         self.endpoint(s.admin("cost", "report"), CostReportRequest)(self.cost_report)
-        self.endpoint(s.cost_reserve, ReserveBudget)(self.reserve)
-        self.endpoint(s.cost_versions, CostByVersionRequest)(self.cost_by_version)
+        self.endpoint(s.cost_reserve, ReserveBudget, audience=Audience.SERVICE)(self.reserve)
+        self.endpoint(s.cost_versions, CostByVersionRequest, audience=Audience.SERVICE)(
+            self.cost_by_version
+        )
         self.endpoint(s.admin("budgets", "set"), SetBudget)(self.set_budget)
         self.endpoint(s.admin("budgets", "remove"), RemoveBudget)(self.remove_budget)
         self.endpoint(s.admin("budgets", "list"), ListBudgets)(self.list_budgets)
@@ -151,7 +195,7 @@ class CostService(Service):
         self._agents = KVCache(await self.js.key_value(KV_AGENTS), AgentRecord)
         await self._agents.start()
         self._budget_kv = await self.js.key_value(KV_BUDGETS)
-        self._budgets = KVCache(self._budget_kv, Budget)
+        self._budgets = KVCache(self._budget_kv, Budget, on_unreadable=self._budget_unreadable)
         await self._budgets.start()
         #: Breakers this service trips when an agent's or a team's budget is exhausted.
         self.breakers = BreakerBoard(await self.js.key_value(KV_BREAKERS), self.audit, self.actor)
@@ -221,6 +265,73 @@ class CostService(Service):
         record = self._agents.get(agent) if self._agents is not None else None
         return record.manifest.team if record is not None else ""
 
+    def _project(self, agent: str, project: str) -> str:
+        """``project`` if it is bound to ``agent`` (per the registry mirror), else ""."""
+        if not project:
+            return ""
+        record = self._agents.get(agent) if self._agents is not None else None
+        return project if record is not None and project in bound_projects(record.manifest) else ""
+
+    def _signed_parents(self, msg: Msg, agent: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The delegating agents of the chain the policy service signed for ``agent``, as the
+        report's headers carry it; and those of a chain it did not sign (or that expired).
+
+        Verified as of the report's time in the stream, so a report metered
+        late (the cost service was down) keeps its chain.
+        """
+        headers = msg.headers or {}
+        chain = headers.get(H_CHAIN, "")
+        if not chain:
+            return (), ()
+        names = tuple(dict.fromkeys(p for p in chain.split(",")[:_MAX_CHAIN] if is_valid_token(p)))
+        try:
+            at = msg.metadata.timestamp.timestamp()
+        except Exception:  # not a JetStream delivery (tests feeding messages by hand)
+            at = time.time()
+        if not verify_chain(self._chain_key, agent, chain, headers.get(H_CHAIN_SIG, ""), at):
+            return (), names or ("(unreadable chain)",)
+        return tuple(p for p in names if p != agent), ()
+
+    def _attributed_row(self, msg: Msg, report: UsageReport, now: float) -> dict[str, Any]:
+        """The stored row of ``report``: team, project and delegating agents as operators and
+        the policy service decided them, with what the report named in vain (counted)."""
+        project = self._project(report.agent, report.project)
+        parents, unsigned = self._signed_parents(msg, report.agent)
+        dropped = tuple(
+            dict.fromkeys(p for p in (*unsigned, *report.on_behalf_of) if p not in parents)
+        )
+        if report.project and not project:
+            self.attribution_stats["ignored_projects"] += 1
+        if dropped:
+            self.attribution_stats["unsigned_chains"] += 1
+        return self.store.row(
+            report, team=self._team(report.agent), now=now, project=project,
+            on_behalf_of=parents, ignored_project=report.project if not project else "",
+            dropped_on_behalf_of=dropped,
+        )  # fmt: skip
+
+    async def _audit_unreserved(self, report: UsageReport, row: dict[str, Any]) -> None:
+        """Budgeted usage that settled no reservation: charged, and audited as such."""
+        self.attribution_stats["unreserved"] += 1
+        await self.audit.emit(
+            "budget",
+            actor=report.agent,
+            subject=self.subjects.usage(report.agent),
+            trace_id=report.trace_id,
+            event_id=f"unreserved-{report.agent}-{report.id}",
+            data={
+                "event": "unreserved", "alert": "unreserved", "agent": report.agent,
+                "report": report.id, "model": report.model, "team": row["team"],
+                "project": row["project"], "on_behalf_of": row["on_behalf_of"],
+                "cost_usd": int(row["cost_nanos"]) / NANOS_PER_USD,
+                "reservation_id": report.reservation_id,
+                "text": f"{report.agent} reported usage a budget applies to without a "
+                "reservation (its model call was not authorized with Agent.model_call or "
+                "Agent.authorize(estimated_tokens=...)): charged, but no budget was checked "
+                "before the money was spent",
+            },
+        )  # fmt: skip
+
     async def meter(self, msgs: list[Msg]) -> None:
         """Validate, store (one transaction), audit, then ack one batch."""
         good: list[Msg] = []
@@ -239,7 +350,7 @@ class CostService(Service):
                 log.error("cost: %s", err)
                 bad.append(msg)
                 continue
-            row = self.store.row(report, team=self._team(report.agent), now=now)
+            row = self._attributed_row(msg, report, now)
             rows.append(row)
             reports.append((msg, report, row))
         budgets = self._budgets if self._budgets is not None and len(self._budgets) else None
@@ -261,6 +372,13 @@ class CostService(Service):
         for msg, report, row in reports:
             data = msgspec.to_builtins(report)
             data["team"] = row["team"]
+            # What was charged (the report's own words stay under their keys).
+            data["charged_project"] = row["project"]
+            data["charged_on_behalf_of"] = [p for p in row["on_behalf_of"].split(",") if p]
+            if row["ignored_project"] or row["dropped_on_behalf_of"]:
+                data["ignored_project"] = row["ignored_project"]
+                data["dropped_on_behalf_of"] = row["dropped_on_behalf_of"]
+            data["unreserved"] = row["unreserved"]
             data["cost_nanos"] = row["cost_nanos"]
             data["priced_by_fallback"] = row["priced_by_fallback"]
             ids = self._usage_span(msg, report, row)
@@ -275,6 +393,8 @@ class CostService(Service):
                 event_id=f"usage-{report.agent}-{report.id}",
                 data=data,
             )
+            if row["unreserved"]:
+                await self._audit_unreserved(report, row)
             good.append(msg)
         # This batch's events only: another batch's, emitted meanwhile, are its own to wait for.
         if not await self.audit.flush_emitted(timeout=10):
@@ -317,13 +437,23 @@ class CostService(Service):
 
         Nothing applies: granted with no id (nothing to settle). Refused: no
         amount is held anywhere, the refusal names the budget, and it is
-        audited (kind ``budget``).
+        audited (kind ``budget``). The request's ``project`` counts only if
+        it is bound to the agent (its usage report could not charge it either).
         """
+        cache = self._budget_cache()
+        team = self._team(request.agent)
+        project = self._project(request.agent, request.project)
+        bad = unreadable_keys(
+            cache.unreadable, agent=request.agent, team=team, project=project,
+            on_behalf_of=request.on_behalf_of,
+        )  # fmt: skip
+        if bad:  # fail closed: the policy service turns this into a deny
+            raise unreadable_budget(*bad[0])
         budgets = applicable_keys(
-            self._budget_cache(),
+            cache,
             agent=request.agent,
-            team=self._team(request.agent),
-            project=request.project,
+            team=team,
+            project=project,
             on_behalf_of=request.on_behalf_of,
         )
         # Worst case: without a cap on the completion, every token is priced as output.
@@ -371,6 +501,16 @@ class CostService(Service):
         return Reservation(
             granted=True, id=reservation_id, amount_usd=amount, expires_at=expires_at,
             charges=tuple(grant.charges), priced_by_fallback=priced.fallback,
+        )  # fmt: skip
+
+    def _budget_unreadable(self, key: str, reason: str) -> None:
+        """A stored budget cannot be read: audit it (kind ``alert``); calls it governs fail."""
+        self.budget_stats["unreadable"] += 1
+        err = unreadable_budget(key, reason)
+        self.audit.alert_unreadable(
+            KV_BUDGETS, key, reason,
+            effect="model calls this budget governs are refused (budget_unreadable)",
+            fix=err.details["fix"],
         )  # fmt: skip
 
     async def _alert(self, alert: BudgetAlert, *, actor: str, trace_id: str = "") -> None:
@@ -500,7 +640,11 @@ class CostService(Service):
             key=lambda b: b.key,
         )  # fmt: skip
         rows = [(await asyncio.to_thread(self.store.ledger.status, b, now))[0] for b in budgets]
-        return BudgetList(budgets=tuple(rows))
+        unreadable = {
+            k: why for k, why in sorted(self._budget_cache().unreadable.items())
+            if request.scope is None or k.startswith(f"{request.scope}.")
+        }  # fmt: skip
+        return BudgetList(budgets=tuple(rows), unreadable=unreadable)
 
     async def show_budget(self, request: ShowBudget) -> BudgetList:
         """``show``: one scope/name's budgets, current and past windows."""

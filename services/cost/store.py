@@ -3,9 +3,13 @@
 Same database as the registry by default (``settings.resolved_database_url``:
 a SQLite file under the data dir, or PostgreSQL), in tables of its own::
 
-    cost_usage   one row per (agent, report id): the report's fields, the team
-                 it was charged to, its cost in nano-dollars, hour and day
-                 buckets, and whether the fallback price was used
+    cost_usage   one row per (agent, report id): the report's fields, the team,
+                 project and delegating agents it was charged to (never the
+                 report's word: see services.cost.service), what the report
+                 named but was not honoured (``ignored_project``,
+                 ``dropped_on_behalf_of``), its cost in nano-dollars, hour and
+                 day buckets, whether the fallback price was used, and whether
+                 a budget applied but no reservation was settled (``unreserved``)
 
 Exactly once. The primary key is ``(agent, id)``: the report id is the
 ``Nats-Msg-Id`` the SDK sends, scoped to the agent the subject proves (so one
@@ -40,8 +44,11 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     case,
+    false,
     func,
+    or_,
     select,
     text,
 )
@@ -108,9 +115,25 @@ class UsageRow(SQLModel, table=True):
     agent_version: str = Field(
         default="", sa_type=String(64), sa_column_kwargs={"server_default": ""}
     )
+    #: A budget applied but the report settled no open reservation of its agent.
+    unreserved: bool = Field(
+        default=False, sa_type=Boolean, sa_column_kwargs={"server_default": false()}
+    )
+    #: The project the report named, when it is not one bound to the agent (not charged).
+    ignored_project: str = Field(default="", sa_type=_Key, sa_column_kwargs={"server_default": ""})
+    #: Delegating agents the report named without a chain signed by the policy service.
+    dropped_on_behalf_of: str = Field(
+        default="", sa_type=Text, sa_column_kwargs={"server_default": ""}
+    )
 
 
 _U: Table = UsageRow.__table__  # type: ignore[attr-defined]
+#: Columns added after the first rows were built by hand (tests, benchmarks): their defaults.
+_LATER_COLUMNS: Final[dict[str, Any]] = {
+    "unreserved": False,
+    "ignored_project": "",
+    "dropped_on_behalf_of": "",
+}
 #: Columns settlement reads back of the rows a metering transaction inserted.
 _INSERTED: Final = (
     "agent", "id", "time", "team", "project", "on_behalf_of", "cost_nanos", "reservation_id",
@@ -168,8 +191,28 @@ class UsageStore:
         """Close every pooled connection."""
         self._engine.dispose()
 
-    def row(self, report: UsageReport, *, team: str, now: float) -> dict[str, Any]:
-        """The row recording ``report`` (costed with :attr:`prices`)."""
+    def row(
+        self,
+        report: UsageReport,
+        *,
+        team: str,
+        now: float,
+        project: str | None = None,
+        on_behalf_of: Sequence[str] | None = None,
+        ignored_project: str = "",
+        dropped_on_behalf_of: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """The row recording ``report`` (costed with :attr:`prices`).
+
+        Args:
+            report: The usage report.
+            team: The team charged (the agent's, from the registry).
+            now: Time of metering.
+            project: The project charged (default: the report's).
+            on_behalf_of: The delegating agents charged (default: the report's).
+            ignored_project: The project the report named but is not charged.
+            dropped_on_behalf_of: Agents the report named but are not charged.
+        """
         priced = self.prices.cost(
             report.model, report.input_tokens, report.output_tokens, report.cached_tokens
         )
@@ -180,7 +223,7 @@ class UsageStore:
             "hour": int(report.time // _HOUR) * _HOUR,
             "day": int(report.time // _DAY) * _DAY,
             "team": team,
-            "project": report.project,
+            "project": report.project if project is None else project,
             "model": report.model,
             "provider": report.provider,
             "input_tokens": report.input_tokens,
@@ -191,11 +234,14 @@ class UsageStore:
             "cost_nanos": priced.nanos,
             "priced_by_fallback": priced.fallback,
             "trace_id": report.trace_id,
-            "on_behalf_of": ",".join(report.on_behalf_of),
+            "on_behalf_of": ",".join(report.on_behalf_of if on_behalf_of is None else on_behalf_of),
             "received_at": now,
             "reservation_id": report.reservation_id,
             "agent_version": report.agent_version,
             "batch": "",
+            "unreserved": False,
+            "ignored_project": ignored_project,
+            "dropped_on_behalf_of": ",".join(dropped_on_behalf_of),
         }
 
     def record(
@@ -205,12 +251,16 @@ class UsageStore:
 
         Returns once committed (the caller acks after that), with the budget
         thresholds the batch crossed (to audit, and to trip breakers on).
+        Rows a budget applied to but that settled no reservation are stored
+        with ``unreserved`` set, and marked so in ``rows`` too (``row["unreserved"]``).
         """
         if not rows:
             return []
         batch = os.urandom(16).hex()
         for row in rows:
             row["batch"] = batch
+            for key, default in _LATER_COLUMNS.items():  # rows built before these existed
+                row.setdefault(key, default)
         order = self._insert_order
         params: list[Any] = [tuple(row[k] for k in order) for row in rows] if order else list(rows)
         settle = budgets is not None or any(row["reservation_id"] for row in rows)
@@ -219,7 +269,19 @@ class UsageStore:
             if not settle:
                 return []
             inserted = self._inserted_rows(conn, batch, rows)
-            return self.ledger.settle(conn, inserted, budgets or {})
+            settled = self.ledger.settle(conn, inserted, budgets or {})
+            if settled.unreserved:
+                conn.execute(
+                    _U.update()
+                    .where(_U.c.agent == bindparam("p_agent"), _U.c.id == bindparam("p_id"))
+                    .values(unreserved=True),
+                    [{"p_agent": agent, "p_id": id_} for agent, id_ in settled.unreserved],
+                )
+                unreserved = set(settled.unreserved)
+                for row in rows:
+                    if (row["agent"], row["id"]) in unreserved:
+                        row["unreserved"] = True
+            return settled.alerts
 
     def by_version(self, agent: str, since: float) -> list[CostRow]:
         """``agent``'s spend per version (``key``) since ``since``, in version order."""
@@ -324,11 +386,20 @@ def _sums() -> tuple[Any, ...]:
         func.coalesce(func.sum(_U.c.tool_calls), 0),
         func.coalesce(func.sum(_U.c.cost_nanos), 0),
         func.coalesce(func.sum(case((_U.c.priced_by_fallback, 1), else_=0)), 0),
+        func.coalesce(func.sum(case((_U.c.unreserved, 1), else_=0)), 0),
+        func.coalesce(
+            func.sum(
+                case((or_(_U.c.ignored_project != "", _U.c.dropped_on_behalf_of != ""), 1), else_=0)
+            ),
+            0,
+        ),
     )
 
 
 def _cost_row(key: str, sums: Sequence[Any]) -> CostRow:
-    reports, inp, out, cached, tools, nanos, fallback = (int(v or 0) for v in sums)
+    reports, inp, out, cached, tools, nanos, fallback, unreserved, dropped = (
+        int(v or 0) for v in sums
+    )
     return CostRow(
         key=key,
         reports=reports,
@@ -338,4 +409,6 @@ def _cost_row(key: str, sums: Sequence[Any]) -> CostRow:
         tool_calls=tools,
         cost_usd=nanos / NANOS_PER_USD,
         fallback_priced=fallback,
+        unreserved=unreserved,
+        attribution_dropped=dropped,
     )

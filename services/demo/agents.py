@@ -20,11 +20,13 @@ from typing import Literal
 import msgspec
 
 from broker.agent import Agent
-from schemas import AgentManifest
+from schemas import AgentManifest, EnrollAgent
 from services.demo.docs import retrieve
 
 __all__ = [
     "AGENT_NAMES",
+    "BINDINGS",
+    "PROJECT",
     "Answer",
     "CreditReport",
     "CreditRequest",
@@ -36,6 +38,8 @@ __all__ = [
     "Question",
     "build_agents",
     "decide_loan",
+    "demo_manifest",
+    "enrollment",
     "fraud_report",
     "score_credit",
 ]
@@ -256,17 +260,49 @@ class DemoAgents:
         return decide_loan(app, credit, fraud)
 
 
-def _manifest(name: str, team: str, owner: str, description: str, **metadata: str) -> AgentManifest:
-    # `namespace` and `tags` metadata are what the Cedar policies see as
-    # principal.namespace and principal.tags (policies/*.cedar).
+#: What the operator binds to each demo agent at enrollment, as
+#: ``signalbox agents enroll NAME --team T --owner O [--namespace N] [--tag K] --project P``
+#: would: the registry stores these in the agents' manifests whatever they declare, and
+#: the Cedar policies read them (``principal.namespace``, ``principal.tags``: fraud-detection
+#: is in the finance namespace, customer-support has EU data residency), as do budgets.
+BINDINGS: dict[str, dict[str, str | tuple[str, ...]]] = {
+    "credit-check": {"team": "risk", "owner": "risk-eng"},
+    "fraud-detection": {"team": "risk", "owner": "fraud-ops", "namespace": "finance"},
+    "customer-support": {"team": "service", "owner": "cx-team", "tags": ("data-residency:eu",)},
+    "loan-origination": {"team": "lending", "owner": "lending-eng"},
+    "web-portal": {"team": "web", "owner": "web-eng"},
+    "recommender": {"team": "growth", "owner": "growth-eng"},
+}
+#: The project every demo agent's usage is charged to.
+PROJECT = "lending-demo"
+
+
+def enrollment(name: str) -> EnrollAgent:
+    """The operator's enrollment of demo agent ``name``, with its bound attributes."""
+    bound = BINDINGS[name]
+    return EnrollAgent(
+        name=name,
+        ttl=3600,
+        note="demo",
+        team=str(bound["team"]),
+        owner=str(bound["owner"]),
+        namespace=str(bound.get("namespace", "")),
+        projects=(PROJECT,),
+        tags=tuple(bound.get("tags", ())),
+    )
+
+
+def demo_manifest(name: str, description: str, version: str = "1.0.0") -> AgentManifest:
+    """Demo agent ``name``'s manifest: it declares its team and owner (as bound); its
+    namespace and tags it does not declare at all: the registry fills them in."""
+    bound = BINDINGS[name]
     return AgentManifest(
         name=name,
-        version="1.0.0",
-        owner=owner,
-        team=team,
+        version=version,
+        owner=str(bound["owner"]),
+        team=str(bound["team"]),
         description=description,
-        project="lending-demo",
-        metadata=metadata,
+        project=PROJECT,
     )
 
 
@@ -288,37 +324,25 @@ def build_agents(
     settle: see :class:`services.demo.fleet_ops.Screener`).
     """
     credit = Agent(
-        _manifest("credit-check", "risk", "risk-eng", "Scores applicants from their credit file"),
+        demo_manifest("credit-check", "Scores applicants from their credit file"),
         nats_url=nats_url,
         subject_prefix=subject_prefix,
         credential=credentials["credit-check"],
     )
     fraud = Agent(
-        _manifest(
-            "fraud-detection",
-            "risk",
-            "fraud-ops",
-            "Screens applications for fraud",
-            namespace="finance",
-        ),
+        demo_manifest("fraud-detection", "Screens applications for fraud"),
         nats_url=nats_url,
         subject_prefix=subject_prefix,
         credential=credentials["fraud-detection"],
     )
     support = Agent(
-        _manifest(
-            "customer-support",
-            "service",
-            "cx-team",
-            "Answers customers from policy documents",
-            tags="data-residency:eu",
-        ),
+        demo_manifest("customer-support", "Answers customers from policy documents"),
         nats_url=nats_url,
         subject_prefix=subject_prefix,
         credential=credentials["customer-support"],
     )
     loans = Agent(
-        _manifest("loan-origination", "lending", "lending-eng", "Decides personal loans"),
+        demo_manifest("loan-origination", "Decides personal loans"),
         nats_url=nats_url,
         subject_prefix=subject_prefix,
         credential=credentials["loan-origination"],

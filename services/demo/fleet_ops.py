@@ -20,7 +20,6 @@ from broker import Agent
 from broker.errors import BreakerOpen, SignalboxError
 from broker.subjects import Subjects
 from schemas import (
-    AgentManifest,
     BreakerList,
     BudgetStatus,
     CostReport,
@@ -36,6 +35,7 @@ from services.cli.breakers_cmds import breakers_table
 from services.cli.client import admin_request
 from services.cli.cost_cmds import cost_table
 from services.cli.rollout_cmds import rollout_view
+from services.demo.agents import demo_manifest
 
 __all__ = [
     "PORTAL",
@@ -72,19 +72,14 @@ def build_recommenders(
     every third call (``credentials`` by agent name)."""
     made = [
         Agent(
-            AgentManifest(
-                name=PORTAL, version="1.0.0", owner="web-eng", team="web",
-                description="The customers' web portal", project="lending-demo",
-            ),
+            demo_manifest(PORTAL, "The customers' web portal"),
             nats_url=nats_url, subject_prefix=subject_prefix, credential=credentials[PORTAL],
         )
     ]  # fmt: skip
     for version in (STABLE, CANARY):
         agent = Agent(
-            AgentManifest(
-                name=RECOMMENDER, version=version, owner="growth-eng", team="growth",
-                description="Suggests the next product to offer a customer",
-                project="lending-demo",
+            demo_manifest(
+                RECOMMENDER, "Suggests the next product to offer a customer", version=version
             ),
             nats_url=nats_url, subject_prefix=subject_prefix,
             credential=credentials[RECOMMENDER], heartbeat_interval=1.0,

@@ -41,7 +41,6 @@ from schemas import (
     ApprovalRequest,
     AuditEvent,
     DecideApproval,
-    EnrollAgent,
     Enrolled,
     ListApprovals,
 )
@@ -59,6 +58,7 @@ from services.demo.agents import (
     LoanDecision,
     Question,
     build_agents,
+    enrollment,
 )
 from services.demo.fleet_ops import (
     PORTAL,
@@ -192,16 +192,16 @@ async def _run(console: Console, data_dir: Path) -> int:
             console,
             2,
             "Four agents are enrolled, connect and register",
-            "Each gets a credential of its own; the NATS server checks it through the "
-            "registry's auth callout and lets the agent publish and subscribe only on its "
-            "own subjects. Each registers its manifest; policy sees them within ms.",
+            "Each gets a credential of its own and the attributes policies and budgets read "
+            "(team, owner, namespace, tags, project), bound by the operator, not declared by "
+            "the agent; the NATS server checks the credential through the registry's auth "
+            "callout and lets the agent publish and subscribe only on its own subjects. Each "
+            "registers its manifest; policy sees them within ms.",
         )
+        # Enrolled with the attributes policies and budgets read (team, owner,
+        # namespace, tags, project): bound by the operator, not declared by the agents.
         credentials = {
-            name: (
-                await admin_request(
-                    nc, subjects, "enroll", EnrollAgent(name=name, ttl=3600, note="demo"), Enrolled
-                )
-            ).token
+            name: (await admin_request(nc, subjects, "enroll", enrollment(name), Enrolled)).token
             for name in AGENT_NAMES
         }
         screener = Screener()
@@ -212,7 +212,7 @@ async def _run(console: Console, data_dir: Path) -> int:
             await resources.enter_async_context(agent)
         await _until_policy_knows(stack, [a.name for a in agents.all])
         console.print(agents_table(await list_agents(nc, subjects)))
-        # Capability discovery, as an agent would ask it (sb.registry.discover).
+        # Capability discovery, as an agent would ask it (sb.registry.discover.<agent>).
         pii = await agents.loans.discover(tag="pii", health="healthy")
         console.print(
             "Discovery · healthy agents offering a [bold]pii[/]-tagged capability: "
@@ -303,11 +303,7 @@ async def _run(console: Console, data_dir: Path) -> int:
             "feature-store lookup times out on every third call.",
         )
         fleet_credentials = {
-            name: (
-                await admin_request(
-                    nc, subjects, "enroll", EnrollAgent(name=name, ttl=3600, note="demo"), Enrolled
-                )
-            ).token
+            name: (await admin_request(nc, subjects, "enroll", enrollment(name), Enrolled)).token
             for name in (PORTAL, RECOMMENDER)
         }
         portal, *recommenders = build_recommenders(

@@ -365,7 +365,7 @@ class ApprovalDesk:
                 "(binding hash differs); nothing was decided",
                 details={**details, "binding": record.binding},
             )
-        who = f"operator:{request.requested_by}" if request.requested_by else "operator"
+        who = self.service.operator(request.requested_by)
         decided = msgspec.structs.replace(
             record, status=status, decided_by=who, decided_at=now, reason=request.reason
         )

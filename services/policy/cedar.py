@@ -566,6 +566,9 @@ def agent_entity(record: AgentRecord) -> dict[str, Any]:
 
     ``namespace`` and ``tags`` come from the manifest's metadata keys
     ``namespace`` (default ``default``) and ``tags`` (comma-separated).
+    The record is the registry's stored one, so team, owner, region,
+    namespace and tags are the values an operator bound to the agent
+    (:mod:`services.registry.binding`), never what the agent declared.
     """
     m = record.manifest
     return {
@@ -889,6 +892,7 @@ class CedarDecider:
     def _context(self, ctx: RequestContext) -> dict[str, Any]:
         return {
             "estimated_tokens": ctx.estimated_tokens,
+            "estimated_tokens_known": ctx.estimated_tokens_known,
             "data_tags": list(ctx.data_tags),
             "on_behalf_of": list(ctx.on_behalf_of),
             "time": int(self._clock() if ctx.time is None else ctx.time),
@@ -903,6 +907,7 @@ def _ctx(context: Mapping[str, Any]) -> tuple[Any, ...]:
     """The context as a memo key (its sets as sorted tuples)."""
     return (
         context["estimated_tokens"],
+        context["estimated_tokens_known"],
         tuple(sorted(context["data_tags"])),
         tuple(sorted(context["on_behalf_of"])),
         context["time"],

@@ -10,7 +10,7 @@ A decider never raises for a bad request: it denies, with a reason code
 (fail closed).
 
 Mediated calls may carry context in headers (all optional; a caller that
-sends none is evaluated with zero estimated tokens and no tags)::
+sends none is evaluated with no tags and an *unknown* estimate, see below)::
 
     Sb-Estimated-Tokens: 12000              # this one invocation, an integer >= 0
     Sb-Data-Tags: pii,pci-dss               # comma-separated
@@ -18,6 +18,16 @@ sends none is evaluated with zero estimated tokens and no tags)::
 
 They are the caller's own claims: policies may use them to refuse or to ask
 for approval; granting on a claim is the policy author's risk.
+
+A missing estimate (no header on a call, no ``estimated_tokens`` in an
+``sb.authz`` request) is never zero tokens: the context carries
+``estimated_tokens_known = False`` and, as ``estimated_tokens``, a stand-in
+(:func:`unknown_estimate`): ``SIGNALBOX_DEFAULT_TOKEN_ESTIMATE``, or for a
+call whose payload is larger, the payload's size in tokens (one per
+:data:`BYTES_PER_TOKEN` bytes). So ``context.estimated_tokens > 10000``
+still catches a call that carries 24,000 tokens of text without saying so,
+and a policy can single out unknown estimates with
+``!context.estimated_tokens_known``.
 """
 
 from __future__ import annotations
@@ -25,12 +35,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol, get_args
+from typing import Any, Final, Literal, Protocol, get_args
 
 from schemas import AgentRecord, Decision
 
 __all__ = [
     "ACTIONS",
+    "BYTES_PER_TOKEN",
     "DEFAULT_DENY_ID",
     "H_DATA_TAGS",
     "H_ESTIMATED_TOKENS",
@@ -43,6 +54,7 @@ __all__ = [
     "ReasonCode",
     "RequestContext",
     "UseRequest",
+    "unknown_estimate",
 ]
 
 #: Actions of the Cedar schema (``Signalbox::Action::"<name>"``).
@@ -71,6 +83,16 @@ H_ON_BEHALF_OF: Final = "Sb-On-Behalf-Of"
 
 #: Largest estimate accepted (a Cedar Long holds far more; nothing real needs it).
 MAX_ESTIMATED_TOKENS: Final = 10**12
+#: Bytes of payload counted as one token when a call carries no estimate (the usual
+#: rule of thumb for English text; JSON and code run a little denser).
+BYTES_PER_TOKEN: Final = 4
+
+
+def unknown_estimate(default: int, payload_bytes: int = 0) -> int:
+    """The stand-in for a missing token estimate: ``default``
+    (``SIGNALBOX_DEFAULT_TOKEN_ESTIMATE``), or the payload in tokens if that is more."""
+    return min(MAX_ESTIMATED_TOKENS, max(default, -(-payload_bytes // BYTES_PER_TOKEN)))
+
 _MAX_TAGS = 64
 _MAX_CHAIN = 32
 _MAX_TEXT = 256
@@ -82,7 +104,10 @@ class RequestContext:
     """What Cedar sees as ``context``, besides the time of the decision.
 
     Attributes:
-        estimated_tokens: Tokens this one invocation is expected to use.
+        estimated_tokens: Tokens this one invocation is expected to use; when
+            the request gave none, the stand-in of :func:`unknown_estimate`.
+        estimated_tokens_known: False when the request gave no estimate
+            (``estimated_tokens`` is then the stand-in, never 0).
         data_tags: Classification tags of the data the request carries.
         on_behalf_of: The delegation chain (agents or users), outermost first.
         time: Unix time of the request; None: the decider's clock.
@@ -95,11 +120,21 @@ class RequestContext:
     on_behalf_of: tuple[str, ...] = ()
     time: float | None = None
     error: str = ""
+    estimated_tokens_known: bool = True
 
     @classmethod
-    def from_headers(cls, headers: Mapping[str, str]) -> RequestContext:
-        """Read the context headers of a mediated call; never raises (see ``error``)."""
-        tokens = 0
+    def from_headers(
+        cls, headers: Mapping[str, str], *, unknown_tokens: int = 0
+    ) -> RequestContext:
+        """Read the context headers of a mediated call; never raises (see ``error``).
+
+        Args:
+            headers: The call's headers.
+            unknown_tokens: ``estimated_tokens`` when there is no
+                ``Sb-Estimated-Tokens`` header (:func:`unknown_estimate`);
+                ``estimated_tokens_known`` is then False.
+        """
+        tokens, known = unknown_tokens, False
         raw = headers.get(H_ESTIMATED_TOKENS)
         if raw is not None:
             text = raw.strip()
@@ -108,12 +143,23 @@ class RequestContext:
                     error=f"header {H_ESTIMATED_TOKENS} must be an integer from 0 to "
                     f"{MAX_ESTIMATED_TOKENS:,}, got {raw[:32]!r}"
                 )
-            tokens = int(text)
+            tokens, known = int(text), True
         return cls(
             estimated_tokens=tokens,
+            estimated_tokens_known=known,
             data_tags=_split(headers.get(H_DATA_TAGS, "")),
             on_behalf_of=_split(headers.get(H_ON_BEHALF_OF, "")),
         )
+
+    def audit_fields(self) -> dict[str, Any]:
+        """The context as decision records keep it (what a what-if replay re-evaluates)."""
+        return {
+            "estimated_tokens": self.estimated_tokens,
+            "estimated_tokens_known": self.estimated_tokens_known,
+            "data_tags": list(self.data_tags),
+            "on_behalf_of": list(self.on_behalf_of),
+            "error": self.error,
+        }
 
     def problem(self) -> str:
         """Why this context cannot be evaluated ("" when it can)."""
@@ -122,6 +168,8 @@ class RequestContext:
         tokens = self.estimated_tokens
         if type(tokens) is not int or not 0 <= tokens <= MAX_ESTIMATED_TOKENS:
             return f"estimated tokens must be an integer from 0 to {MAX_ESTIMATED_TOKENS:,}"
+        if type(self.estimated_tokens_known) is not bool:
+            return "estimated_tokens_known must be true or false"
         for what, values, limit in (
             ("data tags", self.data_tags, _MAX_TAGS),
             ("on-behalf-of chain", self.on_behalf_of, _MAX_CHAIN),

@@ -20,13 +20,19 @@ service trips the breaker (:class:`broker.breakers.BreakerBoard`).
   ``SIGNALBOX_BREAKER_ERROR_RATE`` with at least
   ``SIGNALBOX_BREAKER_ERROR_MIN_CALLS`` calls. Counted (:data:`TARGET_ERRORS`):
   ``remote_error`` (its handler raised), ``timeout`` (it did not answer in
-  time; only for calls that gave it at least ``min_timeout`` seconds, or a
-  caller could trip any target with 1 ms timeouts), ``target_unavailable``
-  (no instance serves it) and ``internal``. Not counted: ``bad_request``
-  (the caller's input was wrong: counting it would let any caller trip any
-  target by sending garbage), the target's own typed answers (``conflict``,
+  time; only for calls whose caller allowed at least
+  ``SIGNALBOX_BREAKER_MIN_TIMEOUT`` seconds, or ``SIGNALBOX_CALL_TIMEOUT`` if
+  that is lower: otherwise a caller could trip any slow target with its own
+  short deadlines), ``target_unavailable`` (no instance serves it) and
+  ``internal``. Not counted: the caller's faults (``bad_request``: the
+  target could not decode the input; ``schema_error``, ``invalid_input``,
+  ``payload_too_large`` and the rest of :class:`broker.errors.InvalidInput`'s
+  codes; ``identity_mismatch``): counting them would let any caller trip any
+  target by sending garbage; the target's own typed answers (``conflict``,
   ``not_found``, ``denied``...: business outcomes, not failures), and policy
-  denials or breaker refusals (the target never saw those calls).
+  denials or breaker refusals (the target never saw those calls). A probe
+  call that timed out under a short caller deadline tested nothing: its
+  claim is released, the breaker neither closes nor re-opens.
 * :func:`check_loop`: the chain of a call (the ``Sb-Chain`` header: the
   agents whose handlers led to this call, outermost first; see
   :mod:`broker.agent`) plus caller and target is deeper than
@@ -220,7 +226,7 @@ class ErrorRate:
         threshold: float = 0.5,
         window: float = 60.0,
         min_calls: int = 20,
-        min_timeout: float = 1.0,
+        min_timeout: float = 5.0,
         clock: Clock = time.monotonic,
     ) -> None:
         self.threshold = threshold
@@ -232,10 +238,26 @@ class ErrorRate:
         self._targets: dict[str, tuple[_Window, _Window]] = {}
 
     def counts(self, error_code: str, waited: float) -> bool:
-        """Whether a reply with ``error_code`` ("" for success) counts against its target."""
+        """Whether a reply with ``error_code`` ("" for success) counts against its target.
+
+        Args:
+            error_code: The reply's ``Sb-Error`` code.
+            waited: Seconds the caller allowed the call (its timeout).
+        """
         if error_code not in TARGET_ERRORS:
             return False
         return error_code != "timeout" or waited >= self.min_timeout
+
+    def verdict(self, error_code: str, waited: float) -> bool | None:
+        """What a reply says about its target: True failed, False did not, None inconclusive.
+
+        A ``timeout`` under a deadline shorter than ``min_timeout`` is
+        inconclusive: the caller gave up, the target may be merely slow (a
+        breaker probe judged by it is released, neither closed nor re-opened).
+        """
+        if error_code == "timeout" and waited < self.min_timeout:
+            return None
+        return self.counts(error_code, waited)
 
     def observe(
         self, target: str, error_code: str, waited: float = math.inf
@@ -380,6 +402,9 @@ class Guards:
             threshold=settings.breaker_error_rate,
             window=settings.breaker_error_window,
             min_calls=settings.breaker_error_min_calls,
+            # A caller that allowed all the time a call may take (call_timeout) always
+            # counts, or a lower call_timeout would stop timeouts from ever tripping.
+            min_timeout=min(settings.breaker_min_timeout, settings.call_timeout),
             clock=clock,
         )
         self.max_depth = settings.breaker_loop_max_depth

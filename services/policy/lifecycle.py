@@ -27,6 +27,12 @@ if that fails (so an invalid set never becomes active anywhere).
 The first replica to start on an empty bucket stores the set of its
 ``SIGNALBOX_POLICY_DIR`` (default: the shipped policies) as version 1 and
 points ``active`` at it; from then on the bucket, not the folder, decides.
+
+An ``active`` pointer that cannot be read (not JSON, invalid UTF-8, a wrong
+tag or field) is reported by :meth:`PolicyStore.pointer` with the reason,
+never raised: a replica keeps the last set it loaded (at a cold start, its
+folder's set) and raises an alarm, and ``apply`` or ``rollback --to N``
+rewrites the pointer with a compare-and-set on its revision.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ __all__ = [
     "parse_candidate",
     "policies_of",
     "set_key",
+    "unreadable_pointer",
 ]
 
 #: Key of the pointer to the active version.
@@ -78,6 +85,15 @@ _SET_PREFIX = "set."
 def set_key(version: int) -> str:
     """Key of stored version ``version``."""
     return f"{_SET_PREFIX}{version}"
+
+
+def unreadable_pointer(reason: str) -> str:
+    """What an operator is told about an ``active`` pointer that cannot be read."""
+    return (
+        f"the active-policy pointer $KV.{KV_POLICIES}.{ACTIVE_KEY} cannot be read ({reason}); "
+        "rewrite it with `signalbox policy rollback --to N` (a stored version, see "
+        "`signalbox policy history`) or `signalbox policy apply DIR`"
+    )
 
 
 def parse_candidate(candidate: PolicyFiles, *, source: str = "candidate") -> CedarPolicies:
@@ -130,14 +146,26 @@ class PolicyStore:
         self.js = js
 
     async def active(self) -> tuple[ActivePolicy | None, int]:
-        """The pointer and its revision (``(None, 0)`` before the first set)."""
+        """The pointer and its revision (``(None, 0)`` before the first set).
+
+        An unreadable pointer is ``(None, its revision)``: a compare-and-set
+        on that revision (:meth:`move`) replaces it. :meth:`pointer` says why.
+        """
+        pointer, revision, _ = await self.pointer()
+        return pointer, revision
+
+    async def pointer(self) -> tuple[ActivePolicy | None, int, str]:
+        """The pointer, its revision, and why it cannot be read ("" when it can, or is absent)."""
         try:
             entry = await self.kv.get(ACTIVE_KEY)
         except KeyNotFoundError:
-            return None, 0
+            return None, 0, ""
         if not entry.value:
-            return None, entry.revision or 0
-        return decode(entry.value, ActivePolicy), entry.revision or 0
+            return None, entry.revision or 0, ""
+        try:
+            return decode(entry.value, ActivePolicy), entry.revision or 0, ""
+        except SchemaError as err:
+            return None, entry.revision or 0, unreadable_pointer(err.message)
 
     async def shadow(self) -> ActivePolicy | None:
         """The shadow pointer (None: shadow mode is off)."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +61,6 @@ from schemas import (
     VersionFigures,
     VersionStats,
 )
-from services.policy.guards import TARGET_ERRORS
 from services.policy.rollout import Breach, Merged, OutcomeWindow, breach, merge, pick
 
 if TYPE_CHECKING:
@@ -133,16 +133,27 @@ class RouteDesk:
             return ""
         return pick(route, headers.get(H_ROUTE_KEY, ""))
 
-    def record(self, target: str, version: str, error_code: str, latency_ms: float) -> None:
-        """Count the outcome of a routed call (only target-side failures are errors)."""
+    def record(
+        self,
+        target: str,
+        version: str,
+        error_code: str,
+        latency_ms: float,
+        waited: float = math.inf,
+    ) -> None:
+        """Count the outcome of a routed call (only target-side failures are errors).
+
+        ``waited`` is the call's timeout: a timeout under a caller's own short
+        deadline is not the version's failure
+        (:meth:`services.policy.guards.ErrorRate.counts`).
+        """
         window = self.windows.get(target)
         if window is None:
             window = self.windows[target] = OutcomeWindow(
                 target, slot=self.service.settings.rollout_stats_slot
             )
-        window.record(
-            version, ok=error_code not in TARGET_ERRORS, latency_ms=latency_ms, now=time.time()
-        )
+        failed = self.service.guards.errors.counts(error_code, waited)
+        window.record(version, ok=not failed, latency_ms=latency_ms, now=time.time())
 
     # -- publishing and guarding -------------------------------------------------
 

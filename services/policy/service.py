@@ -71,7 +71,7 @@ from opentelemetry.trace import Span, SpanKind
 
 from broker.audit import new_id
 from broker.breakers import BreakerBoard, breaker_key, breaker_open
-from broker.budgets import applicable_keys
+from broker.budgets import applicable_keys, unreadable_budget, unreadable_keys
 from broker.codec import decode
 from broker.connection import sync_connection
 from broker.diagnostics import cancel_and_wait
@@ -113,6 +113,7 @@ from broker.replies import (
 from broker.replies import request as request_reply
 from broker.service import Service
 from broker.settings import Settings
+from broker.subjects import Audience
 from broker.telemetry import (
     ATTR,
     agent_attributes,
@@ -171,6 +172,7 @@ from services.policy.decider import (
     Decider,
     RequestContext,
     UseRequest,
+    unknown_estimate,
 )
 from services.policy.guards import Guards, format_chain, parse_chain
 from services.policy.lifecycle import (
@@ -180,6 +182,8 @@ from services.policy.lifecycle import (
     diff_sets,
     parse_candidate,
     policies_of,
+    set_key,
+    unreadable_pointer,
 )
 from services.policy.routes import RouteDesk
 from services.policy.shadow import Shadow, disagreement
@@ -274,6 +278,9 @@ class PolicyService(Service):
         #: The shadow set evaluated beside the active one (services.policy.shadow).
         self.shadow: Shadow | None = None
         self._activation = asyncio.Lock()
+        #: Why this replica does not evaluate the active set ("" when it does): the
+        #: pointer or the set it names cannot be read or loaded. `policy show` shows it.
+        self.policy_alarm = ""
         s = self.subjects
         self.endpoint(s.admin("policy", "validate"), ValidatePolicies)(self.validate_set)
         self.endpoint(s.admin("policy", "apply"), ApplyPolicies)(self.apply_set)
@@ -300,7 +307,8 @@ class PolicyService(Service):
             "ok": 0, "errors": 0, "timeouts": 0, "late_replies": 0,
             "authz": 0, "authz_allowed": 0, "authz_denied": 0,
             "parked": 0, "approved": 0, "shadow_disagreements": 0, "internal_errors": 0,
-            "budget_refused": 0, "budget_unavailable": 0, "unsigned_chains": 0,
+            "budget_refused": 0, "budget_unavailable": 0, "budget_unreadable": 0,
+            "unsigned_chains": 0,
             "breaker_refused": 0, "breaker_trips": 0, "breaker_probes": 0,
         }  # fmt: skip
 
@@ -327,7 +335,9 @@ class PolicyService(Service):
                 )
                 with contextlib.suppress(Exception):
                     await self.reject(err, subject=msg.subject)
-                    if msg.reply:
+                    # sb.out.<caller>.… and sb.authz.<agent>: only into the sender's inbox.
+                    sender = msg.subject.split(".")[2]
+                    if self.reply_fault(msg, Audience.AGENT, sender) is None:
                         body, headers = error_reply(err)
                         await self.nc.publish(msg.reply, body, headers=headers)
 
@@ -438,14 +448,23 @@ class PolicyService(Service):
     # -- policy lifecycle ------------------------------------------------------
 
     async def _start_lifecycle(self) -> None:
-        """Seed the bucket if empty, load its active set, then watch the pointer."""
+        """Seed the bucket if empty, load its active set, then watch the pointer.
+
+        Nothing stored stops the start: an unreadable pointer or a set that
+        does not load leaves this replica on its folder's set, with an alarm
+        (:meth:`_raise_policy_alarm`).
+        """
         store = self.policy_store = PolicyStore(await self.js.key_value(KV_POLICIES), self.js)
-        pointer, _ = await store.active()
-        if pointer is None and isinstance(self.decider, CedarDecider):
+        pointer, _, problem = await store.pointer()
+        if problem and isinstance(self.decider, CedarDecider):
+            # Stored as version 1 if that is free, so `policy rollback --to 1` can repair
+            # the pointer; the pointer itself is left for the operator.
+            await store.add(self.decider.policies, self.actor, version=1)
+        elif pointer is None and isinstance(self.decider, CedarDecider):
             # Exactly version 1 and only if absent: racing replicas agree on one seed.
             seed = self.decider.policies
             await store.add(seed, self.actor, version=1)
-            with contextlib.suppress(Conflict):
+            try:
                 await store.move(
                     ActivePolicy(
                         version=1,
@@ -456,12 +475,29 @@ class PolicyService(Service):
                     ),
                     0,
                 )
-            pointer, _ = await store.active()
-        if pointer is not None:
+            except Conflict:
+                pass  # another replica seeded first
+            except SignalboxError as err:  # version 1 is there but unreadable
+                problem = (
+                    "policy set version 1 cannot be read, so it was not made active: "
+                    f"{err.message}"
+                )
+            if not problem:
+                pointer, _, problem = await store.pointer()
+        if problem:
+            await self._raise_policy_alarm(problem)
+        elif pointer is not None:
             await self._activate(pointer)
         watcher = await store.kv.watch(ACTIVE_KEY)
         self._policy_watch = asyncio.ensure_future(self._watch_policies(watcher))
-        await self._load_shadow(await store.shadow())
+        try:
+            await self._load_shadow(await store.shadow())
+        except SignalboxError as err:  # outcomes never depend on the shadow: start anyway
+            log.error("policy: shadow policy set not loaded: %s", err.message)
+            self.audit.alert_unreadable(
+                KV_POLICIES, SHADOW_KEY, err.message, event="unusable_record",
+                effect="no shadow evaluation", fix="signalbox policy shadow DIR | --off",
+            )  # fmt: skip
         shadow_watcher = await store.kv.watch(SHADOW_KEY)
         self._shadow_watch = asyncio.ensure_future(self._watch_shadow(shadow_watcher))
 
@@ -520,7 +556,7 @@ class PolicyService(Service):
         store = self._store()
         pointer, _ = await store.active()
         active = pointer.version if pointer else 0
-        who = self._who(request.requested_by)
+        who = self.operator(request.requested_by)
         if request.candidate is None:
             await store.set_shadow(None)
             await self._load_shadow(None)
@@ -557,6 +593,7 @@ class PolicyService(Service):
                     pointer = decode(entry.value, ActivePolicy)
                 except SchemaError as err:
                     await self.reject(err, subject=f"$KV.{KV_POLICIES}.{ACTIVE_KEY}")
+                    await self._raise_policy_alarm(unreadable_pointer(err.message))
                     continue
                 try:
                     await self._activate(pointer)
@@ -575,6 +612,7 @@ class PolicyService(Service):
             if pointer.version == self.active_version and (
                 pointer.digest == self.decider.policies.digest
             ):
+                self._clear_policy_alarm()
                 return
             try:
                 record = await self.policy_store.get(pointer.version)
@@ -601,14 +639,45 @@ class PolicyService(Service):
                     ),
                     subject=f"$KV.{KV_POLICIES}.{ACTIVE_KEY}",
                 )
+                await self._raise_policy_alarm(
+                    f"policy set version {pointer.version} (named by the active-policy "
+                    f"pointer) could not be loaded: {err.message}; fix it with `signalbox "
+                    "policy rollback --to N` or `signalbox policy apply DIR`",
+                    key=set_key(pointer.version),
+                )
                 return
             self.decider.swap(policies)
             self.active_version = pointer.version
+            self._clear_policy_alarm()
             log.info(
                 "policy: now evaluating policy set version %d (%s)",
                 pointer.version,
                 policies.version,
             )
+
+    async def _raise_policy_alarm(self, problem: str, *, key: str = ACTIVE_KEY) -> None:
+        """The stored active set cannot be used: keep evaluating the current one, and say so.
+
+        ERROR log and an audit event (kind ``alert``) once per problem; the
+        problem stays in :attr:`policy_alarm` (``signalbox policy show``)
+        until a readable pointer to a loadable set is seen.
+        """
+        if problem == self.policy_alarm:
+            return
+        self.policy_alarm = problem
+        kept = self.decider.version
+        log.error("policy: %s; this replica keeps evaluating %s", problem, kept)
+        self.audit.alert_unreadable(
+            KV_POLICIES, key, problem,
+            event="unreadable_record" if key == ACTIVE_KEY else "unusable_record",
+            effect=f"this replica keeps evaluating {kept}",
+            fix="signalbox policy rollback --to N | signalbox policy apply DIR",
+        )  # fmt: skip
+
+    def _clear_policy_alarm(self) -> None:
+        if self.policy_alarm:
+            log.info("policy: alarm cleared, evaluating %s", self.decider.version)
+            self.policy_alarm = ""
 
     async def validate_set(self, request: ValidatePolicies) -> PolicyValidation:
         """``validate``: Cedar's verdict on a candidate set (nothing is stored)."""
@@ -619,9 +688,6 @@ class PolicyService(Service):
         return PolicyValidation(
             ok=True, digest=policies.digest, policy_ids=tuple(policies.policies)
         )
-
-    def _who(self, requested_by: str) -> str:
-        return f"operator:{requested_by}" if requested_by else "operator"
 
     async def apply_set(self, request: ApplyPolicies) -> PolicyApplied:
         """``apply``: validate, store as the next version, move the pointer (compare-and-set)."""
@@ -640,7 +706,7 @@ class PolicyService(Service):
                 version=current, previous=current, digest=policies.digest,
                 label=policies.label, unchanged=True,
             )  # fmt: skip
-        who = self._who(request.requested_by)
+        who = self.operator(request.requested_by)
         record = await store.add(policies, who)
         assert record is not None
         try:
@@ -677,7 +743,7 @@ class PolicyService(Service):
                 f"version {target} cannot be activated (the active set stays): {err.message}",
                 details={"version": target, "errors": list(err.details.get("errors", []))},
             ) from err
-        who = self._who(request.requested_by)
+        who = self.operator(request.requested_by)
         await self._move(store, record, who, "rollback", current, revision)
         return PolicyApplied(
             version=target, previous=current, digest=record.digest, label=record.label
@@ -711,12 +777,39 @@ class PolicyService(Service):
         )  # fmt: skip
 
     async def show_set(self, request: ShowPolicies) -> PolicyShown:
-        """``show``: one stored version (default: the active one) with its texts."""
+        """``show``: one stored version (default: the active one) with its texts.
+
+        With an alarm (the pointer, or the set it names, cannot be used) the
+        default is the set this replica evaluates instead, and ``alarm`` says why.
+        """
         store = self._store()
-        pointer, _ = await store.active()
+        pointer, _, problem = await store.pointer()
         active = pointer.version if pointer else 0
-        record = await store.get(request.version or active or 1)
-        return PolicyShown(record=record, active=record.version == active, active_version=active)
+        alarm = problem or self.policy_alarm
+        if alarm and not request.version:
+            record = await self._evaluated_record(store, alarm)
+        else:
+            record = await store.get(request.version or active or 1)
+        return PolicyShown(
+            record=record, active=record.version == active and not alarm, active_version=active,
+            alarm=alarm, evaluating=self.decider.version,
+        )  # fmt: skip
+
+    async def _evaluated_record(self, store: PolicyStore, alarm: str) -> PolicySetRecord:
+        """The stored version whose texts this replica evaluates (newest first)."""
+        digest = self.decider.policies.digest if isinstance(self.decider, CedarDecider) else ""
+        for version in [self.active_version, *(await store.versions())[::-1]]:
+            if not version:
+                continue
+            with contextlib.suppress(SignalboxError):
+                record = await store.get(version)
+                if record.digest == digest:
+                    return record
+        raise ConfigError(
+            f"{alarm}; this replica evaluates {self.decider.version}, its folder's set, "
+            "which is not stored in sb_policies",
+            details={"alarm": alarm, "evaluating": self.decider.version},
+        )
 
     async def set_history(self, request: PolicyHistoryRequest) -> PolicyHistory:
         """``history``: stored versions, newest first, the active one marked."""
@@ -833,16 +926,13 @@ class PolicyService(Service):
         self.stats["calls"] += 1
         _, _, caller, target, capability = msg.subject.rsplit(".", 4)
         headers = msg.headers or {}
-        if not msg.reply:
-            # Nobody to answer: count and audit, never drop silently.
-            await self._reject(
-                InvalidInput(
-                    "call without a reply subject; use request-reply (nc.request or Agent.call)",
-                    details={"caller": caller, "target": target, "capability": capability},
-                ),
-                msg,
-                caller,
-            )
+        # Before any work: the answer (or the target's, relayed) may go only to
+        # the caller's own inbox, never where the caller points it ($KV.…, an
+        # admin subject, another agent's inbox). Refused unanswered, audited.
+        fault = self.reply_fault(msg, Audience.AGENT, caller)
+        if fault is not None:
+            self.stats["rejected"] += 1
+            await self.refuse_reply(msg, fault, actor=caller)
             return
         try:
             if len(msg.data) > self.settings.max_call_bytes:
@@ -873,7 +963,10 @@ class PolicyService(Service):
         gate = await self._gate_call(msg, call_id, caller, caller_record, target, trace_id)
         if gate is None:
             return  # a breaker refused it (answered, audited, counted)
-        context = RequestContext.from_headers(headers)
+        context = RequestContext.from_headers(
+            headers,
+            unknown_tokens=unknown_estimate(self.settings.default_token_estimate, len(msg.data)),
+        )
         call = CallRequest(caller, target, capability, caller_record, target_record, context)
         decision = self.decider.decide(call)
         annotate(trace.get_current_span(), lambda: _call_attributes(call, decision, call_id))
@@ -888,12 +981,7 @@ class PolicyService(Service):
         if decision.effect == "needs_approval":
             data["approval_id"] = new_id()
         if context != _NO_CONTEXT:  # the inputs a what-if replay needs
-            data["context"] = {
-                "estimated_tokens": context.estimated_tokens,
-                "data_tags": list(context.data_tags),
-                "on_behalf_of": list(context.on_behalf_of),
-                "error": context.error,
-            }
+            data["context"] = context.audit_fields()
         await self.audit.emit(
             "decision",
             actor=caller,
@@ -994,16 +1082,10 @@ class PolicyService(Service):
     async def _on_authz(self, msg: Msg) -> None:
         """``sb.authz.<agent>``: decide a model or tool use, audit it, answer a Decision."""
         agent = msg.subject.rsplit(".", 1)[1]
-        if not msg.reply:
-            await self._reject(
-                InvalidInput(
-                    "authorization request without a reply subject; use request-reply "
-                    "(Agent.authorize or nc.request)",
-                    details={"agent": agent},
-                ),
-                msg,
-                agent,
-            )
+        fault = self.reply_fault(msg, Audience.AGENT, agent)
+        if fault is not None:
+            self.stats["rejected"] += 1
+            await self.refuse_reply(msg, fault, actor=agent)
             return
         try:
             parents = parse_chain(self._verified_chain(agent, msg.headers))
@@ -1035,7 +1117,11 @@ class PolicyService(Service):
             region=request.region,
             price_per_1k_tokens=request.price_per_1k_tokens,
             context=RequestContext(
-                estimated_tokens=request.estimated_tokens,
+                # No estimate is not zero tokens: the stand-in, flagged unknown.
+                estimated_tokens=unknown_estimate(self.settings.default_token_estimate)
+                if request.estimated_tokens is None
+                else request.estimated_tokens,
+                estimated_tokens_known=request.estimated_tokens is not None,
                 data_tags=request.data_tags,
                 on_behalf_of=request.on_behalf_of,
             ),
@@ -1067,7 +1153,8 @@ class PolicyService(Service):
                 "request_id": new_id(), "agent": agent, "action": request.action,
                 "resource": request.resource, "provider": request.provider,
                 "region": request.region, "price_per_1k_tokens": request.price_per_1k_tokens,
-                "estimated_tokens": request.estimated_tokens,
+                "estimated_tokens": use.context.estimated_tokens,
+                "estimated_tokens_known": use.context.estimated_tokens_known,
                 "data_tags": list(request.data_tags),
                 "on_behalf_of": list(request.on_behalf_of),
                 "decision": _builtins(decision),
@@ -1124,15 +1211,22 @@ class PolicyService(Service):
         replica only asks when a budget applies (its watched ``sb_budgets``
         copy says so), so unbudgeted agents pay nothing. Fails closed: no
         estimate, a refusal, or no answer turns the allow into a deny that
-        says why.
+        says why. So does an unreadable budget record among the ones the call
+        would be charged to (``budget_unreadable``): never skipped as absent.
         """
         assert self.budgets is not None
+        team = record.manifest.team if record is not None else ""
+        if self.budgets.unreadable:
+            bad = unreadable_keys(
+                self.budgets.unreadable, agent=agent, team=team, project=request.project,
+                on_behalf_of=parents,
+            )  # fmt: skip
+            if bad:
+                self.stats["budget_unreadable"] += 1
+                err = unreadable_budget(*bad[0])
+                return _budget_denial(decision, "budget_unreadable", err.message)
         if not len(self.budgets) or not applicable_keys(
-            self.budgets,
-            agent=agent,
-            team=record.manifest.team if record is not None else "",
-            project=request.project,
-            on_behalf_of=parents,
+            self.budgets, agent=agent, team=team, project=request.project, on_behalf_of=parents
         ):
             return decision
         if not request.estimated_tokens:
@@ -1230,7 +1324,7 @@ class PolicyService(Service):
         self._breaker_outcome(p, error_code)
         latency_ms = (time.perf_counter() - p.started) * 1000
         if p.version:
-            self._route_desk().record(p.target, p.version, error_code, latency_ms)
+            self._route_desk().record(p.target, p.version, error_code, latency_ms, p.timeout)
         outcome = CallOutcome(
             call_id=p.call_id,
             caller=p.caller,
@@ -1426,12 +1520,14 @@ class PolicyService(Service):
                 figures,
             )  # fmt: skip
         if p.probes:
-            failed = self.guards.errors.counts(error_code, p.timeout)
+            failed = self.guards.errors.verdict(error_code, p.timeout)
+            target_ok = None if failed is None else not failed
             target_key = f"agent.{p.target}"
-            # The target's breaker is judged by the reply; the caller's (manual, loop,
-            # budget) by the call having gone through at all.
+            # The target's breaker is judged by the reply (a timeout under the caller's own
+            # short deadline tested nothing: released); the caller's (manual, loop, budget)
+            # by the call having gone through at all.
             self._settle_probes(
-                [(k, cid, not failed if k == target_key else True) for k, cid in p.probes]
+                [(k, cid, target_ok if k == target_key else True) for k, cid in p.probes]
             )
 
     def _auto_trip(self, key: str, reason: Any, text: str, figures: dict[str, float]) -> None:
@@ -1482,13 +1578,13 @@ class PolicyService(Service):
         """``breakers.trip``: open a breaker by hand (reason ``manual``; audited)."""
         return await self._board().trip(
             request.key, "manual", request.text, cooldown=request.cooldown,
-            by=self._who(request.requested_by),
+            by=self.operator(request.requested_by),
         )  # fmt: skip
 
     async def reset_breaker(self, request: ResetBreaker) -> Breaker:
         """``breakers.reset``: close a breaker, whatever tripped it (audited)."""
         return await self._board().reset(
-            request.key, by=self._who(request.requested_by), text=request.text
+            request.key, by=self.operator(request.requested_by), text=request.text
         )
 
     # -- traces (broker.telemetry) -------------------------------------------------------

@@ -96,8 +96,11 @@ def _strings(value: Any) -> tuple[str, ...]:
 
 def _context(data: Mapping[str, Any], when: float) -> RequestContext:
     tokens = data.get("estimated_tokens", 0)
+    # Records made before the flag existed were evaluated as known estimates.
+    known = data.get("estimated_tokens_known", True)
     return RequestContext(
         estimated_tokens=tokens if type(tokens) is int else 0,
+        estimated_tokens_known=known if type(known) is bool else True,
         data_tags=_strings(data.get("data_tags")),
         on_behalf_of=_strings(data.get("on_behalf_of")),
         time=when,

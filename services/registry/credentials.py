@@ -9,6 +9,14 @@ agent name, expires, and can be revoked; the callout refuses it afterwards.
 
 The table lives in the registry's SQL database (SQLite or PostgreSQL).
 Calls are synchronous SQLAlchemy, run in a worker thread by the caller.
+
+Beside the credentials, ``agent_bindings`` holds the governance attributes
+an operator bound to each enrolled agent (team, owner, namespace, region,
+projects, principal tags: :class:`~schemas.AgentBinding`, applied by
+:mod:`services.registry.binding`). Issuing a credential always leaves a
+binding row for its agent (empty unless one was bound), so every agent that
+can connect has one; the registry's store changes bindings together with
+the agent's registered versions (``AgentStore.bind_and_read``).
 """
 
 from __future__ import annotations
@@ -16,19 +24,31 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Final, Literal
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, Text, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlmodel import Field, Session, SQLModel, col
 
 from broker.sql import make_engine, table_of
-from schemas import CredentialInfo
+from schemas import AgentBinding, CredentialInfo
 
-__all__ = ["CredentialRejected", "CredentialRow", "CredentialStore", "Issued", "parse_token"]
+__all__ = [
+    "BINDINGS",
+    "AgentBindingRow",
+    "CredentialRejected",
+    "CredentialRow",
+    "CredentialStore",
+    "Issued",
+    "parse_token",
+    "read_binding",
+    "write_binding",
+]
 
 TOKEN_PREFIX = "sbc1"
 
@@ -62,7 +82,73 @@ class CredentialRow(SQLModel, table=True):
         )
 
 
+class AgentBindingRow(SQLModel, table=True):
+    """The governance attributes bound to one agent (see :class:`~schemas.AgentBinding`)."""
+
+    __tablename__ = "agent_bindings"
+
+    agent: str = Field(primary_key=True, max_length=64)
+    team: str = Field(default="", max_length=256)
+    owner: str = Field(default="", max_length=256)
+    namespace: str = Field(default="", max_length=256)
+    region: str = Field(default="", max_length=256)
+    #: JSON list of project names.
+    projects: str = Field(default="[]", sa_type=Text)
+    #: JSON list of principal tags.
+    tags: str = Field(default="[]", sa_type=Text)
+    bound_at: float = 0.0
+    bound_by: str = Field(default="", max_length=256)
+
+
 _CREDENTIALS = table_of(CredentialRow)
+#: The ``agent_bindings`` table.
+BINDINGS: Final = table_of(AgentBindingRow)
+
+
+def _binding_of(row: Any) -> AgentBinding:
+    return AgentBinding(
+        agent=row.agent,
+        team=row.team,
+        owner=row.owner,
+        namespace=row.namespace,
+        region=row.region,
+        projects=tuple(json.loads(row.projects or "[]")),
+        tags=tuple(json.loads(row.tags or "[]")),
+        bound_at=float(row.bound_at or 0.0),
+        bound_by=row.bound_by,
+    )
+
+
+def read_binding(conn: Connection, agent: str, *, lock: bool = False) -> AgentBinding | None:
+    """``agent``'s binding in this transaction (None: never bound); ``lock``: FOR UPDATE.
+
+    The row lock (PostgreSQL; SQLite's write transactions hold the database
+    lock already) serializes a registration with a concurrent binding change.
+    """
+    query = select(BINDINGS).where(BINDINGS.c.agent == agent)
+    if lock:
+        query = query.with_for_update()
+    row = conn.execute(query).first()
+    return _binding_of(row) if row is not None else None
+
+
+def write_binding(conn: Connection, binding: AgentBinding) -> None:
+    """Insert or replace ``binding`` in this transaction."""
+    values = {
+        "team": binding.team,
+        "owner": binding.owner,
+        "namespace": binding.namespace,
+        "region": binding.region,
+        "projects": json.dumps(list(binding.projects)),
+        "tags": json.dumps(list(binding.tags)),
+        "bound_at": binding.bound_at,
+        "bound_by": binding.bound_by,
+    }
+    changed = conn.execute(
+        update(BINDINGS).where(BINDINGS.c.agent == binding.agent).values(**values)
+    ).rowcount
+    if not changed:
+        conn.execute(insert(BINDINGS).values(agent=binding.agent, **values))
 
 
 class CredentialRejected(Exception):
@@ -111,7 +197,8 @@ class CredentialStore:
     def __init__(self, url: str, engine: Engine | None = None) -> None:
         self._owns_engine = engine is None
         self._engine = engine or make_engine(url)
-        SQLModel.metadata.create_all(self._engine, tables=[_CREDENTIALS])
+        self._writer = self._engine.execution_options(sb_write=True)
+        SQLModel.metadata.create_all(self._engine, tables=[_CREDENTIALS, BINDINGS])
 
     def close(self) -> None:
         """Release the engine's connections (unless the engine was lent by its owner)."""
@@ -119,9 +206,22 @@ class CredentialStore:
             self._engine.dispose()
 
     def issue(
-        self, agent: str, ttl: float, *, created_by: str = "", note: str = ""
+        self,
+        agent: str,
+        ttl: float,
+        *,
+        created_by: str = "",
+        note: str = "",
+        binding: AgentBinding | None = None,
     ) -> Issued:
-        """Issue a credential for ``agent`` valid for ``ttl`` seconds."""
+        """Issue a credential for ``agent`` valid for ``ttl`` seconds.
+
+        The agent keeps the binding it has; one that has none gets
+        ``binding`` (default: an empty one), so every agent holding a
+        credential has a binding row. To *change* a binding of an agent that
+        may be registered, use the registry (``AgentStore.bind_and_read``),
+        which rewrites its registered versions too.
+        """
         now = time.time()
         cred_id = base64.b32encode(secrets.token_bytes(10)).decode().lower()
         secret = secrets.token_urlsafe(32)
@@ -134,11 +234,39 @@ class CredentialStore:
             created_by=created_by,
             note=note,
         )
-        with Session(self._engine) as session:
-            session.add(row)
-            session.commit()
-            info = row.info()
-        return Issued(row=info, token=f"{TOKEN_PREFIX}.{cred_id}.{secret}")
+        with self._writer.begin() as conn:
+            conn.execute(insert(_CREDENTIALS).values(**row.model_dump()))
+            if read_binding(conn, agent, lock=True) is None:
+                write_binding(
+                    conn, binding or AgentBinding(agent=agent, bound_at=now, bound_by=created_by)
+                )
+        return Issued(row=row.info(), token=f"{TOKEN_PREFIX}.{cred_id}.{secret}")
+
+    def binding(self, agent: str) -> AgentBinding | None:
+        """``agent``'s bound attributes (None: it was never enrolled or bound)."""
+        with self._engine.connect() as conn:
+            return read_binding(conn, agent)
+
+    def unbound_agents(self) -> list[str]:
+        """Agents holding a credential (any state) but no binding: enrolled by an older release."""
+        query = (
+            select(_CREDENTIALS.c.agent)
+            .distinct()
+            .where(~_CREDENTIALS.c.agent.in_(select(BINDINGS.c.agent)))
+            .order_by(_CREDENTIALS.c.agent)
+        )
+        with self._engine.connect() as conn:
+            return [r[0] for r in conn.execute(query)]
+
+    def seed_bindings(self, bindings: Sequence[AgentBinding]) -> int:
+        """Store the ``bindings`` of agents that have none yet (legacy enrollments); how many."""
+        added = 0
+        with self._writer.begin() as conn:
+            for binding in bindings:
+                if read_binding(conn, binding.agent, lock=True) is None:
+                    write_binding(conn, binding)
+                    added += 1
+        return added
 
     def verify(self, token: str, now: float | None = None) -> CredentialInfo:
         """The credential ``token`` proves, if it is valid at ``now``.

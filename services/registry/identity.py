@@ -4,8 +4,16 @@ Operator-only endpoints (the server lets only operators and services
 publish on ``sb.admin.>``)::
 
     sb.admin.registry.enroll        EnrollAgent      -> Enrolled
+    sb.admin.registry.bind          BindAgent        -> Bound
+    sb.admin.registry.binding       GetBinding       -> AgentBinding
     sb.admin.registry.revoke        RevokeAgent      -> Revoked
     sb.admin.registry.credentials   ListCredentials  -> CredentialList
+
+Enrollment and ``bind`` set the agent's governance attributes (team, owner,
+namespace, region, projects, principal tags: :mod:`services.registry.binding`);
+the registry rewrites the agent's registered versions with them at once and
+applies them to every later registration (identity on). Both are audited
+(kind ``admin``) with the binding before and after.
 
 Revoking marks the credentials revoked in the SQL store (the callout
 refuses them from then on) and disconnects the agent's live connections
@@ -24,31 +32,40 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from sqlalchemy import Engine
 
 from broker.connection import connect
-from broker.errors import ConfigError
+from broker.errors import ConfigError, InvalidInput, NotFound
 from broker.identity import (
     ACCOUNT,
     SYSTEM_USER,
     ServerSecrets,
     resolve_secrets_dir,
 )
-from broker.service import Service
 from schemas import (
+    AgentBinding,
+    BindAgent,
+    Bound,
     CredentialList,
     EnrollAgent,
     Enrolled,
+    GetBinding,
     ListCredentials,
     RevokeAgent,
     Revoked,
 )
 from services.registry.authcallout import AuthCallout
+from services.registry.binding import binding_changes, changed_fields
 from services.registry.credentials import CredentialStore
+from services.registry.operators import OperatorDesk, OperatorStore
+
+if TYPE_CHECKING:
+    from services.registry.service import RegistryService
 
 __all__ = ["Identity"]
 
@@ -62,10 +79,11 @@ class Identity:
     """Enrollment, revocation and the auth callout, attached to the registry service.
 
     Args:
-        service: The registry service (its endpoints, audit emitter, settings).
+        service: The registry service (its endpoints, audit emitter, settings,
+            and its store, which changes bindings with the registered versions).
     """
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: RegistryService) -> None:
         self.service = service
         self.settings = service.settings
         self.store: CredentialStore | None = None
@@ -73,8 +91,21 @@ class Identity:
         self._sys: Client | None = None
         s = service.subjects
         service.endpoint(s.admin("registry", "enroll"), EnrollAgent)(self.enroll)
+        service.endpoint(s.admin("registry", "bind"), BindAgent)(self.bind)
+        service.endpoint(s.admin("registry", "binding"), GetBinding)(self.binding)
         service.endpoint(s.admin("registry", "revoke"), RevokeAgent)(self.revoke)
         service.endpoint(s.admin("registry", "credentials"), ListCredentials)(self.credentials)
+        #: Named operators (``sb.admin.operators.*``; the store after :meth:`start`).
+        self.operators = OperatorDesk(service, self.disconnect)
+
+    @property
+    def enforced(self) -> bool:
+        """The NATS server checks identities (the callout runs): bindings apply to registrations.
+
+        False on an open server (no secrets), where anyone may connect as
+        anything and registrations keep their declared attributes.
+        """
+        return self.callout is not None
 
     @property
     def credential_store(self) -> CredentialStore:
@@ -92,6 +123,9 @@ class Identity:
         self.store = await asyncio.to_thread(
             CredentialStore, self.settings.resolved_database_url, engine
         )
+        self.operators.store = await asyncio.to_thread(
+            OperatorStore, self.settings.resolved_database_url, engine
+        )
         folder = resolve_secrets_dir(self.settings)
         if not (folder / "issuer.nk").exists():
             log.warning(
@@ -105,7 +139,9 @@ class Identity:
         except ConfigError:
             await self.stop()
             raise
-        self.callout = AuthCallout(self.settings, secrets, self.store, self.service.audit)
+        self.callout = AuthCallout(
+            self.settings, secrets, self.store, self.service.audit, self.operators.store
+        )
         await self.callout.start()
         self._sys = await connect(
             self.settings.nats_url,
@@ -126,12 +162,29 @@ class Identity:
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
             self.store = None
+        if self.operators.store is not None:
+            await asyncio.to_thread(self.operators.store.close)
+            self.operators.store = None
 
     # -- endpoints -------------------------------------------------------------------
 
     async def enroll(self, request: EnrollAgent) -> Enrolled:
-        """Issue a credential for ``request.name`` (returned once, stored hashed)."""
+        """Issue a credential for ``request.name`` (returned once, stored hashed).
+
+        Attributes given in the request are bound first (the agent's
+        registered versions are rewritten with them); attributes not given
+        keep their bound value, and a new agent without any gets an empty
+        binding, so it can register only without team, owner, namespace,
+        region, project or tags until an operator binds them.
+        """
         ttl = request.ttl or self.settings.agent_credential_ttl
+        by = self.service.operator(request.requested_by)
+        changes = binding_changes(request)
+        before: AgentBinding | None = None
+        binding: AgentBinding | None = None
+        if changes:
+            rebound = await self.service.rebind(request.name, changes, by=by)
+            before, binding = rebound.before, rebound.after
         issued = await asyncio.to_thread(
             self.credential_store.issue,
             request.name,
@@ -139,14 +192,79 @@ class Identity:
             created_by="operator",
             note=request.note,
         )
+        if binding is None:
+            binding = await asyncio.to_thread(self.credential_store.binding, request.name)
+        data: dict[str, Any] = {
+            "agent": request.name,
+            "credential": issued.row.id,
+            "expires_at": issued.row.expires_at,
+            "note": request.note,
+            "binding": msgspec.to_builtins(binding) if binding is not None else None,
+        }
+        if changes and binding is not None:
+            data["before"] = msgspec.to_builtins(before) if before is not None else None
+            data["changed"] = list(changed_fields(before, binding))
+        await self._audit("enroll", actor=by, **data)
+        return Enrolled(credential=issued.row, token=issued.token, binding=binding)
+
+    async def bind(self, request: BindAgent) -> Bound:
+        """Change an enrolled agent's bound attributes (only those given), at once.
+
+        Raises:
+            InvalidInput: no attribute given.
+            NotFound: the agent was never enrolled.
+        """
+        changes = binding_changes(request)
+        if not changes:
+            raise InvalidInput(
+                f"nothing to bind for {request.name}: give at least one of --team, --owner, "
+                "--namespace, --region, --project, --tag",
+                details={"agent": request.name},
+            )
+        store = self.credential_store
+        existing = await asyncio.to_thread(store.binding, request.name)
+        if existing is None and not await asyncio.to_thread(
+            store.list, request.name, include_inactive=True
+        ):
+            raise NotFound(
+                f"agent {request.name!r} was never enrolled; enroll it with its attributes: "
+                f"`signalbox agents enroll {request.name} --team ... --owner ...`",
+                details={"agent": request.name},
+            )
+        by = self.service.operator(request.requested_by)
+        rebound = await self.service.rebind(request.name, changes, by=by)
+        changed = changed_fields(rebound.before, rebound.after)
         await self._audit(
-            "enroll",
+            "bind",
+            actor=by,
             agent=request.name,
-            credential=issued.row.id,
-            expires_at=issued.row.expires_at,
-            note=request.note,
+            before=msgspec.to_builtins(rebound.before) if rebound.before is not None else None,
+            after=msgspec.to_builtins(rebound.after),
+            changed=list(changed),
+            versions=rebound.rewritten,
+            reason=request.reason,
         )
-        return Enrolled(credential=issued.row, token=issued.token)
+        return Bound(
+            binding=rebound.after,
+            previous=rebound.before,
+            changed=changed,
+            versions=rebound.rewritten,
+        )
+
+    async def binding(self, request: GetBinding) -> AgentBinding:
+        """An agent's bound attributes.
+
+        Raises:
+            NotFound: the agent has no binding (never enrolled).
+        """
+        found = await asyncio.to_thread(self.credential_store.binding, request.name)
+        if found is None:
+            raise NotFound(
+                f"agent {request.name!r} has no bound attributes: it was never enrolled "
+                f"(`signalbox agents enroll {request.name} --team ...`)",
+                details={"agent": request.name},
+            )
+        return found
 
     async def revoke(self, request: RevokeAgent, *, disconnect: bool = True) -> Revoked:
         """Revoke credentials of ``request.name`` and disconnect its live connections."""
@@ -163,12 +281,12 @@ class Identity:
         )
         return Revoked(agent=request.name, credentials=tuple(ids), disconnected=disconnected)
 
-    async def _audit(self, op: str, **data: Any) -> None:
+    async def _audit(self, op: str, *, actor: str = "operator", **data: Any) -> None:
         """An ``admin`` audit event for operation ``op`` on ``sb.admin.registry.<op>``."""
         await self.service.audit.emit(
             "admin",
             subject=self.service.subjects.admin("registry", op),
-            actor="operator",
+            actor=actor,
             data={"op": op, **data},
         )
 

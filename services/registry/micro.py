@@ -397,6 +397,9 @@ class MicroResponder:
         nc: Connected client (the registry's own connection).
         source: Returns the current view, usually via :func:`instances_from_records`.
         source_timeout: Seconds to wait for ``source``; on timeout nothing is answered.
+        refuse: Called with each request before any work; returns True if it was
+            refused (e.g. its reply subject is outside the sender's reply space),
+            and then nothing is answered.
     """
 
     def __init__(
@@ -405,10 +408,12 @@ class MicroResponder:
         source: Callable[[], Awaitable[Sequence[MicroInstance]]],
         *,
         source_timeout: float = 5.0,
+        refuse: Callable[[Msg], bool] | None = None,
     ) -> None:
         self.nc = nc
         self.source = source
         self.source_timeout = source_timeout
+        self.refuse = refuse
         #: Requests dropped as malformed (unknown verb, too many tokens, no reply subject).
         self.ignored = 0
         #: Requests answered (with zero or more replies).
@@ -471,6 +476,8 @@ class MicroResponder:
         parsed = self.parse(msg.subject)
         if parsed is None or not msg.reply:
             self.ignored += 1
+            return
+        if self.refuse is not None and self.refuse(msg):
             return
         bodies = await self.answer(*parsed)
         for body in bodies:

@@ -53,12 +53,13 @@ from broker.audit import new_id
 from broker.codec import decode, encode
 from broker.connection import sync_connection
 from broker.diagnostics import cancel_and_wait
-from broker.errors import IdentityMismatch, NotFound, SignalboxError
+from broker.errors import IdentityMismatch, InvalidReplySubject, NotFound, SignalboxError
 from broker.jetstream import KV_AGENTS
 from broker.service import Service
 from broker.settings import Settings
-from broker.subjects import AGENT_REGISTRY_OPS
+from broker.subjects import AGENT_REGISTRY_OPS, Audience
 from schemas import (
+    AgentBinding,
     AgentInstance,
     AgentList,
     AgentManifest,
@@ -72,12 +73,13 @@ from schemas import (
     Registered,
     Wire,
 )
+from services.registry.binding import binding_from_manifest
 from services.registry.identity import Identity
 from services.registry.index import AgentIndex, RegistryChange
 from services.registry.micro import MicroInstance, MicroResponder, instances_from_records
-from services.registry.store import AgentStore, StoredVersion, heartbeat_not_found
+from services.registry.store import AgentStore, Rebound, StoredVersion, heartbeat_not_found
 
-__all__ = ["RegistryService"]
+__all__ = ["RegistryService", "capability_tag_changes"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,21 @@ _MIRROR_ATTEMPTS: Final = 20
 #: JetStream error codes of a failed "expected last subject sequence" check.
 _WRONG_LAST_SEQUENCE: Final = (10071, 10164)
 _EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
+
+
+def capability_tag_changes(
+    previous: AgentManifest | None, current: AgentManifest
+) -> dict[str, dict[str, list[str]]]:
+    """Capabilities in both manifests whose data tags differ: ``{cap: {before, after}}``."""
+    if previous is None:
+        return {}
+    before = {c.name: sorted(set(c.tags)) for c in previous.capabilities}
+    changed: dict[str, dict[str, list[str]]] = {}
+    for cap in current.capabilities:
+        after = sorted(set(cap.tags))
+        if cap.name in before and before[cap.name] != after:
+            changed[cap.name] = {"before": before[cap.name], "after": after}
+    return changed
 
 
 class _MirrorConflict(Exception):
@@ -134,10 +151,25 @@ class RegistryService(Service):
         self.endpoint(s.registry_wildcard("register"), AgentManifest)(self.register)
         self.endpoint(s.registry_wildcard("heartbeat"), Heartbeat)(self.heartbeat)
         self.endpoint(s.registry_wildcard("deregister"), DeregisterAgent)(self._deregister_self)
-        self.endpoint(s.admin("registry", "deregister"), DeregisterAgent)(self.deregister)
-        self.endpoint(s.registry("get"), GetAgent)(self.get)
-        self.endpoint(s.registry("list"), ListAgents)(self.list)
-        self.endpoint(s.registry("discover"), DiscoverAgents)(self.discover)
+        # Operators; and the policy service when an operator archives a version (rollout).
+        self.endpoint(
+            s.admin("registry", "deregister"),
+            DeregisterAgent,
+            audience=Audience.OPERATOR | Audience.SERVICE,
+        )(self.deregister)
+        reads: tuple[tuple[str, type[Any], Callable[[Any], Awaitable[Any]]], ...] = (
+            ("get", GetAgent, self.get),
+            ("list", ListAgents, self.list),
+            ("discover", DiscoverAgents, self.discover),
+        )
+        for op, request_type, read in reads:
+            # Agents ask as themselves (sb.registry.<op>.<agent>: the reply goes
+            # to that agent's inbox only); operators and services on sb.registry.<op>.
+            self.endpoint(s.registry_wildcard(op), request_type)(read)
+            staff = Audience.OPERATOR | Audience.SERVICE
+            self.endpoint(s.registry(op), request_type, audience=staff)(read)
+            # Named operators read on sb.admin.registry.<op>.<operator> (their only subjects).
+            self.endpoint(s.admin("registry", op), request_type)(read)
         #: Enrollment, revocation and the auth callout (adds sb.admin.registry.* endpoints).
         self.identity = Identity(self)
 
@@ -218,10 +250,45 @@ class RegistryService(Service):
             asyncio.ensure_future(self._flush_periodically()),
         ]
         # Registered agents answer the standard NATS micro discovery protocol.
-        self.micro = MicroResponder(self.nc, self._micro_view)
+        self.micro = MicroResponder(self.nc, self._micro_view, refuse=self._refuse_micro)
         await self.micro.start()
         # Agent credentials and the NATS auth callout (services.registry.identity).
         await self.identity.start(self.store.engine)
+        await self._seed_bindings()
+
+    async def _seed_bindings(self) -> None:
+        """Bind agents enrolled before bindings existed to what they registered last.
+
+        Every credential issued since leaves a binding row; an older one has
+        none, and without one an agent's declared attributes would be taken
+        as they come. Such an agent is bound once, here, to the attributes of
+        its highest registered version (none if it never registered);
+        operators change them with ``signalbox agents bind``.
+        """
+        store = self.identity.credential_store
+        unbound = await asyncio.to_thread(store.unbound_agents)
+        if not unbound:
+            return
+        now = time.time()
+        latest: dict[str, AgentManifest] = {}
+        for version in await asyncio.to_thread(self.store.snapshot, unbound):
+            latest.setdefault(version.manifest.name, version.manifest)  # highest first
+        by = f"service:{self.name}"
+        bindings = [
+            binding_from_manifest(latest[name], by=by, now=now)
+            if name in latest
+            else AgentBinding(agent=name, bound_at=now, bound_by=by)
+            for name in unbound
+        ]
+        added = await asyncio.to_thread(store.seed_bindings, bindings)
+        if added:
+            log.warning(
+                "registry: bound %d agent(s) enrolled by an older release to the attributes "
+                "they registered last (`signalbox agents show NAME`; change them with "
+                "`signalbox agents bind`): %s",
+                added,
+                ", ".join(unbound[:20]) + (" ..." if len(unbound) > 20 else ""),
+            )
 
     async def on_stop(self) -> None:
         await self.identity.stop()
@@ -248,6 +315,19 @@ class RegistryService(Service):
         return time.time() - self.settings.down_after
 
     # -- identity-bound subjects ---------------------------------------------------------
+
+    def _refuse_micro(self, msg: Msg) -> bool:
+        """``$SRV.*`` requests come from operators (and services): they are answered only
+        into those reply spaces (a refusal is counted and audited, summarized)."""
+        fault = self.reply_fault(msg, Audience.OPERATOR | Audience.SERVICE)
+        if fault is None:
+            return False
+        err = InvalidReplySubject(
+            f"request on {msg.subject} refused: {fault}; it was not answered",
+            details={"subject": msg.subject, "reply": msg.reply[:200], "fault": fault},
+        )
+        self.refused(err, subject=msg.subject, actor="unknown")
+        return True
 
     def _bound_agent(self, subject: str) -> tuple[str, str] | None:
         """``(op, agent)`` of an agent-scoped registry subject; None for any other subject."""
@@ -297,34 +377,63 @@ class RegistryService(Service):
     async def register(self, manifest: AgentManifest) -> Registered:
         """Register (or re-register) one agent version.
 
+        With identity on, the stored manifest carries the attributes an
+        operator bound to the agent (:mod:`services.registry.binding`), never
+        the declared ones. The audit record says when a capability's data
+        tags changed since the agent's previous registration.
+
         Raises:
+            AttributeMismatch: the manifest declares another team, owner,
+                namespace, region, project or tags than the agent's binding.
             Conflict: the name belongs to another owner.
         """
         async with self._name_locks[manifest.name]:
-            record, created, versions = await self._write(
-                self.store.register_and_read, manifest, now=time.time()
+            done = await self._write(
+                self.store.register_and_read,
+                manifest,
+                now=time.time(),
+                bound=self.identity.enforced,
             )
-            await self._committed(manifest.name, versions)
+            await self._committed(manifest.name, done.versions)
+        stored = done.record.manifest
+        data: dict[str, Any] = {
+            "op": "register",
+            "name": stored.name,
+            "version": stored.version,
+            "owner": stored.owner,
+            "team": stored.team,
+            "created": done.created,
+            "capabilities": [c.name for c in stored.capabilities],
+        }
+        changed = capability_tag_changes(done.previous, stored)
+        if changed:
+            data["capability_tags_changed"] = changed
         await self.audit.emit(
             "registry",
-            actor=manifest.name,
-            subject=self.subjects.registry_for("register", manifest.name),
-            data={
-                "op": "register",
-                "name": manifest.name,
-                "version": manifest.version,
-                "owner": manifest.owner,
-                "team": manifest.team,
-                "created": created,
-                "capabilities": [c.name for c in manifest.capabilities],
-            },
+            actor=stored.name,
+            subject=self.subjects.registry_for("register", stored.name),
+            data=data,
         )
         return Registered(
-            name=manifest.name,
-            version=manifest.version,
-            registered_at=record.registered_at,
-            created=created,
+            name=stored.name,
+            version=stored.version,
+            registered_at=done.record.registered_at,
+            created=done.created,
         )
+
+    async def rebind(self, name: str, changes: dict[str, Any], *, by: str) -> Rebound:
+        """Change ``name``'s bound attributes and rewrite its registered versions (mirrored).
+
+        Called by :class:`~services.registry.identity.Identity` for
+        ``sb.admin.registry.bind`` and enrollments that bind, which audit it.
+        """
+        async with self._name_locks[name]:
+            rebound = await self._write(
+                self.store.bind_and_read, name, changes, by=by, now=time.time()
+            )
+            if rebound.rewritten:
+                await self._committed(name, rebound.versions)
+        return rebound
 
     async def _deregister_self(self, request: DeregisterAgent) -> AgentRecord:
         """``sb.registry.deregister.<agent>``: an agent removing itself (name checked)."""

@@ -17,6 +17,10 @@ Layout::
     registry_capabilities    one row per capability of a version
     registry_capability_tags one row per tag of a capability of a version
     registry_instances       (version, instance id): heartbeat time, stats
+    agent_bindings           (defined in services.registry.credentials) the
+                             attributes operators bind to an agent; applied to
+                             its manifests by register(..., bound=True) and
+                             bind_and_read, in the transaction that writes them
 
 Ordering. ``rank`` is a text key whose ascending bytewise order is *descending*
 semver precedence (release above its prereleases, numeric identifiers compared
@@ -78,6 +82,7 @@ from broker.codec import decode, encode
 from broker.errors import ConfigError, Conflict, InvalidInput, NotFound
 from broker.sql import make_engine, table_of
 from schemas import (
+    AgentBinding,
     AgentInstance,
     AgentManifest,
     AgentRecord,
@@ -87,6 +92,8 @@ from schemas import (
     Heartbeat,
     InstanceStats,
 )
+from services.registry.binding import apply_binding, impose_binding, updated_binding
+from services.registry.credentials import BINDINGS, read_binding, write_binding
 
 __all__ = [
     "MAX_VERSION_LENGTH",
@@ -97,6 +104,8 @@ __all__ = [
     "CapabilityTagRow",
     "Cutoffs",
     "InstanceRow",
+    "Rebound",
+    "Registration",
     "StoredVersion",
     "check_range",
     "decode_cursor",
@@ -238,7 +247,7 @@ _V = table_of(AgentVersionRow)
 _C = table_of(CapabilityRow)
 _T = table_of(CapabilityTagRow)
 _I = table_of(InstanceRow)
-_TABLES: Final = (_N, _V, _C, _T, _I)
+_TABLES: Final = (_N, _V, _C, _T, _I, BINDINGS)
 
 #: Attempts at a write that lost a race on a unique key before giving up.
 _WRITE_ATTEMPTS: Final = 3
@@ -432,6 +441,14 @@ _VERSION_LIST: Final = (
     select(_V.c.version).where(_V.c.name == bindparam("p_name")).order_by(_V.c.rank)
 )
 _ANY_VERSION: Final = select(_V.c.id).where(_V.c.name == bindparam("p_name")).limit(1)
+#: The manifest a registration follows: the same version's, else the highest version's.
+_PREVIOUS: Final = (
+    select(_V.c.manifest)
+    .where(_V.c.name == bindparam("p_name"))
+    .order_by((_V.c.version != bindparam("p_version")), _V.c.rank)
+    .limit(1)
+)
+_VERSION_MANIFESTS: Final = select(_V.c.id, _V.c.manifest).where(_V.c.name == bindparam("p_name"))
 #: A batched heartbeat: never moves a version's heartbeat time backwards.
 _BEAT_LATER: Final = (
     update(_V)
@@ -610,6 +627,39 @@ class StoredVersion(NamedTuple):
     instances: tuple[AgentInstance, ...]
 
 
+class Registration(NamedTuple):
+    """What :meth:`AgentStore.register_and_read` did.
+
+    Attributes:
+        record: The stored record (its manifest carries the bound attributes).
+        created: The version is new.
+        versions: Every version of the name as the write left them.
+        previous: The manifest registered before: of the same version if it
+            existed, else of the highest version (None: the name was new).
+    """
+
+    record: AgentRecord
+    created: bool
+    versions: list[StoredVersion]
+    previous: AgentManifest | None
+
+
+class Rebound(NamedTuple):
+    """What :meth:`AgentStore.bind_and_read` did.
+
+    Attributes:
+        before: The binding before (None: there was none).
+        after: The binding stored.
+        rewritten: Registered versions whose stored manifest changed.
+        versions: Every version of the name as the write left them.
+    """
+
+    before: AgentBinding | None
+    after: AgentBinding
+    rewritten: int
+    versions: list[StoredVersion]
+
+
 class AgentStore:
     """Agent versions, capabilities and instances in SQL (SQLite or PostgreSQL).
 
@@ -729,22 +779,100 @@ class AgentStore:
         return self._write(attempt, manifest.name)
 
     def register_and_read(
-        self, manifest: AgentManifest, *, now: float
-    ) -> tuple[AgentRecord, bool, list[StoredVersion]]:
+        self, manifest: AgentManifest, *, now: float, bound: bool = False
+    ) -> Registration:
         """:meth:`register`, also returning every version of the name as the write left them.
 
         Read inside the write transaction, so it is exactly the state the
         write committed (what the registry's in-memory index needs, without
         another round trip).
+
+        Args:
+            manifest: The agent version to register.
+            now: Current time.
+            bound: Apply the agent's binding (``agent_bindings``), read and
+                locked in the same transaction, so a concurrent binding change
+                is either seen or rewrites this version after it. An agent
+                with no binding (never enrolled) keeps the declared values.
+
+        Raises:
+            AttributeMismatch: ``bound`` and the manifest declares another
+                value than the binding (nothing is written).
+            Conflict: the name is owned by another owner.
         """
         now = float(now)
-        manifest, stored_json, version = _prepared(manifest)
+        declared, declared_json, declared_version = _prepared(manifest)
 
-        def attempt(conn: Connection) -> tuple[AgentRecord, bool, list[StoredVersion]]:
+        def attempt(conn: Connection) -> Registration:
+            manifest, stored_json, version = declared, declared_json, declared_version
+            binding = read_binding(conn, manifest.name, lock=True) if bound else None
+            if binding is not None:
+                applied = apply_binding(manifest, binding)
+                if applied != manifest:
+                    manifest, stored_json, version = _prepared(applied)
+            row = conn.execute(
+                _PREVIOUS, {"p_name": manifest.name, "p_version": manifest.version}
+            ).first()
             record, created = self._register(conn, manifest, stored_json, version, now)
-            return record, created, _read_versions(conn, [manifest.name], _NO_CUTOFF)
+            return Registration(
+                record=record,
+                created=created,
+                versions=_read_versions(conn, [manifest.name], _NO_CUTOFF),
+                previous=_manifest(row.manifest) if row is not None else None,
+            )
 
         return self._write(attempt, manifest.name)
+
+    def binding(self, name: str) -> AgentBinding | None:
+        """``name``'s bound attributes (None: never enrolled nor bound)."""
+        with self._engine.connect() as conn:
+            return read_binding(conn, name)
+
+    def bind_and_read(self, name: str, changes: dict[str, Any], *, by: str, now: float) -> Rebound:
+        """Change ``name``'s binding and rewrite its registered versions with it, in one
+        transaction (the binding row is locked, as registrations lock it).
+
+        Rewritten versions get ``registered_at = now``: readers that cache per
+        registration (the policy service's Cedar entities) see a new record.
+
+        Args:
+            name: The agent.
+            changes: Attributes to set (:func:`services.registry.binding.binding_changes`);
+                the others keep their bound value.
+            by: Who changes it (audit actor).
+            now: Current time.
+        """
+        now = float(now)
+
+        def attempt(conn: Connection) -> Rebound:
+            before = read_binding(conn, name, lock=True)
+            after = updated_binding(before, name, changes, by=by, now=now)
+            write_binding(conn, after)
+            claim = conn.execute(_CLAIM, {"p_name": name}).first()
+            rewritten = 0
+            if claim is not None:
+                for row in conn.execute(_VERSION_MANIFESTS, {"p_name": name}).all():
+                    old = _manifest(row.manifest)
+                    new = impose_binding(old, after)
+                    if new == old:
+                        continue
+                    search = {"team": new.team, "owner": new.owner, "region": new.region}
+                    conn.execute(
+                        update(_V)
+                        .where(_V.c.id == row.id)
+                        .values(
+                            **search, project=new.project, manifest=encode(new).decode(),
+                            registered_at=now,
+                        )
+                    )  # fmt: skip
+                    conn.execute(update(_C).where(_C.c.agent_id == row.id).values(**search))
+                    conn.execute(update(_T).where(_T.c.agent_id == row.id).values(**search))
+                    rewritten += 1
+                if claim.owner != after.owner:
+                    conn.execute(update(_N).where(_N.c.name == name).values(owner=after.owner))
+            return Rebound(before, after, rewritten, _read_versions(conn, [name], _NO_CUTOFF))
+
+        return self._write(attempt, name)
 
     def _register(
         self,

@@ -169,7 +169,9 @@ async def test_registration_publishes_capabilities_with_json_schemas(
 ) -> None:
     a, b = pair
     assert b.registration is not None and b.registration.created
-    reply = await a.nc.request("sb.registry.get", encode(GetAgent(name="b")), timeout=5)
+    reply = await a.nc.request(
+        a.subjects.registry_for("get", "a"), encode(GetAgent(name="b")), timeout=5
+    )
     record = decode(reply.data, AgentRecord)
     caps = {c.name: c for c in record.manifest.capabilities}
     assert set(caps) == {"score", "echo-dict", "reverse", "whoami"}

@@ -229,8 +229,14 @@ async def test_an_unreadable_record_fails_closed(
     a, _, _ = replicas
     await a.board.kv.put("agent.z", b"not a breaker")
     found = await a.sees("agent.z", lambda r: r.state == "open")
-    assert found.until is None and "reset it" in found.text
+    assert found.until is None and found.reason == "unreadable"
+    assert "cannot be read" in found.text and "resets it" in found.text
     assert a.board.check("agent.z") == (found,)
+    assert a.emitter.stats.by_kind["alert"] == 1  # reported once, not a silent manual trip
+    # A reset writes a clean record over it.
+    reset = await a.board.reset("agent.z", by="operator:test")
+    assert reset.state == "closed"
+    assert decode((await a.board.kv.get("agent.z")).value, Breaker).state == "closed"
 
 
 def test_the_refusal_says_which_why_since_until_and_what_to_do() -> None:

@@ -34,7 +34,7 @@ def test_secrets_are_generated_once_with_private_modes(tmp_path: Path) -> None:
     first = ServerSecrets.load_or_create(folder)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     files = sorted(folder.iterdir())
-    assert len(files) == 5
+    assert len(files) == 9  # issuer, auth, service, system, operator + one per service
     assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
     assert ServerSecrets.load_or_create(folder) == first  # stable across restarts
     assert first.issuer_public_key.startswith("A")
@@ -135,8 +135,9 @@ async def test_roles_connect_with_their_secrets_and_nobody_else_does(tmp_path: P
 
 def test_an_open_server_needs_no_credentials(tmp_path: Path) -> None:
     settings = Settings(nats_url="nats://x:4222", data_dir=tmp_path)
-    assert service_connect_options(settings) == {}
-    assert operator_connect_options(settings) == {}
+    # No credentials; the role's inbox still (endpoints answer only under it).
+    assert service_connect_options(settings) == {"inbox_prefix": "_INBOX.service"}
+    assert operator_connect_options(settings) == {"inbox_prefix": "_INBOX.operator"}
 
 
 def test_delegation_chains_verify_only_as_signed() -> None:

@@ -27,8 +27,10 @@ async def test_services_run_on_the_session_client_and_read_headers_with_it(
         if not got.done():
             got.set_result(msg)
 
-    sub = await service.nc.subscribe("test.headers", cb=seen)
-    await service.nc.publish("test.headers", b"x", headers={"Nats-Msg-Id": "a", "K": " v "})
+    # (Under the services' inbox: the registry's user may use little else.)
+    subject = service.nc.new_inbox()
+    sub = await service.nc.subscribe(subject, cb=seen)
+    await service.nc.publish(subject, b"x", headers={"Nats-Msg-Id": "a", "K": " v "})
     msg = await asyncio.wait_for(got, 5)
     await sub.unsubscribe()
     assert msg.headers == {"Nats-Msg-Id": "a", "K": "v"}

@@ -62,7 +62,7 @@ async def test_operators_trip_list_and_reset_breakers(
     by_key = {x["key"]: x for x in listed["breakers"]}
     assert set(by_key) == {"agent.b", "team.payments"}
     login = getpass.getuser()
-    assert by_key["agent.b"]["tripped_by"] == f"operator:{login}"
+    assert by_key["agent.b"]["tripped_by"] == f"bootstrap:{login}"
     assert by_key["agent.b"]["cooldown"] == 600 and by_key["team.payments"]["until"] is None
 
     with pytest.raises(BreakerOpen, match=r"bad deploy 4\.2") as refused:
@@ -81,9 +81,9 @@ async def test_operators_trip_list_and_reset_breakers(
 
     changes = await audit_trail.wait_for(lambda r: r.kind == "breaker", count=3)
     assert {(r.actor, r.data["op"], r.data["key"]) for r in changes} == {
-        (f"operator:{login}", "trip", "agent.b"),
-        (f"operator:{login}", "trip", "team.payments"),
-        (f"operator:{login}", "reset", "agent.b"),
+        (f"bootstrap:{login}", "trip", "agent.b"),
+        (f"bootstrap:{login}", "trip", "team.payments"),
+        (f"bootstrap:{login}", "reset", "agent.b"),
     }
 
 

@@ -71,7 +71,7 @@ def make_agent(settings: Settings, name: str, team: str = "risk") -> Agent:
     agent = Agent(
         AgentManifest(name=name, version="1.2.0", owner="risk-eng", team=team),
         nats_url=settings.nats_url,
-        credential=enroll(settings, name),
+        credential=enroll(settings, name, owner="risk-eng", team=team),
     )
 
     @agent.capability("score", tags=("pii",))
@@ -278,7 +278,7 @@ async def test_enroll_list_and_revoke_credentials(stack: Stack, settings: Settin
     assert url is not None
     enrolled = await ainvoke(
         ["agents", "enroll", "credit-check", "--ttl", "2h", "--note", "ticket-1", "--json",
-         "--nats-url", url]
+         "--team", "risk", "--owner", "risk-eng", "--nats-url", url]
     )  # fmt: skip
     assert enrolled.exit_code == 0, enrolled.output
     body = json.loads(enrolled.stdout)

@@ -337,7 +337,7 @@ async def test_operators_manage_budgets_from_the_cli(
         lambda r: r.kind == "admin" and str(r.data.get("op", "")).startswith("budget_"), count=2
     )
     assert [c.data["op"] for c in changes] == ["budget_set", "budget_removed"]
-    assert all(c.actor.startswith("operator") for c in changes)
+    assert all(c.actor.startswith("bootstrap") for c in changes)  # the shared operator
 
 
 async def test_an_exhausted_budget_trips_the_breaker_until_it_is_raised(

@@ -44,8 +44,9 @@ async def test_cost_report_by_team_as_table_csv_and_json(
     assert down.exit_code == 1 and "no cost service answers" in down.output
     assert "Traceback" not in down.output
 
-    loan = make_agent("loan", team="lending")
-    fraud = make_agent("fraud", team="risk")
+    # Reports name projects bound at enrollment (any other would not be charged).
+    loan = make_agent("loan", team="lending", projects=("alpha",))
+    fraud = make_agent("fraud", team="risk", projects=("beta",))
     await loan.start()
     await fraud.start()
     stack = await make_stack(services=["cost"])

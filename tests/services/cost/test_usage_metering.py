@@ -17,7 +17,7 @@ from nats.aio.client import Client
 
 from broker import Agent
 from broker.codec import encode
-from broker.identity import service_connect_options
+from broker.identity import operator_connect_options, service_connect_options
 from broker.jetstream import USAGE_STREAM
 from broker.replies import H_MSG_ID
 from broker.settings import Settings
@@ -40,7 +40,7 @@ async def nc(settings: Settings) -> AsyncIterator[Client]:
 @pytest.fixture
 async def metered(make_stack: StackFactory, make_agent: AgentFactory) -> tuple[Stack, Agent]:
     stack = await make_stack(services=["tracing", "registry", "cost"])
-    agent = make_agent("loan", team="lending")
+    agent = make_agent("loan", team="lending", projects=("loans", "p1"))
     await agent.start()
     await _knows_team(_cost(stack), "loan")
     return stack, agent
@@ -108,6 +108,10 @@ async def test_reported_usage_is_stored_costed_charged_to_the_team_and_audited(
     assert event.actor == "loan" and event.subject == "sb.usage.loan"
     assert event.data["model"] == "gpt-4o-2024-08-06"
     assert event.data["team"] == "lending"
+    # A bound project is charged; a delegation without a signed chain is not.
+    assert event.data["charged_project"] == "loans"
+    assert event.data["charged_on_behalf_of"] == []
+    assert event.data["dropped_on_behalf_of"] == "planner"
     assert event.data["priced_by_fallback"] is False
     # 800k uncached at $2.50 + 200k cached at $1.25 + 100k out at $10 = $3.25
     assert event.data["cost_nanos"] == 3_250_000_000
@@ -217,6 +221,12 @@ async def test_the_report_endpoint_is_for_operators_and_validates_its_range(
     await agent.report_usage(model="gpt-4o", input_tokens=10, project="p1")
     await _stored(_cost(stack), 1)
     subject = "sb.admin.cost.report"
+    # Answered only into an operator's reply space: a service's inbox is refused.
+    await nc.publish(subject, encode(CostReportRequest(by="project")), reply=nc.new_inbox())
+    await eventually(lambda: _cost(stack).rejected["invalid_reply_subject"] == 1, "the refusal")
+    await nc.close()
+    options = operator_connect_options(stack.settings)
+    nc = await nats.connect(stack.settings.nats_url or "", **options)
     got = await request(nc, subject, CostReportRequest(by="project"), CostReport, timeout=5)
     assert [r.key for r in got.rows] == ["p1"]
     with pytest.raises(InvalidInput, match="until"):
@@ -247,8 +257,9 @@ async def test_metering_end_to_end_on_sqlite_and_postgresql(
     nc: Client,
 ) -> None:
     await make_stack(services=["tracing", "registry"])
-    for name, team in (("loan", "lending"), ("fraud", "risk")):
-        await make_agent(name, team=team).start()
+    bound = (("loan", "lending", ("alpha",)), ("fraud", "risk", ("alpha", "beta")))
+    for name, team, projects in bound:
+        await make_agent(name, team=team, projects=projects).start()
     cost = await make_stack(services=["cost"], database_url=database_url)
     service = _cost(cost)
     assert service.store._postgres == database_url.startswith("postgresql")

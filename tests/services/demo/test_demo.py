@@ -88,7 +88,7 @@ async def test_run_demo_end_to_end(tmp_path: Path) -> None:
     assert re.search(
         r"└── decision loan-origination needs_approval → fraud-detection\.check", tree
     )
-    assert "approved by operator:demo" in tree
+    assert "approved by bootstrap:demo" in tree
     assert re.search(r"└── delivery ok fraud-detection\.check \d+\.\d ms", tree)
     assert "Demo complete" in text
     # The embedded server is gone with the demo.

@@ -135,7 +135,7 @@ async def test_an_approved_call_reaches_the_target_once_and_everything_is_audite
     assert not call.done()
 
     approved = await desk.decide("approve", request.id, reason="checked", requested_by="ada")
-    assert (approved.status, approved.decided_by) == ("approved", "operator:ada")
+    assert (approved.status, approved.decided_by) == ("approved", "bootstrap:ada")
     assert await call == {"n": 1}
     assert served == [{"n": 0}, {"n": 1}]
 
@@ -152,12 +152,12 @@ async def test_an_approved_call_reaches_the_target_once_and_everything_is_audite
     )
     effects = [(d.data["decision"]["effect"], d.data["decision"]["reason_code"]) for d in asked]
     assert effects == [("needs_approval", "needs_approval"), ("allow", "approved")]
-    assert asked[1].data["approved_by"] == "operator:ada"
+    assert asked[1].data["approved_by"] == "bootstrap:ada"
     [admin] = await audit_trail.wait_for(
         lambda r: r.kind == "admin" and r.data.get("approval_id") == request.id
     )
     assert (admin.actor, admin.data["op"], admin.data["reason"]) == (
-        "operator:ada", "approvals.approve", "checked",
+        "bootstrap:ada", "approvals.approve", "checked",
     )  # fmt: skip
     [outcome] = await audit_trail.wait_for(
         lambda r: r.kind == "call" and r.data.get("call_id") == request.call_id
@@ -178,9 +178,9 @@ async def test_a_denied_call_is_refused_with_the_approval_id(
     assert info.value.details["reason_code"] == "approval_denied"
     assert info.value.details["approval_id"] == request.id
     assert info.value.details["policy_ids"] == ["large-invocation-needs-approval"]
-    assert "denied by operator:ada: too big" in info.value.message
+    assert "denied by bootstrap:ada: too big" in info.value.message
     assert served == []
-    with pytest.raises(Conflict, match="already denied by operator:ada"):
+    with pytest.raises(Conflict, match="already denied by bootstrap:ada"):
         await desk.decide("approve", request.id)
 
 

@@ -345,7 +345,7 @@ async def test_both_replicas_honour_a_trip_within_a_second(
     )  # fmt: skip
     for replica in (first, second):
         seen = await until_state(replica, "team.team-1", lambda r: r.state == "open", 1.0)
-        assert seen.tripped_by == "operator:ann" and seen.until is None
+        assert seen.tripped_by == "bootstrap:ann" and seen.until is None
     results = await asyncio.gather(
         *(a.call("b", "echo", {"i": i}) for i in range(20)), return_exceptions=True
     )

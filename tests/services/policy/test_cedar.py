@@ -29,6 +29,7 @@ from services.policy.decider import (
     CallRequest,
     RequestContext,
     UseRequest,
+    unknown_estimate,
 )
 
 SHIPPED = shipped_policy_dir()
@@ -491,20 +492,28 @@ def test_the_projection_keeps_what_the_policies_can_observe(condition: str, expe
     constants=st.lists(st.integers(-5, 40), min_size=1, max_size=3),
     ops=st.lists(st.sampled_from(["<", "<=", ">", ">=", "==", "!="]), min_size=3, max_size=3),
     times=st.lists(st.integers(0, 40), min_size=1, max_size=3),
+    unknown=st.lists(st.integers(-5, 40), max_size=2),
+    whole=st.booleans(),
     requests=st.lists(
-        st.tuples(st.integers(0, 45), st.integers(0, 45), st.sampled_from([(), ("pii",)])),
+        st.tuples(
+            st.integers(0, 45), st.integers(0, 45), st.sampled_from([(), ("pii",)]),
+            st.booleans(),
+        ),
         min_size=1,
         max_size=25,
     ),
-)
+)  # fmt: skip
 def test_a_memoized_answer_is_always_the_answer_cedar_gives(
     constants: list[int],
     ops: list[str],
     times: list[int],
-    requests: list[tuple[int, int, tuple[str, ...]]],
+    unknown: list[int],
+    whole: bool,
+    requests: list[tuple[int, int, tuple[str, ...], bool]],
 ) -> None:
-    """Random thresholds on the tokens and the time, and a tag rule: every answer from
-    the memo equals a fresh evaluation of the same request."""
+    """Random thresholds on the tokens and the time, a tag rule, rules on unknown
+    estimates (``estimated_tokens_known``) and, sometimes, one reading the context
+    whole: every answer from the memo equals a fresh evaluation of the same request."""
     rules = ['@id("all") permit (principal, action, resource);']
     for i, c in enumerate(constants):
         rules.append(f'@id("tok{i}") forbid (principal, action, resource) '
@@ -513,14 +522,64 @@ def test_a_memoized_answer_is_always_the_answer_cedar_gives(
         rules.append(f'@id("time{i}") forbid (principal, action, resource) '
                      f"when {{ {t} {ops[(i + 1) % 3]} context.time && "
                      'context.data_tags.contains("pii") };')  # fmt: skip
+    for i, c in enumerate(unknown):
+        rules.append(f'@id("unknown{i}") @effect("needs_approval") '
+                     "forbid (principal, action, resource) when { !context.estimated_tokens_known "
+                     f"&& context.estimated_tokens {ops[i]} {c} }};")  # fmt: skip
+    if whole:
+        rules.append('@id("whole") forbid (principal, action, resource) '
+                     "when { context has time && context.estimated_tokens_known && "
+                     "context.estimated_tokens == 7 };")  # fmt: skip
     policies = CedarPolicies.from_texts({"p.cedar": "\n".join(rules)}, SCHEMA)
     memoized = CedarDecider(policies, clock=lambda: 0.0)
     fresh = CedarDecider(policies, clock=lambda: 0.0, memo_size=0)
-    for tokens, when, tags in requests:
-        context = {"estimated_tokens": tokens, "time": when, "data_tags": tags}
+    for tokens, when, tags, known in requests:
+        context = {"estimated_tokens": tokens, "time": when, "data_tags": tags,
+                   "estimated_tokens_known": known}  # fmt: skip
         a = call(memoized, LOANS, CREDIT, "score", **context)
         b = call(fresh, LOANS, CREDIT, "score", **context)
         assert (a.effect, a.policy_ids) == (b.effect, b.policy_ids), context
+
+
+def test_an_unknown_estimate_is_its_own_memo_key() -> None:
+    """Two requests alike but for whether their estimate was given are told apart."""
+    decider = texts(
+        '@id("all") permit (principal, action, resource);\n'
+        '@id("say") @effect("needs_approval") forbid (principal, action, resource) '
+        "when { !context.estimated_tokens_known };"
+    )
+    assert call(decider, LOANS, CREDIT, "score", estimated_tokens=5).effect == "allow"
+    unknown = call(decider, LOANS, CREDIT, "score", estimated_tokens=5,
+                   estimated_tokens_known=False)  # fmt: skip
+    assert (unknown.effect, unknown.policy_ids) == ("needs_approval", ("say",))
+    assert decider.evaluations == 2
+    # A policy reading the context whole sees the flag too.
+    whole = texts(
+        '@id("all") permit (principal, action, resource);\n'
+        '@id("w") forbid (principal, action, resource) '
+        "when { context has data_tags && !context.estimated_tokens_known };"
+    )
+    assert call(whole, LOANS, CREDIT, "score").effect == "allow"
+    assert call(whole, LOANS, CREDIT, "score", estimated_tokens_known=False).effect == "deny"
+
+
+def test_a_missing_estimate_is_never_zero_tokens(shipped: CedarDecider) -> None:
+    """The stand-in keeps the shipped approval rule meaningful without an estimate."""
+    assert unknown_estimate(1_000) == 1_000
+    assert unknown_estimate(1_000, payload_bytes=100) == 1_000
+    assert unknown_estimate(1_000, payload_bytes=96_001) == 24_001  # 4 bytes a token
+    assert unknown_estimate(1, payload_bytes=10**15) == 10**12  # capped, still valid
+    # A call carrying 24,000 tokens of text and no Sb-Estimated-Tokens header:
+    big = RequestContext.from_headers({}, unknown_tokens=unknown_estimate(1_000, 96_000))
+    decision = call(shipped, LOANS, CREDIT, "score", estimated_tokens=big.estimated_tokens,
+                    estimated_tokens_known=big.estimated_tokens_known)  # fmt: skip
+    assert (decision.effect, decision.policy_ids) == (
+        "needs_approval", ("large-invocation-needs-approval",),
+    )  # fmt: skip
+    small = RequestContext.from_headers({}, unknown_tokens=unknown_estimate(1_000, 200))
+    assert call(shipped, LOANS, CREDIT, "score", estimated_tokens=small.estimated_tokens,
+                estimated_tokens_known=False).effect == "allow"  # fmt: skip
+    assert RequestContext(5, estimated_tokens_known=1).problem()  # type: ignore[arg-type]
 
 
 def test_the_entities_follow_the_record(tmp_path: Path) -> None:
@@ -570,7 +629,10 @@ def test_call_context_is_read_from_headers() -> None:
         {H_ESTIMATED_TOKENS: " 12000 ", H_DATA_TAGS: "pii, pci-dss,,", H_ON_BEHALF_OF: "user:ada"}
     )
     assert ctx == RequestContext(12_000, ("pii", "pci-dss"), ("user:ada",))
-    assert RequestContext.from_headers({}) == RequestContext()
+    # No header: an unknown estimate, never zero tokens (the stand-in the service passes).
+    missing = RequestContext.from_headers({}, unknown_tokens=1_000)
+    assert missing == RequestContext(1_000, estimated_tokens_known=False)
+    assert RequestContext.from_headers({H_ESTIMATED_TOKENS: "0"}) == RequestContext(0)
     for bad in ("12k", "-1", "1e5", "١٢", "9" * 30):
         assert RequestContext.from_headers({H_ESTIMATED_TOKENS: bad}).problem(), bad
 

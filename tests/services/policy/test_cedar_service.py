@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import pytest
 
 from broker import Agent, CallDenied, ConfigError, SchemaError
@@ -28,16 +27,12 @@ def _policy(stack: Stack) -> PolicyService:
     return service
 
 
-def _with(agent: Agent, **metadata: str) -> Agent:
-    agent.manifest = msgspec.structs.replace(agent.manifest, metadata=metadata)
-    return agent
-
-
 async def test_an_agent_asks_before_using_a_model_and_every_answer_is_audited(
     make_stack: StackFactory, make_agent: AgentFactory, audit_trail: AuditTrail
 ) -> None:
     stack = await make_stack(policy_dir=shipped_policy_dir())
-    eu = _with(make_agent("eu-bot"), tags="data-residency:eu")
+    # Bound at enrollment: the registry writes the tag into the stored manifest.
+    eu = make_agent("eu-bot", tags=("data-residency:eu",))
     await eu.start()
 
     us = await eu.authorize("use_model", "gpt-4o", provider="openai", region="us-east-1")
@@ -98,7 +93,7 @@ async def test_bad_authz_requests_get_structured_errors_and_are_audited(
     await bot.nc.publish(subject, b"{}")  # no reply subject: nobody to answer
     rejected = await audit_trail.wait_for(lambda r: r.kind == "rejected", count=3)
     assert sorted(r.data["code"] for r in rejected) == [
-        "invalid_input", "schema_error", "schema_error",
+        "invalid_reply_subject", "schema_error", "schema_error",
     ]  # fmt: skip
     assert {r.subject for r in rejected} == {subject}
     # Still serving.
@@ -130,7 +125,7 @@ async def _finance_desk(
     async def stats(req: dict[str, Any]) -> int:
         return 42
 
-    ledger = _with(make_agent("ledger"), namespace="finance")
+    ledger = make_agent("ledger", namespace="finance")
     await vault.start()
     await ledger.start()
     return stack, ledger
@@ -167,8 +162,8 @@ async def test_mediated_calls_follow_the_cedar_policies(
     decisions = await audit_trail.wait_for(lambda r: r.kind == "decision", count=4)
     [asked] = [d for d in decisions if d.data["decision"]["effect"] == "needs_approval"]
     assert asked.data["context"] == {
-        "estimated_tokens": 20_000, "data_tags": ["pci-dss"], "on_behalf_of": ["user:ada"],
-        "error": "",
+        "estimated_tokens": 20_000, "estimated_tokens_known": True, "data_tags": ["pci-dss"],
+        "on_behalf_of": ["user:ada"], "error": "",
     }  # fmt: skip
     stats = _policy(stack).stats
     assert (stats["allowed"], stats["denied"]) == (1, 3)

@@ -155,7 +155,7 @@ async def test_apply_switches_both_replicas_and_calls_flip_to_allowed(
     assert results == [{"n": i} for i in range(20)]
 
     (event,) = await audit_trail.wait_for(lambda r: r.kind == "admin" and "policy" in r.subject)
-    assert event.actor == "operator:ada"
+    assert event.actor == "bootstrap:ada"
     assert event.data["op"] == "policy.apply"
     assert (event.data["version"], event.data["previous"]) == (2, 1)
     assert event.data["digest"] == applied.digest
@@ -249,7 +249,8 @@ async def test_history_show_diff_and_rollback(
     events = await audit_trail.wait_for(
         lambda r: r.kind == "admin" and r.data.get("op") == "policy.rollback", count=2
     )
-    assert [(e.actor, e.data["version"]) for e in events] == [("operator:bob", 2), ("operator", 1)]
+    actors = [(e.actor, e.data["version"]) for e in events]
+    assert actors == [("bootstrap:bob", 2), ("bootstrap", 1)]
     with pytest.raises(NotFound):
         await operator.ask("rollback", RollbackPolicies(to=42), PolicyApplied)
 

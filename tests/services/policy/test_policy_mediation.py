@@ -24,6 +24,7 @@ from broker.codec import decode
 from broker.identity import service_connect_options
 from broker.replies import H_ERROR, H_TIMEOUT_MS
 from broker.settings import Settings
+from broker.subjects import inbox_prefix
 from schemas import ErrorReply
 from services.policy.service import PolicyService
 from services.runner import Stack
@@ -44,8 +45,10 @@ class Customer(msgspec.Struct):
 
 @pytest.fixture
 async def raw(settings: Settings) -> AsyncIterator[Client]:
-    """A plain nats-py client, as a non-SDK agent would use."""
-    nc = await nats.connect(settings.nats_url or "", **service_connect_options(settings))
+    """A plain nats-py client, as a non-SDK agent ``a`` would use (its inbox prefix: the
+    policy service answers only into the caller's own inbox)."""
+    options = {**service_connect_options(settings), "inbox_prefix": inbox_prefix("a")}
+    nc = await nats.connect(settings.nats_url or "", **options)
     yield nc
     await nc.close()
 
@@ -104,7 +107,10 @@ async def test_an_allowed_call_is_forwarded_and_audited(
     assert decision.data["decision"]["effect"] == "allow"
     assert decision.data["decision"]["policy_ids"] == ["a-b"]
     assert decision.data["decision"]["reason_code"] == "allowed"
-    assert "context" not in decision.data  # the caller sent none
+    # The caller sent no context: an unknown estimate (a stand-in, never 0), no tags.
+    assert decision.data["context"]["estimated_tokens_known"] is False
+    assert decision.data["context"]["estimated_tokens"] == 1_000  # SIGNALBOX_DEFAULT_TOKEN_ESTIMATE
+    assert decision.data["context"]["data_tags"] == []
     [call] = await audit_trail.wait_for(lambda r: r.kind == "call")
     assert call.data["ok"] is True
     assert call.data["call_id"] == decision.data["call_id"]
@@ -258,7 +264,8 @@ async def test_a_call_published_without_reply_subject_is_counted_and_audited(
     await raw.publish("sb.out.a.b.lookup", msgspec.json.encode(GOOD))
     await raw.flush()
     [rejected] = await audit_trail.wait_for(lambda r: r.kind == "rejected")
-    assert rejected.data["code"] == "invalid_input"
+    assert rejected.data["code"] == "invalid_reply_subject"
+    assert rejected.actor == "a"  # the real sender (from the subject the server enforces)
     assert "reply subject" in rejected.data["message"]
     assert served == []
     assert _policy(stack).stats["rejected"] == 1
@@ -302,12 +309,13 @@ async def test_bad_input_of_every_kind_leaves_the_services_serving(
         ("sb.out.a.b.lookup", b"\xff" * 5000, None),
         ("sb.out.a.b.lookup", b"[1, 2", None),
         ("sb.out.a.b.lookup", b"{}", {H_TIMEOUT_MS: "x" * 200}),
-        ("sb.out.nobody.b.lookup", b"{}", None),
         ("sb.out.a.nobody.x", b"{}", None),
         ("sb.out.a.b.secret", b"", None),
     ]:
         reply = await raw.request(subject, data, headers=headers, timeout=5)
         assert reply.headers is not None and H_ERROR in reply.headers, subject
+    # Refused unanswered: the reply subject is not nobody's inbox, or there is none.
+    await raw.publish("sb.out.nobody.b.lookup", b"{}", reply=raw.new_inbox())
     await raw.publish("sb.out.a.b.lookup", b"no reply wanted")
     assert await a.call("b", "lookup", GOOD) == "ada@Paris"
     assert served == [GOOD]

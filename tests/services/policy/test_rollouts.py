@@ -77,7 +77,8 @@ async def fleet(stack: Stack, settings: Settings) -> AsyncIterator[dict[str, Age
     def version(v: str, *, heartbeat: float = 0.2) -> Agent:
         agent = Agent(
             AgentManifest(name="recommender", version=v, owner="o", team="growth"),
-            nats_url=settings.nats_url, credential=enroll(settings, "recommender"),
+            nats_url=settings.nats_url,
+            credential=enroll(settings, "recommender", owner="o", team="growth"),
             heartbeat_interval=heartbeat,
         )  # fmt: skip
 
@@ -92,7 +93,8 @@ async def fleet(stack: Stack, settings: Settings) -> AsyncIterator[dict[str, Age
 
     shop = Agent(
         AgentManifest(name="shop", version="1.0.0", owner="o", team="web"),
-        nats_url=settings.nats_url, credential=enroll(settings, "shop"), heartbeat_interval=0.2,
+        nats_url=settings.nats_url, credential=enroll(settings, "shop", owner="o", team="web"),
+        heartbeat_interval=0.2,
     )  # fmt: skip
     made.append(shop)
     agents = {"shop": shop, V1: version(V1), V2: version(V2)}
@@ -230,7 +232,7 @@ async def test_promote_and_one_command_rollback(
         lambda r: r.kind == "admin" and str(r.data.get("op", "")).startswith("rollout_"), count=3
     )
     assert [o.data["op"] for o in ops] == ["rollout_set", "rollout_promote", "rollout_rollback"]
-    assert ops[0].actor == "operator:ops"
+    assert ops[0].actor == "bootstrap:ops"
 
 
 async def test_bad_routes_are_refused_and_the_old_route_stays(
@@ -246,7 +248,8 @@ async def test_bad_routes_are_refused_and_the_old_route_stays(
     # A version whose instances stopped heartbeating is not healthy: no traffic for it.
     silent = Agent(
         AgentManifest(name="recommender", version="3.0.0", owner="o", team="growth"),
-        nats_url=settings.nats_url, credential=enroll(settings, "recommender"),
+        nats_url=settings.nats_url,
+        credential=enroll(settings, "recommender", owner="o", team="growth"),
         heartbeat_interval=0,
     )  # fmt: skip
     await silent.start()

@@ -15,7 +15,7 @@ import pytest
 
 from broker.errors import ControlPlaneUnavailable, IdentityMismatch, InvalidInput, NotFound
 from broker.replies import request
-from broker.subjects import AGENT_REGISTRY_OPS, REGISTRY_READ_OPS, Subjects
+from broker.subjects import AGENT_REGISTRY_OPS, OPERATOR_INBOX, REGISTRY_READ_OPS, Subjects
 from schemas import (
     AgentList,
     AgentManifest,
@@ -56,15 +56,17 @@ def test_agent_scoped_subjects_end_in_the_agent_name() -> None:
         "acme.registry.register.a",
         "acme.registry.heartbeat.a",
         "acme.registry.deregister.a",
-        "acme.registry.get",
-        "acme.registry.list",
-        "acme.registry.discover",
+        "acme.registry.get.a",
+        "acme.registry.list.a",
+        "acme.registry.discover.a",
     )
     assert set(AGENT_REGISTRY_OPS).isdisjoint(REGISTRY_READ_OPS)
+    # Reads too: the registry must know who asks to answer only into its inbox.
+    assert s.registry_for("get", "a") == "acme.registry.get.a"
 
 
-@pytest.mark.parametrize("op", ["get", "discover", "changed", "register.x"])
-def test_only_agent_scoped_operations_get_an_agent_subject(op: str) -> None:
+@pytest.mark.parametrize("op", ["changed", "register.x", "*", "enroll"])
+def test_only_registry_operations_get_an_agent_subject(op: str) -> None:
     with pytest.raises(InvalidInput) as err:
         Subjects("sb").registry_for(op, "a")
     assert err.value.details == {"op": op}
@@ -98,8 +100,10 @@ async def test_registering_another_name_on_ones_own_subject_fails_and_writes_not
     }
     # Nothing written: not in the store, the index or the KV mirror.
     with pytest.raises(NotFound):
-        await request(mallory.nc, "sb.registry.get", GetAgent(name="credit-check"), AgentRecord)
-    listed = await request(mallory.nc, "sb.registry.list", ListAgents(), AgentList)
+        await request(
+            mallory.nc, "sb.registry.get.mallory", GetAgent(name="credit-check"), AgentRecord
+        )
+    listed = await request(mallory.nc, "sb.registry.list.mallory", ListAgents(), AgentList)
     assert [r.manifest.name for r in listed.agents] == ["mallory"]
     assert registry.store.names() == ["mallory"]
     with pytest.raises(nats.js.errors.KeyNotFoundError):
@@ -168,7 +172,7 @@ async def test_operators_deregister_any_agent_on_the_admin_subject(
     registry = registry_of(await make_stack(services=["tracing", "registry"]))
     await registry.register(manifest("credit-check", "1.0.0"))
     await registry.register(manifest("credit-check", "2.0.0"))
-    nc = await service_nc()
+    nc = await service_nc(inbox_prefix=OPERATOR_INBOX)  # an operator's reply space
     admin = "sb.admin.registry.deregister"
     gone = await request(nc, admin, DeregisterAgent(name="credit-check"), AgentRecord)
     assert (gone.status, gone.manifest.version) == ("deregistered", "1.0.0")  # the last removed

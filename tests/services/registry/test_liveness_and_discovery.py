@@ -95,7 +95,10 @@ async def test_discovery_filters_versions_and_rejects_bad_ranges(
         await asker.discover(versions="not a range")
     assert bad.value.details.get("field") == "versions"
     exact = await asker._rpc(  # the SDK's own request helper
-        asker.subjects.registry("get"), GetAgent(name="fraud", version="1.2.0"), AgentRecord, 5
+        asker.subjects.registry_for("get", asker.name),
+        GetAgent(name="fraud", version="1.2.0"),
+        AgentRecord,
+        5,
     )
     assert exact.manifest.region == "eu-west"
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 import nats
 import pytest
+from conftest import ask
 from nats.aio.client import Client
 
 from broker.codec import decode, encode
@@ -16,7 +17,7 @@ from broker.errors import Conflict, NotFound, SchemaError, SignalboxError
 from broker.identity import service_connect_options
 from broker.replies import H_ERROR, error_from_reply
 from broker.settings import Settings
-from broker.subjects import AGENT_REGISTRY_OPS
+from broker.subjects import AGENT_REGISTRY_OPS, inbox_prefix
 from schemas import (
     AgentList,
     AgentManifest,
@@ -51,9 +52,12 @@ class Registry:
         data = body if isinstance(body, bytes) else encode(body)
         subject = f"sb.registry.{op}"
         if op in AGENT_REGISTRY_OPS:
+            # As that agent: the registry answers only into the agent's own inbox.
             agent = as_agent or (body.name if not isinstance(body, bytes) else "credit-check")
             subject = f"{subject}.{agent}"
-        reply = await self.nc.request(subject, data, timeout=5)
+            reply = await ask(self.nc, subject, data, inbox=inbox_prefix(agent))
+        else:
+            reply = await self.nc.request(subject, data, timeout=5)
         return reply.data, reply.headers or {}
 
     async def ok(self, op: str, body: Any, returns: type[T], *, as_agent: str | None = None) -> T:

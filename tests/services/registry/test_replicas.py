@@ -18,6 +18,7 @@ import pytest
 from broker.codec import decode, encode
 from broker.errors import NotFound
 from broker.replies import H_ERROR
+from broker.subjects import inbox_prefix
 from schemas import (
     AgentManifest,
     AgentRecord,
@@ -225,7 +226,7 @@ async def test_many_racing_registrations_of_one_name_end_on_the_stores_latest(
     replicas: Replicas, service_nc: ServiceConnector
 ) -> None:
     a, _ = replicas
-    nc = await service_nc()
+    nc = await service_nc(inbox_prefix=inbox_prefix("credit-check"))  # asks as credit-check
 
     async def send(op: str, body: Any) -> None:
         reply = await nc.request(f"sb.registry.{op}.credit-check", encode(body), timeout=10)

@@ -67,7 +67,7 @@ class Traced:
         agent = Agent(
             AgentManifest(name=name, version="2.1.0", owner="owner-1", team=team),
             nats_url=self.settings.nats_url,
-            credential=enroll(self.settings, name),
+            credential=enroll(self.settings, name, owner="owner-1", team=team),
             tracer_provider=self.provider,
             heartbeat_interval=0,
         )
