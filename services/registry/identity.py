@@ -189,7 +189,7 @@ class Identity:
             self.credential_store.issue,
             request.name,
             ttl,
-            created_by="operator",
+            created_by=by,
             note=request.note,
         )
         if binding is None:
@@ -266,14 +266,20 @@ class Identity:
             )
         return found
 
-    async def revoke(self, request: RevokeAgent, *, disconnect: bool = True) -> Revoked:
-        """Revoke credentials of ``request.name`` and disconnect its live connections."""
+    async def revoke(
+        self, request: RevokeAgent, *, disconnect: bool = True, actor: str = ""
+    ) -> Revoked:
+        """Revoke credentials of ``request.name`` and disconnect its live connections.
+
+        ``actor``: who does it (default: the operator whose request this is).
+        """
         ids = await asyncio.to_thread(
             self.credential_store.revoke, request.name, request.credential
         )
         disconnected = await self.disconnect(request.name) if ids and disconnect else 0
         await self._audit(
             "revoke",
+            actor=actor or self.service.operator(),
             agent=request.name,
             credentials=ids,
             disconnected=disconnected,
@@ -281,7 +287,7 @@ class Identity:
         )
         return Revoked(agent=request.name, credentials=tuple(ids), disconnected=disconnected)
 
-    async def _audit(self, op: str, *, actor: str = "operator", **data: Any) -> None:
+    async def _audit(self, op: str, *, actor: str, **data: Any) -> None:
         """An ``admin`` audit event for operation ``op`` on ``sb.admin.registry.<op>``."""
         await self.service.audit.emit(
             "admin",
@@ -292,7 +298,9 @@ class Identity:
 
     async def revoke_all(self, agent: str, *, reason: str, disconnect: bool = True) -> Revoked:
         """Revoke every credential of ``agent`` (used when its last version is deregistered)."""
-        return await self.revoke(RevokeAgent(name=agent, reason=reason), disconnect=disconnect)
+        return await self.revoke(
+            RevokeAgent(name=agent, reason=reason), disconnect=disconnect, actor=self.service.actor
+        )
 
     async def credentials(self, request: ListCredentials) -> CredentialList:
         """Credentials of one agent or all (never their secrets)."""
