@@ -23,6 +23,7 @@ __all__ = [
     "ListCredentials",
     "RevokeAgent",
     "Revoked",
+    "credential_status",
 ]
 
 #: Credential id: the public half of a credential, safe to show and log.
@@ -108,6 +109,14 @@ class EnrollAgent(Wire, frozen=True, tag="enroll_agent.v1"):
     requested_by: ShortText = ""
 
 
+def credential_status(revoked_at: float | None, expires_at: float, now: float) -> str:
+    """``active``, ``expired`` or ``revoked`` at time ``now`` (agents' and operators'
+    credentials)."""
+    if revoked_at is not None:
+        return "revoked"
+    return "expired" if expires_at <= now else "active"
+
+
 class CredentialInfo(Wire, frozen=True, tag="credential_info.v1"):
     """A credential as operators see it (never its secret)."""
 
@@ -121,9 +130,7 @@ class CredentialInfo(Wire, frozen=True, tag="credential_info.v1"):
 
     def status(self, now: float) -> str:
         """``active``, ``expired`` or ``revoked`` at time ``now``."""
-        if self.revoked_at is not None:
-            return "revoked"
-        return "expired" if self.expires_at <= now else "active"
+        return credential_status(self.revoked_at, self.expires_at, now)
 
 
 class Enrolled(Wire, frozen=True, tag="enrolled.v1"):

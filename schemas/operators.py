@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from schemas._base import Wire
+from schemas.identity import credential_status
 from schemas.registry import Name, ShortText
 
 __all__ = [
@@ -56,9 +57,7 @@ class OperatorInfo(Wire, frozen=True, tag="operator_info.v1"):
 
     def status(self, now: float) -> str:
         """``active``, ``expired`` or ``revoked`` at time ``now``."""
-        if self.revoked_at is not None:
-            return "revoked"
-        return "expired" if self.expires_at <= now else "active"
+        return credential_status(self.revoked_at, self.expires_at, now)
 
 
 class OperatorAdded(Wire, frozen=True, tag="operator_added.v1"):

@@ -47,6 +47,7 @@ __all__ = [
     "Issued",
     "parse_token",
     "read_binding",
+    "secret_hash",
     "write_binding",
 ]
 
@@ -169,7 +170,8 @@ class Issued:
     token: str
 
 
-def _hash(secret: str) -> str:
+def secret_hash(secret: str) -> str:
+    """How a credential's secret is stored: its SHA-256 (256 random bits need no slow hash)."""
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
@@ -228,7 +230,7 @@ class CredentialStore:
         row = CredentialRow(
             id=cred_id,
             agent=agent,
-            secret_hash=_hash(secret),
+            secret_hash=secret_hash(secret),
             created_at=now,
             expires_at=now + ttl,
             created_by=created_by,
@@ -284,7 +286,7 @@ class CredentialStore:
                 raise CredentialRejected("unknown", cred_id)
             info = row.info()
             stored_hash = row.secret_hash
-        if not hmac.compare_digest(stored_hash, _hash(secret)):
+        if not hmac.compare_digest(stored_hash, secret_hash(secret)):
             raise CredentialRejected("wrong_secret", cred_id, info.agent)
         if info.revoked_at is not None:
             raise CredentialRejected("revoked", cred_id, info.agent)

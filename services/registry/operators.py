@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import hmac
 import secrets
 import time
@@ -47,6 +46,7 @@ from schemas import (
     OperatorRevoked,
     RevokeOperator,
 )
+from services.registry.credentials import secret_hash
 
 if TYPE_CHECKING:
     from broker.service import Service
@@ -91,10 +91,6 @@ class OperatorRejected(Exception):
         self.name = name
 
 
-def _hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
 class OperatorStore:
     """Issue, verify, list and revoke operator credentials in the SQL store.
 
@@ -122,7 +118,7 @@ class OperatorStore:
         cred_id = base64.b32encode(secrets.token_bytes(10)).decode().lower()
         secret = secrets.token_urlsafe(32)
         row = OperatorCredentialRow(
-            id=cred_id, name=name, role=role, secret_hash=_hash(secret), created_at=now,
+            id=cred_id, name=name, role=role, secret_hash=secret_hash(secret), created_at=now,
             expires_at=now + ttl, created_by=created_by, note=note,
         )  # fmt: skip
         with self._writer.begin() as conn:
@@ -145,7 +141,7 @@ class OperatorStore:
             if row is None:
                 raise OperatorRejected("unknown", cred_id)
             info, stored = row.info(), row.secret_hash
-        if not hmac.compare_digest(stored, _hash(secret)) or info.name != name:
+        if not hmac.compare_digest(stored, secret_hash(secret)) or info.name != name:
             raise OperatorRejected("wrong_secret", cred_id, info.name)
         if info.revoked_at is not None:
             raise OperatorRejected("revoked", cred_id, info.name)
