@@ -120,6 +120,8 @@ class Audience(enum.Flag):
     SERVICE = enum.auto()
 
 
+_AGENT, _OPERATOR, _SERVICE = Audience.AGENT.value, Audience.OPERATOR.value, Audience.SERVICE.value
+
 # Printable ASCII without space: what a subject may hold here (NATS itself
 # passes any bytes but whitespace, invalid UTF-8 and control characters included).
 _SUBJECT = re.compile(r"[!-~]+\Z")
@@ -135,6 +137,15 @@ def subject_fault(subject: str) -> str | None:
         return "empty subject"
     if len(subject) > MAX_SUBJECT_BYTES:
         return f"subject longer than {MAX_SUBJECT_BYTES} bytes"
+    if (
+        _SUBJECT.match(subject)
+        and "*" not in subject
+        and ">" not in subject
+        and ".." not in subject
+        and subject[0] != "."
+        and subject[-1] != "."
+    ):
+        return None  # the usual case, quickly (it runs on every mediated call)
     if not _SUBJECT.match(subject):
         return "subject with characters outside printable ASCII"
     for token in subject.split("."):
@@ -174,12 +185,13 @@ def reply_fault(
     fault = subject_fault(reply)
     if fault is not None:
         return f"malformed reply subject ({fault})"
-    if Audience.AGENT in audience and agent and reply.startswith(f"{AGENT_INBOX_ROOT}.{agent}."):
+    bits = audience.value  # int tests: Flag's own `in` costs ~0.2 µs each
+    if bits & _AGENT and agent and reply.startswith(f"{AGENT_INBOX_ROOT}.{agent}."):
         return None
     operators = f"{OPERATOR_INBOX}.{operator}." if operator else f"{OPERATOR_INBOX}."
-    if Audience.OPERATOR in audience and reply.startswith(operators):
+    if bits & _OPERATOR and reply.startswith(operators):
         return None
-    if Audience.SERVICE in audience and reply.startswith(f"{SERVICE_INBOX}."):
+    if bits & _SERVICE and reply.startswith(f"{SERVICE_INBOX}."):
         return None
     spaces = []
     if Audience.AGENT in audience and agent:

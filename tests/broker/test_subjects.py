@@ -9,7 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.errors import InvalidInput, InvalidSubjectToken
-from broker.subjects import Subjects, inbox_prefix, is_valid_token, validate_token
+from broker.subjects import (
+    Audience,
+    Subjects,
+    inbox_prefix,
+    is_valid_token,
+    reply_fault,
+    subject_fault,
+    validate_token,
+)
 
 ALPHABET = string.ascii_letters + string.digits + "_-"
 valid_tokens = st.text(alphabet=ALPHABET, min_size=1, max_size=64)
@@ -114,3 +122,55 @@ def test_inbox_prefix_is_private_to_the_agent() -> None:
     assert inbox_prefix("loan-origination") == "_INBOX.agent.loan-origination"
     with pytest.raises(InvalidSubjectToken):
         inbox_prefix("a.>")
+
+
+# -- reply spaces -----------------------------------------------------------------------
+
+
+def _well_formed(subject: str) -> bool:
+    """The definition subject_fault implements, spelled out slowly."""
+    return (
+        0 < len(subject) <= 512
+        and all("!" <= c <= "~" for c in subject)
+        and all(t and t not in ("*", ">") for t in subject.split("."))
+    )
+
+
+@settings(database=None, deadline=None)
+@given(st.text(alphabet="ab.*>- \x01\xff_", max_size=12))
+def test_subject_fault_is_exactly_the_definition(subject: str) -> None:
+    assert (subject_fault(subject) is None) == _well_formed(subject)
+
+
+@pytest.mark.parametrize(
+    ("reply", "audience", "agent", "operator", "ok"),
+    [
+        ("_INBOX.agent.a.x1", Audience.AGENT, "a", "", True),
+        ("_INBOX.agent.ab.x1", Audience.AGENT, "a", "", False),  # another agent's (prefix)
+        ("_INBOX.agent.a", Audience.AGENT, "a", "", False),  # the bare prefix
+        ("_INBOX.agent.a.*", Audience.AGENT, "a", "", False),  # a wildcard
+        ("$KV.sb_breakers.agent.b", Audience.AGENT, "a", "", False),
+        ("sb.admin.budgets.set", Audience.AGENT, "a", "", False),
+        ("", Audience.AGENT, "a", "", False),
+        ("_INBOX.operator.x", Audience.OPERATOR, "", "", True),  # the bootstrap operator
+        ("_INBOX.operator.ada.x", Audience.OPERATOR, "", "ada", True),
+        ("_INBOX.operator.bob.x", Audience.OPERATOR, "", "ada", False),  # another operator's
+        ("_INBOX.service.x", Audience.OPERATOR, "", "", False),
+        ("_INBOX.service.x", Audience.OPERATOR | Audience.SERVICE, "", "", True),
+        ("_INBOX.agent.a.x", Audience.OPERATOR | Audience.SERVICE, "a", "", False),
+    ],
+)
+def test_a_reply_goes_only_into_the_senders_own_space(
+    reply: str, audience: Audience, agent: str, operator: str, ok: bool
+) -> None:
+    assert (reply_fault(reply, audience, agent, operator) is None) == ok
+
+
+def test_agent_scoped_subjects_name_their_sender() -> None:
+    s = Subjects("sb")
+    assert s.sender_of("sb.out.a.b.score") == "a"
+    assert s.sender_of("sb.authz.a") == "a"
+    assert s.sender_of("sb.registry.get.a") == "a"
+    assert s.sender_of("sb.registry.changed") is None
+    assert s.sender_of("sb.admin.budgets.set") is None
+    assert s.sender_of("sb.out.a\ufffd.b.c") is None
