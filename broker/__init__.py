@@ -40,6 +40,7 @@ from broker.errors import (
     SignalboxError,
     TargetUnavailable,
     UnknownTarget,
+    UsageNotRecorded,
 )
 from broker.modelcall import ModelCall
 from broker.server import EmbeddedServer
@@ -82,6 +83,7 @@ __all__ = [
     "Subjects",
     "TargetUnavailable",
     "UnknownTarget",
+    "UsageNotRecorded",
     "connect",
     "decode",
     "encode",

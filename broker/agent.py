@@ -44,10 +44,12 @@ from typing import Any, TypeVar, overload
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from opentelemetry.trace import SpanKind, TracerProvider
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from broker.audit import new_id
 from broker.codec import decode, encode
@@ -62,7 +64,9 @@ from broker.errors import (
     NotFound,
     RemoteError,
     SignalboxError,
+    UsageNotRecorded,
 )
+from broker.jetstream import USAGE_DUPLICATE_WINDOW
 from broker.modelcall import ModelCall
 from broker.replies import (
     H_CALL_ID,
@@ -175,6 +179,20 @@ def _schema(tp: Any) -> dict[str, Any] | None:
     return schema
 
 
+#: Default seconds :meth:`Agent.report_usage` retries one report.
+USAGE_RETRY_FOR = 30.0
+# Worth another attempt: no answer (yet), nobody answering (a stream leader
+# election, a reconnect), the server busy.
+_TRANSIENT_PUBLISH = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
+
 class Agent:
     """One running agent instance.
 
@@ -195,6 +213,9 @@ class Agent:
             ``sb.serve``, ``sb.authz``, ``sb.usage``); default: the global provider
             if the application set one, else ids only (see :mod:`broker.telemetry`).
             Either way the W3C trace context travels with every call.
+        usage_retry_for: Seconds :meth:`report_usage` keeps retrying one report
+            (same id, deduplicated by the stream) before it raises
+            :class:`~broker.errors.UsageNotRecorded` (default 30).
         connect_options: Passed to :func:`nats.connect` (TLS...).
     """
 
@@ -209,9 +230,17 @@ class Agent:
         heartbeat_interval: float = 5.0,
         credential: str | None = None,
         tracer_provider: TracerProvider | None = None,
+        usage_retry_for: float = USAGE_RETRY_FOR,
         **connect_options: Any,
     ) -> None:
         validate_token(manifest.name, what="agent name")
+        if not 0 < usage_retry_for <= USAGE_DUPLICATE_WINDOW / 2:
+            raise ConfigError(
+                f"usage_retry_for must be between 0 and {USAGE_DUPLICATE_WINDOW / 2:g} s (half the "
+                "usage stream's duplicate window, so a retried report is never counted twice)"
+            )
+        #: How long :meth:`report_usage` retries one report (same id) before giving up.
+        self.usage_retry_for = usage_retry_for
         #: This agent's spans (broker.telemetry).
         self.telemetry = Telemetry("signalbox.agent", tracer_provider)
         self.manifest = manifest
@@ -809,14 +838,55 @@ class Agent:
                 ATTR["provider"]: usage.provider, ATTR["input_tokens"]: usage.input_tokens,
                 ATTR["output_tokens"]: usage.output_tokens,
             })  # fmt: skip
-            js = self.nc.jetstream()
-            await js.publish(
-                self.subjects.usage(self.name),
-                encode(report),
-                # The chain a handler serves: the only delegation the cost service charges.
-                headers=inject({H_MSG_ID: report.id, **_chain_headers()}, span),
-            )
+            # The chain a handler serves: the only delegation the cost service charges.
+            headers = inject({H_MSG_ID: report.id, **_chain_headers()}, span)
+            await self._publish_usage(report, encode(report), headers)
             return report.id
+
+    async def _publish_usage(
+        self, report: UsageReport, data: bytes, headers: dict[str, str]
+    ) -> None:
+        """Store one usage report, retrying with its id (the stream deduplicates) on
+        transient failures for :attr:`usage_retry_for` seconds.
+
+        Raises:
+            UsageNotRecorded: not stored by the deadline, or refused for good;
+                it carries the report (resending it, same id, is safe).
+        """
+        js = self.nc.jetstream()
+        subject = self.subjects.usage(self.name)
+        attempts = 0
+        reached = False  # an attempt may have been stored even though its ack was lost
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_delay(self.usage_retry_for),
+                wait=wait_exponential(multiplier=0.05, max=2.0),
+                retry=retry_if_exception_type(_TRANSIENT_PUBLISH),
+                reraise=True,
+            ):
+                with attempt:
+                    attempts += 1
+                    try:
+                        await js.publish(subject, data, timeout=2.0, headers=headers)
+                    except nats.errors.TimeoutError:
+                        reached = True
+                        raise
+        except Exception as exc:
+            raise UsageNotRecorded(
+                f"{self.name}: usage report {report.id} was not recorded after {attempts} "
+                f"attempt(s) ({type(exc).__name__}: {exc or 'no acknowledgement'}); "
+                + (
+                    "it may have been stored: resend the same report (err.report, same id) "
+                    "within 10 minutes and it is counted once"
+                    if reached
+                    else "resend the same report (err.report) once the control plane is back"
+                ),
+                details={
+                    "report_id": report.id, "attempts": attempts, "may_be_recorded": reached,
+                    "error": type(exc).__name__,
+                },
+                report=report,
+            ) from exc
 
     # -- traces (broker.telemetry) -------------------------------------------------------
 

@@ -7,6 +7,7 @@ structured error replies) plus free-form ``details``::
     SignalboxError (code="internal")
     ├── ConfigError                      bad settings or files        "config_error"
     ├── PublishRefused                   JetStream refused a write    "publish_refused"
+    │   └── UsageNotRecorded             a usage report not stored    "usage_not_recorded"
     ├── ServerError                      embedded nats-server         "server_error"
     │   ├── NatsUnreachable (ConnectionError) no server answered      "nats_unreachable"
     │   ├── AuthenticationFailed (PermissionError) credentials refused "authentication_failed"
@@ -70,6 +71,7 @@ __all__ = [
     "SignalboxError",
     "TargetUnavailable",
     "UnknownTarget",
+    "UsageNotRecorded",
     "code_to_error",
 ]
 
@@ -103,6 +105,28 @@ class PublishRefused(SignalboxError):
     """JetStream refused (or never acknowledged) a write; ``details`` has its error code."""
 
     code = "publish_refused"
+
+
+class UsageNotRecorded(PublishRefused):
+    """A usage report could not be stored (retried with its id until the deadline).
+
+    It may still have been stored by an attempt whose acknowledgement was
+    lost: resending :attr:`report` (same id) is safe, the usage stream
+    deduplicates by id for ten minutes. ``details['may_be_recorded']`` says
+    whether any attempt reached the server.
+
+    Attributes:
+        report: The :class:`schemas.UsageReport` to resend (None when rebuilt
+            from a wire error).
+    """
+
+    code = "usage_not_recorded"
+
+    def __init__(
+        self, message: str, *, details: dict[str, Any] | None = None, report: Any = None
+    ) -> None:
+        super().__init__(message, details=details)
+        self.report = report
 
 
 class ServerError(SignalboxError):

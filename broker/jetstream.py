@@ -33,6 +33,7 @@ __all__ = [
     "KV_POLICIES",
     "KV_ROLLOUT_STATS",
     "KV_ROUTES",
+    "USAGE_DUPLICATE_WINDOW",
     "USAGE_STREAM",
     "approvals_bucket_config",
     "bucket_configs",
@@ -65,6 +66,9 @@ KV_ROLLOUT_STATS = "sb_rollout_stats"
 KV_BREAKERS = "sb_breakers"
 
 _DAY = 86_400.0
+#: A usage report resent with the same id (``Nats-Msg-Id``) within this many
+#: seconds is stored once (the SDK retries within half of it).
+USAGE_DUPLICATE_WINDOW = 600.0
 
 
 def stream_configs(settings: Settings) -> list[StreamConfig]:
@@ -104,7 +108,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             num_replicas=settings.audit_replicas,
-            duplicate_window=600.0,
+            duplicate_window=USAGE_DUPLICATE_WINDOW,
             max_age=90 * _DAY,
             description="LLM and tool usage reports",
         ),

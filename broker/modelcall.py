@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from broker.audit import new_id
-from broker.errors import BudgetExceeded, CallDenied
+from broker.errors import BudgetExceeded, CallDenied, UsageNotRecorded
 from schemas import Decision, UsageReport
 
 if TYPE_CHECKING:
@@ -74,6 +74,8 @@ class ModelCall:
         self.timeout = timeout
         self.decision: Decision | None = None
         self.report_id = ""
+        #: The usage report sent on exit (resend it if UsageNotRecorded was raised).
+        self.report: UsageReport | None = None
         self.input_tokens = 0
         self.output_tokens = 0
         self.cached_tokens = 0
@@ -142,10 +144,16 @@ class ModelCall:
             on_behalf_of=self.on_behalf_of,
             reservation_id=self.decision.reservation_id,
         )
+        self.report = report
         try:
             self.report_id = await self._agent.report_usage(report)
-        except Exception:
+        except Exception as failed:
+            if isinstance(failed, UsageNotRecorded) and failed.report is not None:
+                self.report = failed.report  # as sent (trace id and version filled in)
             if exc is None:
+                # The model call happened and its result is the caller's already:
+                # UsageNotRecorded (with the report, retried until the SDK's deadline)
+                # says only that its usage still has to be sent.
                 raise
             # Never mask the block's own error; the reservation expires unsettled.
             log.warning(
