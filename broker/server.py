@@ -146,6 +146,34 @@ class EmbeddedServer:
         """Process id while running."""
         return self._proc.pid if self._proc else None
 
+    def exited(self) -> int | None:
+        """The server's exit status if it has died (reaped: no zombie), else None.
+
+        Negative: killed by that signal (``-9``: SIGKILL).
+        """
+        return self._proc.poll() if self._proc is not None else None
+
+    def restart(self) -> str:
+        """Start a dead server again on the same store and the same port; its URL.
+
+        Clients reconnect to the URL they know, so the port must not change:
+        a server first started on a free port (0) keeps the one it got.
+
+        Raises:
+            ServerError: it is still running, or does not start (see :meth:`start`).
+        """
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            raise ServerError(f"nats-server {proc.pid} is still running; nothing to restart")
+        if self.url:
+            self.port = int(self.url.rsplit(":", 1)[1])
+        self._proc = None
+        if proc is not None:
+            for ports in self.store_dir.glob(f"nats-server_{proc.pid}.ports"):
+                ports.unlink(missing_ok=True)
+        self.url = ""
+        return self.start()
+
     def _write_config(self) -> None:
         js_dir = (self.store_dir / "jetstream").resolve()
         sync = "  sync_interval: always\n" if self.sync_always else ""

@@ -62,6 +62,16 @@ class Settings(BaseSettings):
     server_start_timeout: float = Field(
         default=15.0, gt=0, description="Seconds to wait for the embedded server to be ready."
     )
+    server_restart_attempts: int = Field(
+        default=5,
+        ge=0,
+        description="Restarts of a dead embedded nats-server (same store, same port) within "
+        "server_restart_window seconds; one more death and `signalbox up` exits non-zero so a "
+        "process supervisor acts (0: exit at the first death).",
+    )
+    server_restart_window: float = Field(
+        default=600.0, gt=0, description="Seconds over which server_restart_attempts count."
+    )
     refusal_summary_window: float = Field(
         default=10.0,
         gt=0,

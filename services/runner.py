@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -20,7 +21,7 @@ from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.trace import TracerProvider
 
 from broker import telemetry
-from broker.diagnostics import finish_within
+from broker.diagnostics import cancel_and_wait, finish_within
 from broker.identity import ServerSecrets, auth_config, resolve_secrets_dir
 from broker.server import EmbeddedServer
 from broker.service import Service
@@ -34,6 +35,9 @@ from services.tracing.service import TracingService
 __all__ = ["SERVICES", "Stack", "run_one", "wait_for_signal"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds between checks that the embedded server is alive.
+SUPERVISE_INTERVAL = 0.25
 
 #: Every service by name, in start order (the sequencer first, so audit
 #: events emitted while the others start are chained right away).
@@ -78,6 +82,13 @@ class Stack:
         self.names = [n for n in SERVICES if n in services]
         self.server: EmbeddedServer | None = None
         self.services: dict[str, Service] = {}
+        #: Set (with the reason) when the embedded server died more often than
+        #: ``server_restart_attempts`` allow: ``signalbox up`` then exits non-zero.
+        self.failed: asyncio.Future[str] | None = None
+        #: Restarts of the embedded server so far.
+        self.server_restarts = 0
+        self._restarts: list[float] = []
+        self._supervisor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start the server (if embedded) and the services."""
@@ -99,6 +110,8 @@ class Stack:
             # blocks only until the server logs readiness (~100 ms).
             url = self.server.start()
             self.settings = self.settings.model_copy(update={"nats_url": url})
+            self.failed = asyncio.get_running_loop().create_future()
+            self._supervisor = asyncio.ensure_future(self._supervise(self.server))
         if self.tracer_provider is None:
             self.tracer_provider = telemetry.tracer_provider(self.settings)
         try:
@@ -111,8 +124,50 @@ class Stack:
             await self.stop()
             raise
 
+    async def _supervise(self, server: EmbeddedServer) -> None:
+        """Restart the embedded server when it dies (same store, same port), at most
+        ``server_restart_attempts`` times per ``server_restart_window``; past that,
+        resolve :attr:`failed` so the owner exits non-zero. The services reconnect to
+        the same URL by themselves."""
+        s = self.settings
+        while True:
+            await asyncio.sleep(SUPERVISE_INTERVAL)
+            code = server.exited()  # reaps the process: no zombie
+            if code is None:
+                continue
+            how = f"signal {-code}" if code < 0 else f"exit status {code}"
+            now = time.monotonic()
+            self._restarts = [t for t in self._restarts if now - t < s.server_restart_window]
+            if len(self._restarts) >= s.server_restart_attempts:
+                reason = (
+                    f"the embedded nats-server died ({how}) after {len(self._restarts)} "
+                    f"restart(s) within {s.server_restart_window:g}s; giving up (see "
+                    f"{server.log_path})"
+                )
+                log.error("%s", reason)
+                if self.failed is not None and not self.failed.done():
+                    self.failed.set_result(reason)
+                return
+            self._restarts.append(now)
+            log.warning(
+                "the embedded nats-server died (%s); restarting it on the same store "
+                "(restart %d of at most %d per %gs)",
+                how, len(self._restarts), s.server_restart_attempts, s.server_restart_window,
+            )  # fmt: skip
+            try:
+                # In the loop's thread, not a worker: the server dies with the thread
+                # that started it (EmbeddedServer); start-up waits ~100 ms for readiness.
+                server.restart()
+            except Exception as exc:
+                log.error("restarting the embedded nats-server failed: %s", exc)
+                continue  # counted: the next round tries again, or gives up
+            self.server_restarts += 1
+            log.warning("the embedded nats-server is back at %s", server.url)
+
     async def stop(self) -> None:
         """Stop services in reverse order, then the embedded server."""
+        await cancel_and_wait(self._supervisor, "the embedded server's supervisor")
+        self._supervisor = None
         for name in reversed(list(self.services)):
             service = self.services.pop(name)
             await finish_within(service.stop(), self.settings.shutdown_timeout, f"stopping {name}")

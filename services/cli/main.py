@@ -29,6 +29,7 @@ be reached, a refused request or a bad argument).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 import time
@@ -209,7 +210,18 @@ def up(
         await stack.start()
         try:
             console.print(_up_panel(stack))
-            await wait_for_signal()
+            signalled = asyncio.ensure_future(wait_for_signal())
+            waiting: set[asyncio.Future[Any]] = {signalled}
+            if stack.failed is not None:
+                waiting.add(stack.failed)
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            signalled.cancel()
+            if stack.failed is not None and stack.failed.done():
+                # Exit non-zero: a process supervisor (systemd, Kubernetes) restarts us.
+                raise SignalboxError(
+                    f"{stack.failed.result()}; Signalbox stopped",
+                    details={"restarts": stack.server_restarts},
+                )
             console.print("[dim]stopping…[/]")
         finally:
             await stack.stop()
