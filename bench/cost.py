@@ -328,7 +328,8 @@ async def acked(settings: Settings) -> int:
 
 async def totals(settings: Settings) -> CostReport:
     """The cost service's totals by agent (``sb.admin.cost.report``)."""
-    nc = await connect(settings.nats_url, name="bench-report", **service_connect_options(settings))
+    # An admin endpoint: it answers only into an operator's inbox.
+    nc = await connect(settings.nats_url, name="bench-report", **operator_connect_options(settings))
     try:
         return await request(
             nc,
@@ -598,7 +599,9 @@ async def run_authz(
     async with AsyncExitStack() as stack:
         nc = await connect(url, name="bench-observer", **service)
         stack.push_async_callback(nc.close)
-        raw_go = await stack.enter_async_context(raw_path(url, payload, plan.timeout, service))
+        raw_go, _, _ = await stack.enter_async_context(
+            raw_path(url, payload, plan.timeout, service)
+        )
         tokens = enroll_agents(
             settings, (FREE, BUDGETED), {FREE: "bench-free-team", BUDGETED: BUDGET_TEAM}
         )
