@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 import nats.errors
+import sqlalchemy.exc
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -46,10 +47,21 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from broker.connection import SessionClient
+from broker.diagnostics import cancel_and_wait
 
 __all__ = ["PullWorker"]
 
 log = logging.getLogger(__name__)
+
+# Failures of a batch that an outage explains (the connection, JetStream, the
+# database): logged as one WARNING line per outage. Anything else is a bug and
+# keeps its traceback.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    nats.errors.Error,
+    OSError,
+    TimeoutError,
+    sqlalchemy.exc.OperationalError,
+)
 
 _PENDING_MSGS = "Nats-Pending-Messages"
 
@@ -74,7 +86,11 @@ class PullWorker:
         handler: Coroutine that processes (and acks) one batch.
         batch: Messages per batch and per pull request; also bounds unacked
             messages (x8, the consumer's ``max_ack_pending``).
-        ack_wait: Seconds before an unacked message is redelivered.
+        ack_wait: Seconds before an unacked message is redelivered. While the
+            handler works on a batch, its messages are marked in progress
+            (``+WPI``) every third of it, so a slow batch is never redelivered
+            while its worker lives, and a batch whose worker died is
+            redelivered after ``ack_wait``: keep it short (seconds).
         concurrency: Batches in the handler at once (1 keeps them in order).
         prefetch: Messages requested ahead (buffered or on their way);
             default ``2 * batch``.
@@ -94,7 +110,7 @@ class PullWorker:
         handler: Callable[[list[Msg]], Awaitable[None]],
         *,
         batch: int = 256,
-        ack_wait: float = 30,
+        ack_wait: float = 5.0,
         concurrency: int = 1,
         prefetch: int | None = None,
         expires: float = 5.0,
@@ -116,6 +132,11 @@ class PullWorker:
         self.failures = 0
         self.batches = 0
         self.delivered = 0
+        #: Progress acks sent for batches that outlived a third of ``ack_wait``.
+        self.progress_acks = 0
+        self._failing = 0  # consecutive failed batches (an outage): logged once
+        self._in_hand: list[list[Msg]] = []
+        self._alive: asyncio.Task[None] | None = None
         self._inbox = ""
         self._sub: Subscription | None = None
         self._buffer: list[Msg] = []
@@ -146,6 +167,7 @@ class PullWorker:
         self._credit = 0
         self._heard = time.monotonic()
         self._task = asyncio.ensure_future(self._run())
+        self._alive = asyncio.ensure_future(self._keep_alive())
 
     async def stop(self) -> None:
         """Finish the batches in the handler, stop pulling, hand buffered messages back."""
@@ -157,6 +179,8 @@ class PullWorker:
             self._task = None
         for task in list(self._handling):  # still running after the grace period
             task.cancel()
+        await cancel_and_wait(self._alive, f"{self.durable}'s progress acks")
+        self._alive = None
         # Nothing arrives once unsubscribed (the server drops pull requests
         # whose inbox lost interest); the connection's drain need not wait on it.
         if self._sub is not None:
@@ -225,12 +249,45 @@ class PullWorker:
         return msgs
 
     async def _handle(self, msgs: list[Msg]) -> None:
+        self._in_hand.append(msgs)
         try:
             await self.handler(msgs)
-        except Exception:
+        except Exception as exc:
             self.failures += 1
-            log.exception("%s: a batch failed; JetStream will redeliver it", self.durable)
+            self._failing += 1
+            if isinstance(exc, _TRANSIENT):
+                # An outage (NATS or the database): one line when it starts, not a
+                # traceback per batch; the recovery is logged too.
+                if self._failing == 1:
+                    log.warning(
+                        "%s: a batch failed (%s: %s); JetStream will redeliver it, retrying",
+                        self.durable, type(exc).__name__, exc,
+                    )  # fmt: skip
+            else:
+                log.exception("%s: a batch failed; JetStream will redeliver it", self.durable)
             await asyncio.sleep(0.5)
+        else:
+            if self._failing:
+                log.warning("%s: batches succeed again after %d failed", self.durable,
+                            self._failing)  # fmt: skip
+                self._failing = 0
+        finally:
+            self._in_hand.remove(msgs)
+
+    async def _keep_alive(self) -> None:
+        """Every third of ``ack_wait``, mark in progress (``+WPI``) the messages this
+        worker has held since the last round (buffered or in the handler), so only a
+        dead worker's messages are redelivered; quick batches never cost one."""
+        previous: set[int] = set()
+        while True:
+            await asyncio.sleep(self.ack_wait / 3)
+            held = [m for batch in self._in_hand for m in batch] + self._buffer
+            for msg in held:
+                if id(msg) in previous:
+                    with contextlib.suppress(Exception):  # acked meanwhile, or disconnected
+                        await msg.in_progress()
+                        self.progress_acks += 1
+            previous = {id(m) for m in held}
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._handling.discard(task)

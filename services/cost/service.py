@@ -141,7 +141,7 @@ class CostService(Service):
 
     name = "cost"
 
-    def __init__(self, settings: Settings, *, batch: int = 512, ack_wait: float = 30.0) -> None:
+    def __init__(self, settings: Settings, *, batch: int = 512, ack_wait: float = 5.0) -> None:
         super().__init__(settings)
         self.batch = batch
         self.ack_wait = ack_wait
