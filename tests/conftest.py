@@ -28,6 +28,7 @@ from broker.settings import Settings
 from broker.subjects import Subjects, inbox_prefix
 from schemas import AgentBinding, AgentManifest, AuditEvent
 from services.policy.cedar import LABEL_FILE, SCHEMA_FILE, shipped_policy_dir
+from services.policy.service import PolicyService
 from services.registry.credentials import CredentialStore
 from services.runner import Stack
 
@@ -510,6 +511,13 @@ async def ask(
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+def policy_of(stack: Stack) -> PolicyService:
+    """The policy service of a running stack."""
+    service = stack.services["policy"]
+    assert isinstance(service, PolicyService)
+    return service
 
 
 # -- waiting ----------------------------------------------------------------------------

@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pytest
+from conftest import eventually, policy_of
 from nats.aio.client import Client
 
 from broker import Agent
@@ -42,7 +43,6 @@ from services.policy.service import PolicyService
 if TYPE_CHECKING:
     from conftest import AgentFactory, StackFactory
 
-    from services.runner import Stack
 
 SUBJECTS = Subjects("sb")
 
@@ -50,20 +50,6 @@ SUBJECTS = Subjects("sb")
 class Score(msgspec.Struct):
     applicant: str
     income: int
-
-
-def policy_of(stack: Stack) -> PolicyService:
-    service = stack.services["policy"]
-    assert isinstance(service, PolicyService)
-    return service
-
-
-async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            if check():
-                return
-            await asyncio.sleep(0.005)
 
 
 async def slow_pair(make_agent: AgentFactory, seconds: float) -> Agent:
@@ -151,7 +137,7 @@ async def test_short_caller_deadlines_to_a_slow_target_never_open_its_breaker(
         return_exceptions=True,
     )
     assert all(isinstance(r, CallTimeout) for r in results), results
-    await until(lambda: policy.stats["timeouts"] >= 30)  # every outcome reached the detector
+    await eventually(lambda: policy.stats["timeouts"] >= 30)  # every outcome reached the detector
     await asyncio.sleep(0.2)  # a trip would be under way by now (it runs in the background)
     assert _closed(policy)
     assert policy.stats["breaker_trips"] == 0
@@ -182,7 +168,7 @@ async def test_undecodable_payloads_never_open_the_targets_breaker(
         return_exceptions=True,
     )
     assert all(isinstance(r, BadRequest) for r in results), results
-    await until(lambda: policy.stats["errors"] >= 30)
+    await eventually(lambda: policy.stats["errors"] >= 30)
     await asyncio.sleep(0.2)
     assert _closed(policy)
     assert policy.stats["breaker_trips"] == 0
@@ -206,7 +192,7 @@ async def test_genuine_timeouts_under_long_deadlines_still_trip(
         return_exceptions=True,
     )
     assert all(isinstance(r, CallTimeout) for r in results), results
-    await until(lambda: not _closed(policy))
+    await eventually(lambda: not _closed(policy))
     assert policy.breakers is not None
     tripped = policy.breakers.get("agent.b")
     assert tripped is not None and tripped.reason == "error_rate"
@@ -223,13 +209,13 @@ async def test_a_probe_timed_out_by_its_callers_short_deadline_tests_nothing(
         operator, SUBJECTS, "trip", TripBreaker(key="agent.b", text="drill", cooldown=0.3),
         Breaker, service="breakers",
     )  # fmt: skip
-    await until(lambda: not _closed(policy))
+    await eventually(lambda: not _closed(policy))
     assert tripped.until is not None
     await asyncio.sleep(max(0.0, tripped.until - time.time()) + 0.05)
     with pytest.raises(CallTimeout):
         await a.call("b", "slow", {"i": 0}, timeout=0.2)  # the probe
     assert policy.breakers is not None
-    await until(lambda: policy.breakers.get("agent.b").probe is None)  # type: ignore[union-attr]
+    await eventually(lambda: policy.breakers.get("agent.b").probe is None)  # type: ignore[union-attr]
     after = policy.breakers.get("agent.b")
     assert after is not None
     assert (after.state, after.trips) == ("open", 1)  # released: neither closed nor re-opened

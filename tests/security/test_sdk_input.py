@@ -24,13 +24,12 @@ from broker.identity import operator_connect_options
 from broker.replies import H_ERROR
 from broker.settings import Settings
 from schemas import BreakerList, ErrorReply, ListBreakers
-from services.policy.service import PolicyService
 from services.runner import Stack
 
 if TYPE_CHECKING:
     from conftest import AgentFactory, StackFactory
 
-from conftest import RawAgent, enroll
+from conftest import RawAgent, enroll, policy_of
 
 LIMIT = 64 * 1024  # SIGNALBOX_MAX_CALL_BYTES of the stack below
 
@@ -82,12 +81,6 @@ UNDECODABLE_DICT: dict[str, bytes] = {
         "binary", "two documents",
     )
 }  # fmt: skip
-
-
-def policy_of(stack: Stack) -> PolicyService:
-    service = stack.services["policy"]
-    assert isinstance(service, PolicyService)
-    return service
 
 
 @pytest.fixture

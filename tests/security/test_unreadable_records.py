@@ -12,12 +12,11 @@ event, the operator's view) and be fixable with the usual command.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
-from conftest import cedar_policies, echo_pair
+from conftest import cedar_policies, echo_pair, eventually, policy_of
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
 from rich.console import Console
@@ -61,12 +60,10 @@ from schemas import (
 from services.cli.breakers_cmds import breakers_table
 from services.cli.client import admin_request
 from services.policy.cedar import SCHEMA_FILE, CedarPolicies, shipped_policy_dir
-from services.policy.service import PolicyService
 
 if TYPE_CHECKING:
     from conftest import AgentFactory, AuditTrail, ServiceConnector, StackFactory
 
-    from services.runner import Stack
 
 T = TypeVar("T")
 SUBJECTS = Subjects("sb")
@@ -87,20 +84,6 @@ def garbage(shape: str, valid: bytes, field: str, other: bytes) -> bytes:
         return valid[: len(valid) // 2]
     assert shape == "wrong-tag"
     return other
-
-
-def policy_of(stack: Stack) -> PolicyService:
-    service = stack.services["policy"]
-    assert isinstance(service, PolicyService)
-    return service
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            if check():
-                return
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture
