@@ -371,7 +371,11 @@ class _ReconnectState:
     def delay(self) -> float:
         if self.refusals == 0:
             return self.wait
-        return float(min(_MAX_REFUSED_WAIT, self.wait * 2**self.refusals))
+        if self.refusals <= _QUICK_REFUSALS:
+            # Right after a server restart the registry's callout responder may not be
+            # back yet: the first refusals are retried quickly, not backed off.
+            return min(self.wait, _QUICK_REFUSED_WAIT)
+        return float(min(_MAX_REFUSED_WAIT, self.wait * 2 ** (self.refusals - _QUICK_REFUSALS)))
 
     def next_server(self, servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
         self._turn += 1
@@ -381,6 +385,10 @@ class _ReconnectState:
 #: Longest wait between reconnects the server keeps refusing (a revoked agent
 #: retries at this pace, in case it was the registry that was down).
 _MAX_REFUSED_WAIT = 30.0
+#: Refusals retried at once (``_QUICK_REFUSED_WAIT``) before backing off: a server
+#: that just restarted refuses everyone until the registry's callout is back.
+_QUICK_REFUSALS = 3
+_QUICK_REFUSED_WAIT = 0.25
 
 
 def is_auth_error(exc: BaseException) -> bool:

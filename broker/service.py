@@ -122,7 +122,9 @@ class Service:
             name=f"signalbox-{self.name}",
             logger=None,
             max_reconnect_attempts=-1,
-            reconnect_time_wait=1,
+            # Services are back within a quarter second of a server restart (agents' calls
+            # and the callout wait on them); nats-py adds jitter to spread replicas.
+            reconnect_time_wait=0.25,
             # Services' requests (to each other, to JetStream) get their replies
             # here; endpoints of Audience.SERVICE answer only under it.
             inbox_prefix=SERVICE_INBOX,

@@ -147,6 +147,9 @@ class AuthCallout:
             connect_timeout=self.settings.connect_timeout,
             user=AUTH_USER,
             password=self._auth_password,
+            # Back before the agents after a server restart (they wait 0.5 s): every
+            # agent's reconnect needs this responder, or it waits out the callout timeout.
+            reconnect_time_wait=0.05,
         )
         await self._nc.subscribe(CALLOUT_SUBJECT, queue="sb-auth", cb=self._on_request)
         await self._nc.flush()

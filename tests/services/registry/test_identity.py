@@ -352,9 +352,10 @@ async def test_a_revoked_sdk_agent_stays_out_and_backs_off(
     await asyncio.wait_for(disconnected.wait(), 5)
     await asyncio.sleep(2.0)
     assert not alice.nc.is_connected
-    # It keeps trying (the registry might have been down), but backs off:
-    # 0.5 s, 1 s, 2 s... not a refusal every half second.
-    assert 1 <= callout.decisions["refused:revoked"] <= 3
+    # It keeps trying (the registry might have been down, or the server just
+    # restarted: three quick retries 0.25 s apart), then backs off: 0.5 s, 1 s,
+    # 2 s... not a refusal every quarter second.
+    assert 1 <= callout.decisions["refused:revoked"] <= 6
 
 
 async def test_deregistering_the_last_version_revokes_the_credentials(
