@@ -124,7 +124,7 @@ class Service:
             max_reconnect_attempts=-1,
             # Services are back within a quarter second of a server restart (agents' calls
             # and the callout wait on them); nats-py adds jitter to spread replicas.
-            reconnect_time_wait=0.25,
+            reconnect_time_wait=0.25,  # type: ignore[arg-type]  # FastStream says int; nats-py takes float seconds
             # Services' requests (to each other, to JetStream) get their replies
             # here; endpoints of Audience.SERVICE answer only under it.
             inbox_prefix=SERVICE_INBOX,
