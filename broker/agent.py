@@ -60,6 +60,7 @@ from broker.errors import (
     CallTimeout,
     ConfigError,
     ControlPlaneUnavailable,
+    DeadlineExceeded,
     InvalidInput,
     NotFound,
     RemoteError,
@@ -193,6 +194,14 @@ _TRANSIENT_PUBLISH = (
 )
 
 
+def _past(deadline: str) -> bool:
+    """True if ``deadline`` (Unix seconds, the ``Sb-Deadline`` header) has passed."""
+    try:
+        return bool(deadline) and float(deadline) < time.time()
+    except ValueError:
+        return False
+
+
 class Agent:
     """One running agent instance.
 
@@ -266,6 +275,8 @@ class Agent:
         self._processing_ns = 0
         self._last_error = ""
         self._heartbeat_task: asyncio.Task[None] | None = None
+        #: Calls refused unrun because they arrived after their deadline.
+        self._late = 0
 
     @classmethod
     def from_settings(cls, manifest: AgentManifest, settings: Settings, **kwargs: Any) -> Agent:
@@ -357,6 +368,17 @@ class Agent:
         _CHAIN.set((headers.get(H_CHAIN, ""), headers.get(H_CHAIN_SIG, "")))
         # sb.in.<self>.<capability>, or .<version token> after it for a routed call.
         cap_name = msg.subject.split(".", 4)[3]
+        if _past(headers.get(H_DEADLINE, "")):
+            # Its caller has given up: running it now is work nobody waits for.
+            self._late += 1
+            late_body, late_headers = error_reply(DeadlineExceeded(
+                f"{self.name}.{cap_name}: the call arrived after its deadline; not run",
+                details={"capability": cap_name, "deadline": headers.get(H_DEADLINE, "")},
+            ))  # fmt: skip
+            if msg.reply:
+                with contextlib.suppress(nats.errors.ConnectionClosedError):
+                    await nc.publish(msg.reply, late_body, headers=late_headers)
+            return
         started = time.perf_counter_ns()
         # The server span of this call: current while the handler runs, so the
         # handler's own calls, authorizations and usage reports are its children.
@@ -660,13 +682,17 @@ class Agent:
                 ``details["approval_id"]``).
             UnknownTarget: ``target`` is not registered.
             TargetUnavailable: nobody serves the capability right now.
-            CallTimeout: no reply within ``timeout``.
+            CallTimeout: no reply within ``timeout`` (the call may have run).
+            DeadlineExceeded: the call reached the policy service or the target
+                after its deadline and was refused unrun.
             BadRequest: the target rejected the payload.
             RemoteError: the target's handler failed.
             ControlPlaneUnavailable: no policy service is running.
         """
         subject = self.subjects.out(self.name, target, capability)
-        hdrs = {H_TIMEOUT_MS: str(int(timeout * 1000))}
+        # The absolute deadline too: a request held back by a disconnected connection
+        # and sent on reconnect, after this call gave up, is refused unrun.
+        hdrs = {H_TIMEOUT_MS: str(int(timeout * 1000)), H_DEADLINE: f"{time.time() + timeout:.6f}"}
         if route_key:  # a sticky route keeps this key's calls on one version
             hdrs[H_ROUTE_KEY] = route_key
         if version:

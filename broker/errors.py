@@ -28,6 +28,7 @@ structured error replies) plus free-form ``details``::
         │   ├── BreakerOpen               a circuit breaker is open    "breaker_open"
         │   └── BudgetExceeded            a budget cannot cover a model call  "budget_exceeded"
         ├── CallTimeout (TimeoutError)   no answer in time            "timeout"
+        ├── DeadlineExceeded             refused unrun: deadline past "deadline_exceeded"
         ├── UnknownTarget (LookupError)  target not registered        "unknown_target"
         ├── TargetUnavailable            registered, nobody listening "target_unavailable"
         ├── ControlPlaneUnavailable      no policy service answering  "control_plane_unavailable"
@@ -54,6 +55,7 @@ __all__ = [
     "ConfigError",
     "Conflict",
     "ControlPlaneUnavailable",
+    "DeadlineExceeded",
     "IdentityMismatch",
     "InvalidInput",
     "InvalidReplySubject",
@@ -277,6 +279,18 @@ class CallTimeout(CallError, TimeoutError):
     """The call did not complete within its timeout."""
 
     code = "timeout"
+
+
+class DeadlineExceeded(CallError):
+    """The call's deadline had passed when it reached the policy service or the target:
+    refused, **not executed** (unlike :class:`CallTimeout`, after which it may have run).
+
+    A request held back by a disconnected client and sent on reconnect, or a
+    queue that delayed it past its caller's deadline: running it would do work
+    nobody waits for, and a caller that retried would see it done twice.
+    """
+
+    code = "deadline_exceeded"
 
 
 class UnknownTarget(CallError, LookupError):

@@ -80,6 +80,7 @@ from broker.errors import (
     CallTimeout,
     ConfigError,
     Conflict,
+    DeadlineExceeded,
     InvalidInput,
     NotFound,
     PayloadTooLarge,
@@ -1052,7 +1053,9 @@ class PolicyService(Service):
             span=span,
             parent_span_id=parent_span_id,
             probes=gate.probes,
-            timeout=timeout,
+            # What the caller allowed, for the breaker's fairness rule (guards): the
+            # timer runs on what is left of its deadline, a little less after transit.
+            timeout=self._allowed(headers, timeout),
             version=version,
         )
         forward = {
@@ -1623,8 +1626,40 @@ class PolicyService(Service):
         p.span.end()
         return hex_ids(p.span)[1]
 
+    def _allowed(self, headers: dict[str, str], fallback: float) -> float:
+        """Seconds the caller allowed the call (``Sb-Timeout-Ms``, capped by ``call_timeout``)."""
+        try:
+            return min(self._requested_timeout(headers), self.settings.call_timeout)
+        except InvalidInput:
+            return fallback
+
     def _timeout(self, headers: dict[str, str]) -> float:
-        return min(self._requested_timeout(headers), self.settings.call_timeout)
+        """Seconds the call may take from now: the caller's timeout, capped by
+        ``call_timeout`` and by what is left of the caller's absolute deadline.
+
+        Raises:
+            DeadlineExceeded: the caller's deadline (``Sb-Deadline``) has passed: a
+                request its client held back and sent late. Refused, never forwarded.
+            InvalidInput: a malformed ``Sb-Timeout-Ms`` or ``Sb-Deadline``.
+        """
+        timeout = min(self._requested_timeout(headers), self.settings.call_timeout)
+        raw = headers.get(H_DEADLINE)
+        if raw is None:
+            return timeout
+        try:
+            left = float(raw) - time.time()
+        except ValueError:
+            raise InvalidInput(
+                f"header {H_DEADLINE} must be Unix seconds, got {raw[:64]!r}",
+                details={"header": H_DEADLINE, "value": raw[:64]},
+            ) from None
+        if not left > 0:  # (NaN included)
+            raise DeadlineExceeded(
+                f"the call reached the policy service {-left:.3f}s after its deadline "
+                "(held back by the caller's connection?); refused, not forwarded",
+                details={"deadline": raw[:64], "late_s": round(-left, 3)},
+            )
+        return min(timeout, left)
 
     def _requested_timeout(self, headers: dict[str, str]) -> float:
         """Seconds the caller waits (header ``Sb-Timeout-Ms``; default: ``call_timeout``)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -16,13 +17,14 @@ from broker import (
     BadRequest,
     CallDenied,
     CallTimeout,
+    DeadlineExceeded,
     PayloadTooLarge,
     TargetUnavailable,
     UnknownTarget,
 )
 from broker.codec import decode
 from broker.identity import service_connect_options
-from broker.replies import H_ERROR, H_TIMEOUT_MS
+from broker.replies import H_DEADLINE, H_ERROR, H_TIMEOUT_MS, error_from_reply
 from broker.settings import Settings
 from broker.subjects import inbox_prefix
 from schemas import ErrorReply
@@ -30,7 +32,7 @@ from services.policy.service import PolicyService
 from services.runner import Stack
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, StackFactory
+    from conftest import AgentFactory, AuditTrail, ServiceConnector, StackFactory
 
 
 class Address(msgspec.Struct):
@@ -323,3 +325,42 @@ async def test_bad_input_of_every_kind_leaves_the_services_serving(
     policy = _policy(stack)
     assert policy.stats["calls"] == 8
     assert policy.stats["ok"] == 1
+
+
+async def test_a_call_past_its_deadline_is_refused_unrun(
+    make_stack: StackFactory, make_agent: AgentFactory, audit_trail: AuditTrail, raw: Client
+) -> None:
+    """A request its client held back (disconnected) and sent after the caller gave up:
+    refused with deadline_exceeded, never forwarded, audited; a bad deadline is invalid."""
+    _, a, _, served = await _serving(make_stack, make_agent)
+    late = await raw.request(
+        "sb.out.a.b.lookup", msgspec.json.encode(GOOD),
+        headers={H_DEADLINE: f"{time.time() - 2:.6f}"}, timeout=5,
+    )  # fmt: skip
+    assert late.headers is not None and late.headers[H_ERROR] == "deadline_exceeded"
+    with pytest.raises(DeadlineExceeded):
+        raise error_from_reply(late.data, late.headers)
+    bad = await raw.request(
+        "sb.out.a.b.lookup", msgspec.json.encode(GOOD), headers={H_DEADLINE: "soon"}, timeout=5
+    )
+    assert bad.headers is not None and bad.headers[H_ERROR] == "invalid_input"
+    [rejected] = await audit_trail.wait_for(
+        lambda r: r.kind == "rejected" and r.data["code"] == "deadline_exceeded"
+    )
+    assert rejected.actor == "a"
+    assert served == []  # neither reached b
+    assert await a.call("b", "lookup", GOOD) == "ada@Paris"  # the SDK sends a live deadline
+    assert served == [GOOD]
+
+
+async def test_the_target_sdk_does_not_run_a_delivery_past_its_deadline(
+    make_stack: StackFactory, make_agent: AgentFactory, service_nc: ServiceConnector
+) -> None:
+    _, _, b, served = await _serving(make_stack, make_agent)
+    nc = await service_nc()  # as the policy service would deliver it, but late
+    reply = await nc.request(
+        "sb.in.b.lookup", msgspec.json.encode(GOOD),
+        headers={H_DEADLINE: f"{time.time() - 1:.6f}"}, timeout=5,
+    )  # fmt: skip
+    assert reply.headers is not None and reply.headers[H_ERROR] == "deadline_exceeded"
+    assert served == [] and b._late == 1
