@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -291,9 +291,9 @@ def embedded_server(
 ) -> Iterator[EmbeddedServer]:
     """A ``nats-server`` on a free port storing under ``store_dir``; stopped on exit.
 
-    ``sync_always=False`` is right for benches of the call path, which never
-    waits on a JetStream write (audit events are acknowledged in the
-    background); benches of durable writes should pass ``True``.
+    ``sync_always=False`` leaves fsync to the OS (the server's 2-minute
+    default); ``True`` fsyncs every JetStream write, as ``signalbox up`` does.
+    The call path waits on one write per batch of decisions (write-ahead).
     ``secrets_dir`` turns identity on as ``signalbox up`` does (secrets
     generated there; services with ``data_dir`` = its parent find them).
     """
@@ -319,6 +319,7 @@ class StackProcess:
         data_dir: Data dir of the services (their settings' ``data_dir``).
         policy_dir: Cedar policy folder of the policy service (default: the shipped one).
         ready_timeout: Seconds to wait for the child's ``ready`` line.
+        env: Environment variables set for the child (``SIGNALBOX_*`` settings).
 
     The child's log goes to ``<data_dir>/stack.log``. Use as a context manager
     (or :meth:`start` / :meth:`stop` in ``try/finally``): the child is always
@@ -333,7 +334,9 @@ class StackProcess:
         policy_dir: Path | None = None,
         services: Sequence[str] = (),
         ready_timeout: float = 30.0,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        self.env = dict(env or {})
         self.nats_url = nats_url
         self.data_dir = data_dir
         self.policy_dir = policy_dir
@@ -362,6 +365,7 @@ class StackProcess:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log_file,
+                env={**os.environ, **self.env},
                 # Ctrl-C reaches only the bench, which then stops the child in order.
                 start_new_session=True,
             )

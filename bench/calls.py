@@ -2,10 +2,11 @@
 
 Usage::
 
-    python bench/calls.py [--quick] [--payload 256] [--in-flight 64] [--in-process] [--json]
+    python bench/calls.py [--quick] [--payload 256] [--in-flight 64] [--in-process]
+                          [--sync-always] [--no-write-ahead-cost] [--json]
 
-One embedded ``nats-server`` (free port, temp store, ``sync_interval`` not
-``always``: the call path never waits on a JetStream write) serves three paths:
+One embedded ``nats-server`` (free port, temp store; ``sync_interval: always``
+only with ``--sync-always``, as ``signalbox up`` runs it) serves these paths:
 
 * ``raw``: a nats-py requester and a nats-py responder on ``bench.raw.echo``
   (two connections);
@@ -21,7 +22,11 @@ One embedded ``nats-server`` (free port, temp store, ``sync_interval`` not
   requester's own reply subject, so the responder answers the requester
   directly (three hops): the floor of a mediator that stays off the reply path;
 * ``mediated-raw-client``: a plain nats-py client requests ``sb.out.A.B.echo``
-  (no SDK on the caller side), which separates SDK cost from mediation cost.
+  (no SDK on the caller side), which separates SDK cost from mediation cost;
+* ``mediated-no-write-ahead``: ``mediated`` again, measured after the policy
+  service was restarted with ``SIGNALBOX_WRITE_AHEAD=false``: the cost of
+  storing each call's decision before forwarding it (group-committed, one
+  JetStream write per batch), in the same run (skip: ``--no-write-ahead-cost``).
 
 The services run in a child process (the deployment shape: ``signalbox up``
 in one process, agents in another) unless ``--in-process``; both use uvloop.
@@ -110,6 +115,8 @@ class Plan:
     in_process: bool
     one_process: bool = False
     timeout: float = 10.0
+    sync_always: bool = False
+    write_ahead_cost: bool = True
 
 
 @dataclass(slots=True)
@@ -167,6 +174,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="rounds (quick 1, default 3)")
     parser.add_argument("--sequential", type=int, default=None, help="N per round (latency)")
     parser.add_argument("--requests", type=int, default=None, help="M per round (throughput)")
+    parser.add_argument(
+        "--sync-always",
+        action="store_true",
+        help="the server fsyncs every JetStream write (signalbox up's default)",
+    )
+    parser.add_argument(
+        "--no-write-ahead-cost",
+        action="store_true",
+        help="skip measuring the mediated path again with write-ahead decisions off",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     for name in ("rounds", "sequential", "requests"):
@@ -191,6 +208,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         throughput=args.requests or n_tput,
         in_process=args.in_process,
         one_process=args.one_process,
+        sync_always=args.sync_always,
+        write_ahead_cost=not args.no_write_ahead_cost,
     )
 
 
@@ -393,14 +412,18 @@ async def measure_round(
 
 
 async def run(
-    plan: Plan, settings: Settings, pids: dict[str, int], log: Console
+    plan: Plan,
+    settings: Settings,
+    pids: dict[str, int],
+    log: Console,
+    paths: tuple[str, ...] = PATHS,
 ) -> tuple[dict[str, PathResult], int]:
-    """Measure every path ``plan.rounds`` times; returns the figures and the chain length."""
+    """Measure ``paths`` ``plan.rounds`` times; returns the figures and the chain length."""
     assert settings.nats_url is not None
     url = settings.nats_url
     payload = bytes(i % 251 for i in range(plan.payload))
     cpu = CpuMeter({**pids, "bench" if not plan.in_process else "bench+services": os.getpid()})
-    results = {name: PathResult() for name in PATHS}
+    results = {name: PathResult() for name in paths}
     async with AsyncExitStack() as stack:
         if plan.in_process:
             from services.runner import Stack
@@ -436,7 +459,7 @@ async def run(
         }
         for i in range(plan.rounds):
             log.log(f"round {i + 1} of {plan.rounds}")
-            for name in PATHS:
+            for name in paths:
                 results[name].rounds.append(
                     await measure_round(name, requests[name], plan, nc, cpu, log)
                 )
@@ -473,7 +496,7 @@ def report_json(
         {
             "machine": info,
             "plan": as_dict(plan),
-            "server": {"sync_interval_always": False},
+            "server": {"sync_interval_always": plan.sync_always},
             "results": {
                 name: {
                     "latency_us": as_dict(res.latency),
@@ -531,11 +554,30 @@ def report_tables(
                 f"{plan.payload}-byte payloads, {plan.rounds} round(s); latency: "
                 f"{plan.sequential:,} sequential requests per round; throughput: "
                 f"{plan.throughput:,} requests per round, {plan.in_flight} in flight. "
-                f"Services {where}, uvloop everywhere. nats-server sync_interval is NOT "
-                "'always' (the call path never waits on a JetStream write)."
+                f"Services {where}, uvloop everywhere. nats-server sync_interval "
+                + ("'always' (fsync every write)." if plan.sync_always else "NOT 'always'.")
+                + " Mediated calls wait for their decision's JetStream write (one per "
+                "batch) unless 'no-write-ahead'."
             ),
         )
     )
+    if "mediated-no-write-ahead" in results:
+        on, off = results["mediated"], results["mediated-no-write-ahead"]
+        console.print(
+            table(
+                "Write-ahead decisions: cost (same run)",
+                ["mediated", "p50 µs", "p99 µs", "req/s"],
+                [
+                    ["decisions written ahead", f"{on.latency.p50_us:,.0f}",
+                     f"{on.latency.p99_us:,.0f}", f"{on.rate:,.0f}"],
+                    ["decisions batched (off)", f"{off.latency.p50_us:,.0f}",
+                     f"{off.latency.p99_us:,.0f}", f"{off.rate:,.0f}"],
+                    ["cost of write-ahead", f"{on.latency.p50_us - off.latency.p50_us:+,.0f}",
+                     f"{on.latency.p99_us - off.latency.p99_us:+,.0f}",
+                     f"{on.rate / off.rate - 1:+.1%}"],
+                ],
+            )
+        )  # fmt: skip
     r = ratios(results)
     ok = verdict(r)
     console.print(
@@ -668,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sb-bench-calls-") as tmp:
         root = Path(tmp)
         with embedded_server(
-            root / "nats", sync_always=False, secrets_dir=root / "data" / "secrets"
+            root / "nats", sync_always=plan.sync_always, secrets_dir=root / "data" / "secrets"
         ) as server:
             policy_dir = write_policies(root / "policies")
             settings = Settings(
@@ -707,6 +749,28 @@ def main(argv: list[str] | None = None) -> int:
                     assert relay_child.proc is not None
                     pids["relay"] = relay_child.proc.pid
                 results, chained = uvloop.run(run(plan, settings, pids, log))
+                if plan.write_ahead_cost:
+                    # The same path once more, decisions batched instead of written ahead.
+                    log.log("restarting the policy service with SIGNALBOX_WRITE_AHEAD=false")
+                    off = {"SIGNALBOX_WRITE_AHEAD": "false"}
+                    if plan.in_process:
+                        settings = settings.model_copy(update={"write_ahead": False})
+                    else:
+                        old = next(c for c in children if "policy" in c.services or not c.services)
+                        old.stop()
+                        children.remove(old)
+                        child = StackProcess(
+                            server.url, settings.data_dir, policy_dir=policy_dir,
+                            services=old.services, env=off,
+                        )  # fmt: skip
+                        children.append(child)
+                        child.start()
+                        assert child.proc is not None
+                        pids["+".join(old.services) or "services"] = child.proc.pid
+                    extra, chained = uvloop.run(
+                        run(plan, settings, pids, log, paths=("mediated",))
+                    )
+                    results["mediated-no-write-ahead"] = extra["mediated"]
             finally:
                 for child in reversed(children):
                     child.stop()

@@ -37,7 +37,7 @@ import inspect
 import logging
 import time
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -48,21 +48,23 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from opentelemetry.trace import SpanKind, TracerProvider
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Span, SpanKind, TracerProvider
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from broker.audit import new_id
 from broker.codec import decode, encode
 from broker.connection import connect, sync_connection
+from broker.dedup import Deduplicator, validate_idempotency_key
 from broker.diagnostics import cancel_and_wait, finish_within
 from broker.errors import (
     BadRequest,
-    CallTimeout,
     ConfigError,
     ControlPlaneUnavailable,
     DeadlineExceeded,
     InvalidInput,
     NotFound,
+    OutcomeUnknown,
     RemoteError,
     SignalboxError,
     UsageNotRecorded,
@@ -76,10 +78,12 @@ from broker.replies import (
     H_CHAIN_SIG,
     H_DEADLINE,
     H_ERROR,
+    H_IDEMPOTENCY_KEY,
     H_MSG_ID,
     H_ROUTE_KEY,
     H_TARGET_VERSION,
     H_TIMEOUT_MS,
+    H_TRACE_ORIGIN,
     H_TRACEPARENT,
     error_from_reply,
     error_reply,
@@ -194,6 +198,14 @@ _TRANSIENT_PUBLISH = (
 )
 
 
+def _deadline_of(headers: dict[str, str]) -> float:
+    """The ``Sb-Deadline`` of a forwarded call (Unix seconds), 0 if none or unreadable."""
+    try:
+        return float(headers.get(H_DEADLINE, "") or 0)
+    except ValueError:
+        return 0.0
+
+
 def _past(deadline: str) -> bool:
     """True if ``deadline`` (Unix seconds, the ``Sb-Deadline`` header) has passed."""
     try:
@@ -225,6 +237,8 @@ class Agent:
         usage_retry_for: Seconds :meth:`report_usage` keeps retrying one report
             (same id, deduplicated by the stream) before it raises
             :class:`~broker.errors.UsageNotRecorded` (default 30).
+        idempotency_window: Seconds the answer of a call made with an
+            idempotency key is kept for its retries (:mod:`broker.dedup`).
         connect_options: Passed to :func:`nats.connect` (TLS...).
     """
 
@@ -240,6 +254,7 @@ class Agent:
         credential: str | None = None,
         tracer_provider: TracerProvider | None = None,
         usage_retry_for: float = USAGE_RETRY_FOR,
+        idempotency_window: float = 600.0,
         **connect_options: Any,
     ) -> None:
         validate_token(manifest.name, what="agent name")
@@ -250,6 +265,8 @@ class Agent:
             )
         #: How long :meth:`report_usage` retries one report (same id) before giving up.
         self.usage_retry_for = usage_retry_for
+        #: Answers of keyed calls, for their retries (broker.dedup).
+        self.dedup = Deduplicator(window=idempotency_window)
         #: This agent's spans (broker.telemetry).
         self.telemetry = Telemetry("signalbox.agent", tracer_provider)
         self.manifest = manifest
@@ -384,7 +401,13 @@ class Agent:
         # handler's own calls, authorizations and usage reports are its children.
         with self.telemetry.hop("sb.serve", headers) as span:
             annotate(span, lambda: self._span_attributes(capability=cap_name, headers=headers))
-            body, reply_headers = await self._run(msg, cap_name, headers)
+            key = Deduplicator.key_of(headers)
+            if key is None:
+                body, reply_headers = await self._run(msg, cap_name, headers)
+            else:  # a keyed call: at most one run per caller and key (broker.dedup)
+                body, reply_headers = await self.dedup.run(
+                    key, _deadline_of(headers), lambda: self._run(msg, cap_name, headers)
+                )
             if reply_headers and H_ERROR in reply_headers:
                 fail(span, reply_headers[H_ERROR])
         self._requests += 1
@@ -635,6 +658,7 @@ class Agent:
         headers: dict[str, str] | None = ...,
         route_key: str = ...,
         version: str = ...,
+        idempotency_key: str = ...,
     ) -> T: ...
 
     @overload
@@ -648,6 +672,7 @@ class Agent:
         headers: dict[str, str] | None = ...,
         route_key: str = ...,
         version: str = ...,
+        idempotency_key: str = ...,
     ) -> Any: ...
 
     async def call(
@@ -661,8 +686,16 @@ class Agent:
         headers: dict[str, str] | None = None,
         route_key: str = "",
         version: str = "",
+        idempotency_key: str = "",
     ) -> Any:
         """Call ``target``'s ``capability`` through the control plane.
+
+        Retrying: refusals (``CallDenied``, ``DeadlineExceeded``,
+        ``AuditUnavailable``, ``TargetUnavailable``...) did not run; retry as
+        their message says. :class:`~broker.errors.OutcomeUnknown` may have
+        run: retry only with the same ``idempotency_key``, which makes the
+        target return the first run's result (or ``CallInProgress``) instead
+        of running it again (:mod:`broker.dedup`).
 
         Args:
             target: Target agent name.
@@ -674,6 +707,9 @@ class Agent:
             route_key: Key of a sticky version route (a customer, a conversation):
                 its calls stay on one version of ``target`` during a rollout.
             version: Pin a version of ``target`` (refused if it is deprecated).
+            idempotency_key: One logical call's key (1-128 of ``A-Z a-z 0-9 . _ : -``,
+                e.g. a UUID): calls with the same key run at most once within the
+                target's window (10 minutes by default), per target instance.
 
         Raises:
             CallDenied: policy refused the call (``details`` has the reason), or a call
@@ -682,7 +718,11 @@ class Agent:
                 ``details["approval_id"]``).
             UnknownTarget: ``target`` is not registered.
             TargetUnavailable: nobody serves the capability right now.
-            CallTimeout: no reply within ``timeout`` (the call may have run).
+            OutcomeUnknown: no reply within ``timeout``: the call may have run
+                (a ``CallTimeout``; ``CallInProgress`` when a run with the same
+                idempotency key is still going).
+            AuditUnavailable: its decision could not be stored; not run.
+            InvalidInput: ``idempotency_key`` is not a valid key.
             DeadlineExceeded: the call reached the policy service or the target
                 after its deadline and was refused unrun.
             BadRequest: the target rejected the payload.
@@ -697,12 +737,14 @@ class Agent:
             hdrs[H_ROUTE_KEY] = route_key
         if version:
             hdrs[H_TARGET_VERSION] = version
+        if idempotency_key:
+            hdrs[H_IDEMPOTENCY_KEY] = validate_idempotency_key(idempotency_key)
         hdrs.update(_chain_headers())  # made by a handler: the chain it serves goes on
         if headers:
             hdrs.update(headers)
         # A traceparent in ``headers`` is the parent; else the current span (a handler's).
         parent = extract(headers) if headers and H_TRACEPARENT in headers else None
-        with self.telemetry.hop("sb.call", kind=SpanKind.CLIENT, parent=parent) as span:
+        with self._hop("sb.call", SpanKind.CLIENT, hdrs, parent) as span:
             annotate(span, lambda: self._span_attributes(target=target, capability=capability))
             inject(hdrs, span)
             try:
@@ -713,9 +755,19 @@ class Agent:
                     details={"subject": subject},
                 ) from exc
             except nats.errors.TimeoutError as exc:
-                raise CallTimeout(
-                    f"{target}.{capability} did not answer within {timeout:g}s",
-                    details={"target": target, "capability": capability, "timeout": timeout},
+                # Nothing came back, not even the policy service's time-out: the call
+                # may have been forwarded and run. Only a keyed retry is safe.
+                details: dict[str, Any] = {
+                    "target": target, "capability": capability, "timeout": timeout,
+                }  # fmt: skip
+                retry = "pass idempotency_key= to retry safely"
+                if idempotency_key:
+                    details["idempotency_key"] = idempotency_key
+                    retry = f"retry with idempotency_key={idempotency_key!r} to run it at most once"
+                raise OutcomeUnknown(
+                    f"{target}.{capability} did not answer within {timeout:g}s; it may have "
+                    f"run: {retry}",
+                    details=details,
                 ) from exc
             if is_error(msg.headers):
                 raise error_from_reply(msg.data, msg.headers)
@@ -787,7 +839,8 @@ class Agent:
             max_output_tokens=max_output_tokens,
             project=project,
         )
-        with self.telemetry.hop("sb.authz", kind=SpanKind.CLIENT, parent=None) as span:
+        origin: dict[str, str] = {}
+        with self._hop("sb.authz", SpanKind.CLIENT, origin) as span:
             annotate(span, lambda: {
                 **self._span_attributes(), ATTR["action"]: action, ATTR["resource"]: resource,
                 ATTR["provider"]: provider,
@@ -800,7 +853,7 @@ class Agent:
                 timeout=timeout,
                 hint="no policy service is answering; start one with `signalbox up`",
                 # The sb.authz span's trace context, and the chain a handler serves.
-                headers=inject(_chain_headers()),
+                headers=inject({**_chain_headers(), **origin}),
             )
             annotate(span, lambda: decision_attributes(decision))
             return decision
@@ -836,6 +889,31 @@ class Agent:
             on_behalf_of=on_behalf_of, timeout=timeout,
         )  # fmt: skip
 
+    @contextlib.contextmanager
+    def _hop(
+        self,
+        name: str,
+        kind: SpanKind,
+        headers: dict[str, str],
+        parent: otel_context.Context | None = None,
+    ) -> Iterator[Span]:
+        """The client span of a call, authorization or usage report.
+
+        Inside a handler (and with no parent given), a child of the call being
+        served: the policy service vouched for that trace with the chain it
+        signed. Otherwise a trace this agent owns (``Sb-Trace-Origin`` goes
+        into ``headers``; see :func:`broker.telemetry.owned_trace_id`), linked
+        to the application's span if there is one: the control plane continues
+        no trace an agent merely names.
+        """
+        if parent is None and _CHAIN.get()[0]:
+            with self.telemetry.hop(name, kind=kind) as span:
+                yield span
+            return
+        with self.telemetry.owned_hop(name, self.name, kind=kind, parent=parent) as (span, origin):
+            headers[H_TRACE_ORIGIN] = origin
+            yield span
+
     async def report_usage(self, report: UsageReport | None = None, **fields: Any) -> str:
         """Report LLM or tool usage to ``sb.usage.<self>`` (JetStream, deduplicated by id).
 
@@ -848,7 +926,8 @@ class Agent:
         agents, and of no one the report's ``on_behalf_of`` names. Its
         ``project`` is charged only if an operator bound it to this agent.
         """
-        with self.telemetry.hop("sb.usage", kind=SpanKind.PRODUCER, parent=None) as span:
+        origin: dict[str, str] = {}
+        with self._hop("sb.usage", SpanKind.PRODUCER, origin) as span:
             # Charged to the current trace (a handler's call) unless it names its own.
             if report is None:
                 fields.setdefault("trace_id", current_trace_id())
@@ -865,7 +944,7 @@ class Agent:
                 ATTR["output_tokens"]: usage.output_tokens,
             })  # fmt: skip
             # The chain a handler serves: the only delegation the cost service charges.
-            headers = inject({H_MSG_ID: report.id, **_chain_headers()}, span)
+            headers = inject({H_MSG_ID: report.id, **_chain_headers(), **origin}, span)
             await self._publish_usage(report, encode(report), headers)
             return report.id
 

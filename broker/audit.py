@@ -67,6 +67,10 @@ class _Batch:
     events: int
     sent_at: float
     ack: asyncio.Future[PubAck] | None = None
+    #: Resent when not acknowledged within this many seconds.
+    ack_timeout: float = 5.0
+    #: Write-ahead callers waiting for this batch (:meth:`AuditEmitter.write_ahead`).
+    waiters: list[asyncio.Future[None]] | None = None
 
 
 class AuditEmitter:
@@ -90,6 +94,7 @@ class AuditEmitter:
         max_batch: int = 256,
         linger: float = 0.02,
         ack_timeout: float = 5.0,
+        write_ahead_ack_timeout: float = 1.0,
     ) -> None:
         self._publisher = JetStreamPublisher(nc)
         self._subjects = subjects
@@ -108,6 +113,12 @@ class AuditEmitter:
         self._retry_task: asyncio.Task[None] | None = None
         #: Callers of :meth:`flush_emitted`: batch ids each still waits for.
         self._waiters: list[tuple[set[str], asyncio.Future[None]]] = []
+        #: Write-ahead events waiting for the lane, and whether a batch of them is in flight.
+        self.write_ahead_ack_timeout = write_ahead_ack_timeout
+        self._wal: list[tuple[AuditEvent, asyncio.Future[None]]] = []
+        self._wal_busy = False
+        #: Unix time JetStream last acknowledged a batch (0: never), for health reports.
+        self.last_ack = 0.0
 
     def event(
         self,
@@ -155,6 +166,57 @@ class AuditEmitter:
             policy_version=policy_version,
             data=payload,
         )
+
+    async def write_ahead(self, kind: AuditKind, *, timeout: float, **kwargs: Any) -> AuditEvent:
+        """Build an event and return once JetStream has stored it (group commit).
+
+        What must be durable before its effect (a call's decision before the
+        call is forwarded). Events go out in their own lane, never behind the
+        ``linger`` of :meth:`emit`: while one write-ahead batch is in flight,
+        the events that arrive meanwhile wait and then go out together as the
+        next, so the cost is one JetStream write (one fsync with
+        ``sync_interval: always``) per batch, not per event, and an idle
+        service pays one round trip. A batch not acknowledged in
+        ``write_ahead_ack_timeout`` is resent (same batch id: stored once).
+
+        Raises:
+            TimeoutError: not stored within ``timeout`` seconds. The event stays
+                queued and may still be stored: the caller records what it did
+                instead (it did not go ahead).
+        """
+        ev = self.event(kind, **kwargs)
+        self.stats.emitted += 1
+        self.stats.by_kind[ev.kind] += 1
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._wal.append((ev, done))
+        self._idle.clear()
+        if not self._wal_busy:
+            self._ship_wal()
+        await asyncio.wait_for(asyncio.shield(done), timeout)
+        return ev
+
+    def _ship_wal(self) -> None:
+        if not self._wal:
+            return
+        taken, self._wal = self._wal[: self.max_batch], self._wal[self.max_batch :]
+        # What :meth:`emit` buffered before goes first, in the same batch: a write-ahead
+        # event never overtakes an earlier one (a call's approval before its decision).
+        earlier = self._buffer
+        self._buffer = []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch = AuditBatch(id=new_id(), events=(*earlier, *(ev for ev, _ in taken)))
+        entry = _Batch(
+            self._subject, encode(batch), len(batch.events), time.monotonic(),
+            ack_timeout=self.write_ahead_ack_timeout, waiters=[done for _, done in taken],
+        )  # fmt: skip
+        self._wal_busy = True
+        self._inflight[batch.id] = entry
+        self.stats.batches += 1
+        self._spawn(self._send(batch.id, entry))
+        if self._retry_task is None or self._retry_task.done():
+            self._retry_task = asyncio.ensure_future(self._retry_loop())
 
     async def emit(self, kind: AuditKind, **kwargs: Any) -> AuditEvent:
         """Build and buffer an event; returns it at once (no I/O on this path)."""
@@ -218,7 +280,10 @@ class AuditEmitter:
             return
         batch = AuditBatch(id=new_id(), events=tuple(self._buffer))
         self._buffer = []
-        entry = _Batch(self._subject, encode(batch), len(batch.events), time.monotonic())
+        entry = _Batch(
+            self._subject, encode(batch), len(batch.events), time.monotonic(),
+            ack_timeout=self.ack_timeout,
+        )  # fmt: skip
         self._inflight[batch.id] = entry
         self.stats.batches += 1
         self._spawn(self._send(batch.id, entry))
@@ -250,9 +315,16 @@ class AuditEmitter:
             return
         if self._inflight.pop(batch_id, None) is not None:
             self.stats.acked += entry.events
+            self.last_ack = time.time()
             if self._waiters:
                 self._wake_waiters(batch_id)
-        if not self._inflight and not self._buffer:
+            if entry.waiters is not None:
+                for done in entry.waiters:
+                    if not done.done():
+                        done.set_result(None)
+                self._wal_busy = False
+                self._ship_wal()
+        if not self._inflight and not self._buffer and not self._wal:
             self._idle.set()
 
     def _failed(self, batch_id: str, entry: _Batch, exc: BaseException) -> None:
@@ -263,12 +335,12 @@ class AuditEmitter:
         entry.sent_at = 0.0  # due for retry at the next tick
 
     async def _retry_loop(self) -> None:
-        tick = min(0.5, self.ack_timeout / 5)
+        tick = min(0.5, self.ack_timeout / 5, self.write_ahead_ack_timeout / 5)
         while self._inflight:
             await asyncio.sleep(tick)
             now = time.monotonic()
             for batch_id, entry in list(self._inflight.items()):
-                if now - entry.sent_at > self.ack_timeout:
+                if now - entry.sent_at > entry.ack_timeout:
                     if entry.ack is not None and not entry.ack.done():
                         self._publisher.forget(entry.ack)
                     self.stats.retried += entry.events
@@ -277,7 +349,9 @@ class AuditEmitter:
     @property
     def pending(self) -> int:
         """Events emitted and not yet acknowledged by JetStream."""
-        return len(self._buffer) + sum(b.events for b in self._inflight.values())
+        return (
+            len(self._buffer) + len(self._wal) + sum(b.events for b in self._inflight.values())
+        )
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Ship the buffer now and wait until everything is acknowledged; False on timeout."""

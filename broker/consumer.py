@@ -48,6 +48,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from broker.connection import SessionClient
 from broker.diagnostics import cancel_and_wait
+from schemas import ConsumerHealth
 
 __all__ = ["PullWorker"]
 
@@ -168,6 +169,21 @@ class PullWorker:
         self._heard = time.monotonic()
         self._task = asyncio.ensure_future(self._run())
         self._alive = asyncio.ensure_future(self._keep_alive())
+
+    async def health(self) -> ConsumerHealth:
+        """The consumer's lag as the server counts it (for ``signalbox status``).
+
+        Raises:
+            nats.errors.Error: the server did not answer (the caller reports it).
+        """
+        info = await self.js.consumer_info(self.stream, self.durable, timeout=2.0)
+        return ConsumerHealth(
+            stream=self.stream,
+            durable=self.durable,
+            pending=info.num_pending or 0,
+            ack_pending=info.num_ack_pending or 0,
+            redelivered=info.num_redelivered or 0,
+        )
 
     async def stop(self) -> None:
         """Finish the batches in the handler, stop pulling, hand buffered messages back."""

@@ -28,7 +28,10 @@ structured error replies) plus free-form ``details``::
         │   ├── BreakerOpen               a circuit breaker is open    "breaker_open"
         │   └── BudgetExceeded            a budget cannot cover a model call  "budget_exceeded"
         ├── CallTimeout (TimeoutError)   no answer in time            "timeout"
+        │   └── OutcomeUnknown           forwarded, no answer: may have run "outcome_unknown"
+        │       └── CallInProgress       same idempotency key, still running "call_in_progress"
         ├── DeadlineExceeded             refused unrun: deadline past "deadline_exceeded"
+        ├── AuditUnavailable             refused unrun: decision not stored "audit_unavailable"
         ├── UnknownTarget (LookupError)  target not registered        "unknown_target"
         ├── TargetUnavailable            registered, nobody listening "target_unavailable"
         ├── ControlPlaneUnavailable      no policy service answering  "control_plane_unavailable"
@@ -45,12 +48,14 @@ from typing import Any, ClassVar
 
 __all__ = [
     "AttributeMismatch",
+    "AuditUnavailable",
     "AuthenticationFailed",
     "BadRequest",
     "BreakerOpen",
     "BudgetExceeded",
     "CallDenied",
     "CallError",
+    "CallInProgress",
     "CallTimeout",
     "ConfigError",
     "Conflict",
@@ -62,6 +67,7 @@ __all__ = [
     "InvalidSubjectToken",
     "NatsUnreachable",
     "NotFound",
+    "OutcomeUnknown",
     "PayloadTooLarge",
     "PortInUse",
     "PublishRefused",
@@ -281,6 +287,28 @@ class CallTimeout(CallError, TimeoutError):
     code = "timeout"
 
 
+class OutcomeUnknown(CallTimeout):
+    """No answer in time, and the call **may have run**: it was (or may have been)
+    forwarded to the target, which did not answer before the deadline.
+
+    The distinct case a caller must handle: retrying blindly may run the call
+    twice. Retry with the same ``idempotency_key`` (``details["idempotency_key"]``;
+    ``Agent.call(..., idempotency_key=...)``): the target returns the first run's
+    result, or :class:`CallInProgress`, instead of running it again.
+    """
+
+    code = "outcome_unknown"
+
+
+class CallInProgress(OutcomeUnknown):
+    """A call with this idempotency key is still running on the target: not run again.
+
+    Retry later with the same key for its result.
+    """
+
+    code = "call_in_progress"
+
+
 class DeadlineExceeded(CallError):
     """The call's deadline had passed when it reached the policy service or the target:
     refused, **not executed** (unlike :class:`CallTimeout`, after which it may have run).
@@ -291,6 +319,18 @@ class DeadlineExceeded(CallError):
     """
 
     code = "deadline_exceeded"
+
+
+class AuditUnavailable(CallError):
+    """The call's decision record could not be stored in time: refused, **not executed**.
+
+    Nothing runs without a durable decision (``SIGNALBOX_WRITE_AHEAD``): when
+    JetStream does not store the record within ``SIGNALBOX_WRITE_AHEAD_TIMEOUT``
+    (or the call's deadline), the call is not forwarded and the model use not
+    allowed. Safe to retry once the server is back.
+    """
+
+    code = "audit_unavailable"
 
 
 class UnknownTarget(CallError, LookupError):

@@ -15,7 +15,7 @@ Signalbox runs the server in *auth callout* mode (server-config flavour)::
 
 An agent ``A`` may only::
 
-    publish    sb.out.A.>  sb.authz.A  sb.usage.A
+    publish    sb.out.A.>  sb.authz.A  sb.usage.A  sb.cost.renew.A
                sb.registry.{register,heartbeat,deregister}.A
                sb.registry.{get,list,discover}
                _INBOX.agent.A.>   (its own inbox)
@@ -289,21 +289,25 @@ def chain_key(settings: Settings) -> bytes | None:
     return hashlib.sha256(b"signalbox delegation chain v1\0" + str(password).encode()).digest()
 
 
-def sign_chain(key: bytes, target: str, chain: str, expires: float) -> str:
-    """``Sb-Chain-Sig`` for ``chain`` as forwarded to ``target``: ``<expires>.<mac>``."""
+def sign_chain(key: bytes, target: str, chain: str, expires: float, trace_id: str) -> str:
+    """``Sb-Chain-Sig`` for ``chain`` as forwarded to ``target`` in trace ``trace_id``:
+    ``<expires>.<mac>``. Bound to the trace, it also vouches for the trace: what
+    ``target`` does while serving the call may continue it (``broker.telemetry``)."""
     stamp = f"{expires:.3f}"
-    return f"{stamp}.{_chain_mac(key, target, chain, stamp)}"
+    return f"{stamp}.{_chain_mac(key, target, chain, trace_id, stamp)}"
 
 
-def _chain_mac(key: bytes, target: str, chain: str, stamp: str) -> str:
+def _chain_mac(key: bytes, target: str, chain: str, trace_id: str, stamp: str) -> str:
     # hmac.digest: OpenSSL's one-shot HMAC, a third of hmac.new()'s cost (once per call).
-    return hmac.digest(key, f"{target}\n{chain}\n{stamp}".encode(), "sha256").hex()[:32]
+    message = f"{target}\n{chain}\n{trace_id}\n{stamp}".encode()
+    return hmac.digest(key, message, "sha256").hex()[:32]
 
 
 def verify_chain(
-    key: bytes | None, target: str, chain: str, signature: str, now: float
+    key: bytes | None, target: str, chain: str, signature: str, now: float, trace_id: str
 ) -> bool:
-    """True if ``signature`` is the services' unexpired signature of ``chain`` for ``target``."""
+    """True if ``signature`` is the services' unexpired signature of ``chain`` for ``target``
+    in trace ``trace_id``."""
     if key is None or not chain or not signature:
         return False
     stamp, _, mac = signature.rpartition(".")
@@ -313,7 +317,7 @@ def verify_chain(
         return False
     if expires < now:
         return False
-    return hmac.compare_digest(_chain_mac(key, target, chain, stamp), mac)
+    return hmac.compare_digest(_chain_mac(key, target, chain, trace_id, stamp), mac)
 
 
 def operator_connect_options(settings: Settings) -> dict[str, Any]:
@@ -391,6 +395,8 @@ def agent_permissions(subjects: Subjects, agent: str) -> Permissions:
             subjects.out_of(agent),
             subjects.authz(agent),
             subjects.usage(agent),
+            # Keeps the budget reservation of its model call in progress (its own only).
+            subjects.cost_renew(agent),
             *subjects.registry_of(agent),
             # Its own inbox: harmless, and how a client checks the server has
             # processed its subscriptions (broker.connection.sync_connection).
@@ -418,6 +424,7 @@ OPERATOR_READ_OPS: frozenset[tuple[str, str]] = frozenset(
         ("policy", "validate"), ("policy", "show"), ("policy", "history"), ("policy", "diff"),
         ("approvals", "list"), ("breakers", "list"), ("rollout", "status"),
         ("cost", "report"), ("budgets", "list"), ("budgets", "show"),
+        *((service, "status") for service in ("registry", "policy", "cost", "tracing")),
     }
 )  # fmt: skip
 #: Operator roles: ``admin`` may ask every admin operation, ``viewer`` only

@@ -16,10 +16,22 @@ worst-case cost; a refusal raises before any money is spent
 a usage report with what was :meth:`ModelCall.record`-ed settles the
 reservation: the worst case is replaced by the actual cost (nothing recorded
 releases it). If the report cannot be sent, the reservation expires on its own.
+
+While the block runs, the reservation is kept alive: a background task asks
+the cost service to renew it (``sb.cost.renew.<agent>``) as soon as the call
+starts, then whenever the answer says (a third of
+``SIGNALBOX_BUDGET_RESERVATION_TTL`` after each renewal), up to the
+reservation's longest life (``SIGNALBOX_BUDGET_RESERVATION_MAX_LIFETIME``).
+So a call longer than the TTL keeps its budget held and nobody else can
+reserve that room meanwhile. A renewal that fails (the reservation expired,
+the cost service does not answer) logs one WARNING and the call goes on: the
+money is being spent either way, and usage no live reservation covers is
+charged and flagged as overspend by the cost service when it passes a limit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from types import TracebackType
@@ -28,8 +40,16 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from broker.audit import new_id
-from broker.errors import BudgetExceeded, CallDenied, UsageNotRecorded
-from schemas import Decision, UsageReport
+from broker.diagnostics import cancel_and_wait
+from broker.errors import (
+    BudgetExceeded,
+    CallDenied,
+    CallTimeout,
+    ControlPlaneUnavailable,
+    UsageNotRecorded,
+)
+from broker.replies import request
+from schemas import Decision, RenewReservation, ReservationRenewed, UsageReport
 
 if TYPE_CHECKING:
     from broker.agent import Agent
@@ -37,6 +57,11 @@ if TYPE_CHECKING:
 __all__ = ["ModelCall"]
 
 log = logging.getLogger(__name__)
+
+#: Shortest pause between two renewals of one reservation (seconds).
+_MIN_RENEW_GAP = 0.01
+#: Longest pause before retrying a renewal the cost service did not answer (seconds).
+_MAX_RETRY_GAP = 5.0
 
 
 class ModelCall:
@@ -46,6 +71,8 @@ class ModelCall:
         decision: The policy decision (after entry); ``decision.reservation_id``
             and ``decision.reserved_usd`` say what was reserved.
         report_id: Id of the settling usage report (after exit).
+        renewal: The cost service's latest answer to a renewal of the
+            reservation (None: none yet, or nothing reserved).
     """
 
     def __init__(
@@ -80,7 +107,10 @@ class ModelCall:
         self.output_tokens = 0
         self.cached_tokens = 0
         self.tool_calls = 0
+        self.renewal: ReservationRenewed | None = None
         self._started = 0.0
+        self._renewer: asyncio.Task[None] | None = None
+        self._warned = False
 
     def record(
         self,
@@ -120,7 +150,66 @@ class ModelCall:
                 details=details,
             )
         self._started = time.perf_counter()
+        if decision.reservation_id:
+            self._renewer = asyncio.ensure_future(self._keep_reserved(decision.reservation_id))
         return self
+
+    async def _keep_reserved(self, reservation_id: str) -> None:
+        """Renew the reservation until cancelled (on exit), or until it cannot be renewed.
+
+        The first renewal goes at once: its answer says when the next one is
+        due (the agent does not know the cost service's TTL, nor its clock).
+        """
+        agent = self._agent
+        subject = agent.subjects.cost_renew(agent.name)
+        ask = RenewReservation(reservation_id=reservation_id)
+        gap = 0.0
+        interval = 0.0  # the last gap the cost service asked for (0: none yet)
+        while True:
+            await asyncio.sleep(gap)
+            try:
+                answer = await request(
+                    agent.nc, subject, ask, ReservationRenewed, timeout=self.timeout,
+                    hint="no cost service is answering reservation renewals",
+                )  # fmt: skip
+            except (CallTimeout, ControlPlaneUnavailable) as err:
+                # Maybe back soon: try again before the reservation would expire.
+                self._warn(f"could not be renewed ({err.message}); retrying")
+                gap = min(interval / 2 if interval else 1.0, _MAX_RETRY_GAP)
+                continue
+            except Exception as err:  # refused (not ours, unreadable): nothing more to do
+                self._warn(f"could not be renewed ({getattr(err, 'message', err)})")
+                return
+            self.renewal = answer
+            if answer.state != "open":
+                self._warn(
+                    f"is {answer.state}: its budget is no longer held while the call runs "
+                    "(usage past a limit will be charged as overspend)"
+                )
+                return
+            if answer.capped:
+                self._warn(
+                    "reached its longest life (SIGNALBOX_BUDGET_RESERVATION_MAX_LIFETIME) and "
+                    "will not be renewed again; it expires at "
+                    f"{answer.expires_at:.0f} (cost service clock)"
+                )
+                return
+            interval = answer.renew_in
+            gap = max(_MIN_RENEW_GAP, answer.renew_in)
+
+    def _warn(self, what: str) -> None:
+        """One WARNING per call about its reservation; the call itself goes on."""
+        if self._warned:
+            return
+        self._warned = True
+        assert self.decision is not None
+        log.warning(
+            "%s: the budget reservation %s of its %s call %s",
+            self._agent.name,
+            self.decision.reservation_id,
+            self.model,
+            what,
+        )
 
     async def __aexit__(
         self,
@@ -129,6 +218,8 @@ class ModelCall:
         tb: TracebackType | None,
     ) -> None:
         assert self.decision is not None
+        await cancel_and_wait(self._renewer, f"{self._agent.name}'s reservation renewals")
+        self._renewer = None
         report = UsageReport(
             id=new_id(),
             agent=self._agent.name,

@@ -31,12 +31,14 @@ __all__ = [
     "H_CHAIN_SIG",
     "H_DEADLINE",
     "H_ERROR",
+    "H_IDEMPOTENCY_KEY",
     "H_MSG_ID",
     "H_ROUTE_KEY",
     "H_TARGET",
     "H_TARGET_VERSION",
     "H_TIMEOUT_MS",
     "H_TRACEPARENT",
+    "H_TRACE_ORIGIN",
     "error_from_reply",
     "error_reply",
     "is_error",
@@ -60,11 +62,18 @@ H_CAPABILITY = "Sb-Capability"
 H_DEADLINE = "Sb-Deadline"
 H_TIMEOUT_MS = "Sb-Timeout-Ms"
 H_TRACEPARENT = "traceparent"
+#: What a trace the sender starts was derived from (``broker.telemetry.owned_trace_id``):
+#: the control plane continues a sender's trace only if it owns it or the policy
+#: service vouched for it (a signed chain bound to the trace).
+H_TRACE_ORIGIN = "Sb-Trace-Origin"
 H_MSG_ID = "Nats-Msg-Id"
 #: Key a sticky version route hashes (a customer or conversation id).
 H_ROUTE_KEY = "Sb-Route-Key"
 #: A caller pinning the target's version.
 H_TARGET_VERSION = "Sb-Target-Version"
+#: The caller's key for one logical call: retries with the same key run it at most once
+#: on a target instance (the SDK deduplicates by caller and key within a window).
+H_IDEMPOTENCY_KEY = "Sb-Idempotency-Key"
 
 
 def error_reply(err: SignalboxError | ErrorReply) -> tuple[bytes, dict[str, str]]:

@@ -34,6 +34,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -45,13 +46,17 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, TracerProvider
 
-from broker.audit import AuditEmitter
+from broker.audit import AuditEmitter, new_id
 from broker.codec import decode, encode
 from broker.connection import SessionClient, sync_connection
+from broker.consumer import PullWorker
 from broker.diagnostics import cancel_and_wait
 from broker.errors import InvalidReplySubject, NatsUnreachable, SchemaError, SignalboxError
+from broker.health import INTERVAL as HEALTH_INTERVAL
+from broker.health import build_health, health_path, remove_health, write_health
 from broker.identity import service_connect_options
 from broker.jetstream import ensure_buckets, ensure_streams
 from broker.replies import error_reply
@@ -59,7 +64,7 @@ from broker.settings import Settings
 from broker.subjects import SERVICE_INBOX, Audience, Subjects, reply_fault
 from broker.telemetry import ATTR, Telemetry, annotate
 from broker.throttle import Emit, Summarizer
-from schemas import Wire
+from schemas import HealthRequest, ServiceHealth, Wire
 
 __all__ = ["Service"]
 
@@ -147,6 +152,14 @@ class Service:
         self._started = False
         #: Spans of this service (:meth:`use_tracer_provider` picks the provider).
         self.telemetry = Telemetry(f"signalbox.{self.name}")
+        #: This replica's id in health reports; when it started serving.
+        self.instance = new_id()[:12]
+        self.started_at = 0.0
+        self._health_task: asyncio.Task[None] | None = None
+        # Every replica answers (no queue group): `signalbox status` gathers them all.
+        self.endpoint(
+            self.subjects.admin(self.name, "status"), HealthRequest, queue=""
+        )(self.status)
 
     async def _error_cb(self, exc: Exception) -> None:
         log.debug("%s connection: %r", self.name, exc)
@@ -203,14 +216,22 @@ class Service:
         self.telemetry = Telemetry(f"signalbox.{self.name}", provider)
 
     def traced(
-        self, name: str, handler: Callable[[Msg], Awaitable[None]], *, kind: SpanKind = SERVER
+        self,
+        name: str,
+        handler: Callable[[Msg], Awaitable[None]],
+        *,
+        kind: SpanKind = SERVER,
+        parent: Callable[[Msg], otel_context.Context] | None = None,
     ) -> Callable[[Msg], Awaitable[None]]:
-        """``handler`` run as a hop: a span named ``name``, child of the message's trace
-        context (``traceparent``), current while it runs (so its audit events carry it)."""
+        """``handler`` run as a hop: a span named ``name``, current while it runs (so its
+        audit events carry it), child of the message's trace context (``traceparent``),
+        or of what ``parent(msg)`` makes of it (an agent's claim checked with
+        :func:`broker.telemetry.trusted_parent`)."""
         telemetry = self.telemetry
 
         async def run(msg: Msg) -> None:
-            with telemetry.hop(name, msg.headers or {}, kind=kind) as span:
+            context = parent(msg) if parent is not None else None
+            with telemetry.hop(name, msg.headers or {}, kind=kind, parent=context) as span:
                 annotate(span, lambda: {ATTR["system"]: "nats", ATTR["destination"]: msg.subject})
                 await handler(msg)
 
@@ -236,7 +257,8 @@ class Service:
             audience: Who may send it (where its reply may go). Default:
                 operators for ``<prefix>.admin.…``, the named agent for
                 agent-scoped subjects; any other subject must say.
-            queue: Queue group (default ``sb-<service name>``).
+            queue: Queue group (default ``sb-<service name>``; ``""``: none, every
+                replica answers).
         """
         if audience is None:
             if subject.startswith(f"{self.subjects.prefix}.admin."):
@@ -249,9 +271,8 @@ class Service:
             raise ValueError(f"endpoint {subject}: an agent audience needs an agent-scoped subject")
 
         def register(fn: Callable[[Req], Awaitable[Wire]]) -> Callable[[Req], Awaitable[Wire]]:
-            self._endpoints.append(
-                _Endpoint(subject, queue or f"sb-{self.name}", request_type, fn, audience)
-            )
+            group = queue if queue is not None else f"sb-{self.name}"
+            self._endpoints.append(_Endpoint(subject, group, request_type, fn, audience))
             return fn
 
         return register
@@ -428,6 +449,37 @@ class Service:
             data={"code": err.code, "message": err.message, "details": err.details},
         )
 
+    # -- health (broker.health) ------------------------------------------------------
+
+    async def status(self, request: HealthRequest) -> ServiceHealth:
+        """``sb.admin.<service>.status``: this replica's health."""
+        return await self.health()
+
+    async def health(self) -> ServiceHealth:
+        """This replica's health: connection, audit, the lag of its JetStream consumers
+        (the :class:`~broker.consumer.PullWorker` attributes), :meth:`health_problems`."""
+        workers = [w for w in vars(self).values() if isinstance(w, PullWorker)]
+        connected = self._started and self.nc.is_connected
+        return await build_health(
+            self.name, instance=self.instance, started_at=self.started_at,
+            connected=connected, started=self._started, audit=self._audit,
+            workers=workers, problems=self.health_problems(),
+            rejected=sum(self.rejected.values()),
+        )  # fmt: skip
+
+    def health_problems(self) -> list[str]:
+        """Hook: the service's own reasons not to be ready (each saying what to do)."""
+        return []
+
+    async def _write_health(self) -> None:
+        path = health_path(self.settings.data_dir, self.name)
+        while True:
+            try:
+                write_health(path, await self.health())
+            except Exception as exc:  # a full disk must not stop the service
+                log.warning("%s: cannot write its health report %s: %r", self.name, path, exc)
+            await asyncio.sleep(HEALTH_INTERVAL)
+
     async def on_start(self) -> None:
         """Hook: runs after connecting and ensuring streams, before endpoints serve."""
 
@@ -456,6 +508,8 @@ class Service:
         await self.on_start()
         self._refusal_flusher = asyncio.ensure_future(self._flush_refusals())
         self._started = True
+        self.started_at = time.time()
+        self._health_task = asyncio.ensure_future(self._write_health())
 
     async def start(self) -> None:
         """Connect, ensure streams and buckets, run :meth:`on_start`, serve endpoints."""
@@ -470,6 +524,9 @@ class Service:
             await self.broker.stop()
             return
         self._started = False
+        await cancel_and_wait(self._health_task, f"the {self.name} health reports")
+        self._health_task = None
+        remove_health(health_path(self.settings.data_dir, self.name), self.instance)
         await self._stop_endpoints()
         await self.on_stop()
         await cancel_and_wait(self._refusal_flusher, f"the {self.name} refusal summaries")

@@ -138,6 +138,13 @@ class Settings(BaseSettings):
         description="Seconds the policy service waits for the cost service to reserve a "
         "model call's budget; no answer means deny (budget_unavailable).",
     )
+    budget_reservation_max_lifetime: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Longest seconds a budget reservation lives, however often the model call "
+        "holding it renews it (each renewal: at most budget_reservation_ttl from now), so a "
+        "stuck agent cannot hold budget forever.",
+    )
     default_token_estimate: int = Field(
         default=1000,
         gt=0,
@@ -186,6 +193,19 @@ class Settings(BaseSettings):
         ge=1,
         description="Calls to a target (per policy replica and window) before its error rate "
         "can trip.",
+    )
+    write_ahead: bool = Field(
+        default=True,
+        description="Forward a call (and answer an allowed model use) only after its decision "
+        "record is stored in JetStream: no call runs without a durable decision. Off: the "
+        "record is batched and may be lost if the policy service dies (measured cost in "
+        "bench/calls.py).",
+    )
+    write_ahead_timeout: float = Field(
+        default=2.0,
+        gt=0,
+        description="Longest a call waits for its decision record to be stored before it is "
+        "refused unrun (audit_unavailable); also capped by the call's own deadline.",
     )
     breaker_min_timeout: float = Field(
         default=5.0,

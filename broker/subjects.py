@@ -17,6 +17,7 @@ All subjects hang under one configurable prefix (default ``sb``)::
     sb.usage.<agent>                        usage reports (stream SB_USAGE)
     sb.cost.reserve                         policy -> cost: reserve a model call's budget
     sb.cost.versions                        policy -> cost: spend per agent version
+    sb.cost.renew.<agent>                   agent -> cost: keep a model call's reservation
     sb.admin.<service>.<op>                 operator-only endpoints (bootstrap operator)
     sb.admin.<service>.<op>.<operator>      the same, for a named operator
 """
@@ -225,15 +226,16 @@ class Subjects:
     def sender_of(self, subject: str) -> str | None:
         """The agent an agent-scoped subject names (the only one allowed to publish it),
         or None: ``sb.out.<agent>.…``, ``sb.authz.<agent>``, ``sb.usage.<agent>``,
-        ``sb.registry.<op>.<agent>``."""
+        ``sb.registry.<op>.<agent>``, ``sb.cost.renew.<agent>``."""
         tokens = subject.split(".")
         if len(tokens) < 3 or tokens[0] != self.prefix:
             return None
         kind = tokens[1]
         if (kind, len(tokens)) in (("out", 5), ("authz", 3), ("usage", 3)):
             agent = tokens[2]
-        elif kind == "registry" and len(tokens) == 4 and tokens[2] in (
-            AGENT_REGISTRY_OPS + REGISTRY_READ_OPS
+        elif len(tokens) == 4 and (
+            (kind == "registry" and tokens[2] in AGENT_REGISTRY_OPS + REGISTRY_READ_OPS)
+            or (kind == "cost" and tokens[2] == "renew")
         ):
             agent = tokens[3]
         else:
@@ -366,6 +368,16 @@ class Subjects:
     def cost_versions(self) -> str:
         """``sb.cost.versions``: spend per version of an agent (services only)."""
         return f"{self.prefix}.cost.versions"
+
+    def cost_renew(self, agent: str) -> str:
+        """``sb.cost.renew.<agent>``: ``agent`` keeps the budget reservation of a model
+        call in progress (only its own: the subject names who asks)."""
+        return f"{self.prefix}.cost.renew.{validate_token(agent, what='agent name')}"
+
+    @property
+    def cost_renew_wildcard(self) -> str:
+        """Every agent's reservation renewals (the cost service subscribes here)."""
+        return f"{self.prefix}.cost.renew.*"
 
     def admin(self, service: str, op: str, operator: str = "") -> str:
         """Operator-only endpoint of a service: ``sb.admin.<service>.<op>`` for the

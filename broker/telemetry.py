@@ -53,7 +53,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import logging
+import os
 import random
 import re
 import sys
@@ -72,6 +74,7 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import (
     NonRecordingSpan,
@@ -87,6 +90,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util import types
 
 from broker.errors import ConfigError, SignalboxError
+from broker.replies import H_TRACE_ORIGIN
 from broker.settings import Settings
 from schemas import AgentRecord, Decision
 
@@ -96,6 +100,7 @@ __all__ = [
     "STATE_KEY",
     "AuditIds",
     "IdOnlyTracerProvider",
+    "OwnedTraceIds",
     "Telemetry",
     "agent_attributes",
     "annotate",
@@ -107,9 +112,11 @@ __all__ = [
     "hex_ids",
     "inject",
     "is_recording",
+    "owned_trace_id",
     "parent_ids",
     "resolve_provider",
     "tracer_provider",
+    "trusted_parent",
 ]
 
 log = logging.getLogger(__name__)
@@ -148,6 +155,68 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 _PARENT: contextvars.ContextVar[str] = contextvars.ContextVar("sb_parent_span_id", default="")
 _SPAN_HEX = re.compile(r"[0-9a-f]{16}")
 _TRACEPARENT_V00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_TRACE_HEX = re.compile(r"[0-9a-f]{32}")
+#: The trace id the next root span gets (0: a random one); see :func:`owned_trace_id`.
+_ROOT_TRACE: contextvars.ContextVar[int] = contextvars.ContextVar("sb_root_trace", default=0)
+
+
+# -- trace ownership ------------------------------------------------------------------------
+#
+# A trace id is not a secret: every agent a call reaches sees it. Continuing
+# whatever ``traceparent`` a sender names would let any agent put records into
+# any trace (an investigator's view of another agent's calls). So the control
+# plane continues a sender's trace only if the sender owns it (its id is
+# ``owned_trace_id(sender, origin)`` for the ``Sb-Trace-Origin`` it sent: a
+# hash, so no agent can produce an id another agent owns) or the policy
+# service vouched for it (a delegation chain it signed, bound to that trace,
+# for the call the sender is serving). Any other claim is moved into the
+# sender's own trace ``owned_trace_id(sender, claimed trace id)``: the same
+# claim always lands in the same trace, never in someone else's.
+
+
+def owned_trace_id(agent: str, origin: str) -> str:
+    """The trace id (32 hex) ``agent`` owns for ``origin`` (32 hex: the application trace
+    it continues, or random). A keyless hash: the SDK and the services agree on it."""
+    digest = hashlib.sha256(f"signalbox trace v1\0{agent}\0{origin}".encode()).digest()
+    return digest[:16].hex() if any(digest[:16]) else "0" * 31 + "1"
+
+
+def trusted_parent(
+    headers: Mapping[str, str] | None,
+    sender: str,
+    vouched: Callable[[str], bool] | None = None,
+) -> tuple[otel_context.Context, str]:
+    """The remote context a hop for ``sender`` may continue, and the trace id it claimed in
+    vain (``""`` when the claim was kept).
+
+    Kept when ``sender`` owns the claimed trace (``Sb-Trace-Origin``) or
+    ``vouched(trace id)`` is true; otherwise the context is moved into
+    ``owned_trace_id(sender, claimed)`` (same span id, no trace state: the
+    ``sb`` via entry of another trace means nothing here).
+    """
+    parent = extract(headers)
+    sc = trace.get_current_span(parent).get_span_context()
+    if not sc.is_valid or headers is None:
+        return parent, ""
+    claimed = f"{sc.trace_id:032x}"
+    origin = headers.get(H_TRACE_ORIGIN, "")
+    if origin and _TRACE_HEX.fullmatch(origin) and owned_trace_id(sender, origin) == claimed:
+        return parent, ""
+    if vouched is not None and vouched(claimed):
+        return parent, ""
+    moved = SpanContext(
+        int(owned_trace_id(sender, claimed), 16), sc.span_id, True, sc.trace_flags
+    )
+    return trace.set_span_in_context(NonRecordingSpan(moved), otel_context.Context()), claimed
+
+
+class OwnedTraceIds(RandomIdGenerator):
+    """The SDK's random ids, except a root span started by :meth:`Telemetry.owned_hop`,
+    which gets the trace id its agent owns (what :func:`tracer_provider` installs)."""
+
+    def generate_trace_id(self) -> int:
+        """The owned trace id if one is being started, else a random one."""
+        return _ROOT_TRACE.get() or super().generate_trace_id()
 
 
 # -- providers ------------------------------------------------------------------------------
@@ -175,7 +244,8 @@ class _IdOnlyTracer(trace.Tracer):
         if parent.is_valid:
             trace_id, flags, state = parent.trace_id, parent.trace_flags, parent.trace_state
         else:
-            trace_id, flags, state = rng.getrandbits(128) or 1, TraceFlags(0), None
+            trace_id = _ROOT_TRACE.get() or rng.getrandbits(128) or 1
+            flags, state = TraceFlags(0), None
         span_id = rng.getrandbits(64) or 1
         return NonRecordingSpan(SpanContext(trace_id, span_id, False, flags, state))
 
@@ -285,7 +355,7 @@ def tracer_provider(
     if exporter is None and settings.otel_exporter == "none":
         return ID_ONLY
     resource = Resource.create({"service.name": service_name or settings.otel_service_name})
-    provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)
+    provider = TracerProvider(resource=resource, sampler=ALWAYS_ON, id_generator=OwnedTraceIds())
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     elif settings.otel_exporter == "console":
@@ -509,6 +579,7 @@ class Telemetry:
         *,
         kind: SpanKind = SpanKind.SERVER,
         parent: otel_context.Context | None = None,
+        links: Sequence[trace.Link] | None = None,
     ) -> Iterator[Span]:
         """Run a hop in a span: child of the context in ``headers`` (or ``parent``), current
         while the block runs (so spans started inside are its children and
@@ -517,7 +588,7 @@ class Telemetry:
         if parent is None:
             parent = extract(headers) if headers is not None else otel_context.get_current()
         parent_sc = trace.get_current_span(parent).get_span_context()
-        span = self.tracer.start_span(name, context=parent, kind=kind)
+        span = self.tracer.start_span(name, context=parent, kind=kind, links=links)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         parent_token = _PARENT.set(f"{parent_sc.span_id:016x}" if parent_sc.is_valid else "")
         try:
@@ -533,3 +604,53 @@ class Telemetry:
             _PARENT.reset(parent_token)
             otel_context.detach(token)
             span.end()
+
+    @property
+    def owns_ids(self) -> bool:
+        """Whether this provider starts a root span with the trace id asked for
+        (:data:`ID_ONLY`, or an SDK provider with :class:`OwnedTraceIds`)."""
+        if isinstance(self.provider, IdOnlyTracerProvider):
+            return True
+        return isinstance(getattr(self.provider, "id_generator", None), OwnedTraceIds)
+
+    @contextlib.contextmanager
+    def owned_hop(
+        self,
+        name: str,
+        agent: str,
+        *,
+        kind: SpanKind = SpanKind.CLIENT,
+        parent: otel_context.Context | None = None,
+    ) -> Iterator[tuple[Span, str]]:
+        """Run a hop that starts a trace ``agent`` owns; yields the span and the origin to send
+        as ``Sb-Trace-Origin``.
+
+        The origin is the application's trace (``parent``, default: the current
+        span) when there is one, and the new span links to it; else random.
+        With a provider that cannot be told the trace id (an application's own,
+        without :class:`OwnedTraceIds`), the span is a child of a stand-in
+        parent in the owned trace instead of a root.
+        """
+        context = parent if parent is not None else otel_context.get_current()
+        app = trace.get_current_span(context).get_span_context()
+        origin = f"{app.trace_id:032x}" if app.is_valid else os.urandom(16).hex()
+        trace_id = int(owned_trace_id(agent, origin), 16)
+        links = [trace.Link(app)] if app.is_valid else None
+        if self.owns_ids:
+            start_in = otel_context.Context()  # a root, with the owned trace id
+        else:
+            stand_in = SpanContext(
+                trace_id, int.from_bytes(os.urandom(8)) or 1, True, TraceFlags(1)
+            )
+            start_in = trace.set_span_in_context(NonRecordingSpan(stand_in), otel_context.Context())
+        # Only the span's start reads it: reset before the block runs.
+        token = _ROOT_TRACE.set(trace_id)
+        started = False
+        try:
+            with self.hop(name, kind=kind, parent=start_in, links=links) as span:
+                _ROOT_TRACE.reset(token)
+                started = True
+                yield span, origin
+        finally:
+            if not started:
+                _ROOT_TRACE.reset(token)

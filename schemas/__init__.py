@@ -27,7 +27,10 @@ from schemas.budgets import (
     BudgetWindow,
     ListBudgets,
     RemoveBudget,
+    RenewReservation,
     Reservation,
+    ReservationRenewed,
+    ReservationState,
     ReserveBudget,
     SetBudget,
     ShowBudget,
@@ -43,6 +46,7 @@ from schemas.cost import (
     UsageReport,
 )
 from schemas.errors import ErrorReply
+from schemas.health import ConsumerHealth, HealthRequest, ServiceHealth
 from schemas.identity import (
     BINDING_FIELDS,
     AgentBinding,
@@ -159,6 +163,7 @@ __all__ = [
     "CallMeta",
     "CallOutcome",
     "Capability",
+    "ConsumerHealth",
     "CostByVersion",
     "CostByVersionRequest",
     "CostGroup",
@@ -182,6 +187,7 @@ __all__ = [
     "GetAgent",
     "GetBinding",
     "Health",
+    "HealthRequest",
     "Heartbeat",
     "InstanceStats",
     "ListAgents",
@@ -207,7 +213,10 @@ __all__ = [
     "PromoteRollout",
     "Registered",
     "RemoveBudget",
+    "RenewReservation",
     "Reservation",
+    "ReservationRenewed",
+    "ReservationState",
     "ReserveBudget",
     "ResetBreaker",
     "RevokeAgent",
@@ -219,6 +228,7 @@ __all__ = [
     "RolloutStatusRequest",
     "Route",
     "RouteGuard",
+    "ServiceHealth",
     "SetBudget",
     "SetRollout",
     "ShadowPolicies",

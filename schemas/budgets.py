@@ -16,7 +16,9 @@ Operators manage budgets on ``sb.admin.budgets.<op>`` (cost service)::
 
 The policy service asks ``sb.cost.reserve`` (services only) when it allows a
 model call of an agent some budget applies to, and the cost service answers
-a :class:`Reservation`.
+a :class:`Reservation`. While the call runs, the agent's SDK keeps that
+reservation alive on ``sb.cost.renew.<agent>`` (:class:`RenewReservation`
+-> :class:`ReservationRenewed`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ __all__ = [
     "BudgetWindow",
     "ListBudgets",
     "RemoveBudget",
+    "RenewReservation",
     "Reservation",
+    "ReservationRenewed",
+    "ReservationState",
     "ReserveBudget",
     "SetBudget",
     "ShowBudget",
@@ -46,6 +51,9 @@ __all__ = [
 BudgetScope = Literal["agent", "team", "project"]
 #: Calendar window (UTC) after which the spent amount starts again from zero.
 BudgetWindow = Literal["day", "month"]
+#: A reservation holds its amount while ``open``; ``settled`` by its usage report, or
+#: ``expired`` (released) when nobody settled or renewed it in time.
+ReservationState = Literal["open", "settled", "expired"]
 
 _Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$(?!\n)")]
 _Usd = Annotated[float, msgspec.Meta(gt=0, le=1e9)]
@@ -157,6 +165,49 @@ class Reservation(Wire, frozen=True, tag="reservation.v1"):
     charges: tuple[BudgetCharge, ...] = ()
     refused: BudgetCharge | None = None
     priced_by_fallback: bool = False
+
+
+class RenewReservation(Wire, frozen=True, tag="renew_reservation.v1"):
+    """An agent keeps the reservation of its model call in progress (``sb.cost.renew.<agent>``).
+
+    The SDK sends it while an ``Agent.model_call`` block runs. The asking
+    agent is the subject's last token (the server binds it to the agent's
+    credential), never a field: only a reservation of that agent is renewed.
+
+    Attributes:
+        reservation_id: ``Decision.reservation_id`` of the call.
+    """
+
+    reservation_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$(?!\n)")]
+
+
+class ReservationRenewed(Wire, frozen=True, tag="reservation_renewed.v1"):
+    """The cost service's answer to :class:`RenewReservation`.
+
+    A renewal extends an open reservation to at most
+    ``SIGNALBOX_BUDGET_RESERVATION_TTL`` seconds from now, and never past
+    ``SIGNALBOX_BUDGET_RESERVATION_MAX_LIFETIME`` after it was made.
+
+    Attributes:
+        reservation_id: The reservation.
+        state: ``open`` (it holds its amount until ``expires_at``), ``settled``
+            or ``expired`` (nothing was renewed).
+        renewed: True if this request moved ``expires_at`` (a renewal asked
+            long before it is due leaves it as it is).
+        expires_at: Unix time (the cost service's clock) the reservation is
+            released unless renewed again or settled.
+        renew_in: Seconds after which to renew again (0: do not; it is no
+            longer open, or ``capped``).
+        capped: The reservation reached its longest life and will not be
+            extended again.
+    """
+
+    reservation_id: str
+    state: ReservationState
+    renewed: bool = False
+    expires_at: float = 0.0
+    renew_in: float = 0.0
+    capped: bool = False
 
 
 class BudgetStatus(Wire, frozen=True, tag="budget_status.v1"):

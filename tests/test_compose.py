@@ -584,6 +584,20 @@ def test_service_runs_its_module(compose: dict[str, Any], name: str) -> None:
 
 
 @pytest.mark.parametrize("name", SERVICES)
+def test_service_has_a_readiness_healthcheck(compose: dict[str, Any], name: str) -> None:
+    check = compose["services"][name]["healthcheck"]
+    assert check["test"] == ["CMD", "signalbox", "probe", name, "--ready"]
+    # The probe reads what the service writes every 2 s; a report goes stale after 10 s.
+    from broker.health import INTERVAL, STALE_AFTER
+
+    assert _seconds(check["interval"]) >= INTERVAL and STALE_AFTER > INTERVAL
+
+
+def _seconds(text: str) -> float:
+    return float(text.removesuffix("s"))
+
+
+@pytest.mark.parametrize("name", SERVICES)
 def test_service_nats_url_lists_the_cluster(
     compose: dict[str, Any], nodes: dict[str, Node], name: str
 ) -> None:

@@ -56,6 +56,7 @@ from services.cli.common import (
 )
 from services.cli.render import audit_table
 from services.tracing.chain import GENESIS
+from services.tracing.complete import CompletenessChecker, CompletenessReport
 from services.tracing.reader import audit_filter, scan, scan_raw, stream_bounds
 from services.tracing.report import TagUsage, tag_report, tagged_capabilities
 from services.tracing.verify import ChainVerifier, VerifyReport
@@ -169,19 +170,40 @@ def _report_dict(report: VerifyReport, *, stream: str, since: float | None) -> d
 @audit_app.command("verify")
 def audit_verify(
     since: SinceOption = None,
+    complete: Annotated[
+        bool,
+        typer.Option(
+            "--complete",
+            help="Also exit 1 if a call's outcome is unknown (an allowed decision with no "
+            "outcome record: the call may have run) or a call ran with no decision",
+        ),
+    ] = False,
+    grace: Annotated[
+        float | None,
+        typer.Option(
+            "--grace",
+            help="Seconds a decision may wait for its outcome before it counts as unknown "
+            "(default: SIGNALBOX_CALL_TIMEOUT + 30)",
+            show_default=False,
+        ),
+    ] = None,
     nats_url: NatsUrlOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Check the hash chain: every record's hash, every link, no gap, no reorder, no duplicate.
+    """Check the hash chain (every record's hash, every link, no gap, no reorder, no
+    duplicate) and that every allowed call has its outcome.
 
-    Exits 1 at the first problem, naming the stream sequence where it is.
+    Exits 1 at the first chain problem, naming the stream sequence where it is.
     Without --since the chain must start at record 1 after the genesis hash;
     with it, it is checked from the first record at or after that time,
-    anchored on that record's prev_hash (taken on trust).
+    anchored on that record's prev_hash (taken on trust). Calls whose outcome
+    is unknown (a policy replica died after forwarding them) are listed by
+    agent and time; with --complete they make it exit 1 too.
     """
     url, settings = client_url(nats_url)
     start_time = parse_since(since) if since else None
     subjects = Subjects(settings.subject_prefix)
+    checker = CompletenessChecker(grace if grace is not None else settings.call_timeout + 30)
 
     async def main() -> tuple[VerifyReport, int]:
         nc = await connect_operator(url, settings)
@@ -201,6 +223,8 @@ def audit_verify(
                     async for pos, record, raw in records:
                         if verifier.feed(pos, record, raw) is not None:
                             break
+                        if isinstance(record, AuditEvent):
+                            checker.feed(record, pos)
                         n += 1
                         if bar is not None and task is not None and n % _TICK == 0:
                             bar.update(task, completed=pos - first + 1)
@@ -209,10 +233,12 @@ def audit_verify(
             await nc.close()
 
     report, last = run(main())
+    calls = checker.finish(time.time())
     summary = _report_dict(report, stream=AUDIT_STREAM, since=start_time)
+    summary["calls"] = calls.to_dict()
     if json_out:
         typer.echo(msgspec.json.encode(summary).decode())
-        if not report.ok:
+        if not report.ok or (complete and not calls.complete):
             raise typer.Exit(1)
         return
     if report.problem is not None:
@@ -239,8 +265,62 @@ def audit_verify(
             f"after {_when(start_time)}; taken on trust: earlier records were not checked)",
         )
     grid.add_row("head hash", f"{report.head_hash}  (keep it to detect a rewritten tail)")
+    grid.add_row("calls", _calls_line(calls))
     console.print(f"[bold green]Audit chain OK[/] ({AUDIT_STREAM})")
     console.print(grid)
+    if not calls.complete:
+        _print_open_calls(calls)
+        if complete:
+            raise typer.Exit(1)
+
+
+def _calls_line(calls: CompletenessReport) -> str:
+    line = f"{calls.decided:,} allowed, {calls.completed:,} with their outcome"
+    if calls.in_flight:
+        line += f", {calls.in_flight:,} in flight"
+    if calls.outcome_unknown:
+        line += f", [bold red]{len(calls.outcome_unknown):,} outcome unknown[/]"
+    if calls.undecided:
+        line += f", [bold red]{len(calls.undecided):,} with no decision[/]"
+    return line
+
+
+#: Open calls listed in full; beyond this, counts by agent (``--json`` has all).
+_OPEN_ROWS = 20
+
+
+def _print_open_calls(calls: CompletenessReport) -> None:
+    console = Console(soft_wrap=True)
+    for title, rows, meaning in (
+        ("Outcome unknown", calls.outcome_unknown,
+         "forwarded after a durable decision, then no outcome was recorded (a policy "
+         "replica died): the call may have run"),
+        ("No decision", calls.undecided,
+         "an outcome with no decision record: the call ran without a durable decision"),
+    ):  # fmt: skip
+        if not rows:
+            continue
+        console.print(f"\n[bold red]{title}[/]: {len(rows):,} call(s) {meaning}.")
+        table = Table(box=None, pad_edge=False)
+        table.add_column("time", no_wrap=True)
+        table.add_column("caller", overflow="fold")
+        table.add_column("target.capability", overflow="fold")
+        table.add_column("call id", no_wrap=True)
+        for call in rows[:_OPEN_ROWS]:
+            table.add_row(
+                _when(call.time), escape(call.caller),
+                escape(f"{call.target}.{call.capability}"), call.call_id,
+            )  # fmt: skip
+        console.print(table)
+        if len(rows) > _OPEN_ROWS:
+            console.print(f"[dim]… and {len(rows) - _OPEN_ROWS:,} more (--json lists all)[/]")
+    by_agent = calls.unknown_by_agent()
+    if by_agent:
+        counts = ", ".join(f"{escape(a)} {n:,}" for a, n in by_agent.items())
+        console.print(f"Outcome unknown by caller: {counts}")
+    console.print(
+        "[dim]`signalbox trace <trace id>` (ids in --json) shows what is known of each call.[/]"
+    )
 
 
 # -- replay -------------------------------------------------------------------------------

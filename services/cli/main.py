@@ -101,6 +101,7 @@ from services.cli.render import (
     to_json,
 )
 from services.cli.rollout_cmds import rollback, rollout_app
+from services.cli.status_cmds import probe_command, status_command
 from services.cli.trace_cmds import trace_command
 from services.tracing.reader import audit_filter, follow, start_of_last
 
@@ -148,6 +149,8 @@ app.add_typer(rollout_app, name="rollout")
 app.command("rollback")(rollback)
 app.add_typer(breakers_app, name="breakers")
 app.add_typer(operators_app, name="operators")
+app.command("status")(status_command)
+app.command("probe")(probe_command)
 
 # -- commands -----------------------------------------------------------------------------
 

@@ -22,6 +22,18 @@ the usage rows. Rows carry the id of the transaction that inserted them
 the reports this transaction added (a redelivered report conflicts and keeps
 its old batch id), so a report is charged once however often it arrives.
 
+Renewal. A model call in progress keeps its reservation open
+(:meth:`BudgetLedger.renew`): each renewal moves its expiry to at most the
+TTL from now, never past the reservation's longest life, and only for the
+agent that made it while it is open.
+
+Overspend. Usage that no live reservation covers (its reservation expired
+first, it named none, or it cost more than was reserved) is charged all the
+same: the money was spent and the ledger must say so. When such a charge
+leaves a budget's spent plus what others still hold reserved above its
+limit, settlement reports it (:class:`Overspend`) so the service can alert
+and stop the agent: spend never exceeds a hard limit silently.
+
 Windows are UTC calendar days or months: a new window is a new row, so spend
 "resets" without anyone resetting it, and past windows stay for ``show``.
 """
@@ -34,7 +46,7 @@ import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal, cast
 
 from sqlalchemy import BigInteger, Boolean, Float, Index, String, Text, select, text
 from sqlalchemy.engine import Connection, Engine
@@ -42,13 +54,16 @@ from sqlmodel import Field, SQLModel
 
 from broker.budgets import BudgetLookup, applicable_keys
 from broker.sql import table_of
-from schemas import Budget, BudgetCharge, BudgetStatus, BudgetWindow
+from schemas import Budget, BudgetCharge, BudgetStatus, BudgetWindow, ReservationState
 from services.cost.prices import NANOS_PER_USD
 
 __all__ = [
     "BudgetAlert",
     "BudgetLedger",
     "Grant",
+    "Overspend",
+    "OverspendCause",
+    "Renewal",
     "ReservationRow",
     "Settlement",
     "WindowRow",
@@ -124,6 +139,18 @@ _SETTLE_RESERVATION = text(
     f"UPDATE cost_reservation SET state = '{SETTLED}', settled_nanos = :cost, report_id = :report "
     "WHERE id = :id"
 )
+# Conditional: a reservation settled, expired or renewed meanwhile is left as it is.
+_RENEW_RESERVATION = text(
+    "UPDATE cost_reservation SET expires_at = :expires "
+    f"WHERE id = :id AND agent = :agent AND state = '{OPEN}' AND expires_at < :expires"
+)
+# An expired reservation's late report: kept on the reservation, for operators.
+_LATE_REPORT = text(
+    "UPDATE cost_reservation SET settled_nanos = :cost, report_id = :report "
+    f"WHERE id = :id AND state = '{EXPIRED}'"
+)
+#: A renewal that would move the expiry by less than this share of the TTL writes nothing.
+_RENEW_STEP: Final = 0.1
 
 
 def window_bounds(window: BudgetWindow, at: float) -> tuple[int, int]:
@@ -146,6 +173,41 @@ class BudgetAlert:
     hard: bool
 
 
+#: Why usage was not covered by a live reservation: the reservation it names had
+#: expired (released) before the report was metered; it named none (or one that is
+#: not its agent's, or already settled); it cost more than its reservation held.
+OverspendCause = Literal["expired_reservation", "unreserved", "over_reservation"]
+
+
+@dataclass(frozen=True, slots=True)
+class Overspend:
+    """A usage row whose uncovered cost took a budget past its hard limit.
+
+    Past: the window's spent plus what other reservations still hold is above
+    the limit once the row is charged (those reservations were granted against
+    room this usage took, so their settlements will overrun it too).
+
+    Attributes:
+        budget: The budget overrun.
+        charge: Its window right after this row was charged.
+        agent: The agent whose usage report it was.
+        report_id: The usage report.
+        reservation_id: The reservation the report named ("" for none).
+        cause: See :data:`OverspendCause`.
+        cost_nanos: What the report cost.
+        uncovered_nanos: The part of it no live reservation held.
+    """
+
+    budget: Budget
+    charge: BudgetCharge
+    agent: str
+    report_id: str
+    reservation_id: str
+    cause: OverspendCause
+    cost_nanos: int
+    uncovered_nanos: int
+
+
 @dataclass(slots=True)
 class Settlement:
     """Outcome of :meth:`BudgetLedger.settle`.
@@ -155,10 +217,33 @@ class Settlement:
         unreserved: ``(agent, report id)`` of rows that some budget applies
             to but that settled no open reservation of their agent: charged
             all the same, and flagged.
+        expired: ``(agent, report id)`` of the ``unreserved`` rows whose
+            reservation (their agent's) had expired before they were metered.
+        overspends: Rows whose uncovered cost took a budget past its limit,
+            in the order they were charged.
     """
 
     alerts: list[BudgetAlert] = field(default_factory=list)
     unreserved: list[tuple[str, str]] = field(default_factory=list)
+    expired: list[tuple[str, str]] = field(default_factory=list)
+    overspends: list[Overspend] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """Outcome of :meth:`BudgetLedger.renew` for a reservation of the asking agent.
+
+    Attributes:
+        state: ``open``, ``settled`` or ``expired`` (only an open one is renewed).
+        expires_at: Its expiry after this renewal.
+        renewed: This renewal moved the expiry.
+        capped: The expiry is at the reservation's longest life.
+    """
+
+    state: ReservationState
+    expires_at: float
+    renewed: bool = False
+    capped: bool = False
 
 
 @dataclass(slots=True)
@@ -175,6 +260,33 @@ class Grant:
 
 def _usd(nanos: int) -> float:
     return nanos / NANOS_PER_USD
+
+
+def _state(value: Any) -> ReservationState:
+    """A stored reservation state (only the ledger writes it: one of the three)."""
+    return cast(ReservationState, str(value))
+
+
+def _charge(budget: Budget, start: int, spent: int, reserved: int) -> BudgetCharge:
+    """Where ``budget`` stands in its window starting at ``start``."""
+    return BudgetCharge(
+        key=budget.key, limit_usd=budget.limit_usd, spent_usd=_usd(spent),
+        reserved_usd=_usd(reserved), window_start=start,
+        window_end=window_bounds(budget.window, start)[1],
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class _Charge:
+    """What settling one usage row does: adds its cost to ``windows``, releases
+    ``released`` (its reservation's amount) there, of which ``uncovered`` nanos no
+    live reservation held."""
+
+    row: Mapping[str, Any]
+    windows: list[tuple[str, int]]
+    released: int
+    uncovered: int
+    cause: OverspendCause
 
 
 class BudgetLedger:
@@ -299,27 +411,47 @@ class BudgetLedger:
         (and belongs to its agent) replaces the reserved amount with its cost
         on the reserved windows; any other row adds its cost to the windows
         of the budgets that apply to it now, and is reported ``unreserved``
-        when there are any.
+        when there are any (and ``expired`` when the reservation it names, its
+        agent's, had expired).
+
+        Rows are charged in report-time order. A row's cost that no live
+        reservation held (all of it, or what it cost beyond its reservation)
+        is an :class:`Overspend` on every budget whose spent plus reserved
+        amounts it leaves above the limit.
         """
-        spent: dict[tuple[str, int], int] = defaultdict(int)
-        released: dict[tuple[str, int], int] = defaultdict(int)
         ids = sorted({r["reservation_id"] for r in usage if r.get("reservation_id")})
-        open_by_id: dict[str, Any] = {}
+        known: dict[str, Any] = {}
         if ids:
-            query = select(_R).where(_R.c.id.in_(ids), _R.c.state == OPEN).order_by(_R.c.id)
+            query = (
+                select(_R)
+                .where(_R.c.id.in_(ids), _R.c.state.in_((OPEN, EXPIRED)))
+                .order_by(_R.c.id)
+            )
             if self._postgres:
                 query = query.with_for_update()
-            open_by_id = {r.id: r for r in conn.execute(query)}
+            known = {r.id: r for r in conn.execute(query)}
+        plans: list[_Charge] = []
         settled: list[tuple[str, int, str]] = []
-        unreserved: list[tuple[str, str]] = []
-        for row in usage:
-            reservation = open_by_id.pop(row.get("reservation_id") or "", None)
-            if reservation is not None and reservation.agent == row["agent"]:
-                for key, start in json.loads(reservation.windows):
-                    released[(key, int(start))] += reservation.amount_nanos
-                    spent[(key, int(start))] += row["cost_nanos"]
-                settled.append((reservation.id, row["cost_nanos"], row["id"]))
+        late: list[tuple[str, int, str]] = []
+        out = Settlement()
+        for row in sorted(usage, key=lambda r: (r["time"], r["agent"], r["id"])):
+            cost = int(row["cost_nanos"])
+            reservation = known.get(row.get("reservation_id") or "")
+            if reservation is not None and reservation.agent != row["agent"]:
+                reservation = None  # another agent's: not this report's to settle
+            if reservation is not None and reservation.state == OPEN:
+                del known[reservation.id]  # a reservation settles one report
+                windows = [(key, int(start)) for key, start in json.loads(reservation.windows)]
+                uncovered = max(0, cost - reservation.amount_nanos)
+                plans.append(
+                    _Charge(row, windows, reservation.amount_nanos, uncovered, "over_reservation")
+                )
+                settled.append((reservation.id, cost, row["id"]))
                 continue
+            expired = reservation is not None and reservation.state == EXPIRED
+            if reservation is not None and expired:
+                del known[reservation.id]
+                late.append((reservation.id, cost, row["id"]))
             applicable = applicable_keys(
                 budgets,
                 agent=row["agent"],
@@ -328,35 +460,58 @@ class BudgetLedger:
                 on_behalf_of=[p for p in str(row["on_behalf_of"]).split(",") if p],
             )
             if applicable:
-                unreserved.append((row["agent"], row["id"]))
-            for budget in applicable:
-                start, _ = window_bounds(budget.window, row["time"])
-                spent[(budget.key, start)] += row["cost_nanos"]
-        touched = sorted(set(spent) | set(released))
+                out.unreserved.append((row["agent"], row["id"]))
+                if expired:
+                    out.expired.append((row["agent"], row["id"]))
+            windows = [(b.key, window_bounds(b.window, row["time"])[0]) for b in applicable]
+            cause: OverspendCause = "expired_reservation" if expired else "unreserved"
+            plans.append(_Charge(row, windows, 0, cost, cause))
+        if late:
+            conn.execute(
+                _LATE_REPORT,
+                [{"id": rid, "cost": cost, "report": report} for rid, cost, report in late],
+            )
+        touched = sorted({w for plan in plans for w in plan.windows})
         if not touched:
-            return Settlement(unreserved=unreserved)
+            return out
         rows = self._lock(conn, touched)
-        alerts: list[BudgetAlert] = []
+        spent = {w: int(rows[w].spent_nanos) for w in touched}
+        reserved = {w: int(rows[w].reserved_nanos) for w in touched}
+        for plan in plans:
+            cost = int(plan.row["cost_nanos"])
+            for w in plan.windows:
+                reserved[w] = max(0, reserved[w] - plan.released)
+                spent[w] += cost
+            if plan.uncovered <= 0:
+                continue
+            for w in plan.windows:
+                defined = budgets.get(w[0])
+                if defined is None:
+                    continue
+                if spent[w] + reserved[w] > round(defined.limit_usd * NANOS_PER_USD):
+                    out.overspends.append(
+                        Overspend(
+                            budget=defined, charge=_charge(defined, w[1], spent[w], reserved[w]),
+                            agent=plan.row["agent"], report_id=plan.row["id"],
+                            reservation_id=plan.row.get("reservation_id") or "",
+                            cause=plan.cause, cost_nanos=cost, uncovered_nanos=plan.uncovered,
+                        )
+                    )  # fmt: skip
         for key, start in touched:
             win = rows[(key, start)]
-            new_spent = win.spent_nanos + spent[(key, start)]
-            new_reserved = max(0, win.reserved_nanos - released[(key, start)])
+            new_spent, new_reserved = spent[(key, start)], reserved[(key, start)]
             defined = budgets.get(key)
             soft = win.soft_alerted
             exhausted = win.exhausted
             if defined is not None:
                 limit = round(defined.limit_usd * NANOS_PER_USD)
-                charge = BudgetCharge(
-                    key=key, limit_usd=defined.limit_usd, spent_usd=_usd(new_spent),
-                    reserved_usd=_usd(new_reserved), window_start=start,
-                    window_end=window_bounds(defined.window, start)[1],
-                )  # fmt: skip
+                charge = _charge(defined, start, new_spent, new_reserved)
                 if not soft and new_spent + new_reserved >= defined.soft_ratio * limit:
                     soft = True
-                    alerts.append(BudgetAlert(defined, charge, hard=False))
+                    out.alerts.append(BudgetAlert(defined, charge, hard=False))
                 if not exhausted and new_spent >= limit:
                     exhausted = True
-                    alerts.append(BudgetAlert(defined, charge, hard=True))
+                    out.alerts.append(BudgetAlert(defined, charge, hard=True))
             self._set(
                 conn, key, start, win, spent=new_spent, reserved=new_reserved,
                 soft=bool(soft), exhausted=bool(exhausted),
@@ -366,7 +521,56 @@ class BudgetLedger:
                 _SETTLE_RESERVATION,
                 [{"id": rid, "cost": cost, "report": report} for rid, cost, report in settled],
             )
-        return Settlement(alerts=alerts, unreserved=unreserved)
+        return out
+
+    # -- renew -----------------------------------------------------------------
+
+    def renew(
+        self,
+        reservation_id: str,
+        *,
+        agent: str,
+        now: float,
+        ttl: float,
+        max_lifetime: float,
+    ) -> Renewal | None:
+        """Keep ``agent``'s open reservation alive: its expiry moves to ``now + ttl``, never
+        earlier than it is and never past ``max_lifetime`` after the reservation was made.
+
+        An open reservation past its expiry that the expiry loop has not
+        released yet still holds its amount, so it is renewed too. A renewal
+        that would move the expiry by less than a tenth of ``ttl`` (asked long
+        before it is due) writes nothing.
+
+        Returns:
+            None if ``agent`` has no reservation ``reservation_id`` (another
+            agent's is never touched, nor said to exist); else the outcome.
+        """
+        with self._engine.connect() as conn:
+            found = conn.execute(select(_R).where(_R.c.id == reservation_id)).first()
+        if found is None or found.agent != agent:
+            return None
+        cap = float(found.created_at) + max_lifetime
+        target = min(now + ttl, cap)
+        if found.state != OPEN:
+            return Renewal(state=_state(found.state), expires_at=float(found.expires_at))
+        gain = target - float(found.expires_at)
+        if gain <= 0 or (gain < ttl * _RENEW_STEP and target < cap):
+            return Renewal(
+                state=OPEN, expires_at=float(found.expires_at),
+                capped=float(found.expires_at) >= cap,
+            )  # fmt: skip
+        with self._writer.begin() as conn:
+            moved = conn.execute(
+                _RENEW_RESERVATION, {"id": reservation_id, "agent": agent, "expires": target}
+            ).rowcount
+            if not moved:  # settled, expired or renewed since it was read: say how it is now
+                now_row = conn.execute(select(_R).where(_R.c.id == reservation_id)).one()
+                return Renewal(
+                    state=_state(now_row.state), expires_at=float(now_row.expires_at),
+                    capped=float(now_row.expires_at) >= cap,
+                )  # fmt: skip
+        return Renewal(state=OPEN, expires_at=target, renewed=True, capped=target >= cap)
 
     # -- expire ----------------------------------------------------------------
 

@@ -25,8 +25,13 @@ Invalid reports are audited as ``rejected``, counted, and terminated (never
 redelivered forever, never silently dropped).
 
 Usage that a budget applies to but that settles no reservation (the model
-call skipped ``authorize``) is charged all the same, stored ``unreserved``
-and audited (kind ``budget``, event ``unreserved``).
+call skipped ``authorize``, or its reservation had expired) is charged all the
+same, stored ``unreserved`` and audited (kind ``budget``, event ``unreserved``).
+Usage that no live reservation covers and that takes a budget past its limit
+is an overspend: charged (the money was spent), audited as an ``alert``
+(event ``overspend``: the budget, its limit, spent and reserved amounts, the
+report and the agent), counted, and the agent's breaker is tripped until an
+operator resets it, so no configuration lets spend pass a limit silently.
 
 Budgets (:mod:`services.cost.budgets`). Definitions live in the KV bucket
 ``sb_budgets``; operators set them on ``sb.admin.budgets.<op>``. The policy
@@ -35,8 +40,12 @@ call some budget applies to: the call's worst-case cost is reserved on every
 applicable budget under a row lock, or refused naming the budget, its limit,
 spent and reserved amounts. Usage reports settle their reservation in the
 metering transaction; reservations left unsettled are released at expiry
-(``SIGNALBOX_BUDGET_RESERVATION_TTL``). Crossing a soft threshold or
-exhausting a budget is audited (kind ``budget``).
+(``SIGNALBOX_BUDGET_RESERVATION_TTL``). While a model call runs, the SDK
+renews its reservation on ``sb.cost.renew.<agent>`` (the agent the subject
+names, and only its own open reservation: each renewal moves the expiry to at
+most the TTL from now, never past ``SIGNALBOX_BUDGET_RESERVATION_MAX_LIFETIME``
+after it was made). Crossing a soft threshold or exhausting a budget is
+audited (kind ``budget``).
 
 Reports. ``sb.admin.cost.report`` (operators only: the server lets only
 operators and services publish under ``sb.admin.>``) answers a
@@ -48,14 +57,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from broker.audit import new_id
@@ -72,7 +85,16 @@ from broker.replies import H_CHAIN, H_CHAIN_SIG
 from broker.service import Service
 from broker.settings import Settings
 from broker.subjects import Audience, is_valid_token
-from broker.telemetry import ATTR, AuditIds, annotate, extract, hex_ids, parent_ids
+from broker.telemetry import (
+    ATTR,
+    AuditIds,
+    annotate,
+    extract,
+    hex_ids,
+    owned_trace_id,
+    parent_ids,
+    trusted_parent,
+)
 from schemas import (
     AgentManifest,
     AgentRecord,
@@ -85,13 +107,16 @@ from schemas import (
     CostReportRequest,
     ListBudgets,
     RemoveBudget,
+    RenewReservation,
     Reservation,
+    ReservationRenewed,
     ReserveBudget,
     SetBudget,
     ShowBudget,
     UsageReport,
+    Wire,
 )
-from services.cost.budgets import BudgetAlert
+from services.cost.budgets import BudgetAlert, Overspend
 from services.cost.prices import NANOS_PER_USD, Prices, load_prices
 from services.cost.store import UsageStore
 
@@ -105,6 +130,10 @@ _PERIODIC = {"day": "daily", "month": "monthly"}
 CONSUMER = "sb-cost-meter"
 #: Most agents read from a usage report's ``Sb-Chain`` (the policy service signs shorter ones).
 _MAX_CHAIN = 256
+#: The SDK renews a reservation when a third of the TTL has passed since it last did.
+_RENEW_AT = 1 / 3
+
+Req = TypeVar("Req")
 
 
 def bound_projects(manifest: AgentManifest) -> frozenset[str]:
@@ -119,6 +148,26 @@ def bound_projects(manifest: AgentManifest) -> frozenset[str]:
     projects.add(manifest.project)
     projects.discard("")
     return frozenset(projects)
+
+
+_CAUSES = {
+    "expired_reservation": "its reservation had expired before the report was metered (the "
+    "model call outlived SIGNALBOX_BUDGET_RESERVATION_TTL without renewing it)",
+    "unreserved": "it settled no reservation of its own",
+    "over_reservation": "it cost more than its reservation held",
+}
+
+
+def _overspend_text(over: Overspend) -> str:
+    """Why ``over`` is an overspend, in words an operator can act on."""
+    c = over.charge
+    state = "exhausted and overspent" if c.spent_usd >= c.limit_usd else "overspent"
+    return (
+        f"budget {over.budget.key} {state} by {over.agent}: usage report {over.report_id} "
+        f"cost ${over.cost_nanos / NANOS_PER_USD:.4f}, ${over.uncovered_nanos / NANOS_PER_USD:.4f} "
+        f"of it held by no live reservation ({_CAUSES[over.cause]}), leaving "
+        f"${c.spent_usd:.4f} spent + ${c.reserved_usd:.4f} reserved of ${c.limit_usd:.2f}"
+    )
 
 
 class CostService(Service):
@@ -160,14 +209,19 @@ class CostService(Service):
         self.breakers: BreakerBoard | None = None
         self._budget_kv: KeyValue | None = None
         self._expiry: asyncio.Task[None] | None = None
-        #: Reservations granted / refused, and budget alerts audited, by this replica.
+        #: Reservations granted / refused / renewed (renewals refused), budget alerts
+        #: audited and overspends alerted, by this replica.
         self.budget_stats: dict[str, int] = {
             "reserved": 0, "refused": 0, "expired": 0, "soft_alerts": 0, "exhausted": 0,
-            "unreadable": 0,
+            "unreadable": 0, "renewed": 0, "renewals_refused": 0, "overspent": 0,
         }  # fmt: skip
         s = self.subjects
         self.endpoint(s.admin("cost", "report"), CostReportRequest)(self.cost_report)
         self.endpoint(s.cost_reserve, ReserveBudget, audience=Audience.SERVICE)(self.reserve)
+        # Agent-scoped: the subject's last token is the agent (see handle()).
+        self.endpoint(s.cost_renew_wildcard, RenewReservation, audience=Audience.AGENT)(
+            self.renew_reservation
+        )
         self.endpoint(s.cost_versions, CostByVersionRequest, audience=Audience.SERVICE)(
             self.cost_by_version
         )
@@ -245,7 +299,7 @@ class CostService(Service):
         """One ``sb.usage`` span for a metered report, child of the trace context the SDK
         sent with it; its ids, for the audit record (no span ids when the report names
         another trace than its headers)."""
-        parent = extract(msg.headers)
+        parent = self._trusted_trace(msg, report.agent)[0]
         span = self.telemetry.start("sb.usage", parent=parent, kind=SpanKind.CONSUMER)
         annotate(span, lambda: {
             ATTR["agent"]: report.agent, ATTR["team"]: row.get("team", ""),
@@ -260,6 +314,40 @@ class CostService(Service):
         if report.trace_id and report.trace_id != trace_id:
             return AuditIds(report.trace_id, "")
         return AuditIds(trace_id, span_id, *parent_ids(parent))
+
+    def _trusted_trace(self, msg: Msg, agent: str) -> tuple[otel_context.Context, str]:
+        """The trace context a report of ``agent`` may continue (``broker.telemetry``:
+        its own trace, or one the policy service vouched for with the chain it signed),
+        and the trace id its headers claimed (kept or not)."""
+        headers = msg.headers or {}
+        chain = headers.get(H_CHAIN, "")
+        at = self._report_time(msg)
+
+        def vouched(trace_id: str) -> bool:
+            signature = headers.get(H_CHAIN_SIG, "")
+            return verify_chain(self._chain_key, agent, chain, signature, at, trace_id)
+
+        parent, moved_from = trusted_parent(headers, agent, vouched if chain else None)
+        sc = trace.get_current_span(parent).get_span_context()
+        return parent, moved_from or (f"{sc.trace_id:032x}" if sc.is_valid else "")
+
+    def _checked_trace_id(self, msg: Msg, report: UsageReport) -> str:
+        """The trace the report is stored and audited under: its headers' trace as
+        :meth:`_trusted_trace` keeps or moves it; a trace id the body names beyond that is
+        moved into one the agent owns (``owned_trace_id``), never taken as is."""
+        parent, claimed = self._trusted_trace(msg, report.agent)
+        sc = trace.get_current_span(parent).get_span_context()
+        kept = f"{sc.trace_id:032x}" if sc.is_valid else ""
+        if not report.trace_id or report.trace_id == claimed:
+            return kept
+        return owned_trace_id(report.agent, report.trace_id)
+
+    @staticmethod
+    def _report_time(msg: Msg) -> float:
+        try:
+            return msg.metadata.timestamp.timestamp()
+        except Exception:  # not a JetStream delivery (tests feeding messages by hand)
+            return time.time()
 
     def _team(self, agent: str) -> str:
         record = self._agents.get(agent) if self._agents is not None else None
@@ -284,11 +372,11 @@ class CostService(Service):
         if not chain:
             return (), ()
         names = tuple(dict.fromkeys(p for p in chain.split(",")[:_MAX_CHAIN] if is_valid_token(p)))
-        try:
-            at = msg.metadata.timestamp.timestamp()
-        except Exception:  # not a JetStream delivery (tests feeding messages by hand)
-            at = time.time()
-        if not verify_chain(self._chain_key, agent, chain, headers.get(H_CHAIN_SIG, ""), at):
+        at = self._report_time(msg)
+        claimed = trace.get_current_span(extract(headers)).get_span_context()
+        trace_id = f"{claimed.trace_id:032x}" if claimed.is_valid else ""
+        signature = headers.get(H_CHAIN_SIG, "")
+        if not verify_chain(self._chain_key, agent, chain, signature, at, trace_id):
             return (), names or ("(unreadable chain)",)
         return tuple(p for p in names if p != agent), ()
 
@@ -313,6 +401,21 @@ class CostService(Service):
     async def _audit_unreserved(self, report: UsageReport, row: dict[str, Any]) -> None:
         """Budgeted usage that settled no reservation: charged, and audited as such."""
         self.attribution_stats["unreserved"] += 1
+        expired = bool(row.get("reservation_expired"))
+        if expired:
+            text = (
+                f"{report.agent} reported usage of reservation {report.reservation_id}, which "
+                "had expired before the report was metered (the model call outlived "
+                "SIGNALBOX_BUDGET_RESERVATION_TTL without renewing it): charged to the budgets "
+                "that apply now, outside any reservation"
+            )
+        else:
+            text = (
+                f"{report.agent} reported usage a budget applies to without a reservation (its "
+                "model call was not authorized with Agent.model_call or "
+                "Agent.authorize(estimated_tokens=...)): charged, but no budget was checked "
+                "before the money was spent"
+            )
         await self.audit.emit(
             "budget",
             actor=report.agent,
@@ -324,13 +427,75 @@ class CostService(Service):
                 "report": report.id, "model": report.model, "team": row["team"],
                 "project": row["project"], "on_behalf_of": row["on_behalf_of"],
                 "cost_usd": int(row["cost_nanos"]) / NANOS_PER_USD,
-                "reservation_id": report.reservation_id,
-                "text": f"{report.agent} reported usage a budget applies to without a "
-                "reservation (its model call was not authorized with Agent.model_call or "
-                "Agent.authorize(estimated_tokens=...)): charged, but no budget was checked "
-                "before the money was spent",
+                "reservation_id": report.reservation_id, "reservation_expired": expired,
+                "text": text,
             },
         )  # fmt: skip
+
+    async def _overspent(self, reports: list[tuple[Msg, UsageReport, dict[str, Any]]]) -> None:
+        """Usage that took a budget past its limit with no live reservation covering it:
+        trip each such agent's breaker (until an operator resets it), then audit every
+        overspend as an ``alert`` and count it. The usage itself stays charged."""
+        found = [(report, over) for _, report, row in reports for over in row.get("overspends", ())]
+        if not found:
+            return
+        last: dict[str, Overspend] = {}
+        for _, over in found:
+            last[over.agent] = over  # charged in order: the last is the furthest over
+        for agent, over in last.items():
+            await self._trip_overspender(agent, over)
+        for report, over in found:
+            self.budget_stats["overspent"] += 1
+            c = over.charge
+            log.warning(
+                "cost: overspend: %s's usage report %s took budget %s to $%.4f spent + $%.4f "
+                "reserved of $%.2f (%s); its breaker is tripped until reset",
+                over.agent, over.report_id, over.budget.key, c.spent_usd, c.reserved_usd,
+                c.limit_usd, over.cause,
+            )  # fmt: skip
+            await self.audit.emit(
+                "alert",
+                actor=over.agent,
+                subject=f"$KV.{KV_BUDGETS}.{over.budget.key}",
+                trace_id=report.trace_id,
+                event_id=f"overspend-{over.agent}-{over.report_id}-{over.budget.key}",
+                data={
+                    "event": "overspend", "budget": over.budget.key, "scope": over.budget.scope,
+                    "name": over.budget.name, "window": over.budget.window,
+                    "limit_usd": c.limit_usd, "spent_usd": c.spent_usd,
+                    "reserved_usd": c.reserved_usd,
+                    "over_usd": max(0.0, c.spent_usd + c.reserved_usd - c.limit_usd),
+                    "window_start": c.window_start, "window_end": c.window_end,
+                    "agent": over.agent, "report": over.report_id,
+                    "reservation_id": over.reservation_id, "cause": over.cause,
+                    "model": report.model, "cost_usd": over.cost_nanos / NANOS_PER_USD,
+                    "uncovered_usd": over.uncovered_nanos / NANOS_PER_USD,
+                    "text": _overspend_text(over),
+                    "effect": "charged (the money was spent); the breaker agent."
+                    f"{over.agent} is tripped: its model use and calls are refused until an "
+                    "operator resets it",
+                    "fix": f"signalbox breakers reset agent:{over.agent}",
+                },
+            )  # fmt: skip
+
+    async def _trip_overspender(self, agent: str, over: Overspend) -> None:
+        """Open ``agent``'s breaker until an operator resets it (reason ``budget``)."""
+        if self.breakers is None:
+            return
+        c = over.charge
+        try:
+            await self.breakers.trip(
+                breaker_key("agent", agent),
+                "budget",
+                f"{_overspend_text(over)}; its model use is refused until an operator resets "
+                f"this breaker (`signalbox breakers reset agent:{agent}`)",
+                figures={"limit_usd": c.limit_usd, "spent_usd": c.spent_usd,
+                         "reserved_usd": c.reserved_usd,
+                         "uncovered_usd": over.uncovered_nanos / NANOS_PER_USD},
+                cooldown=None,
+            )  # fmt: skip
+        except SignalboxError as err:  # the alert is audited all the same
+            log.error("cost: could not trip the breaker of overspending %s: %s", agent, err.message)
 
     async def meter(self, msgs: list[Msg]) -> None:
         """Validate, store (one transaction), audit, then ack one batch."""
@@ -350,6 +515,9 @@ class CostService(Service):
                 log.error("cost: %s", err)
                 bad.append(msg)
                 continue
+            trace_id = self._checked_trace_id(msg, report)
+            if trace_id != report.trace_id:
+                report = msgspec.structs.replace(report, trace_id=trace_id)
             row = self._attributed_row(msg, report, now)
             rows.append(row)
             reports.append((msg, report, row))
@@ -367,8 +535,14 @@ class CostService(Service):
             reports = []
         else:
             self.metered += len(rows)
+            # Breakers before records: an exhausted budget's, then those of the agents
+            # whose usage overran a limit (held until reset: the last word on them).
             for alert in alerts:
-                await self._alert(alert, actor=self.actor)
+                if alert.hard:
+                    await self._trip_exhausted(alert)
+            await self._overspent(reports)
+            for alert in alerts:
+                await self._alert(alert, actor=self.actor, trip=False)
         for msg, report, row in reports:
             data = msgspec.to_builtins(report)
             data["team"] = row["team"]
@@ -379,6 +553,8 @@ class CostService(Service):
                 data["ignored_project"] = row["ignored_project"]
                 data["dropped_on_behalf_of"] = row["dropped_on_behalf_of"]
             data["unreserved"] = row["unreserved"]
+            if row.get("overspends"):
+                data["overspent"] = sorted({o.budget.key for o in row["overspends"]})
             data["cost_nanos"] = row["cost_nanos"]
             data["priced_by_fallback"] = row["priced_by_fallback"]
             ids = self._usage_span(msg, report, row)
@@ -503,6 +679,62 @@ class CostService(Service):
             charges=tuple(grant.charges), priced_by_fallback=priced.fallback,
         )  # fmt: skip
 
+    async def handle(
+        self,
+        data: bytes,
+        subject: str,
+        request_type: type[Req],
+        fn: Callable[[Req], Awaitable[Wire]],
+    ) -> tuple[bytes, dict[str, str]]:
+        """The endpoint contract; a renewal is asked by the agent its subject names
+        (``sb.cost.renew.<agent>``, which only that agent may publish), never a body field."""
+        if request_type is RenewReservation:
+            agent = self.subjects.sender_of(subject) or ""
+            fn = functools.partial(self.renew_reservation, agent=agent)
+        return await super().handle(data, subject, request_type, fn)
+
+    async def renew_reservation(
+        self, request: RenewReservation, agent: str = ""
+    ) -> ReservationRenewed:
+        """``sb.cost.renew.<agent>``: keep the reservation of ``agent``'s model call in progress.
+
+        Only ``agent``'s own open reservation is renewed, to at most
+        ``SIGNALBOX_BUDGET_RESERVATION_TTL`` from now and never past
+        ``SIGNALBOX_BUDGET_RESERVATION_MAX_LIFETIME`` after it was made; a
+        settled or expired one is answered as it is (nothing renewed).
+
+        Raises:
+            NotFound: ``agent`` has no reservation with that id (another
+                agent's is not touched, nor said to exist).
+        """
+        ttl = self.settings.budget_reservation_ttl
+        now = time.time()
+        outcome = None
+        if agent:
+            outcome = await asyncio.to_thread(
+                self.store.ledger.renew, request.reservation_id, agent=agent, now=now, ttl=ttl,
+                max_lifetime=self.settings.budget_reservation_max_lifetime,
+            )  # fmt: skip
+        if outcome is None:
+            self.budget_stats["renewals_refused"] += 1
+            raise NotFound(
+                f"{agent or 'this sender'} has no budget reservation {request.reservation_id}; "
+                "an agent renews only the reservation of its own model call in progress",
+                details={"reservation_id": request.reservation_id, "agent": agent},
+            )
+        if outcome.renewed:
+            self.budget_stats["renewed"] += 1
+        open_ = outcome.state == "open"
+        renew_in = 0.0
+        if open_ and not outcome.capped:
+            # When a third of the TTL has passed since the expiry was last moved.
+            renew_in = max(0.0, outcome.expires_at - now - ttl * (1 - _RENEW_AT))
+        return ReservationRenewed(
+            reservation_id=request.reservation_id, state=outcome.state,
+            renewed=outcome.renewed, expires_at=outcome.expires_at, renew_in=renew_in,
+            capped=open_ and outcome.capped,
+        )  # fmt: skip
+
     def _budget_unreadable(self, key: str, reason: str) -> None:
         """A stored budget cannot be read: audit it (kind ``alert``); calls it governs fail."""
         self.budget_stats["unreadable"] += 1
@@ -513,14 +745,17 @@ class CostService(Service):
             fix=err.details["fix"],
         )  # fmt: skip
 
-    async def _alert(self, alert: BudgetAlert, *, actor: str, trace_id: str = "") -> None:
+    async def _alert(
+        self, alert: BudgetAlert, *, actor: str, trace_id: str = "", trip: bool = True
+    ) -> None:
         """Audit a crossed threshold (soft: an alert; hard: the budget is exhausted).
 
         An exhausted agent or team budget also trips that agent's or team's
         breaker until the window ends (every policy replica then refuses its
         calls at once, not only its model calls); at the end one probe call
         passes and closes it. A project has no breaker: its calls are refused
-        at reservation.
+        at reservation. ``trip=False``: the caller tripped it already
+        (:meth:`_trip_exhausted`).
         """
         self.budget_stats["exhausted" if alert.hard else "soft_alerts"] += 1
         event = "exhausted" if alert.hard else "soft_threshold"
@@ -529,6 +764,22 @@ class CostService(Service):
             alert.budget.key, event.replace("_", " "), alert.charge.spent_usd,
             alert.charge.reserved_usd, alert.charge.limit_usd,
         )  # fmt: skip
+        if alert.hard and trip:
+            await self._trip_exhausted(alert)
+        await self.audit.emit(
+            "budget",
+            actor=actor,
+            subject=f"$KV.{KV_BUDGETS}.{alert.budget.key}",
+            trace_id=trace_id,
+            data={
+                "event": event, "budget": msgspec.to_builtins(alert.budget),
+                "charge": msgspec.to_builtins(alert.charge),
+                "soft_ratio": alert.budget.soft_ratio,
+            },
+        )  # fmt: skip
+
+    async def _trip_exhausted(self, alert: BudgetAlert) -> None:
+        """Trip the breaker of an exhausted agent or team budget until its window ends."""
         budget = alert.budget
         if alert.hard and budget.scope != "project" and self.breakers is not None:
             charge = alert.charge
@@ -544,19 +795,8 @@ class CostService(Service):
                              "reserved_usd": charge.reserved_usd},
                     cooldown=max(1.0, charge.window_end - time.time()),
                 )  # fmt: skip
-            except SignalboxError as err:  # audited below either way; refusals still hold
+            except SignalboxError as err:  # audited either way; refusals still hold
                 log.error("cost: could not trip the breaker of %s: %s", budget.key, err.message)
-        await self.audit.emit(
-            "budget",
-            actor=actor,
-            subject=f"$KV.{KV_BUDGETS}.{alert.budget.key}",
-            trace_id=trace_id,
-            data={
-                "event": event, "budget": msgspec.to_builtins(alert.budget),
-                "charge": msgspec.to_builtins(alert.charge),
-                "soft_ratio": alert.budget.soft_ratio,
-            },
-        )  # fmt: skip
 
     async def _expire_reservations(self) -> None:
         """Release reservations nobody settled, every few seconds (every replica; row-locked)."""

@@ -252,7 +252,11 @@ class UsageStore:
         Returns once committed (the caller acks after that), with the budget
         thresholds the batch crossed (to audit, and to trip breakers on).
         Rows a budget applied to but that settled no reservation are stored
-        with ``unreserved`` set, and marked so in ``rows`` too (``row["unreserved"]``).
+        with ``unreserved`` set, and marked so in ``rows`` too (``row["unreserved"]``;
+        ``row["reservation_expired"]`` when the reservation they named had
+        expired). Rows whose uncovered cost took a budget past its limit carry
+        their :class:`~services.cost.budgets.Overspend` records in
+        ``row["overspends"]`` (alert on them, stop the agent).
         """
         if not rows:
             return []
@@ -270,6 +274,12 @@ class UsageStore:
                 return []
             inserted = self._inserted_rows(conn, batch, rows)
             settled = self.ledger.settle(conn, inserted, budgets or {})
+            if settled.overspends or settled.expired:
+                by_row = {(row["agent"], row["id"]): row for row in rows}
+                for agent, id_ in settled.expired:
+                    by_row[(agent, id_)]["reservation_expired"] = True
+                for over in settled.overspends:
+                    by_row[(over.agent, over.report_id)].setdefault("overspends", []).append(over)
             if settled.unreserved:
                 conn.execute(
                     _U.update()

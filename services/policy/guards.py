@@ -76,7 +76,9 @@ __all__ = [
 Clock = Callable[[], float]
 
 #: Error codes of a relayed reply that count against the target (see the module docstring).
-TARGET_ERRORS: Final = frozenset({"remote_error", "timeout", "target_unavailable", "internal"})
+#: The code of a forwarded call its target did not answer in time (``OutcomeUnknown``).
+TIMED_OUT: Final = "outcome_unknown"
+TARGET_ERRORS: Final = frozenset({"remote_error", TIMED_OUT, "target_unavailable", "internal"})
 #: Longest ``Sb-Chain`` accepted (agents); longer is a loop whatever the settings.
 MAX_CHAIN: Final = 256
 #: Slots per short window: rates are measured in steps of a tenth of it.
@@ -246,16 +248,16 @@ class ErrorRate:
         """
         if error_code not in TARGET_ERRORS:
             return False
-        return error_code != "timeout" or waited >= self.min_timeout
+        return error_code != TIMED_OUT or waited >= self.min_timeout
 
     def verdict(self, error_code: str, waited: float) -> bool | None:
         """What a reply says about its target: True failed, False did not, None inconclusive.
 
-        A ``timeout`` under a deadline shorter than ``min_timeout`` is
+        A time-out (``outcome_unknown``) under a deadline shorter than ``min_timeout`` is
         inconclusive: the caller gave up, the target may be merely slow (a
         breaker probe judged by it is released, neither closed nor re-opened).
         """
-        if error_code == "timeout" and waited < self.min_timeout:
+        if error_code == TIMED_OUT and waited < self.min_timeout:
             return None
         return self.counts(error_code, waited)
 

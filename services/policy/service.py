@@ -66,6 +66,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.errors import InvalidKeyError, KeyNotFoundError
 from nats.js.kv import KeyValue
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
@@ -74,15 +75,17 @@ from broker.breakers import BreakerBoard, breaker_key, breaker_open
 from broker.budgets import applicable_keys, unreadable_budget, unreadable_keys
 from broker.codec import decode
 from broker.connection import sync_connection
+from broker.dedup import validate_idempotency_key
 from broker.diagnostics import cancel_and_wait
 from broker.errors import (
+    AuditUnavailable,
     CallDenied,
-    CallTimeout,
     ConfigError,
     Conflict,
     DeadlineExceeded,
     InvalidInput,
     NotFound,
+    OutcomeUnknown,
     PayloadTooLarge,
     SchemaError,
     SignalboxError,
@@ -108,6 +111,7 @@ from broker.replies import (
     H_CHAIN_SIG,
     H_DEADLINE,
     H_ERROR,
+    H_IDEMPOTENCY_KEY,
     H_TIMEOUT_MS,
     error_reply,
 )
@@ -125,6 +129,7 @@ from broker.telemetry import (
     fail,
     hex_ids,
     inject,
+    trusted_parent,
 )
 from schemas import (
     ActivePolicy,
@@ -226,6 +231,8 @@ class _Pending:
     timeout: float = 0.0
     #: The target version a route or a pin chose ("" for any).
     version: str = ""
+    #: The caller's idempotency key ("" for none).
+    idempotency_key: str = ""
 
 
 class PolicyService(Service):
@@ -300,6 +307,8 @@ class PolicyService(Service):
         self.guards = Guards(settings)
         self._tripping: set[str] = set()
         self._breaker_tasks: set[asyncio.Task[None]] = set()
+        #: Calls and authorizations waiting for their decision's write (write-ahead).
+        self._call_tasks: set[asyncio.Task[None]] = set()
         self.endpoint(s.admin("breakers", "list"), ListBreakers)(self.list_breakers)
         self.endpoint(s.admin("breakers", "trip"), TripBreaker)(self.trip_breaker)
         self.endpoint(s.admin("breakers", "reset"), ResetBreaker)(self.reset_breaker)
@@ -309,7 +318,7 @@ class PolicyService(Service):
             "authz": 0, "authz_allowed": 0, "authz_denied": 0,
             "parked": 0, "approved": 0, "shadow_disagreements": 0, "internal_errors": 0,
             "budget_refused": 0, "budget_unavailable": 0, "budget_unreadable": 0,
-            "unsigned_chains": 0,
+            "unsigned_chains": 0, "moved_traces": 0, "audit_unavailable": 0,
             "breaker_refused": 0, "breaker_trips": 0, "breaker_probes": 0,
         }  # fmt: skip
 
@@ -370,13 +379,17 @@ class PolicyService(Service):
         self._call_sub = await self.nc.subscribe(
             self.subjects.out_wildcard,
             queue="sb-policy",
-            cb=self.traced("sb.decision", self._guarded(self._on_call)),
+            cb=self.traced(
+                "sb.decision", self._guarded(self._on_call), parent=self._caller_trace
+            ),
             pending_msgs_limit=1_000_000,
         )
         self._authz_sub = await self.nc.subscribe(
             self.subjects.authz_wildcard,
             queue="sb-policy",
-            cb=self.traced("sb.authz", self._guarded(self._on_authz)),
+            cb=self._concurrently(
+                self.traced("sb.authz", self._guarded(self._on_authz), parent=self._caller_trace)
+            ),
             pending_msgs_limit=100_000,
         )
         # Not nc.flush(): see sync_connection (nats-py can PONG before our SUB).
@@ -396,6 +409,8 @@ class PolicyService(Service):
                     await sub.unsubscribe()
         if self.approvals is not None:
             await self.approvals.stop()  # parked callers are told now, not left waiting
+        if self._call_tasks:  # decisions being stored: forwarded or refused, then drained
+            await asyncio.wait(set(self._call_tasks), timeout=self.settings.write_ahead_timeout + 1)
         if self._pending:
             self._drained.clear()
             with contextlib.suppress(TimeoutError):
@@ -893,16 +908,16 @@ class PolicyService(Service):
         await self._desk().park(parked, expires_in)
 
     async def forward_approved(self, parked: Parked, record: ApprovalRequest) -> None:
-        """Forward a parked call an operator approved, as an allowed call; audit the use."""
+        """Forward a parked call an operator approved, as an allowed call; audit the use
+        (written ahead, as every allowed call's decision)."""
         self.stats["allowed"] += 1
         self.stats["approved"] += 1
-        await self.audit.emit(
-            "decision",
-            actor=record.caller,
-            subject=parked.subject,
-            trace_id=parked.trace_id,
-            policy_version=record.policy_version,
-            data={
+        decided = {
+            "actor": record.caller,
+            "subject": parked.subject,
+            "trace_id": parked.trace_id,
+            "policy_version": record.policy_version,
+            "data": {
                 "call_id": record.call_id, "caller": record.caller, "target": record.target,
                 "capability": record.capability, "approval_id": record.id,
                 "approved_by": record.decided_by, "binding": record.binding,
@@ -914,8 +929,17 @@ class PolicyService(Service):
                     "policy_version": record.policy_version,
                 },
             },
-        )  # fmt: skip
+        }  # fmt: skip
         remaining = min(parked.deadline - time.time(), self.settings.call_timeout)
+        if self.settings.write_ahead:
+            started = time.monotonic()
+            if not await self._write_ahead(
+                decided, parked.reply, record.call_id, max(remaining, 0.001), _NO_GATE
+            ):
+                return
+            remaining -= time.monotonic() - started
+        else:
+            await self.audit.emit("decision", **decided)
         await self._forward(
             parked.reply, parked.data, parked.headers, record.call_id, record.caller,
             record.target, record.capability, parked.trace_id, max(remaining, 0.001),
@@ -944,6 +968,9 @@ class PolicyService(Service):
                     details={"size": len(msg.data), "limit": self.settings.max_call_bytes},
                 )
             timeout = self._timeout(headers)
+            key = headers.get(H_IDEMPOTENCY_KEY, "")
+            if key:
+                validate_idempotency_key(key)
         except SignalboxError as err:
             await self._reject(err, msg, caller)
             return
@@ -981,16 +1008,27 @@ class PolicyService(Service):
         }  # fmt: skip
         if decision.effect == "needs_approval":
             data["approval_id"] = new_id()
+        if key:  # what a retry of this call will carry too
+            data["idempotency_key"] = key
         if context != _NO_CONTEXT:  # the inputs a what-if replay needs
             data["context"] = context.audit_fields()
-        await self.audit.emit(
-            "decision",
-            actor=caller,
-            subject=msg.subject,
-            trace_id=trace_id,
-            policy_version=decision.policy_version,
-            data=data,
-        )
+        record = {
+            "actor": caller, "subject": msg.subject, "trace_id": trace_id,
+            "policy_version": decision.policy_version, "data": data,
+        }  # fmt: skip
+        if decision.effect == "allow" and self.settings.write_ahead:
+            # Write-ahead: nothing runs without a durable decision (docs/decisions.md 29).
+            # In a task of its own: nats-py runs a subscription's callbacks one after
+            # the other, and calls waiting here together share one JetStream write.
+            self._spawn(
+                self._forward_when_stored(
+                    record, msg.reply, msg.data, headers, call_id, caller, target,
+                    capability, trace_id, timeout, gate,
+                ),
+                msg,
+            )  # fmt: skip
+            return
+        await self.audit.emit("decision", **record)
         if decision.effect != "allow" and gate.probes:
             # Not forwarded: the probe tested nothing; the next call may probe.
             self._settle_probes([(key, cid, None) for key, cid in gate.probes])
@@ -1009,6 +1047,83 @@ class PolicyService(Service):
             msg.reply, msg.data, headers, call_id, caller, target, capability, trace_id, timeout,
             gate=gate,
         )  # fmt: skip
+
+    def _concurrently(
+        self, handler: Callable[[Msg], Awaitable[None]]
+    ) -> Callable[[Msg], Awaitable[None]]:
+        """``handler`` run in a task per message (an authorization waits for its
+        decision's write; the next one need not wait for it)."""
+
+        async def spawn(msg: Msg) -> None:
+            task = asyncio.ensure_future(handler(msg))
+            self._call_tasks.add(task)
+            task.add_done_callback(self._call_tasks.discard)
+
+        return spawn
+
+    def _spawn(self, work: Awaitable[None], msg: Msg) -> None:
+        """Run the rest of ``msg``'s handling in a task, guarded like :meth:`_guarded`."""
+        task = asyncio.ensure_future(self._guarded(lambda _: work)(msg))
+        self._call_tasks.add(task)
+        task.add_done_callback(self._call_tasks.discard)
+
+    async def _forward_when_stored(
+        self,
+        record: dict[str, Any],
+        reply: str,
+        payload: bytes,
+        headers: dict[str, str],
+        call_id: str,
+        caller: str,
+        target: str,
+        capability: str,
+        trace_id: str,
+        timeout: float,
+        gate: _Gate,
+    ) -> None:
+        """Forward an allowed call once its decision record is stored (write-ahead)."""
+        started = time.monotonic()
+        if not await self._write_ahead(record, reply, call_id, timeout, gate):
+            return
+        self.stats["allowed"] += 1
+        await self._forward(
+            reply, payload, headers, call_id, caller, target, capability, trace_id,
+            timeout - (time.monotonic() - started), gate=gate,
+        )  # fmt: skip
+
+    async def _write_ahead(
+        self, record: dict[str, Any], reply: str, call_id: str, timeout: float, gate: _Gate
+    ) -> bool:
+        """Store an allowed call's decision record before it is forwarded; False: it could
+        not be stored in time, so the call was refused unrun (answered ``audit_unavailable``,
+        the refusal recorded as the call's outcome)."""
+        wait = min(timeout, self.settings.write_ahead_timeout)
+        try:
+            await self.audit.write_ahead("decision", timeout=wait, **record)
+            return True
+        except TimeoutError:
+            pass
+        self.stats["audit_unavailable"] += 1
+        data = record["data"]
+        err = AuditUnavailable(
+            f"the decision on this call to {data['target']}.{data['capability']} could not be "
+            f"stored within {wait:g}s (is JetStream up?); not forwarded, safe to retry",
+            details={"target": data["target"], "capability": data["capability"]},
+        )
+        body, headers = error_reply(err)
+        await self.nc.publish(reply, body, headers=headers)
+        if gate.probes:
+            self._settle_probes([(key, cid, None) for key, cid in gate.probes])
+        outcome = CallOutcome(
+            call_id=call_id, caller=data["caller"], target=data["target"],
+            capability=data["capability"], ok=False, latency_ms=wait * 1000,
+            error_code=err.code,
+        )  # fmt: skip
+        await self.audit.emit(
+            "call", actor=data["caller"], subject=record["subject"],
+            trace_id=record["trace_id"], data=outcome,
+        )  # fmt: skip
+        return False
 
     async def _forward(
         self,
@@ -1057,6 +1172,7 @@ class PolicyService(Service):
             # timer runs on what is left of its deadline, a little less after transit.
             timeout=self._allowed(headers, timeout),
             version=version,
+            idempotency_key=headers.get(H_IDEMPOTENCY_KEY, ""),
         )
         forward = {
             H_CALL_ID: call_id,
@@ -1065,13 +1181,18 @@ class PolicyService(Service):
             # Microseconds: rounding to ms could put the deadline past the timeout.
             H_DEADLINE: f"{time.time() + timeout:.6f}",
         }
+        if self._pending[token].idempotency_key:  # checked at intake (_on_call)
+            forward[H_IDEMPOTENCY_KEY] = self._pending[token].idempotency_key
         # W3C trace context of the delivery span (the caller's own is not passed on).
         inject(forward, span, via=True)
         if gate.chain:
             forward[H_CHAIN] = gate.chain
             if self._chain_key is not None:
+                # Bound to the delivery's trace: it vouches for the trace too (what the
+                # target does while serving this call may continue it).
                 forward[H_CHAIN_SIG] = sign_chain(
-                    self._chain_key, target, gate.chain, time.time() + timeout + CHAIN_GRACE
+                    self._chain_key, target, gate.chain, time.time() + timeout + CHAIN_GRACE,
+                    hex_ids(span)[0] or trace_id,
                 )
         await self.nc.publish(
             self.subjects.inbound_version(target, capability, version)
@@ -1091,7 +1212,9 @@ class PolicyService(Service):
             await self.refuse_reply(msg, fault, actor=agent)
             return
         try:
-            parents = parse_chain(self._verified_chain(agent, msg.headers))
+            parents = parse_chain(
+                self._verified_chain(agent, msg.headers, current_trace_id())
+            )
         except InvalidInput:
             parents = ()
         decide = functools.partial(
@@ -1146,7 +1269,12 @@ class PolicyService(Service):
             ok = True if decision.effect == "allow" else None
             self._settle_probes([(key, cid, ok) for key, cid in probes])
         self.stats["authz_allowed" if decision.effect == "allow" else "authz_denied"] += 1
-        await self.audit.emit(
+        # An allowed use is answered only once its decision is stored (write-ahead).
+        durable = decision.effect == "allow" and self.settings.write_ahead
+        emitted = self.audit.write_ahead if durable else self.audit.emit
+        extra: dict[str, Any] = {"timeout": self.settings.write_ahead_timeout} if durable else {}
+        try:
+            await emitted(
             "decision",
             actor=agent,
             subject=subject,
@@ -1162,27 +1290,58 @@ class PolicyService(Service):
                 "on_behalf_of": list(request.on_behalf_of),
                 "decision": _builtins(decision),
             },
-        )  # fmt: skip
+            **extra,
+            )  # fmt: skip
+        except TimeoutError:
+            self.stats["audit_unavailable"] += 1
+            raise AuditUnavailable(
+                f"the decision on {request.action} {request.resource!r} could not be stored "
+                f"within {self.settings.write_ahead_timeout:g}s (is JetStream up?); "
+                "do not go ahead; safe to ask again",
+                details={"action": request.action, "resource": request.resource},
+            ) from None
         return decision
 
-    def _verified_chain(self, receiver: str, headers: dict[str, str] | None) -> str:
-        """The ``Sb-Chain`` in ``headers`` if this service signed it for ``receiver``, else "".
+    def _verified_chain(
+        self, receiver: str, headers: dict[str, str] | None, trace_id: str
+    ) -> str:
+        """The ``Sb-Chain`` in ``headers`` if this service signed it for ``receiver`` in trace
+        ``trace_id``, else "".
 
         An agent sends back the chain it was given with what it does while
-        serving a call; one it made up (or kept past its expiry) counts as
-        none: it can neither charge another agent's budget nor trip another
-        agent's loop breaker by naming it.
+        serving a call; one it made up (or kept past its expiry, or carried
+        into another trace) counts as none: it can neither charge another
+        agent's budget nor trip another agent's loop breaker by naming it.
         """
         if not headers:
             return ""
         chain = headers.get(H_CHAIN, "")
         if chain and verify_chain(
-            self._chain_key, receiver, chain, headers.get(H_CHAIN_SIG, ""), time.time()
+            self._chain_key, receiver, chain, headers.get(H_CHAIN_SIG, ""), time.time(), trace_id
         ):
             return chain
         if chain:
             self.stats["unsigned_chains"] += 1
         return ""
+
+    def _caller_trace(self, msg: Msg) -> otel_context.Context:
+        """The trace context an agent's call or authorization may continue: its own trace,
+        or one this service vouched for (a chain signed for it in that trace); any other
+        ``traceparent`` it names is moved into a trace it owns (``broker.telemetry``)."""
+        sender = self.subjects.sender_of(msg.subject) or ""  # sb.out.<caller>.…, sb.authz.<agent>
+        headers = msg.headers
+        chain = headers.get(H_CHAIN, "") if headers else ""
+        now = time.time()
+
+        def vouched(trace_id: str) -> bool:
+            assert headers is not None
+            signature = headers.get(H_CHAIN_SIG, "")
+            return verify_chain(self._chain_key, sender, chain, signature, now, trace_id)
+
+        context, claimed = trusted_parent(headers, sender, vouched if chain else None)
+        if claimed:
+            self.stats["moved_traces"] += 1
+        return context
 
     def _route_desk(self) -> RouteDesk:
         assert self.routes is not None, "policy service not started"
@@ -1309,9 +1468,15 @@ class PolicyService(Service):
         if not self._pending:
             self._drained.set()
         self.stats["timeouts"] += 1
-        err = CallTimeout(
-            f"{pending.target}.{pending.capability} did not answer in time",
-            details={"target": pending.target, "capability": pending.capability},
+        details: dict[str, Any] = {"target": pending.target, "capability": pending.capability}
+        retry = "do not retry blindly: it may run twice"
+        if pending.idempotency_key:
+            details["idempotency_key"] = pending.idempotency_key
+            retry = f"retrying with idempotency key {pending.idempotency_key!r} is safe"
+        err = OutcomeUnknown(
+            f"{pending.target}.{pending.capability} was forwarded and did not answer in "
+            f"time: it may have run; {retry}",
+            details=details,
         )
         body, headers = error_reply(err)
         task = asyncio.ensure_future(self._send_expiry(pending, body, headers))
@@ -1369,7 +1534,7 @@ class PolicyService(Service):
         """Before Cedar: feed the detectors, refuse loops, check the caller's, its team's
         and the target's breakers. None: refused (answered, audited, counted)."""
         self._observe_rate(caller)
-        raw = self._verified_chain(caller, msg.headers)
+        raw = self._verified_chain(caller, msg.headers, trace_id)
         chain: tuple[str, ...] = ()
         if raw:
             try:

@@ -22,6 +22,7 @@ from broker import (
 )
 from broker.codec import decode, encode
 from broker.replies import H_CALL_ID, H_CALLER, H_DEADLINE
+from broker.telemetry import owned_trace_id
 from schemas import AgentManifest, AgentRecord, GetAgent
 
 if TYPE_CHECKING:
@@ -127,12 +128,14 @@ async def test_handler_context_sees_caller_call_id_and_deadline(
     )
     assert (seen.caller, seen.target, seen.capability) == ("a", "b", "whoami")
     assert len(seen.call_id) == 32
-    assert seen.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+    # The application's trace is the origin of one the caller owns (broker.telemetry).
+    owned = owned_trace_id("a", "4bf92f3577b34da6a3ce929d0e0e4736")
+    assert seen.trace_id == owned
     assert before < seen.deadline <= time.time() + 3.0
     assert 0 < seen.remaining <= 3.0
     assert seen.headers[H_CALL_ID] == seen.call_id
     assert seen.headers[H_CALLER] == "a"
-    assert seen.headers["traceparent"].split("-")[1] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert seen.headers["traceparent"].split("-")[1] == owned
     # The same call id and trace id correlate the decision and call audit records.
     decision, call = await asyncio.gather(
         audit_trail.wait_for(lambda r: r.kind == "decision" and r.data["capability"] == "whoami"),

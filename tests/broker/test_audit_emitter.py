@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -126,3 +127,50 @@ def test_new_ids_are_unique_hex() -> None:
     ids = {new_id() for _ in range(1000)}
     assert len(ids) == 1000
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+# -- write-ahead (the decisions of calls about to be forwarded) --------------------------
+
+
+async def test_a_written_ahead_event_is_stored_when_the_call_returns(nc: Client) -> None:
+    emitter = AuditEmitter(nc, Subjects("sb"), "service:test", linger=60)
+    ev = await emitter.write_ahead("decision", timeout=5, data={"call_id": "c1"})
+    # Stored already: no flush, no linger (60 s) waited for.
+    assert [e for _, e in await _intake(nc)] == [ev]
+    assert emitter.pending == 0
+    await emitter.close()
+
+
+async def test_concurrent_write_aheads_are_group_committed(nc: Client) -> None:
+    emitter = AuditEmitter(nc, Subjects("sb"), "service:test", linger=60)
+    events = await asyncio.gather(
+        *(emitter.write_ahead("decision", timeout=5, data={"i": i}) for i in range(200))
+    )
+    stored = [e for _, e in await _intake(nc)]
+    assert sorted(e.id for e in stored) == sorted(e.id for e in events)
+    # One in flight at a time: those that arrive meanwhile share the next batch.
+    batches = await _batches(nc)
+    assert len(batches) < 20, [len(b.events) for _, b in batches]
+    assert emitter.stats.acked == 200
+    await emitter.close()
+
+
+async def test_a_write_ahead_never_overtakes_an_earlier_event(nc: Client) -> None:
+    emitter = AuditEmitter(nc, Subjects("sb"), "service:test", linger=60)
+    first = await emitter.emit("decision", data={"effect": "needs_approval"})
+    second = await emitter.write_ahead("decision", timeout=5, data={"effect": "allow"})
+    assert [e for _, e in await _intake(nc)] == [first, second]
+    await emitter.close()
+
+
+async def test_a_write_ahead_that_cannot_be_stored_times_out(
+    nc: Client, settings: Settings
+) -> None:
+    # No stream listens on this prefix: JetStream never acknowledges.
+    emitter = AuditEmitter(nc, Subjects("nostream"), "service:test", ack_timeout=0.2)
+    with pytest.raises(TimeoutError):
+        await emitter.write_ahead("decision", timeout=0.5, data={"call_id": "lost"})
+    assert emitter.pending == 1  # still queued: stored if the server comes back
+    emitter._inflight.clear()  # nothing will ever take it; let close() finish at once
+    emitter._wal.clear()
+    await emitter.close(timeout=0.1)

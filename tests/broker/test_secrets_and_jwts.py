@@ -144,15 +144,17 @@ def test_delegation_chains_verify_only_as_signed() -> None:
     from broker.identity import sign_chain, verify_chain
 
     key, other = b"k" * 32, b"o" * 32
-    sig = sign_chain(key, "worker", "orchestrator,planner", expires=1_000.0)
-    assert verify_chain(key, "worker", "orchestrator,planner", sig, now=999.0)
-    assert not verify_chain(key, "worker", "orchestrator,planner", sig, now=1_001.0)  # expired
-    assert not verify_chain(key, "mallory", "orchestrator,planner", sig, now=999.0)  # for B only
-    assert not verify_chain(key, "worker", "victim", sig, now=999.0)  # another chain
-    assert not verify_chain(other, "worker", "orchestrator,planner", sig, now=999.0)
-    assert not verify_chain(None, "worker", "orchestrator,planner", sig, now=999.0)
+    chain, t = "orchestrator,planner", "ab" * 16
+    sig = sign_chain(key, "worker", chain, 1_000.0, t)
+    assert verify_chain(key, "worker", chain, sig, 999.0, t)
+    assert not verify_chain(key, "worker", chain, sig, 1_001.0, t)  # expired
+    assert not verify_chain(key, "mallory", chain, sig, 999.0, t)  # for B only
+    assert not verify_chain(key, "worker", "victim", sig, 999.0, t)  # another chain
+    assert not verify_chain(key, "worker", chain, sig, 999.0, "cd" * 16)  # another trace
+    assert not verify_chain(other, "worker", chain, sig, 999.0, t)
+    assert not verify_chain(None, "worker", chain, sig, 999.0, t)
     stamp, mac = sig.split(".", 1)[0], sig.rsplit(".", 1)[1]
     later = f"{float(stamp) + 3600:.3f}.{mac}"  # stretching the expiry breaks the MAC
-    assert not verify_chain(key, "worker", "orchestrator,planner", later, now=999.0)
+    assert not verify_chain(key, "worker", chain, later, 999.0, t)
     for junk in ("", "x", "abc.def", "1e99."):
-        assert not verify_chain(key, "worker", "orchestrator,planner", junk, now=999.0)
+        assert not verify_chain(key, "worker", chain, junk, 999.0, t)

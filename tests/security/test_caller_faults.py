@@ -111,14 +111,15 @@ def test_no_caller_fault_code_counts_against_a_target() -> None:
 def test_a_timeout_counts_only_under_a_deadline_the_target_deserved() -> None:
     guards = Guards(Settings())  # defaults: SIGNALBOX_BREAKER_MIN_TIMEOUT=5, CALL_TIMEOUT=10
     assert guards.errors.min_timeout == 5.0
-    assert not guards.errors.counts("timeout", 1.0)
-    assert guards.errors.verdict("timeout", 1.0) is None  # inconclusive, not a success
-    assert guards.errors.counts("timeout", 5.0) and guards.errors.verdict("timeout", 5.0)
+    assert not guards.errors.counts("outcome_unknown", 1.0)
+    assert guards.errors.verdict("outcome_unknown", 1.0) is None  # inconclusive, not a success
+    assert guards.errors.counts("outcome_unknown", 5.0)
+    assert guards.errors.verdict("outcome_unknown", 5.0)
     assert guards.errors.counts("remote_error", 0.1)  # an answer is an answer at any deadline
     # A caller that allowed the whole SIGNALBOX_CALL_TIMEOUT always counts.
     short = Guards(Settings(call_timeout=2.0))
-    assert short.errors.min_timeout == 2.0 and short.errors.counts("timeout", 2.0)
-    assert Guards(Settings(breaker_min_timeout=0.5)).errors.counts("timeout", 0.5)
+    assert short.errors.min_timeout == 2.0 and short.errors.counts("outcome_unknown", 2.0)
+    assert Guards(Settings(breaker_min_timeout=0.5)).errors.counts("outcome_unknown", 0.5)
 
 
 # -- end to end ------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from services.runner import Stack
 if TYPE_CHECKING:
     from conftest import AgentFactory, AuditTrail, StackFactory
 
-from conftest import echo_pair
+from conftest import echo_pair, eventually
 
 SUBJECTS = Subjects("sb")
 
@@ -95,8 +95,14 @@ async def test_a_10x_burst_trips_the_callers_breaker_and_its_calls_are_refused(
     assert policy.breakers is not None and policy.breakers.get("agent.a") is None
 
     clock.now += 1.0
-    # 25x: 100 calls within one second (the burst itself is answered: the trip is async).
-    await asyncio.gather(*(a.call("b", "echo", {"i": i}) for i in range(100)))
+    # 25x: 100 calls within one second. The trip is async: the burst is answered, but
+    # for its tail when the trip lands first (calls wait for their decision's write).
+    burst = await asyncio.gather(
+        *(a.call("b", "echo", {"i": i}) for i in range(100)), return_exceptions=True
+    )
+    refused_early = [r for r in burst if isinstance(r, BaseException)]
+    assert all(isinstance(r, BreakerOpen) for r in refused_early), refused_early
+    assert len(refused_early) < len(burst)
     tripped = await until_state(policy, "agent.a", lambda b: b.state == "open")
     assert tripped.reason == "rate_anomaly" and tripped.tripped_by == "service:policy"
     assert tripped.figures["rate"] >= 10 * tripped.figures["baseline"]
@@ -300,6 +306,8 @@ async def test_half_open_lets_exactly_one_probe_through_then_closes_or_reopens(
     # Failing probe: re-opened with the cool-down doubled.
     fail["now"] = True
     probe, half_open = await probe_round(a, first, second, operator, gate)
+    # Forwarded once its decision is stored: the probe reaches b a moment later.
+    await eventually(lambda: entered, "the probe to reach b")
     assert len(entered) == 1 and half_open.probe is not None
     gate.set()
     with pytest.raises(RemoteError):
@@ -316,6 +324,7 @@ async def test_half_open_lets_exactly_one_probe_through_then_closes_or_reopens(
     entered.clear()
     fail["now"] = False
     probe, _ = await probe_round(a, first, second, operator, gate)
+    await eventually(lambda: entered, "the probe to reach b")
     assert len(entered) == 1
     gate.set()
     assert (await probe)["i"] == entered[0]

@@ -150,14 +150,14 @@ def test_only_failures_on_the_targets_side_count() -> None:
     for code in ("bad_request", "denied", "conflict", "not_found", "breaker_open", "") * 5:
         assert errors.observe("b", code) is None
     # Timeouts count only when the caller gave the target a fair chance.
-    assert not errors.counts("timeout", waited=0.05)
-    assert errors.counts("timeout", waited=2.0)
+    assert not errors.counts("outcome_unknown", waited=0.05)
+    assert errors.counts("outcome_unknown", waited=2.0)
     assert all(errors.counts(c, 0) for c in ("remote_error", "target_unavailable", "internal"))
-    assert errors.observe("b", "timeout", waited=0.05) is None
+    assert errors.observe("b", "outcome_unknown", waited=0.05) is None
     assert errors.observe("b", "target_unavailable") is None  # 1 of 32 (3%)
     for _ in range(3):
         errors.observe("b", "remote_error")
-    figures = errors.observe("b", "timeout", waited=5.0)
+    figures = errors.observe("b", "outcome_unknown", waited=5.0)
     assert figures is not None and figures["errors"] == 5
 
 
