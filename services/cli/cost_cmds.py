@@ -67,6 +67,7 @@ def cost_table(report: CostReport) -> Table:
         + (f" (prices as of {report.prices_as_of})" if report.prices_as_of else ""),
         box=box.SIMPLE_HEAD,
         show_footer=True,
+        caption="usage as the agents reported it (self-reported: sb.usage.<agent>)",
     )
     total = report.total
     table.add_column(report.by, footer="total")

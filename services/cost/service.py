@@ -553,6 +553,9 @@ class CostService(Service):
                 data["ignored_project"] = row["ignored_project"]
                 data["dropped_on_behalf_of"] = row["dropped_on_behalf_of"]
             data["unreserved"] = row["unreserved"]
+            # Self-reported: what the agent's SDK said it used. Provider-metered usage
+            # (the model gateway, next) will say "gateway"; nothing settles below it then.
+            data["source"] = "agent"
             if row.get("overspends"):
                 data["overspent"] = sorted({o.budget.key for o in row["overspends"]})
             data["cost_nanos"] = row["cost_nanos"]

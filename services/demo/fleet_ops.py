@@ -208,19 +208,22 @@ async def show_runaway(
         f"{budget.budget.soft_ratio:.0%}; every model call reserves its worst case first."
     )
     screen.calls_per_check = 1
-    normal_until = time.monotonic() + 3.0
+    normal_for = 4.0
+    normal_until = time.monotonic() + normal_for
     screened = 0
-    # Two screenings a second, one model call each: the regression's fifteen-fold
-    # fan-out then runs at 10x this rate even on a slow, busy machine (at ~5 a
-    # second it could fall short of 10x on 2 loaded cores and never trip).
+    # About four screenings a second, one model call each, for 4 s: the detector
+    # needs a baseline of at least 10 calls in the 3 s before the regression, or
+    # the runaway's own first calls become its baseline and it trips late or not
+    # at all; and the regression's fifteen-fold fan-out still runs at 5x this rate
+    # (the demo's factor) on a slow, busy machine.
     while time.monotonic() < normal_until:
         await check(screened)
         screened += 1
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.2)
     before = screen.model_calls
     console.print(
-        f"Normal: {screened} applications screened in 3 s, {before} model calls "
-        f"({before / 3:.1f}/s)."
+        f"Normal: {screened} applications screened in {normal_for:g} s, {before} model calls "
+        f"({before / normal_for:.1f}/s)."
     )
     screen.calls_per_check = 15  # the prompt regression
     refused_calls = 0

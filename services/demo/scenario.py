@@ -162,6 +162,9 @@ async def _run(console: Console, data_dir: Path) -> int:
         # are caught while you watch (the defaults: 10 s window, 10 min baseline).
         breaker_rate_window=1.0,
         breaker_rate_baseline=4.0,
+        # 5x, not 10x: a busy 2-core machine slows the runaway's fan-out, and the
+        # demo must show the trip every time (tests/services/demo).
+        breaker_rate_factor=5.0,
         breaker_rate_min_history=2.0,
         breaker_cooldown=60.0,
         rollout_guard_interval=0.2,

@@ -113,6 +113,7 @@ async def test_reported_usage_is_stored_costed_charged_to_the_team_and_audited(
     assert event.data["charged_on_behalf_of"] == []
     assert event.data["dropped_on_behalf_of"] == "planner"
     assert event.data["priced_by_fallback"] is False
+    assert event.data["source"] == "agent"  # self-reported, labelled as such
     # 800k uncached at $2.50 + 200k cached at $1.25 + 100k out at $10 = $3.25
     assert event.data["cost_nanos"] == 3_250_000_000
     by_team = await _report(_cost(stack), "team")
