@@ -35,9 +35,10 @@ import asyncio
 import logging
 import time
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import msgspec
+from nats.aio.client import Client
 
 from broker.audit import new_id
 from broker.diagnostics import cancel_and_wait
@@ -49,12 +50,10 @@ from broker.errors import (
     UsageNotRecorded,
 )
 from broker.replies import request
+from broker.subjects import Subjects
 from schemas import Decision, RenewReservation, ReservationRenewed, UsageReport
 
-if TYPE_CHECKING:
-    from broker.agent import Agent
-
-__all__ = ["ModelCall"]
+__all__ = ["ModelCall", "ModelUser"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +61,48 @@ log = logging.getLogger(__name__)
 _MIN_RENEW_GAP = 0.01
 #: Longest pause before retrying a renewal the cost service did not answer (seconds).
 _MAX_RETRY_GAP = 5.0
+
+
+class ModelUser(Protocol):
+    """What a :class:`ModelCall` needs of its agent (``broker.Agent`` is one): its name,
+    connection and subjects, and its authorization and usage-report calls."""
+
+    @property
+    def name(self) -> str:
+        """The agent's name."""
+        ...
+
+    @property
+    def nc(self) -> Client:
+        """The agent's NATS connection."""
+        ...
+
+    @property
+    def subjects(self) -> Subjects:
+        """Subject builder of the agent's prefix."""
+        ...
+
+    async def authorize(
+        self,
+        action: str,
+        resource: str,
+        *,
+        provider: str = "",
+        region: str = "",
+        price_per_1k_tokens: float = 0.0,
+        estimated_tokens: int | None = None,
+        data_tags: tuple[str, ...] = (),
+        on_behalf_of: tuple[str, ...] = (),
+        max_output_tokens: int = 0,
+        project: str = "",
+        timeout: float = 2.0,
+    ) -> Decision:
+        """Decide (and reserve the budget of) a model use."""
+        ...
+
+    async def report_usage(self, report: UsageReport | None = None, **fields: Any) -> str:
+        """Report usage (settling the reservation); returns the report id."""
+        ...
 
 
 class ModelCall:
@@ -77,7 +118,7 @@ class ModelCall:
 
     def __init__(
         self,
-        agent: Agent,
+        agent: ModelUser,
         model: str,
         *,
         provider: str = "",

@@ -37,7 +37,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from faststream import FastStream
 from faststream.nats import NatsBroker
@@ -66,7 +66,7 @@ from broker.telemetry import ATTR, Telemetry, annotate
 from broker.throttle import Emit, Summarizer
 from schemas import HealthRequest, ServiceHealth, Wire
 
-__all__ = ["Service"]
+__all__ = ["Service", "ServiceHost"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,58 @@ class _ServiceBroker(NatsBroker):
         await connection.connect(**self._connection_kwargs)
         self.config.connect(connection)
         return connection
+
+
+class ServiceHost(Protocol):
+    """What a desk of a service (approvals, routes, identity...) may use of the service
+    it lives in: its connection and JetStream, subjects, settings, audit, actor, the
+    authenticated operator of the request being handled, rejections and endpoints.
+
+    Desks take this (and explicit callbacks for anything else), never the concrete
+    service, so no desk imports the service that composes it.
+    """
+
+    settings: Settings
+    subjects: Subjects
+
+    @property
+    def nc(self) -> Client:
+        """The service's NATS connection."""
+        ...
+
+    @property
+    def js(self) -> JetStreamContext:
+        """JetStream on :attr:`nc`."""
+        ...
+
+    @property
+    def audit(self) -> AuditEmitter:
+        """The service's audit emitter."""
+        ...
+
+    @property
+    def actor(self) -> str:
+        """The service's audit actor."""
+        ...
+
+    def operator(self, requested_by: str = "") -> str:
+        """The authenticated actor of the admin request being handled."""
+        ...
+
+    async def reject(self, err: SignalboxError, *, subject: str, actor: str | None = None) -> None:
+        """Count and audit a rejected request."""
+        ...
+
+    def endpoint(
+        self,
+        subject: str,
+        request_type: type[Req],
+        *,
+        audience: Audience | None = None,
+        queue: str | None = None,
+    ) -> Callable[[Callable[[Req], Awaitable[Wire]]], Callable[[Req], Awaitable[Wire]]]:
+        """Declare a request-reply endpoint."""
+        ...
 
 
 class Service:

@@ -45,8 +45,9 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -57,6 +58,7 @@ from broker.diagnostics import cancel_and_wait
 from broker.errors import CallDenied, Conflict, NotFound, SchemaError
 from broker.jetstream import KV_APPROVALS, bucket_keys
 from broker.replies import error_reply
+from broker.service import ServiceHost
 from schemas import (
     ApprovalList,
     ApprovalRequest,
@@ -66,8 +68,8 @@ from schemas import (
     ListApprovals,
 )
 
-if TYPE_CHECKING:
-    from services.policy.service import PolicyService
+#: Forwards a parked call an operator approved (the policy service's relay).
+Forward = Callable[["Parked", ApprovalRequest], Awaitable[None]]
 
 __all__ = [
     "MAX_PARKED",
@@ -133,13 +135,24 @@ class ApprovalDesk:
     """Parks calls, watches ``sb_approvals`` and answers ``sb.admin.approvals.<op>``.
 
     Args:
-        service: The policy service it belongs to (connection, audit, forwarding).
+        service: The service it lives in (connection, audit, subjects).
         kv: The ``sb_approvals`` bucket.
+        forward: Sends an approved call on, as an allowed call.
+        stats: The service's counters (``parked``, ``denied``).
     """
 
-    def __init__(self, service: PolicyService, kv: KeyValue) -> None:
+    def __init__(
+        self,
+        service: ServiceHost,
+        kv: KeyValue,
+        *,
+        forward: Forward,
+        stats: MutableMapping[str, int],
+    ) -> None:
         self.service = service
         self.kv = kv
+        self._forward = forward
+        self._stats = stats
         self.parked: dict[str, Parked] = {}
         self.max_parked = MAX_PARKED
         self._watch: asyncio.Task[None] | None = None
@@ -188,7 +201,7 @@ class ApprovalDesk:
                 "its approval request could not be stored, so it is refused",
             )
             return
-        self.service.stats["parked"] += 1
+        self._stats["parked"] += 1
         loop = asyncio.get_running_loop()
         # The coroutine is made when the timer fires: one made now and never
         # run (the timer cancelled on a decision) would leak a warning.
@@ -237,7 +250,7 @@ class ApprovalDesk:
             except KeyWrongLastSequenceError:
                 return  # changed again meanwhile: the watch brings the newer state
             self._settle(parked)
-            await self.service.forward_approved(parked, used)
+            await self._forward(parked, used)
         elif record.status == "denied":
             self._settle(parked)
             by = f" by {record.decided_by}" if record.decided_by else ""
@@ -279,7 +292,7 @@ class ApprovalDesk:
 
     async def _refuse(self, parked: Parked, reason_code: str, why: str) -> None:
         record = parked.record
-        self.service.stats["denied"] += 1
+        self._stats["denied"] += 1
         err = CallDenied(
             f"call {record.caller} -> {record.target}.{record.capability} needs human "
             f"approval (request {record.id}): {why}",

@@ -31,7 +31,8 @@ import contextlib
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import semantic_version  # type: ignore[import-untyped]  # ships no type hints
@@ -44,6 +45,7 @@ from broker.diagnostics import cancel_and_wait
 from broker.errors import Conflict, InvalidInput, NotFound, SignalboxError, TargetUnavailable
 from broker.kvcache import KVCache
 from broker.replies import H_ROUTE_KEY, H_TARGET_VERSION, request
+from broker.service import ServiceHost
 from schemas import (
     AgentRecord,
     CostByVersion,
@@ -63,9 +65,6 @@ from schemas import (
 )
 from services.policy.rollout import Breach, Merged, OutcomeWindow, breach, merge, pick
 
-if TYPE_CHECKING:
-    from services.policy.service import PolicyService
-
 __all__ = ["RouteDesk"]
 
 log = logging.getLogger(__name__)
@@ -77,13 +76,24 @@ class RouteDesk:
     """Resolves routes on the call path, records outcomes, guards canaries, serves operators.
 
     Args:
-        service: The policy service (connection, audit, settings).
+        service: The service it lives in (connection, audit, settings).
         routes: The ``sb_routes`` bucket.
         stats: The ``sb_rollout_stats`` bucket.
+        counts: Whether an outcome (error code, seconds the caller allowed) counts
+            as the version's failure: the breaker's fairness rule
+            (``Guards.errors.counts``), so a guard and a breaker judge alike.
     """
 
-    def __init__(self, service: PolicyService, routes: KeyValue, stats: KeyValue) -> None:
+    def __init__(
+        self,
+        service: ServiceHost,
+        routes: KeyValue,
+        stats: KeyValue,
+        *,
+        counts: Callable[[str, float], bool],
+    ) -> None:
         self.service = service
+        self._counts = counts
         self.kv = routes
         self.stats_kv = stats
         self.routes: KVCache[Route] = KVCache(routes, Route)
@@ -152,7 +162,7 @@ class RouteDesk:
             window = self.windows[target] = OutcomeWindow(
                 target, slot=self.service.settings.rollout_stats_slot
             )
-        failed = self.service.guards.errors.counts(error_code, waited)
+        failed = self._counts(error_code, waited)
         window.record(version, ok=not failed, latency_ms=latency_ms, now=time.time())
 
     # -- publishing and guarding -------------------------------------------------

@@ -361,10 +361,14 @@ class PolicyService(Service):
         self.budgets = KVCache(await self.js.key_value(KV_BUDGETS), Budget)
         await self.budgets.start()
         self.routes = RouteDesk(
-            self, await self.js.key_value(KV_ROUTES), await self.js.key_value(KV_ROLLOUT_STATS)
-        )
+            self, await self.js.key_value(KV_ROUTES), await self.js.key_value(KV_ROLLOUT_STATS),
+            counts=self.guards.errors.counts,
+        )  # fmt: skip
         await self.routes.start()
-        self.approvals = ApprovalDesk(self, await self.js.key_value(KV_APPROVALS))
+        self.approvals = ApprovalDesk(
+            self, await self.js.key_value(KV_APPROVALS),
+            forward=self.forward_approved, stats=self.stats,
+        )  # fmt: skip
         await self.approvals.start()
         self.breakers = BreakerBoard(
             await self.js.key_value(KV_BREAKERS), self.audit, self.actor,

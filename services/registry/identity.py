@@ -32,7 +32,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client
@@ -47,6 +48,7 @@ from broker.identity import (
     ServerSecrets,
     resolve_secrets_dir,
 )
+from broker.service import ServiceHost
 from schemas import (
     AgentBinding,
     BindAgent,
@@ -63,9 +65,11 @@ from services.registry.authcallout import AuthCallout
 from services.registry.binding import binding_changes, changed_fields
 from services.registry.credentials import CredentialStore
 from services.registry.operators import OperatorDesk, OperatorStore
+from services.registry.store import Rebound
 
-if TYPE_CHECKING:
-    from services.registry.service import RegistryService
+#: Changes an agent's bound attributes and rewrites its registered versions
+#: (``RegistryService.rebind``): name, changes, the authenticated actor.
+Rebind = Callable[[str, dict[str, Any], str], Awaitable[Rebound]]
 
 __all__ = ["Identity"]
 
@@ -79,12 +83,13 @@ class Identity:
     """Enrollment, revocation and the auth callout, attached to the registry service.
 
     Args:
-        service: The registry service (its endpoints, audit emitter, settings,
-            and its store, which changes bindings with the registered versions).
+        service: The service it lives in (endpoints, audit emitter, settings).
+        rebind: Changes a binding with the registered versions (the registry's store).
     """
 
-    def __init__(self, service: RegistryService) -> None:
+    def __init__(self, service: ServiceHost, *, rebind: Rebind) -> None:
         self.service = service
+        self._rebind = rebind
         self.settings = service.settings
         self.store: CredentialStore | None = None
         self.callout: AuthCallout | None = None
@@ -183,7 +188,7 @@ class Identity:
         before: AgentBinding | None = None
         binding: AgentBinding | None = None
         if changes:
-            rebound = await self.service.rebind(request.name, changes, by=by)
+            rebound = await self._rebind(request.name, changes, by)
             before, binding = rebound.before, rebound.after
         issued = await asyncio.to_thread(
             self.credential_store.issue,
@@ -232,7 +237,7 @@ class Identity:
                 details={"agent": request.name},
             )
         by = self.service.operator(request.requested_by)
-        rebound = await self.service.rebind(request.name, changes, by=by)
+        rebound = await self._rebind(request.name, changes, by)
         changed = changed_fields(rebound.before, rebound.after)
         await self._audit(
             "bind",

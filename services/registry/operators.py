@@ -49,7 +49,7 @@ from schemas import (
 from services.registry.credentials import secret_hash
 
 if TYPE_CHECKING:
-    from broker.service import Service
+    from broker.service import ServiceHost
 
 __all__ = ["OperatorCredentialRow", "OperatorDesk", "OperatorRejected", "OperatorStore"]
 
@@ -182,7 +182,7 @@ class OperatorDesk:
             registry's system connection); returns how many.
     """
 
-    def __init__(self, service: Service, disconnect: Callable[[str], Awaitable[int]]) -> None:
+    def __init__(self, service: ServiceHost, disconnect: Callable[[str], Awaitable[int]]) -> None:
         self.service = service
         #: Where operator credentials live (set when the registry starts).
         self.store: OperatorStore | None = None

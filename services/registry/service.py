@@ -171,7 +171,9 @@ class RegistryService(Service):
             # Named operators read on sb.admin.registry.<op>.<operator> (their only subjects).
             self.endpoint(s.admin("registry", op), request_type)(read)
         #: Enrollment, revocation and the auth callout (adds sb.admin.registry.* endpoints).
-        self.identity = Identity(self)
+        self.identity = Identity(
+            self, rebind=lambda name, changes, by: self.rebind(name, changes, by=by)
+        )
 
     @property
     def kv(self) -> KeyValue:
