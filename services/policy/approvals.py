@@ -45,7 +45,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,7 @@ from schemas import (
     Decision,
     ListApprovals,
 )
+from services.policy.stats import PolicyStats
 
 #: Forwards a parked call an operator approved (the policy service's relay).
 Forward = Callable[["Parked", ApprovalRequest], Awaitable[None]]
@@ -147,7 +148,7 @@ class ApprovalDesk:
         kv: KeyValue,
         *,
         forward: Forward,
-        stats: MutableMapping[str, int],
+        stats: PolicyStats,
     ) -> None:
         self.service = service
         self.kv = kv
@@ -201,7 +202,7 @@ class ApprovalDesk:
                 "its approval request could not be stored, so it is refused",
             )
             return
-        self._stats["parked"] += 1
+        self._stats.parked += 1
         loop = asyncio.get_running_loop()
         # The coroutine is made when the timer fires: one made now and never
         # run (the timer cancelled on a decision) would leak a warning.
@@ -292,7 +293,7 @@ class ApprovalDesk:
 
     async def _refuse(self, parked: Parked, reason_code: str, why: str) -> None:
         record = parked.record
-        self._stats["denied"] += 1
+        self._stats.denied += 1
         err = CallDenied(
             f"call {record.caller} -> {record.target}.{record.capability} needs human "
             f"approval (request {record.id}): {why}",

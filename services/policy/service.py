@@ -161,7 +161,6 @@ from schemas import (
     ResetBreaker,
     RollbackPolicies,
     RollbackRollout,
-    RolloutStatus,
     RolloutStatusRequest,
     SetRollout,
     ShadowPolicies,
@@ -193,6 +192,7 @@ from services.policy.lifecycle import (
 )
 from services.policy.routes import RouteDesk
 from services.policy.shadow import Shadow, disagreement
+from services.policy.stats import PolicyStats
 
 __all__ = ["PolicyService"]
 
@@ -261,13 +261,19 @@ class PolicyService(Service):
         self.routes: RouteDesk | None = None
         #: Signs the delegation chains this service forwards (broker.identity).
         self._chain_key = chain_key(settings)
-        for op, request_type in (
-            ("set", SetRollout), ("promote", PromoteRollout), ("rollback", RollbackRollout),
-            ("deprecate", DeprecateVersion), ("status", RolloutStatusRequest),
-        ):  # fmt: skip
-            self.endpoint(self.subjects.admin("rollout", op), request_type)(
-                functools.partial(self._rollout, op)
-            )
+        # sb.admin.rollout.<op>: the route desk's, once started (services.policy.routes).
+        rollout = functools.partial(self.subjects.admin, "rollout")
+        self.endpoint(rollout("set"), SetRollout)(lambda r: self._route_desk().set(r))
+        self.endpoint(rollout("promote"), PromoteRollout)(lambda r: self._route_desk().promote(r))
+        self.endpoint(rollout("rollback"), RollbackRollout)(
+            lambda r: self._route_desk().rollback(r)
+        )
+        self.endpoint(rollout("deprecate"), DeprecateVersion)(
+            lambda r: self._route_desk().deprecate(r)
+        )
+        self.endpoint(rollout("status"), RolloutStatusRequest)(
+            lambda r: self._route_desk().status(r)
+        )
         self._pending: dict[str, _Pending] = {}
         self._capabilities: dict[str, frozenset[str]] = {}
         self._kv: KeyValue
@@ -312,15 +318,7 @@ class PolicyService(Service):
         self.endpoint(s.admin("breakers", "list"), ListBreakers)(self.list_breakers)
         self.endpoint(s.admin("breakers", "trip"), TripBreaker)(self.trip_breaker)
         self.endpoint(s.admin("breakers", "reset"), ResetBreaker)(self.reset_breaker)
-        self.stats: dict[str, int] = {
-            "calls": 0, "allowed": 0, "denied": 0, "rejected": 0,
-            "ok": 0, "errors": 0, "timeouts": 0, "late_replies": 0,
-            "authz": 0, "authz_allowed": 0, "authz_denied": 0,
-            "parked": 0, "approved": 0, "shadow_disagreements": 0, "internal_errors": 0,
-            "budget_refused": 0, "budget_unavailable": 0, "budget_unreadable": 0,
-            "unsigned_chains": 0, "moved_traces": 0, "audit_unavailable": 0,
-            "breaker_refused": 0, "breaker_trips": 0, "breaker_probes": 0,
-        }  # fmt: skip
+        self.stats = PolicyStats()
 
     def _guarded(
         self, handler: Callable[[Msg], Awaitable[None]]
@@ -337,7 +335,7 @@ class PolicyService(Service):
                 await handler(msg)
             except Exception as exc:
                 log.exception("policy: handling %s failed", msg.subject)
-                self.stats["internal_errors"] += 1
+                self.stats.internal_errors += 1
                 err = SignalboxError(
                     f"the policy service failed on this request ({type(exc).__name__}); "
                     "see its log",
@@ -565,7 +563,7 @@ class PolicyService(Service):
         data = disagreement(shadow, request, decision)
         if data is None:
             return
-        self.stats["shadow_disagreements"] += 1
+        self.stats.shadow_disagreements += 1
         await self.audit.emit(
             "shadow", actor=actor, subject=subject, trace_id=trace_id,
             policy_version=decision.policy_version, data=data,
@@ -914,8 +912,8 @@ class PolicyService(Service):
     async def forward_approved(self, parked: Parked, record: ApprovalRequest) -> None:
         """Forward a parked call an operator approved, as an allowed call; audit the use
         (written ahead, as every allowed call's decision)."""
-        self.stats["allowed"] += 1
-        self.stats["approved"] += 1
+        self.stats.allowed += 1
+        self.stats.approved += 1
         decided = {
             "actor": record.caller,
             "subject": parked.subject,
@@ -952,7 +950,7 @@ class PolicyService(Service):
     # -- hot path --------------------------------------------------------------
 
     async def _on_call(self, msg: Msg) -> None:
-        self.stats["calls"] += 1
+        self.stats.calls += 1
         _, _, caller, target, capability = msg.subject.rsplit(".", 4)
         headers = msg.headers or {}
         # Before any work: the answer (or the target's, relayed) may go only to
@@ -960,7 +958,7 @@ class PolicyService(Service):
         # admin subject, another agent's inbox). Refused unanswered, audited.
         fault = self.reply_fault(msg, Audience.AGENT, caller)
         if fault is not None:
-            self.stats["rejected"] += 1
+            self.stats.rejected += 1
             await self.refuse_reply(msg, fault, actor=caller)
             return
         try:
@@ -1042,11 +1040,11 @@ class PolicyService(Service):
             )
             return
         if decision.effect != "allow":
-            self.stats["denied"] += 1
+            self.stats.denied += 1
             body, hdrs = error_reply(_denied(decision, caller, target, capability))
             await self.nc.publish(msg.reply, body, headers=hdrs)
             return
-        self.stats["allowed"] += 1
+        self.stats.allowed += 1
         await self._forward(
             msg.reply, msg.data, headers, call_id, caller, target, capability, trace_id, timeout,
             gate=gate,
@@ -1089,7 +1087,7 @@ class PolicyService(Service):
         started = time.monotonic()
         if not await self._write_ahead(record, reply, call_id, timeout, gate):
             return
-        self.stats["allowed"] += 1
+        self.stats.allowed += 1
         await self._forward(
             reply, payload, headers, call_id, caller, target, capability, trace_id,
             timeout - (time.monotonic() - started), gate=gate,
@@ -1107,7 +1105,7 @@ class PolicyService(Service):
             return True
         except TimeoutError:
             pass
-        self.stats["audit_unavailable"] += 1
+        self.stats.audit_unavailable += 1
         data = record["data"]
         err = AuditUnavailable(
             f"the decision on this call to {data['target']}.{data['capability']} could not be "
@@ -1212,7 +1210,7 @@ class PolicyService(Service):
         agent = msg.subject.rsplit(".", 1)[1]
         fault = self.reply_fault(msg, Audience.AGENT, agent)
         if fault is not None:
-            self.stats["rejected"] += 1
+            self.stats.rejected += 1
             await self.refuse_reply(msg, fault, actor=agent)
             return
         try:
@@ -1237,7 +1235,7 @@ class PolicyService(Service):
         parents: tuple[str, ...] = (),
     ) -> Decision:
         assert self.agents is not None
-        self.stats["authz"] += 1
+        self.stats.authz += 1
         use = UseRequest(
             agent=agent,
             agent_record=self.agents.get(agent) or await self._lookup(agent),
@@ -1272,7 +1270,10 @@ class PolicyService(Service):
         if probes:  # an allowed request closes the breaker; a denied one tested nothing
             ok = True if decision.effect == "allow" else None
             self._settle_probes([(key, cid, ok) for key, cid in probes])
-        self.stats["authz_allowed" if decision.effect == "allow" else "authz_denied"] += 1
+        if decision.effect == "allow":
+            self.stats.authz_allowed += 1
+        else:
+            self.stats.authz_denied += 1
         # An allowed use is answered only once its decision is stored (write-ahead).
         durable = decision.effect == "allow" and self.settings.write_ahead
         emitted = self.audit.write_ahead if durable else self.audit.emit
@@ -1297,7 +1298,7 @@ class PolicyService(Service):
             **extra,
             )  # fmt: skip
         except TimeoutError:
-            self.stats["audit_unavailable"] += 1
+            self.stats.audit_unavailable += 1
             raise AuditUnavailable(
                 f"the decision on {request.action} {request.resource!r} could not be stored "
                 f"within {self.settings.write_ahead_timeout:g}s (is JetStream up?); "
@@ -1325,7 +1326,7 @@ class PolicyService(Service):
         ):
             return chain
         if chain:
-            self.stats["unsigned_chains"] += 1
+            self.stats.unsigned_chains += 1
         return ""
 
     def _caller_trace(self, msg: Msg) -> otel_context.Context:
@@ -1344,18 +1345,12 @@ class PolicyService(Service):
 
         context, claimed = trusted_parent(headers, sender, vouched if chain else None)
         if claimed:
-            self.stats["moved_traces"] += 1
+            self.stats.moved_traces += 1
         return context
 
     def _route_desk(self) -> RouteDesk:
         assert self.routes is not None, "policy service not started"
         return self.routes
-
-    async def _rollout(self, op: str, request: Any) -> RolloutStatus:
-        """``sb.admin.rollout.<op>``: handled by the route desk (services.policy.routes)."""
-        desk = self._route_desk()
-        handler: Callable[[Any], Awaitable[RolloutStatus]] = getattr(desk, op)
-        return await handler(request)
 
     async def _reserve_budget(
         self,
@@ -1388,7 +1383,7 @@ class PolicyService(Service):
                 on_behalf_of=parents,
             )  # fmt: skip
             if bad:
-                self.stats["budget_unreadable"] += 1
+                self.stats.budget_unreadable += 1
                 err = unreadable_budget(*bad[0])
                 return _budget_denial(decision, "budget_unreadable", err.message)
         if not len(self.budgets) or not applicable_keys(
@@ -1413,14 +1408,14 @@ class PolicyService(Service):
                 hint="no cost service is answering budget reservations",
             )  # fmt: skip
         except SignalboxError as err:
-            self.stats["budget_unavailable"] += 1
+            self.stats.budget_unavailable += 1
             return _budget_denial(
                 decision, "budget_unavailable",
                 f"the budget of {agent} could not be checked ({err.message}); model calls "
                 "of budgeted agents are refused until the cost service answers",
             )  # fmt: skip
         if not reservation.granted:
-            self.stats["budget_refused"] += 1
+            self.stats.budget_refused += 1
             b = reservation.refused
             assert b is not None
             return msgspec.structs.replace(
@@ -1441,7 +1436,7 @@ class PolicyService(Service):
         token = msg.subject[len(self._inbox) + 1 :]
         pending = self._pending.pop(token, None)
         if pending is None:
-            self.stats["late_replies"] += 1  # the caller was already told it timed out
+            self.stats.late_replies += 1  # the caller was already told it timed out
             return
         if not self._pending:
             self._drained.set()
@@ -1471,7 +1466,7 @@ class PolicyService(Service):
             return
         if not self._pending:
             self._drained.set()
-        self.stats["timeouts"] += 1
+        self.stats.timeouts += 1
         details: dict[str, Any] = {"target": pending.target, "capability": pending.capability}
         retry = "do not retry blindly: it may run twice"
         if pending.idempotency_key:
@@ -1492,7 +1487,10 @@ class PolicyService(Service):
 
     async def _outcome(self, p: _Pending, headers: dict[str, str] | None, reply_bytes: int) -> None:
         error_code = headers.get(H_ERROR, "") if headers else ""
-        self.stats["errors" if error_code else "ok"] += 1
+        if error_code:
+            self.stats.errors += 1
+        else:
+            self.stats.ok += 1
         self._breaker_outcome(p, error_code)
         latency_ms = (time.perf_counter() - p.started) * 1000
         if p.version:
@@ -1556,7 +1554,7 @@ class PolicyService(Service):
                     loop.figures(self.guards.max_depth, self.guards.max_visits),
                     cooldown=self.guards.cooldown,
                 )  # fmt: skip
-                self.stats["breaker_trips"] += 1
+                self.stats.breaker_trips += 1
                 await self._refuse_call(msg, call_id, caller, target, trace_id, tripped)
                 return None
         forward = format_chain(chain, caller)
@@ -1592,8 +1590,8 @@ class PolicyService(Service):
         admitted = await self._admit(blocked, request_id)
         if not isinstance(admitted, Breaker):
             return admitted
-        self.stats["breaker_refused"] += 1
-        self.stats["authz_denied"] += 1
+        self.stats.breaker_refused += 1
+        self.stats.authz_denied += 1
         err = breaker_open(admitted)
         fail(trace.get_current_span(), err.code, err.message)
         decision = Decision(
@@ -1629,7 +1627,7 @@ class PolicyService(Service):
             if claimed is None:  # another call (here or on another replica) probes it
                 refusal = board.get(breaker.key) or breaker
                 break
-            self.stats["breaker_probes"] += 1
+            self.stats.breaker_probes += 1
             if claimed.reason == "rate_anomaly" and claimed.scope == "agent":
                 figures = self.guards.rate.anomalous(claimed.name)
                 settled = await board.settle(claimed.key, call_id, figures is None, figures=figures)
@@ -1648,7 +1646,7 @@ class PolicyService(Service):
         self, msg: Msg, call_id: str, caller: str, target: str, trace_id: str, breaker: Breaker
     ) -> None:
         """Answer ``BreakerOpen``; audit it like a denial (reason ``breaker_open``)."""
-        self.stats["breaker_refused"] += 1
+        self.stats.breaker_refused += 1
         err = breaker_open(breaker)
         fail(trace.get_current_span(), err.code, err.message)
         capability = msg.subject.rsplit(".", 1)[1]
@@ -1712,7 +1710,7 @@ class PolicyService(Service):
     async def _trip(self, key: str, reason: Any, text: str, figures: dict[str, float]) -> None:
         try:
             await self._board().trip(key, reason, text, figures, cooldown=self.guards.cooldown)
-            self.stats["breaker_trips"] += 1
+            self.stats.breaker_trips += 1
         finally:
             self._tripping.discard(key)
 
@@ -1849,7 +1847,7 @@ class PolicyService(Service):
         return value
 
     async def _reject(self, err: SignalboxError, msg: Msg, caller: str) -> None:
-        self.stats["rejected"] += 1
+        self.stats.rejected += 1
         fail(trace.get_current_span(), err.code, err.message)
         if msg.reply:
             body, headers = error_reply(err)

@@ -138,10 +138,10 @@ async def test_short_caller_deadlines_to_a_slow_target_never_open_its_breaker(
         return_exceptions=True,
     )
     assert all(isinstance(r, CallTimeout) for r in results), results
-    await eventually(lambda: policy.stats["timeouts"] >= 30)  # every outcome reached the detector
+    await eventually(lambda: policy.stats.timeouts >= 30)  # every outcome reached the detector
     await asyncio.sleep(0.2)  # a trip would be under way by now (it runs in the background)
     assert _closed(policy)
-    assert policy.stats["breaker_trips"] == 0
+    assert policy.stats.breaker_trips == 0
 
 
 async def test_undecodable_payloads_never_open_the_targets_breaker(
@@ -169,10 +169,10 @@ async def test_undecodable_payloads_never_open_the_targets_breaker(
         return_exceptions=True,
     )
     assert all(isinstance(r, BadRequest) for r in results), results
-    await eventually(lambda: policy.stats["errors"] >= 30)
+    await eventually(lambda: policy.stats.errors >= 30)
     await asyncio.sleep(0.2)
     assert _closed(policy)
-    assert policy.stats["breaker_trips"] == 0
+    assert policy.stats.breaker_trips == 0
     assert await a.call("b", "score", Score("x", 70_000)) == 70  # b serves on
 
 

@@ -383,8 +383,8 @@ async def test_the_policy_service_never_relays_or_answers_outside_the_callers_in
     assert world.runs["echo"] == 1  # b's handler never ran for a refused call
     n = 2 * len(BAD_REPLIES)
     assert policy.rejected["invalid_reply_subject"] == n
-    assert policy.stats["rejected"] == n
-    assert policy.stats["allowed"] == 1 and policy.stats["authz"] == 1  # nothing decided
+    assert policy.stats.rejected == n
+    assert policy.stats.allowed == 1 and policy.stats.authz == 1  # nothing decided
     assert await kv_revisions(svc) == kv_before
     await until_audited(audit_trail, "a", POLICY, n)
     # Refused requests were never decided: the only decisions are the sentinels'.

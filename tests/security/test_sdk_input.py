@@ -162,7 +162,7 @@ async def test_thirty_bad_requests_do_not_open_the_targets_breaker(
     assert runs["score"] == 1
     assert policy.breakers is not None
     assert policy.breakers.get("agent.b") is None
-    assert policy.stats["breaker_trips"] == 0
+    assert policy.stats.breaker_trips == 0
     # As `signalbox breakers list --all` shows it.
     operator = RawAgent()
     assert settings.nats_url is not None

@@ -157,7 +157,7 @@ async def test_an_unreadable_budget_denies_the_model_calls_it_governs(
         denied.reasons[-1]
     )
     assert "signalbox budgets set team:risk --limit USD --window day" in denied.reasons[-1]
-    assert policy.stats["budget_unreadable"] == 1
+    assert policy.stats.budget_unreadable == 1
     # Charged on behalf of nobody else: an agent no unreadable budget governs is unaffected.
     assert (await free.authorize("use_model", "gpt-4o", estimated_tokens=100)).effect == "allow"
     # The cost service refuses a reservation on it too (defence in depth).

@@ -213,7 +213,7 @@ async def test_the_approval_timeout_setting_caps_how_long_a_call_is_parked(
     assert info.value.details["reason_code"] == "approval_expired"
     assert served == []
     stats = _policy(stack).stats
-    assert (stats["parked"], stats["denied"], stats["approved"]) == (1, 1, 0)
+    assert (stats.parked, stats.denied, stats.approved) == (1, 1, 0)
 
 
 async def test_an_approval_is_bound_to_its_call_and_never_reused(

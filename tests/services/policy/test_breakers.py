@@ -117,7 +117,7 @@ async def test_a_10x_burst_trips_the_callers_breaker_and_its_calls_are_refused(
     # Model and tool use of the tripped agent is refused too, as a denial.
     decision = await a.authorize("use_model", "gpt-4o")
     assert decision.effect == "deny" and decision.reason_code == "breaker_open"
-    assert policy.stats["breaker_refused"] >= 2
+    assert policy.stats.breaker_refused >= 2
 
     trip = await audit_trail.wait_for(lambda r: r.kind == "breaker")
     assert trip[0].data["op"] == "trip" and trip[0].data["breaker"]["reason"] == "rate_anomaly"
@@ -142,7 +142,7 @@ async def test_steady_traffic_and_normal_variation_never_trip(
         await steady_traffic(a, clock, 12, 1)
     assert policy.breakers is not None
     assert policy.breakers.breakers(include_closed=True) == []
-    assert policy.stats["breaker_trips"] == 0
+    assert policy.stats.breaker_trips == 0
 
 
 # -- failing target ------------------------------------------------------------------------
@@ -241,7 +241,7 @@ async def test_a_chain_the_policy_service_did_not_sign_is_ignored(
     assert isinstance(policy, PolicyService)
     for forged in ("victim,victim,victim,victim", "x,*", "b,a,b,a,b"):
         assert await a.call("b", "echo", {"n": 1}, headers={H_CHAIN: forged}) == {"n": 1}
-    assert policy.stats["unsigned_chains"] == 3
+    assert policy.stats.unsigned_chains == 3
     assert policy.breakers is not None
     assert policy.breakers.get("agent.victim") is None
     assert policy.breakers.get("agent.b") is None
@@ -333,7 +333,7 @@ async def test_half_open_lets_exactly_one_probe_through_then_closes_or_reopens(
     assert await asyncio.gather(*(a.call("b", "slow", {"i": i}) for i in range(10))) == [
         {"i": i} for i in range(10)
     ]
-    assert first.stats["breaker_probes"] + second.stats["breaker_probes"] == 2
+    assert first.stats.breaker_probes + second.stats.breaker_probes == 2
     # Every change is audited by whoever made it (replicas and operators alike).
     changes = await audit_trail.wait_for(lambda r: r.kind == "breaker", count=7)
     assert [r.data["op"] for r in sorted(changes, key=lambda r: r.time)] == [
@@ -360,7 +360,7 @@ async def test_both_replicas_honour_a_trip_within_a_second(
     )
     assert all(isinstance(r, BreakerOpen) for r in results)
     assert all(r.details["breaker"] == "team.team-1" for r in results)  # type: ignore[union-attr]
-    assert first.stats["breaker_refused"] + second.stats["breaker_refused"] == 20
+    assert first.stats.breaker_refused + second.stats.breaker_refused == 20
     listed = await admin_request(
         operator, SUBJECTS, "list", ListBreakers(), BreakerList, service="breakers"
     )

@@ -63,7 +63,7 @@ async def test_an_agent_asks_before_using_a_model_and_every_answer_is_audited(
     assert asked.data["on_behalf_of"] == ["user:ada"]
     assert asked.data["decision"]["policy_ids"] == ["large-invocation-needs-approval"]
     stats = _policy(stack).stats
-    assert (stats["authz"], stats["authz_allowed"], stats["authz_denied"]) == (5, 1, 4)
+    assert (stats.authz, stats.authz_allowed, stats.authz_denied) == (5, 1, 4)
 
 
 async def test_an_unregistered_agent_is_refused(
@@ -166,7 +166,7 @@ async def test_mediated_calls_follow_the_cedar_policies(
         "on_behalf_of": ["user:ada"], "error": "",
     }  # fmt: skip
     stats = _policy(stack).stats
-    assert (stats["allowed"], stats["denied"]) == (1, 3)
+    assert (stats.allowed, stats.denied) == (1, 3)
 
 
 async def test_an_invalid_policy_set_stops_the_policy_service_with_cedars_message(

@@ -120,7 +120,7 @@ async def test_an_allowed_call_is_forwarded_and_audited(
     assert call.data["error_code"] == ""
     assert call.data["request_bytes"] > 0 and call.data["reply_bytes"] > 0
     stats = _policy(stack).stats
-    assert (stats["calls"], stats["allowed"], stats["ok"]) == (1, 1, 1)
+    assert (stats.calls, stats.allowed, stats.ok) == (1, 1, 1)
 
 
 async def test_a_call_no_rule_allows_is_denied_with_reason_and_audited(
@@ -141,7 +141,7 @@ async def test_a_call_no_rule_allows_is_denied_with_reason_and_audited(
     assert decision.data["decision"]["policy_ids"] == ["default-deny"]
     assert (decision.data["caller"], decision.data["target"]) == ("a", "b")
     assert decision.data["capability"] == "secret"
-    assert _policy(stack).stats["denied"] == 1
+    assert _policy(stack).stats.denied == 1
 
 
 async def test_an_unregistered_caller_is_denied(
@@ -196,7 +196,7 @@ async def test_a_registered_target_that_is_not_running_is_unavailable(
     [call] = await audit_trail.wait_for(lambda r: r.kind == "call")
     assert call.data["ok"] is False
     assert call.data["error_code"] == "target_unavailable"
-    assert _policy(stack).stats["errors"] == 1
+    assert _policy(stack).stats.errors == 1
 
 
 async def test_a_slow_target_times_out_without_blocking_the_caller(
@@ -215,9 +215,9 @@ async def test_a_slow_target_times_out_without_blocking_the_caller(
     assert call.data["error_code"] == "outcome_unknown"
     assert call.data["capability"] == "slow"
     policy = _policy(stack)
-    assert policy.stats["timeouts"] == 1
+    assert policy.stats.timeouts == 1
     await audit_trail.wait_for(lambda r: r.kind == "call" and r.data["ok"])
-    assert policy.stats["late_replies"] == 1
+    assert policy.stats.late_replies == 1
 
 
 async def test_garbage_input_is_a_bad_request_naming_the_field(
@@ -255,8 +255,8 @@ async def test_an_oversize_payload_is_refused_by_policy_and_never_forwarded(
     assert rejected.actor == "a"
     assert rejected.subject == "sb.out.a.b.lookup"
     policy = _policy(stack)
-    assert policy.stats["rejected"] == 1
-    assert policy.stats["allowed"] == 0
+    assert policy.stats.rejected == 1
+    assert policy.stats.allowed == 0
     assert policy.rejected["payload_too_large"] == 1
     assert await a.call("b", "lookup", GOOD) == "ada@Paris"
 
@@ -272,7 +272,7 @@ async def test_a_call_published_without_reply_subject_is_counted_and_audited(
     assert rejected.actor == "a"  # the real sender (from the subject the server enforces)
     assert "reply subject" in rejected.data["message"]
     assert served == []
-    assert _policy(stack).stats["rejected"] == 1
+    assert _policy(stack).stats.rejected == 1
     assert await a.call("b", "lookup", GOOD) == "ada@Paris"
 
 
@@ -325,8 +325,8 @@ async def test_bad_input_of_every_kind_leaves_the_services_serving(
     assert served == [GOOD]
     await audit_trail.wait_for(lambda r: r.kind == "call" and r.data["ok"])
     policy = _policy(stack)
-    assert policy.stats["calls"] == 8
-    assert policy.stats["ok"] == 1
+    assert policy.stats.calls == 8
+    assert policy.stats.ok == 1
 
 
 async def test_a_call_past_its_deadline_is_refused_unrun(

@@ -40,7 +40,7 @@ async def test_two_replicas_deliver_each_call_exactly_once(
     assert results == list(range(N))
     assert seen == collections.Counter(range(N))  # every call served exactly once
     assert len(call_ids) == N
-    calls = [r.stats["calls"] for r in replicas if isinstance(r, PolicyService)]
+    calls = [r.stats.calls for r in replicas if isinstance(r, PolicyService)]
     assert sum(calls) == N
     assert all(c > 0 for c in calls), calls  # both replicas took a share
     # One decision and one call outcome per call in the audit trail, whoever decided it.
@@ -70,4 +70,4 @@ async def test_calls_keep_flowing_when_one_replica_stops(
     assert results == list(range(50))
     policy = first.services["policy"]
     assert isinstance(policy, PolicyService)
-    assert policy.stats["ok"] >= 50
+    assert policy.stats.ok >= 50

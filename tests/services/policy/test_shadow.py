@@ -94,7 +94,7 @@ async def test_shadow_disagreements_are_audited_and_outcomes_unchanged(
         seen = {(r.actor, r.data["active"]["effect"], r.data["shadow"]["effect"]) for r in found}
         assert seen == {("alice", "allow", "deny"), ("carol", "deny", "allow")}
         assert all(r.data["shadow"]["version"] == status.version for r in found)
-        assert sum(r.stats["shadow_disagreements"] for r in replicas) == 5
+        assert sum(r.stats.shadow_disagreements for r in replicas) == 5
 
         off = await request(operator, "sb.admin.policy.shadow", ShadowPolicies(), ShadowStatus)
         assert not off.enabled

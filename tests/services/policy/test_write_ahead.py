@@ -62,7 +62,7 @@ async def test_no_call_runs_before_its_decision_is_stored(
             await a.call("b", "echo", {"n": 2}, timeout=5)
         assert "not forwarded" in refused.value.message
         assert served == [{"n": 1}]  # the target never saw it
-        assert policy_of(stack).stats["audit_unavailable"] == 1
+        assert policy_of(stack).stats.audit_unavailable == 1
     else:
         # Without write-ahead the call runs; its decision waits in memory, and is
         # lost with the process if it dies now.
