@@ -211,8 +211,11 @@ def probe_command(
         ),
     ] = None,
 ) -> None:
-    """Liveness (or with --ready, readiness) of this host's service processes, from their
-    health files: no NATS, no credentials. Exits 1 if any fails."""
+    """Liveness (with --ready, readiness) of this host's service processes.
+
+    Reads the health report each service writes every 2 s: no NATS, no
+    credentials (a container's exec probe). Exits 1 if any fails.
+    """
     wanted = tuple(services or SERVICE_NAMES)
     settings = load_settings(data_dir=data_dir)
     now = time.time()
