@@ -20,10 +20,12 @@ endpoint the same contract:
   inbox, no reply at all) is refused unanswered, counted and audited with
   the real sender.
 
-FastStream runs the service (lifecycle, ``python -m services.<name>``, the
-connection); endpoints and hot paths (call mediation) are plain nats-py
-callbacks on that connection (:attr:`Service.nc`): FastStream's per-message
-pipeline measured ~2x the latency of a raw callback.
+FastStream's ``NatsBroker`` holds the connection; the lifecycle is
+:class:`services.runner.Stack`'s (``signalbox up`` and ``python -m
+services.<name>`` alike: one way to run a service). Endpoints and hot paths
+(call mediation) are plain nats-py callbacks on that connection
+(:attr:`Service.nc`): FastStream's per-message pipeline measured ~2x the
+latency of a raw callback.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar
 
-from faststream import FastStream
 from faststream.nats import NatsBroker
 from faststream.nats.security import NatsUserPassword
 from nats.aio.client import Client
@@ -589,11 +590,3 @@ class Service:
             await self._audit.close()
         await self.broker.stop()
         log.info("%s service stopped", self.name)
-
-    def app(self) -> FastStream:
-        """A FastStream application running this service (``python -m services.<name>``)."""
-        app = FastStream(self.broker, logger=logging.getLogger(f"signalbox.{self.name}"))
-        app.on_startup(self._prepare)
-        app.after_startup(self._serve_endpoints)
-        app.on_shutdown(self.stop)
-        return app
