@@ -51,7 +51,7 @@ AUDIT_STREAM = "SB_AUDIT"
 AUDIT_INTAKE_STREAM = "SB_AUDIT_IN"
 USAGE_STREAM = "SB_USAGE"
 KV_AGENTS = "sb_agents"
-#: Versioned policy sets (layout: :mod:`services.policy.lifecycle`).
+#: Versioned policy sets (layout: :mod:`services.policy.store`).
 KV_POLICIES = "sb_policies"
 #: Human approval requests of parked calls (layout: :mod:`services.policy.approvals`).
 KV_APPROVALS = "sb_approvals"

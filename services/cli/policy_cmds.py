@@ -125,7 +125,7 @@ def validate(
             nats_url, "policy", "validate", ValidatePolicies(candidate=candidate), PolicyValidation
         )
     else:
-        from services.policy.lifecycle import parse_candidate
+        from services.policy.store import parse_candidate
 
         try:
             policies = parse_candidate(candidate, source=str(folder))

@@ -8,7 +8,7 @@ hot path)::
 
 Decisions come from the Cedar engine (:mod:`services.policy.cedar`) over the
 active policy set of the KV bucket ``sb_policies``
-(:mod:`services.policy.lifecycle`). The folder ``settings.policy_dir``
+(:mod:`services.policy.store`). The folder ``settings.policy_dir``
 (default: the shipped ``policies/``) is loaded at start (an invalid set stops
 the service with Cedar's messages) and seeds the bucket when it is empty;
 after that the bucket decides. Every replica watches the bucket's ``active``
@@ -180,7 +180,10 @@ from services.policy.decider import (
     unknown_estimate,
 )
 from services.policy.guards import Guards, format_chain, parse_chain
-from services.policy.lifecycle import (
+from services.policy.routes import RouteDesk
+from services.policy.shadow import Shadow, disagreement
+from services.policy.stats import PolicyStats
+from services.policy.store import (
     ACTIVE_KEY,
     SHADOW_KEY,
     PolicyStore,
@@ -190,9 +193,6 @@ from services.policy.lifecycle import (
     set_key,
     unreadable_pointer,
 )
-from services.policy.routes import RouteDesk
-from services.policy.shadow import Shadow, disagreement
-from services.policy.stats import PolicyStats
 
 __all__ = ["PolicyService"]
 
