@@ -258,21 +258,21 @@ class PolicyService(Service):
         #: Budget definitions (``sb_budgets``): does a model call need a reservation?
         self.budgets: KVCache[Budget] | None = None
         #: Version routes and canary rollouts (after start; services.policy.routes).
-        self.routes: RouteDesk | None = None
+        self._routes: RouteDesk | None = None
         #: Signs the delegation chains this service forwards (broker.identity).
         self._chain_key = chain_key(settings)
         # sb.admin.rollout.<op>: the route desk's, once started (services.policy.routes).
         rollout = functools.partial(self.subjects.admin, "rollout")
-        self.endpoint(rollout("set"), SetRollout)(lambda r: self._route_desk().set(r))
-        self.endpoint(rollout("promote"), PromoteRollout)(lambda r: self._route_desk().promote(r))
+        self.endpoint(rollout("set"), SetRollout)(lambda r: self.routes.set(r))
+        self.endpoint(rollout("promote"), PromoteRollout)(lambda r: self.routes.promote(r))
         self.endpoint(rollout("rollback"), RollbackRollout)(
-            lambda r: self._route_desk().rollback(r)
+            lambda r: self.routes.rollback(r)
         )
         self.endpoint(rollout("deprecate"), DeprecateVersion)(
-            lambda r: self._route_desk().deprecate(r)
+            lambda r: self.routes.deprecate(r)
         )
         self.endpoint(rollout("status"), RolloutStatusRequest)(
-            lambda r: self._route_desk().status(r)
+            lambda r: self.routes.status(r)
         )
         self._pending: dict[str, _Pending] = {}
         self._capabilities: dict[str, frozenset[str]] = {}
@@ -284,7 +284,7 @@ class PolicyService(Service):
         self._authz_sub: Subscription | None = None
         self._drained = asyncio.Event()  # set when the last pending call settles
         #: The versioned sets in KV (after start).
-        self.policy_store: PolicyStore | None = None
+        self._policy_store: PolicyStore | None = None
         #: Stored version this replica evaluates (0: its folder's set, not from KV).
         self.active_version = 0
         self._policy_watch: asyncio.Task[None] | None = None
@@ -304,12 +304,12 @@ class PolicyService(Service):
         self.endpoint(s.admin("policy", "diff"), DiffPolicies)(self.diff_sets)
         self.endpoint(s.admin("policy", "shadow"), ShadowPolicies)(self.shadow_set)
         #: Parked calls and operators' decisions (after start).
-        self.approvals: ApprovalDesk | None = None
+        self._approvals: ApprovalDesk | None = None
         self.endpoint(s.admin("approvals", "list"), ListApprovals)(self.list_approvals)
         self.endpoint(s.admin("approvals", "approve"), DecideApproval)(self.approve)
         self.endpoint(s.admin("approvals", "deny"), DecideApproval)(self.deny)
         #: Fleet-wide circuit breakers (after start) and the detectors that trip them.
-        self.breakers: BreakerBoard | None = None
+        self._breakers: BreakerBoard | None = None
         self.guards = Guards(settings)
         self._tripping: set[str] = set()
         self._breaker_tasks: set[asyncio.Task[None]] = set()
@@ -358,22 +358,22 @@ class PolicyService(Service):
         await self._start_lifecycle()
         self.budgets = KVCache(await self.js.key_value(KV_BUDGETS), Budget)
         await self.budgets.start()
-        self.routes = RouteDesk(
+        self._routes = RouteDesk(
             self, await self.js.key_value(KV_ROUTES), await self.js.key_value(KV_ROLLOUT_STATS),
             counts=self.guards.errors.counts,
         )  # fmt: skip
-        await self.routes.start()
-        self.approvals = ApprovalDesk(
+        await self._routes.start()
+        self._approvals = ApprovalDesk(
             self, await self.js.key_value(KV_APPROVALS),
             forward=self.forward_approved, stats=self.stats,
         )  # fmt: skip
-        await self.approvals.start()
-        self.breakers = BreakerBoard(
+        await self._approvals.start()
+        self._breakers = BreakerBoard(
             await self.js.key_value(KV_BREAKERS), self.audit, self.actor,
             probe_timeout=self.settings.call_timeout + 5.0,
             max_cooldown=self.settings.breaker_cooldown_max, on_change=self._breaker_changed,
         )  # fmt: skip
-        await self.breakers.start()
+        await self._breakers.start()
         self._inbox = self.nc.new_inbox()
         self._reply_sub = await self.nc.subscribe(
             f"{self._inbox}.*", cb=self._on_reply, pending_msgs_limit=1_000_000
@@ -409,8 +409,8 @@ class PolicyService(Service):
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-        if self.approvals is not None:
-            await self.approvals.stop()  # parked callers are told now, not left waiting
+        if self._approvals is not None:
+            await self._approvals.stop()  # parked callers are told now, not left waiting
         if self._call_tasks:  # decisions being stored: forwarded or refused, then drained
             await asyncio.wait(set(self._call_tasks), timeout=self.settings.write_ahead_timeout + 1)
         if self._pending:
@@ -424,12 +424,12 @@ class PolicyService(Service):
             await self.agents.stop()
         if self.budgets is not None:
             await self.budgets.stop()
-        if self.routes is not None:
-            await self.routes.stop()
+        if self._routes is not None:
+            await self._routes.stop()
         if self._breaker_tasks:
             await asyncio.wait(set(self._breaker_tasks), timeout=5)
-        if self.breakers is not None:
-            await self.breakers.stop()
+        if self._breakers is not None:
+            await self._breakers.stop()
         await cancel_and_wait(self._shadow_watch, "the shadow policy watch")
         self._shadow_watch = None
         await cancel_and_wait(self._policy_watch, "the policy watch")
@@ -472,7 +472,7 @@ class PolicyService(Service):
         does not load leaves this replica on its folder's set, with an alarm
         (:meth:`_raise_policy_alarm`).
         """
-        store = self.policy_store = PolicyStore(await self.js.key_value(KV_POLICIES), self.js)
+        store = self._policy_store = PolicyStore(await self.js.key_value(KV_POLICIES), self.js)
         pointer, _, problem = await store.pointer()
         if problem and isinstance(self.decider, CedarDecider):
             # Stored as version 1 if that is free, so `policy rollback --to 1` can repair
@@ -542,8 +542,8 @@ class PolicyService(Service):
             return
         if self.shadow is not None and self.shadow.version == pointer.version:
             return
-        assert self.policy_store is not None
-        record = await self.policy_store.get(pointer.version)
+        assert self._policy_store is not None
+        record = await self._policy_store.get(pointer.version)
         self.shadow = Shadow.of(pointer.version, policies_of(record))
         log.info("policy: shadow mode on with policy set version %d", pointer.version)
 
@@ -571,7 +571,7 @@ class PolicyService(Service):
 
     async def shadow_set(self, request: ShadowPolicies) -> ShadowStatus:
         """``shadow``: store a candidate and evaluate it beside the active set, or stop."""
-        store = self._store()
+        store = self.policy_store
         pointer, _ = await store.active()
         active = pointer.version if pointer else 0
         who = self.operator(request.requested_by)
@@ -623,7 +623,7 @@ class PolicyService(Service):
 
     async def _activate(self, pointer: ActivePolicy) -> None:
         """Load, re-validate and swap in the set ``pointer`` names; keep the old one on error."""
-        assert self.policy_store is not None
+        assert self._policy_store is not None
         if not isinstance(self.decider, CedarDecider):
             return  # a custom decider manages its own rules
         async with self._activation:
@@ -633,7 +633,7 @@ class PolicyService(Service):
                 self._clear_policy_alarm()
                 return
             try:
-                record = await self.policy_store.get(pointer.version)
+                record = await self._policy_store.get(pointer.version)
                 policies = policies_of(record)
                 if policies.digest != pointer.digest:
                     raise ConfigError(
@@ -709,7 +709,7 @@ class PolicyService(Service):
 
     async def apply_set(self, request: ApplyPolicies) -> PolicyApplied:
         """``apply``: validate, store as the next version, move the pointer (compare-and-set)."""
-        store = self._store()
+        store = self.policy_store
         policies = parse_candidate(request.candidate)
         pointer, revision = await store.active()
         current = pointer.version if pointer else 0
@@ -738,7 +738,7 @@ class PolicyService(Service):
 
     async def rollback_set(self, request: RollbackPolicies) -> PolicyApplied:
         """``rollback``: re-validate an earlier version and make it active again."""
-        store = self._store()
+        store = self.policy_store
         pointer, revision = await store.active()
         current = pointer.version if pointer else 0
         target = request.to or (pointer.previous if pointer else 0)
@@ -800,7 +800,7 @@ class PolicyService(Service):
         With an alarm (the pointer, or the set it names, cannot be used) the
         default is the set this replica evaluates instead, and ``alarm`` says why.
         """
-        store = self._store()
+        store = self.policy_store
         pointer, _, problem = await store.pointer()
         active = pointer.version if pointer else 0
         alarm = problem or self.policy_alarm
@@ -831,7 +831,7 @@ class PolicyService(Service):
 
     async def set_history(self, request: PolicyHistoryRequest) -> PolicyHistory:
         """``history``: stored versions, newest first, the active one marked."""
-        store = self._store()
+        store = self.policy_store
         pointer, _ = await store.active()
         active = pointer.version if pointer else 0
         versions = (await store.versions())[::-1][: request.limit]
@@ -842,7 +842,7 @@ class PolicyService(Service):
 
     async def diff_sets(self, request: DiffPolicies) -> PolicyDiff:
         """``diff``: two stored versions, or a candidate against one (default: the active)."""
-        store = self._store()
+        store = self.policy_store
         pointer, _ = await store.active()
         active = pointer.version if pointer else 0
         old = await store.get(request.from_version or active or 1)
@@ -856,27 +856,31 @@ class PolicyService(Service):
             to_name="candidate",
         )  # fmt: skip
 
-    def _store(self) -> PolicyStore:
-        assert self.policy_store is not None, "policy service not started"
-        return self.policy_store
+    @property
+    def policy_store(self) -> PolicyStore:
+        """The versioned policy sets in ``sb_policies`` (after start)."""
+        assert self._policy_store is not None, "policy service not started"
+        return self._policy_store
 
     # -- human approvals -------------------------------------------------------
 
-    def _desk(self) -> ApprovalDesk:
-        assert self.approvals is not None, "policy service not started"
-        return self.approvals
+    @property
+    def approvals(self) -> ApprovalDesk:
+        """Parked calls and operators' decisions (services.policy.approvals) (after start)."""
+        assert self._approvals is not None, "policy service not started"
+        return self._approvals
 
     async def list_approvals(self, request: ListApprovals) -> ApprovalList:
         """``approvals.list``: pending approval requests (``all``: every stored one)."""
-        return await self._desk().list(request)
+        return await self.approvals.list(request)
 
     async def approve(self, request: DecideApproval) -> ApprovalRequest:
         """``approvals.approve``: let the parked call through (once; audited)."""
-        return await self._desk().approve(request)
+        return await self.approvals.approve(request)
 
     async def deny(self, request: DecideApproval) -> ApprovalRequest:
         """``approvals.deny``: refuse the parked call (audited)."""
-        return await self._desk().deny(request)
+        return await self.approvals.deny(request)
 
     async def _park(
         self,
@@ -907,7 +911,7 @@ class PolicyService(Service):
             subject=msg.subject, trace_id=trace_id, decision=decision,
             deadline=now + waits - expiry_margin(waits),
         )  # fmt: skip
-        await self._desk().park(parked, expires_in)
+        await self.approvals.park(parked, expires_in)
 
     async def forward_approved(self, parked: Parked, record: ApprovalRequest) -> None:
         """Forward a parked call an operator approved, as an allowed call; audit the use
@@ -1147,7 +1151,7 @@ class PolicyService(Service):
         (:meth:`RouteDesk.resolve`); without either, any version's instance takes it.
         """
         try:
-            version = self._route_desk().resolve(target, headers)
+            version = self.routes.resolve(target, headers)
         except SignalboxError as err:
             body, refused = error_reply(err)
             await self.nc.publish(reply, body, headers=refused)
@@ -1348,9 +1352,11 @@ class PolicyService(Service):
             self.stats.moved_traces += 1
         return context
 
-    def _route_desk(self) -> RouteDesk:
-        assert self.routes is not None, "policy service not started"
-        return self.routes
+    @property
+    def routes(self) -> RouteDesk:
+        """Version routes and canary rollouts (services.policy.routes) (after start)."""
+        assert self._routes is not None, "policy service not started"
+        return self._routes
 
     async def _reserve_budget(
         self,
@@ -1494,7 +1500,7 @@ class PolicyService(Service):
         self._breaker_outcome(p, error_code)
         latency_ms = (time.perf_counter() - p.started) * 1000
         if p.version:
-            self._route_desk().record(p.target, p.version, error_code, latency_ms, p.timeout)
+            self.routes.record(p.target, p.version, error_code, latency_ms, p.timeout)
         outcome = CallOutcome(
             call_id=p.call_id,
             caller=p.caller,
@@ -1520,9 +1526,11 @@ class PolicyService(Service):
 
     # -- circuit breakers (broker.breakers; detectors: services.policy.guards) ----------
 
-    def _board(self) -> BreakerBoard:
-        assert self.breakers is not None, "policy service not started"
-        return self.breakers
+    @property
+    def breakers(self) -> BreakerBoard:
+        """The fleet's circuit breakers (broker.breakers) (after start)."""
+        assert self._breakers is not None, "policy service not started"
+        return self._breakers
 
     async def _gate_call(
         self,
@@ -1546,7 +1554,7 @@ class PolicyService(Service):
                 return None
             loop = self.guards.loop(chain, caller, target)
             if loop is not None:
-                tripped = await self._board().trip(
+                tripped = await self.breakers.trip(
                     breaker_key("agent", loop.agent), "call_loop",
                     f"call chain {' -> '.join(loop.path)} revisits {loop.agent} {loop.visits} "
                     f"times over {loop.depth} hops (limits: {self.guards.max_visits} visits, "
@@ -1558,7 +1566,7 @@ class PolicyService(Service):
                 await self._refuse_call(msg, call_id, caller, target, trace_id, tripped)
                 return None
         forward = format_chain(chain, caller)
-        board = self._board()
+        board = self.breakers
         if not board.any_open():
             return _Gate(chain=forward)
         team = caller_record.manifest.team if caller_record is not None else ""
@@ -1579,7 +1587,7 @@ class PolicyService(Service):
         Returns the probes this request makes, or the refusal (audited, counted).
         """
         self._observe_rate(agent)
-        board = self._board()
+        board = self.breakers
         if not board.any_open():
             return ()
         team = record.manifest.team if record is not None else ""
@@ -1616,7 +1624,7 @@ class PolicyService(Service):
         are released). A rate-anomaly probe is judged at once: the breaker
         closes if the agent's rate is back to normal, else re-opens.
         """
-        board = self._board()
+        board = self.breakers
         probes: list[tuple[str, str]] = []
         refusal: Breaker | None = None
         for breaker in blocked:
@@ -1702,14 +1710,14 @@ class PolicyService(Service):
 
     def _auto_trip(self, key: str, reason: Any, text: str, figures: dict[str, float]) -> None:
         """Trip ``key`` in the background (once, if it is not already open)."""
-        if key in self._tripping or self._board().check(key):
+        if key in self._tripping or self.breakers.check(key):
             return
         self._tripping.add(key)
         self._breaker_task(self._trip(key, reason, text, figures))
 
     async def _trip(self, key: str, reason: Any, text: str, figures: dict[str, float]) -> None:
         try:
-            await self._board().trip(key, reason, text, figures, cooldown=self.guards.cooldown)
+            await self.breakers.trip(key, reason, text, figures, cooldown=self.guards.cooldown)
             self.stats.breaker_trips += 1
         finally:
             self._tripping.discard(key)
@@ -1719,7 +1727,7 @@ class PolicyService(Service):
 
         async def run() -> None:
             for key, call_id, ok in items:
-                await self._board().settle(key, call_id, ok)
+                await self.breakers.settle(key, call_id, ok)
 
         self._breaker_task(run())
 
@@ -1742,18 +1750,18 @@ class PolicyService(Service):
 
     async def list_breakers(self, request: ListBreakers) -> BreakerList:
         """``breakers.list``: the breakers that are not closed (``all``: every one)."""
-        return BreakerList(breakers=tuple(self._board().breakers(include_closed=request.all)))
+        return BreakerList(breakers=tuple(self.breakers.breakers(include_closed=request.all)))
 
     async def trip_breaker(self, request: TripBreaker) -> Breaker:
         """``breakers.trip``: open a breaker by hand (reason ``manual``; audited)."""
-        return await self._board().trip(
+        return await self.breakers.trip(
             request.key, "manual", request.text, cooldown=request.cooldown,
             by=self.operator(request.requested_by),
         )  # fmt: skip
 
     async def reset_breaker(self, request: ResetBreaker) -> Breaker:
         """``breakers.reset``: close a breaker, whatever tripped it (audited)."""
-        return await self._board().reset(
+        return await self.breakers.reset(
             request.key, by=self.operator(request.requested_by), text=request.text
         )
 

@@ -117,7 +117,7 @@ async def _rollout(operator: Client, op: str, body: Any) -> RolloutStatus:
 
 async def _routed(stack: Stack, route: RolloutStatus) -> None:
     """Wait until the policy replica applies the route the operator just set."""
-    await eventually(lambda: _policy(stack)._route_desk().routes.get("recommender") == route.route)
+    await eventually(lambda: _policy(stack).routes.routes.get("recommender") == route.route)
 
 
 async def _calls(shop: Agent, n: int, **kw: Any) -> Counter[str]:
@@ -147,7 +147,7 @@ async def test_a_route_splits_traffic_within_statistical_tolerance(
     assert counts[V1] + counts[V2] == 2_000
     # Per-version figures from every replica, within the status window.
     await eventually(
-        lambda: sum(r.calls for r in _policy(stack)._route_desk().merged("recommender", 0).values())
+        lambda: sum(r.calls for r in _policy(stack).routes.merged("recommender", 0).values())
         >= 2_000
     )
     shown = await _rollout(operator, "status", RolloutStatusRequest(target="recommender"))
@@ -192,10 +192,10 @@ async def test_a_failing_canary_is_rolled_back_automatically(
             assert await shop.call("recommender", "suggest", Ask(fail=True)) in (V1, V2)
         except Exception:
             failures += 1
-        route = _policy(stack)._route_desk().routes.get("recommender")
+        route = _policy(stack).routes.routes.get("recommender")
         if route is not None and route.weights.get(V2, 0) == 0:
             break
-    route = _policy(stack)._route_desk().routes.get("recommender")
+    route = _policy(stack).routes.routes.get("recommender")
     assert route is not None and route.weights == {V1: 100}, route
     assert route.reason.startswith("auto-rollback of 2.0.0: error rate")
     assert route.figures["canary_error_rate"] > 0.05
@@ -254,7 +254,7 @@ async def test_bad_routes_are_refused_and_the_old_route_stays(
     )  # fmt: skip
     await silent.start()
     try:
-        desk = _policy(stack)._route_desk()
+        desk = _policy(stack).routes
 
         async def stale() -> bool:
             found = (await desk._versions("recommender")).get("3.0.0")
@@ -365,7 +365,7 @@ async def test_every_policy_replica_applies_a_route_change_within_a_second(
         applied = loop.time()
         await eventually(
             lambda status=status: all(
-                p._route_desk().routes.get("recommender") == status.route for p in (first, second)
+                p.routes.routes.get("recommender") == status.route for p in (first, second)
             ),
             timeout=1.0,
         )
@@ -374,7 +374,7 @@ async def test_every_policy_replica_applies_a_route_change_within_a_second(
     counts = await _calls(fleet["shop"], 200)
     await eventually(
         lambda: all(
-            sum(m.calls for m in p._route_desk().merged("recommender", 0).values()) == 200
+            sum(m.calls for m in p.routes.merged("recommender", 0).values()) == 200
             for p in (first, second)
         )
     )
