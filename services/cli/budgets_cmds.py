@@ -28,6 +28,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from broker.money import usd
 from schemas import (
     BudgetList,
     BudgetScope,
@@ -78,8 +79,7 @@ def _ratio(text: str) -> float:
     return value
 
 
-def _usd(value: float) -> str:
-    return f"${value:,.4f}" if value < 1000 else f"${value:,.0f}"
+_usd = usd  # the one money format (broker.money)
 
 
 def _window(window: str, start: float) -> str:

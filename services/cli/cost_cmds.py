@@ -24,6 +24,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from broker.money import usd
 from broker.subjects import Subjects
 from schemas import CostGroup, CostReport, CostReportRequest, CostRow
 from services.cli.audit_cmds import parse_since
@@ -56,8 +57,7 @@ def _key(by: CostGroup, key: str) -> str:
     return key or "(none)"
 
 
-def _usd(value: float) -> str:
-    return f"${value:,.4f}"
+_usd = usd  # the one money format (broker.money)
 
 
 def cost_table(report: CostReport) -> Table:

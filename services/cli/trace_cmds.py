@@ -32,6 +32,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from broker.errors import SchemaError
+from broker.money import usd
 from broker.subjects import Subjects
 from schemas import AuditEvent
 from services.cli.audit_cmds import parse_since
@@ -199,7 +200,7 @@ def _label(node: TraceNode, start: float) -> Text:
             f"{int(data.get('input_tokens', 0)):,} in / {int(data.get('output_tokens', 0)):,} out"
         )
         if isinstance(cost, int):
-            text.append(f" ${cost / 1e9:.4f}")
+            text.append(f" {usd(cost / 1e9)}")
     else:
         text.append(f"{r.kind} ", style=KIND_STYLES.get(r.kind, ""))
         text.append(f"{r.actor} ")

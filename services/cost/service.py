@@ -81,6 +81,7 @@ from broker.errors import InvalidInput, NotFound, SchemaError, SignalboxError
 from broker.identity import chain_key, verify_chain
 from broker.jetstream import KV_AGENTS, KV_BREAKERS, KV_BUDGETS, USAGE_STREAM
 from broker.kvcache import KVCache
+from broker.money import usd
 from broker.replies import H_CHAIN, H_CHAIN_SIG
 from broker.service import Service
 from broker.settings import Settings
@@ -164,9 +165,9 @@ def _overspend_text(over: Overspend) -> str:
     state = "exhausted and overspent" if c.spent_usd >= c.limit_usd else "overspent"
     return (
         f"budget {over.budget.key} {state} by {over.agent}: usage report {over.report_id} "
-        f"cost ${over.cost_nanos / NANOS_PER_USD:.4f}, ${over.uncovered_nanos / NANOS_PER_USD:.4f} "
+        f"cost {usd(over.cost_nanos / NANOS_PER_USD)}, {usd(over.uncovered_nanos / NANOS_PER_USD)} "
         f"of it held by no live reservation ({_CAUSES[over.cause]}), leaving "
-        f"${c.spent_usd:.4f} spent + ${c.reserved_usd:.4f} reserved of ${c.limit_usd:.2f}"
+        f"{usd(c.spent_usd)} spent + {usd(c.reserved_usd)} reserved of {usd(c.limit_usd)}"
     )
 
 
@@ -791,7 +792,7 @@ class CostService(Service):
                     breaker_key(budget.scope, budget.name),
                     "budget",
                     f"{_PERIODIC[budget.window]} budget {budget.key} exhausted: "
-                    f"${charge.spent_usd:.4f} spent of ${charge.limit_usd:.2f}; it resets at "
+                    f"{usd(charge.spent_usd)} spent of {usd(charge.limit_usd)}; it resets at "
                     "the end of the window, or raise it with "
                     f"`signalbox budgets set {budget.scope}:{budget.name}`",
                     figures={"limit_usd": charge.limit_usd, "spent_usd": charge.spent_usd,
@@ -837,7 +838,7 @@ class CostService(Service):
         status = (await asyncio.to_thread(self.store.ledger.status, budget, time.time()))[0]
         if status.spent_usd < budget.limit_usd:
             await self._release_breaker(budget, f"budget {budget.key} set to "
-                                        f"${budget.limit_usd:.2f} by {budget.set_by}")  # fmt: skip
+                                        f"{usd(budget.limit_usd)} by {budget.set_by}")  # fmt: skip
         return status
 
     async def _release_breaker(self, budget: Budget, text: str) -> None:

@@ -18,6 +18,7 @@ from rich.console import Console
 
 from broker import Agent
 from broker.errors import BreakerOpen, SignalboxError
+from broker.money import usd
 from broker.subjects import Subjects
 from schemas import (
     BreakerList,
@@ -204,7 +205,7 @@ async def show_runaway(
         BudgetStatus, service="budgets",
     )  # fmt: skip
     console.print(
-        f"Budget of team risk: ${budget.budget.limit_usd:.2f} a day, alert at "
+        f"Budget of team risk: {usd(budget.budget.limit_usd)} a day, alert at "
         f"{budget.budget.soft_ratio:.0%}; every model call reserves its worst case first."
     )
     screen.calls_per_check = 1

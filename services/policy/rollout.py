@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from broker.money import usd
 from schemas import Route, RouteGuard, VersionStats
 
 __all__ = [
@@ -242,8 +243,8 @@ def breach(
     ):
         return Breach(
             "cost_per_call",
-            f"cost per call ${canary_cost:.5f} > {guard.max_cost_ratio:g}x stable's "
-            f"${stable_cost:.5f}",
+            f"cost per call {usd(canary_cost)} > {guard.max_cost_ratio:g}x stable's "
+            f"{usd(stable_cost)}",
             figures | {"canary_cost_per_call": canary_cost, "stable_cost_per_call": stable_cost},
         )
     return None

@@ -103,6 +103,7 @@ from broker.jetstream import (
     KV_ROUTES,
 )
 from broker.kvcache import KVCache
+from broker.money import usd
 from broker.replies import (
     H_CALL_ID,
     H_CALLER,
@@ -1427,9 +1428,9 @@ class PolicyService(Service):
             return msgspec.structs.replace(
                 _budget_denial(
                     decision, "budget_exceeded",
-                    f"budget {b.key} would be exceeded: limit ${b.limit_usd:.2f}, spent "
-                    f"${b.spent_usd:.4f}, reserved ${b.reserved_usd:.4f}, this call needs up "
-                    f"to ${reservation.amount_usd:.4f}; raise it with `signalbox budgets set` "
+                    f"budget {b.key} would be exceeded: limit {usd(b.limit_usd)}, spent "
+                    f"{usd(b.spent_usd)}, reserved {usd(b.reserved_usd)}, this call needs up "
+                    f"to {usd(reservation.amount_usd)}; raise it with `signalbox budgets set` "
                     "or wait for the window to end",
                 ),
                 budget=b,

@@ -302,7 +302,7 @@ async def test_operators_manage_budgets_from_the_cli(
     assert empty.exit_code == 0 and "No budgets" in empty.output
     made = await _cli("set", "team:risk", "--limit", "0.15", "--soft", "50%", *url)
     assert made.exit_code == 0, made.output
-    assert "team:risk" in made.output and "$0.1500" in made.output
+    assert "team:risk" in made.output and "$0.15 per day" in made.output
     bad = await _cli("set", "squad:risk", "--limit", "1", *url)
     assert bad.exit_code == 1 and "agent:NAME, team:NAME or project:NAME" in bad.output
     bad_soft = await _cli("set", "team:risk", "--limit", "1", "--soft", "150%", *url)
@@ -326,7 +326,7 @@ async def test_operators_manage_budgets_from_the_cli(
     [row] = json.loads(listed.output)["budgets"]
     assert row["spent_usd"] == pytest.approx(0.02) and row["reserved_usd"] == 0
     shown = await _cli("show", "team:risk", *url)
-    assert shown.exit_code == 0 and "$0.0200" in shown.output
+    assert shown.exit_code == 0 and "$0.02" in shown.output
     missing = await _cli("show", "agent:nobody", *url)
     assert missing.exit_code == 1 and "signalbox budgets set agent:nobody" in missing.output
     removed = await _cli("remove", "team:risk", *url)
