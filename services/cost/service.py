@@ -171,6 +171,11 @@ def _overspend_text(over: Overspend) -> str:
     )
 
 
+
+#: A report being metered: its message, the report (trace checked), its stored row and
+#: the trace context its span continues.
+_Metered = tuple[Msg, UsageReport, dict[str, Any], otel_context.Context]
+
 class CostService(Service):
     """Meters ``sb.usage.<agent>`` reports into SQL and answers ``sb.admin.cost.report``.
 
@@ -296,11 +301,12 @@ class CostService(Service):
 
     # -- traces (broker.telemetry) -------------------------------------------------------
 
-    def _usage_span(self, msg: Msg, report: UsageReport, row: dict[str, Any]) -> AuditIds:
-        """One ``sb.usage`` span for a metered report, child of the trace context the SDK
-        sent with it; its ids, for the audit record (no span ids when the report names
-        another trace than its headers)."""
-        parent = self._trusted_trace(msg, report.agent)[0]
+    def _usage_span(
+        self, msg: Msg, report: UsageReport, row: dict[str, Any], parent: otel_context.Context
+    ) -> AuditIds:
+        """One ``sb.usage`` span for a metered report, child of ``parent`` (the trace context
+        :meth:`_checked_trace` kept); its ids, for the audit record (no span ids when the
+        report names another trace than its headers)."""
         span = self.telemetry.start("sb.usage", parent=parent, kind=SpanKind.CONSUMER)
         annotate(span, lambda: {
             ATTR["agent"]: report.agent, ATTR["team"]: row.get("team", ""),
@@ -332,16 +338,19 @@ class CostService(Service):
         sc = trace.get_current_span(parent).get_span_context()
         return parent, moved_from or (f"{sc.trace_id:032x}" if sc.is_valid else "")
 
-    def _checked_trace_id(self, msg: Msg, report: UsageReport) -> str:
-        """The trace the report is stored and audited under: its headers' trace as
+    def _checked_trace(
+        self, msg: Msg, report: UsageReport
+    ) -> tuple[str, otel_context.Context]:
+        """The trace the report is stored and audited under, and the context its span
+        continues (worked out once per report): its headers' trace as
         :meth:`_trusted_trace` keeps or moves it; a trace id the body names beyond that is
         moved into one the agent owns (``owned_trace_id``), never taken as is."""
         parent, claimed = self._trusted_trace(msg, report.agent)
         sc = trace.get_current_span(parent).get_span_context()
         kept = f"{sc.trace_id:032x}" if sc.is_valid else ""
         if not report.trace_id or report.trace_id == claimed:
-            return kept
-        return owned_trace_id(report.agent, report.trace_id)
+            return kept, parent
+        return owned_trace_id(report.agent, report.trace_id), parent
 
     @staticmethod
     def _report_time(msg: Msg) -> float:
@@ -433,11 +442,11 @@ class CostService(Service):
             },
         )  # fmt: skip
 
-    async def _overspent(self, reports: list[tuple[Msg, UsageReport, dict[str, Any]]]) -> None:
+    async def _overspent(self, reports: list[_Metered]) -> None:
         """Usage that took a budget past its limit with no live reservation covering it:
         trip each such agent's breaker (until an operator resets it), then audit every
         overspend as an ``alert`` and count it. The usage itself stays charged."""
-        found = [(report, over) for _, report, row in reports for over in row.get("overspends", ())]
+        found = [(r[1], over) for r in reports for over in r[2].get("overspends", ())]
         if not found:
             return
         last: dict[str, Overspend] = {}
@@ -503,7 +512,7 @@ class CostService(Service):
         good: list[Msg] = []
         bad: list[Msg] = []
         rows: list[dict[str, Any]] = []
-        reports: list[tuple[Msg, UsageReport, dict[str, Any]]] = []
+        reports: list[_Metered] = []
         now = time.time()
         for msg in msgs:
             try:
@@ -516,12 +525,12 @@ class CostService(Service):
                 log.error("cost: %s", err)
                 bad.append(msg)
                 continue
-            trace_id = self._checked_trace_id(msg, report)
+            trace_id, parent = self._checked_trace(msg, report)
             if trace_id != report.trace_id:
                 report = msgspec.structs.replace(report, trace_id=trace_id)
             row = self._attributed_row(msg, report, now)
             rows.append(row)
-            reports.append((msg, report, row))
+            reports.append((msg, report, row, parent))
         budgets = self._budgets if self._budgets is not None and len(self._budgets) else None
         try:
             alerts = await asyncio.to_thread(self.store.record, rows, budgets)
@@ -531,7 +540,7 @@ class CostService(Service):
             log.exception(
                 "cost: storing %d usage reports failed; they will be redelivered", len(rows)
             )
-            for msg, _, _ in reports:
+            for msg, *_ in reports:
                 await msg.nak(delay=1)
             reports = []
         else:
@@ -544,7 +553,7 @@ class CostService(Service):
             await self._overspent(reports)
             for alert in alerts:
                 await self._alert(alert, actor=self.actor, trip=False)
-        for msg, report, row in reports:
+        for msg, report, row, parent in reports:
             data = msgspec.to_builtins(report)
             data["team"] = row["team"]
             # What was charged (the report's own words stay under their keys).
@@ -561,7 +570,7 @@ class CostService(Service):
                 data["overspent"] = sorted({o.budget.key for o in row["overspends"]})
             data["cost_nanos"] = row["cost_nanos"]
             data["priced_by_fallback"] = row["priced_by_fallback"]
-            ids = self._usage_span(msg, report, row)
+            ids = self._usage_span(msg, report, row, parent)
             await self.audit.emit(
                 "usage",
                 actor=report.agent,
