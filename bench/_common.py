@@ -45,7 +45,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from rich.table import Table
 
-from broker.server import EmbeddedServer, find_server_binary
+from broker.runtime.server import EmbeddedServer, find_server_binary
 
 __all__ = [
     "CpuMeter",
@@ -299,7 +299,7 @@ def embedded_server(
     """
     auth = None
     if secrets_dir is not None:
-        from broker.identity import ServerSecrets, auth_config
+        from broker.runtime.identity import ServerSecrets, auth_config
         from broker.subjects import Subjects
 
         auth = auth_config(ServerSecrets.load_or_create(secrets_dir), Subjects("sb"))
@@ -499,7 +499,7 @@ async def relay(
 
 async def _run_relay(nats_url: str, data_dir: Path, listen: str, forward: str) -> None:
     from broker.connection import connect
-    from broker.identity import service_connect_options
+    from broker.runtime.identity import service_connect_options
     from broker.settings import Settings
 
     settings = Settings(nats_url=nats_url, data_dir=data_dir)

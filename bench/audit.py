@@ -58,10 +58,10 @@ from nats.js.api import StorageType, StreamConfig
 from rich.console import Console
 
 from broker import connect
-from broker.audit import AuditEmitter
 from broker.codec import encode
-from broker.identity import operator_connect_options, service_connect_options
-from broker.jetstream import AUDIT_STREAM
+from broker.runtime.audit import AuditEmitter
+from broker.runtime.identity import operator_connect_options, service_connect_options
+from broker.runtime.jetstream import AUDIT_STREAM
 from broker.settings import Settings
 from broker.subjects import Subjects
 from services.tracing.chain import GENESIS, chain

@@ -80,9 +80,9 @@ from nats.js.errors import NotFoundError
 from rich.console import Console
 
 from broker import Agent, UnknownTarget, connect
-from broker.identity import operator_connect_options, service_connect_options
-from broker.jetstream import AUDIT_INTAKE_STREAM, AUDIT_STREAM
 from broker.replies import error_from_reply, is_error, request
+from broker.runtime.identity import operator_connect_options, service_connect_options
+from broker.runtime.jetstream import AUDIT_INTAKE_STREAM, AUDIT_STREAM
 from broker.settings import Settings
 from broker.subjects import Subjects, inbox_prefix
 from schemas import AgentManifest, RolloutStatus, SetRollout

@@ -106,8 +106,8 @@ from broker import (
     CallDenied,
     UsageNotRecorded,
 )
-from broker.jetstream import AUDIT_INTAKE_STREAM, USAGE_STREAM
 from broker.replies import request
+from broker.runtime.jetstream import AUDIT_INTAKE_STREAM, USAGE_STREAM
 from broker.subjects import Subjects
 from schemas import BudgetStatus, SetBudget
 

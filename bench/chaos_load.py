@@ -36,8 +36,8 @@ from broker import (
     CallDenied,
     SignalboxError,
 )
-from broker.jetstream import AUDIT_INTAKE_STREAM, AUDIT_STREAM
 from broker.replies import H_IDEMPOTENCY_KEY
+from broker.runtime.jetstream import AUDIT_INTAKE_STREAM, AUDIT_STREAM
 from broker.subjects import Subjects
 from schemas import AuditEvent
 

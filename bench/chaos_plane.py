@@ -24,13 +24,13 @@ from broker import (
     Agent,
 )
 from broker.connection import connect
-from broker.identity import (
+from broker.runtime.identity import (
     ServerSecrets,
     auth_config,
     operator_connect_options,
     service_connect_options,
 )
-from broker.server import EmbeddedServer
+from broker.runtime.server import EmbeddedServer
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import AgentBinding, AgentManifest

@@ -98,9 +98,9 @@ from rich.console import Console
 
 from broker import Agent, connect
 from broker.codec import encode
-from broker.identity import operator_connect_options, service_connect_options
-from broker.jetstream import USAGE_STREAM
 from broker.replies import H_MSG_ID, request
+from broker.runtime.identity import operator_connect_options, service_connect_options
+from broker.runtime.jetstream import USAGE_STREAM
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import (

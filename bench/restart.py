@@ -77,7 +77,7 @@ async def run(kills: int, log: Console) -> dict[str, list[float]]:
         pass
 
     # A plain client on the server's system-free path: the services' own user.
-    from broker.identity import service_connect_options
+    from broker.runtime.identity import service_connect_options
 
     raw = await nats.connect(
         url, reconnect_time_wait=0.05, max_reconnect_attempts=-1,

@@ -1,14 +1,21 @@
-"""Shared plumbing of Signalbox and the agent SDK.
+"""The Signalbox agent SDK: what an agent imports, and nothing of the control plane.
 
-``broker`` never imports ``services``. Public API::
+Public API: the agent and its model calls, settings, the connection, the
+subjects, the codec and the error tree::
 
-    from broker import Agent, Settings, EmbeddedServer, Subjects, connect
+    from broker import Agent, CallDenied, ModelCall, Settings, connect
+
+The SDK needs only nats-py, msgspec, pydantic-settings, tenacity and the
+OpenTelemetry API (``pip install signalbox``). The control plane's plumbing
+(service base, consumers, audit emitter, KV caches, SQL, embedded server,
+identity) is :mod:`broker.runtime`, installed with ``signalbox[server]``;
+``tests/test_sdk_import.py`` keeps the two apart. ``broker`` never imports
+``services``.
 """
 
 from __future__ import annotations
 
 from broker.agent import Agent, CallContext
-from broker.audit import AuditEmitter, new_id
 from broker.codec import decode, encode
 from broker.connection import connect
 from broker.errors import (
@@ -47,14 +54,12 @@ from broker.errors import (
     UsageNotRecorded,
 )
 from broker.modelcall import ModelCall
-from broker.server import EmbeddedServer
 from broker.settings import Settings
 from broker.subjects import Subjects, validate_token
 
 __all__ = [
     "Agent",
     "AttributeMismatch",
-    "AuditEmitter",
     "AuditUnavailable",
     "AuthenticationFailed",
     "BadRequest",
@@ -69,7 +74,6 @@ __all__ = [
     "Conflict",
     "ControlPlaneUnavailable",
     "DeadlineExceeded",
-    "EmbeddedServer",
     "IdentityMismatch",
     "InvalidInput",
     "InvalidReplySubject",
@@ -95,6 +99,5 @@ __all__ = [
     "connect",
     "decode",
     "encode",
-    "new_id",
     "validate_token",
 ]

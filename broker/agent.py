@@ -52,7 +52,6 @@ from opentelemetry import context as otel_context
 from opentelemetry.trace import Span, SpanKind, TracerProvider
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from broker.audit import new_id
 from broker.codec import decode, encode
 from broker.connection import connect, sync_connection
 from broker.dedup import Deduplicator, validate_idempotency_key
@@ -69,7 +68,7 @@ from broker.errors import (
     SignalboxError,
     UsageNotRecorded,
 )
-from broker.jetstream import USAGE_DUPLICATE_WINDOW
+from broker.ids import new_id
 from broker.modelcall import ModelCall
 from broker.replies import (
     H_CALL_ID,
@@ -91,7 +90,13 @@ from broker.replies import (
     request,
 )
 from broker.settings import Settings
-from broker.subjects import Subjects, inbox_prefix, validate_token, version_token
+from broker.subjects import (
+    USAGE_DUPLICATE_WINDOW,
+    Subjects,
+    inbox_prefix,
+    validate_token,
+    version_token,
+)
 from broker.telemetry import (
     ATTR,
     Telemetry,
@@ -132,7 +137,7 @@ HandlerFn = Callable[..., Awaitable[Any]]
 #: (empty outside handlers): sent back with every call and model authorization
 #: the handler makes, so the policy service can refuse call loops
 #: (``call_loop``) and charge the budgets of the agents the work is done for
-#: (it believes the chain only with its own signature; see broker.identity).
+#: (it believes the chain only with its own signature; see broker.runtime.identity).
 #: Each served call runs in its own task, hence its own context.
 _CHAIN: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
     "sb_chain", default=("", "")

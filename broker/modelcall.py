@@ -40,7 +40,6 @@ from typing import Any, Protocol
 import msgspec
 from nats.aio.client import Client
 
-from broker.audit import new_id
 from broker.diagnostics import cancel_and_wait
 from broker.errors import (
     BudgetExceeded,
@@ -49,6 +48,7 @@ from broker.errors import (
     ControlPlaneUnavailable,
     UsageNotRecorded,
 )
+from broker.ids import new_id
 from broker.replies import request
 from broker.subjects import Subjects
 from schemas import Decision, RenewReservation, ReservationRenewed, UsageReport

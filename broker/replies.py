@@ -55,7 +55,7 @@ H_CALLER = "Sb-Caller"
 #: of the call its handler serves on with every call the handler makes (loop
 #: breakers, :mod:`services.policy.guards`). Advisory: an agent could strip it.
 H_CHAIN = "Sb-Chain"
-#: The policy service's signature of ``Sb-Chain`` for its receiver (``broker.identity``).
+#: The policy service's signature of ``Sb-Chain`` for its receiver (``broker.runtime.identity``).
 H_CHAIN_SIG = "Sb-Chain-Sig"
 H_TARGET = "Sb-Target"
 H_CAPABILITY = "Sb-Capability"

@@ -39,6 +39,7 @@ __all__ = [
     "OPERATOR_INBOX",
     "REGISTRY_READ_OPS",
     "SERVICE_INBOX",
+    "USAGE_DUPLICATE_WINDOW",
     "Audience",
     "Subjects",
     "inbox_prefix",
@@ -61,6 +62,9 @@ AGENT_INBOX_ROOT: Final = "_INBOX.agent"
 OPERATOR_INBOX: Final = "_INBOX.operator"
 #: Services' inboxes (every service connection uses this inbox prefix).
 SERVICE_INBOX: Final = "_INBOX.service"
+#: A usage report resent with the same id (``Nats-Msg-Id``) within this many
+#: seconds is stored once by the ``SB_USAGE`` stream (the SDK retries within half of it).
+USAGE_DUPLICATE_WINDOW: Final = 600.0
 #: Longest subject or reply subject any Signalbox process accepts off the wire.
 #: Ours stay under 200 bytes (an agent's inbox with a 64-byte name is ~110).
 MAX_SUBJECT_BYTES: Final = 512

@@ -13,7 +13,7 @@ Authorization (``sb.authz`` on both sides) and usage reports (``sb.usage``: the
 SDK's producer span, the cost meter's consumer span) are spans of the same
 trace when made inside a handler.
 
-Providers. Each component (a :class:`~broker.service.Service`, an
+Providers. Each component (a :class:`~broker.runtime.service.Service`, an
 :class:`~broker.agent.Agent`) takes an optional tracer provider, so several
 services and agents in one process (tests, ``signalbox up``, the demo) can
 share one or use several; by default they use the global provider when an
@@ -42,7 +42,7 @@ own spans (only in their exporters) are not in it.
 
 Example::
 
-    provider = tracer_provider(settings)                      # from SIGNALBOX_OTEL_*
+    provider = otel.tracer_provider(settings)             # broker.runtime.otel: SIGNALBOX_OTEL_*
     tel = Telemetry("signalbox.policy", provider)
     with tel.hop("sb.decision", msg.headers) as span:         # extract, start, make current
         ...
@@ -58,24 +58,12 @@ import logging
 import os
 import random
 import re
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SimpleSpanProcessor,
-    SpanExporter,
-)
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import (
     NonRecordingSpan,
     Span,
@@ -89,9 +77,8 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util import types
 
-from broker.errors import ConfigError, SignalboxError
+from broker.errors import SignalboxError
 from broker.replies import H_TRACE_ORIGIN
-from broker.settings import Settings
 from schemas import AgentRecord, Decision
 
 __all__ = [
@@ -100,7 +87,6 @@ __all__ = [
     "STATE_KEY",
     "AuditIds",
     "IdOnlyTracerProvider",
-    "OwnedTraceIds",
     "Telemetry",
     "agent_attributes",
     "annotate",
@@ -114,8 +100,8 @@ __all__ = [
     "is_recording",
     "owned_trace_id",
     "parent_ids",
+    "requested_root_trace",
     "resolve_provider",
-    "tracer_provider",
     "trusted_parent",
 ]
 
@@ -210,13 +196,14 @@ def trusted_parent(
     return trace.set_span_in_context(NonRecordingSpan(moved), otel_context.Context()), claimed
 
 
-class OwnedTraceIds(RandomIdGenerator):
-    """The SDK's random ids, except a root span started by :meth:`Telemetry.owned_hop`,
-    which gets the trace id its agent owns (what :func:`tracer_provider` installs)."""
+def requested_root_trace() -> int:
+    """The trace id the root span being started right now should get (0: any random id).
 
-    def generate_trace_id(self) -> int:
-        """The owned trace id if one is being started, else a random one."""
-        return _ROOT_TRACE.get() or super().generate_trace_id()
+    :meth:`Telemetry.owned_hop` sets it for the instant its span starts; an id
+    generator that honours it (``broker.runtime.otel.OwnedTraceIds``, or any
+    with a true ``signalbox_owned_ids`` attribute) lets the agent own its traces.
+    """
+    return _ROOT_TRACE.get()
 
 
 # -- providers ------------------------------------------------------------------------------
@@ -302,68 +289,6 @@ def resolve_provider(provider: trace.TracerProvider | None) -> trace.TracerProvi
     if isinstance(current, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
         return ID_ONLY
     return current
-
-
-def _otlp_exporter(settings: Settings) -> SpanExporter:
-    endpoint = (settings.otel_endpoint or "").strip()
-    if not endpoint:
-        raise ConfigError(
-            "SIGNALBOX_OTEL_EXPORTER=otlp needs SIGNALBOX_OTEL_ENDPOINT (the collector's "
-            "URL, e.g. http://127.0.0.1:4318 for http/protobuf or http://127.0.0.1:4317 "
-            "for grpc), or set SIGNALBOX_OTEL_EXPORTER=none",
-            details={"field": "otel_endpoint", "exporter": "otlp"},
-        )
-    if settings.otel_protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter as GrpcExporter,
-        )
-
-        return GrpcExporter(endpoint=endpoint)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-        OTLPSpanExporter as HttpExporter,
-    )
-
-    if urlsplit(endpoint).path in ("", "/"):
-        endpoint = endpoint.rstrip("/") + "/v1/traces"
-    return HttpExporter(endpoint=endpoint)
-
-
-def tracer_provider(
-    settings: Settings,
-    *,
-    exporter: SpanExporter | None = None,
-    service_name: str | None = None,
-) -> trace.TracerProvider:
-    """The tracer provider ``settings`` ask for (``SIGNALBOX_OTEL_*``).
-
-    Args:
-        settings: ``otel_exporter`` (``none``, ``console``, ``otlp``),
-            ``otel_endpoint``, ``otel_protocol``, ``otel_service_name``.
-        exporter: Export to this instead, synchronously (tests pass an
-            ``InMemorySpanExporter``); the settings' exporter is ignored.
-        service_name: ``service.name`` of the resource (default: the settings').
-
-    Returns:
-        :data:`ID_ONLY` for ``none`` (no exporter given), else an SDK
-        ``TracerProvider`` sampling every span, with a batch processor for
-        ``console`` and ``otlp``. Whoever builds a recording provider shuts
-        it down (flushing what is batched).
-
-    Raises:
-        ConfigError: ``otlp`` without an endpoint.
-    """
-    if exporter is None and settings.otel_exporter == "none":
-        return ID_ONLY
-    resource = Resource.create({"service.name": service_name or settings.otel_service_name})
-    provider = TracerProvider(resource=resource, sampler=ALWAYS_ON, id_generator=OwnedTraceIds())
-    if exporter is not None:
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-    elif settings.otel_exporter == "console":
-        # sys.stdout as it is now (the exporter's default is bound at import time).
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stdout)))
-    else:
-        provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(settings)))
-    return provider
 
 
 # -- propagation ----------------------------------------------------------------------------
@@ -611,7 +536,8 @@ class Telemetry:
         (:data:`ID_ONLY`, or an SDK provider with :class:`OwnedTraceIds`)."""
         if isinstance(self.provider, IdOnlyTracerProvider):
             return True
-        return isinstance(getattr(self.provider, "id_generator", None), OwnedTraceIds)
+        generator = getattr(self.provider, "id_generator", None)
+        return bool(getattr(generator, "signalbox_owned_ids", False))
 
     @contextlib.contextmanager
     def owned_hop(

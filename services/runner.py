@@ -20,11 +20,11 @@ from types import TracebackType
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.trace import TracerProvider
 
-from broker import telemetry
 from broker.diagnostics import cancel_and_wait, finish_within
-from broker.identity import ServerSecrets, auth_config, resolve_secrets_dir
-from broker.server import EmbeddedServer
-from broker.service import Service
+from broker.runtime import otel
+from broker.runtime.identity import ServerSecrets, auth_config, resolve_secrets_dir
+from broker.runtime.server import EmbeddedServer
+from broker.runtime.service import Service
 from broker.settings import Settings
 from broker.subjects import Subjects
 from services.cost.service import CostService
@@ -113,7 +113,7 @@ class Stack:
             self.failed = asyncio.get_running_loop().create_future()
             self._supervisor = asyncio.ensure_future(self._supervise(self.server))
         if self.tracer_provider is None:
-            self.tracer_provider = telemetry.tracer_provider(self.settings)
+            self.tracer_provider = otel.tracer_provider(self.settings)
         try:
             for name in self.names:
                 service = SERVICES[name](self.settings)

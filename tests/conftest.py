@@ -21,9 +21,9 @@ from broker.agent import Agent
 from broker.codec import decode as _decode
 from broker.connection import Client, connect
 from broker.diagnostics import await_chain
-from broker.identity import ServerSecrets, auth_config, service_connect_options
-from broker.jetstream import AUDIT_STREAM
-from broker.server import EmbeddedServer
+from broker.runtime.identity import ServerSecrets, auth_config, service_connect_options
+from broker.runtime.jetstream import AUDIT_STREAM
+from broker.runtime.server import EmbeddedServer
 from broker.settings import Settings
 from broker.subjects import Subjects, inbox_prefix
 from schemas import AgentBinding, AgentManifest, AuditEvent

@@ -42,7 +42,8 @@ from typer.testing import CliRunner
 
 from broker.agent import Agent
 from broker.connection import connect, is_auth_error
-from broker.identity import (
+from broker.replies import request
+from broker.runtime.identity import (
     CALLOUT_SUBJECT,
     OPERATOR_USER,
     SERVICE_USER,
@@ -50,9 +51,8 @@ from broker.identity import (
     operator_connect_options,
     service_connect_options,
 )
-from broker.jetstream import AUDIT_STREAM
-from broker.replies import request
-from broker.server import find_server_binary
+from broker.runtime.jetstream import AUDIT_STREAM
+from broker.runtime.server import find_server_binary
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import AgentManifest, EnrollAgent, Enrolled
@@ -506,8 +506,8 @@ def test_identity_service_runs_identity_init(compose: dict[str, Any]) -> None:
     service = compose["services"][IDENTITY]
     command = _command(service)
     assert command[1:3] == ["identity", "init"]
-    # The console script of the image (pip install . puts it on PATH).
-    assert PYPROJECT["project"]["scripts"][command[0]] == "services.cli.main:app"
+    # The console script of the image (pip install '.[server]' puts it on PATH).
+    assert PYPROJECT["project"]["scripts"][command[0]] == "services.cli:main"
     secrets_dir, server_config = _identity_paths(compose)
     # The services and the nodes mount the volume itself: the secrets are at its root.
     assert secrets_dir == PurePosixPath(".")
@@ -588,7 +588,7 @@ def test_service_has_a_readiness_healthcheck(compose: dict[str, Any], name: str)
     check = compose["services"][name]["healthcheck"]
     assert check["test"] == ["CMD", "signalbox", "probe", name, "--ready"]
     # The probe reads what the service writes every 2 s; a report goes stale after 10 s.
-    from broker.health import INTERVAL, STALE_AFTER
+    from broker.runtime.health import INTERVAL, STALE_AFTER
 
     assert _seconds(check["interval"]) >= INTERVAL and STALE_AFTER > INTERVAL
 
@@ -695,7 +695,8 @@ def _wheel_config() -> dict[str, Any]:
 def test_dockerfile_installs_the_project() -> None:
     text = DOCKERFILE.read_text()
     assert re.search(r"^FROM python:3\.11-slim\b", text, re.MULTILINE)
-    assert re.search(r"^RUN pip install \.(\s|$)", text, re.MULTILINE)
+    # The control plane: the SDK's dependencies and the server extra.
+    assert re.search(r"^RUN pip install '\.\[server\]'(\s|$)", text, re.MULTILINE)
     copied = {
         PurePosixPath(src).as_posix()
         for line in re.findall(r"^COPY (.+)$", text, re.MULTILINE)

@@ -43,8 +43,9 @@ def test_every_exported_name_is_importable(package: ModuleType) -> None:
 
 @pytest.mark.parametrize("package", PACKAGES, ids=lambda p: p.__name__)
 def test_every_submodule_declares_all_with_real_names(package: ModuleType) -> None:
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
+    # Subpackages too (broker.runtime and its modules).
+    for info in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}."):
+        module = importlib.import_module(info.name)
         exported = getattr(module, "__all__", None)
         assert exported is not None, f"{module.__name__} has no __all__"
         assert len(exported) == len(set(exported)), module.__name__
@@ -68,7 +69,15 @@ def test_broker_exports_the_whole_error_tree() -> None:
     assert errors <= set(broker.__all__)
 
 
-def test_broker_exports_the_sdk_and_plumbing_entry_points() -> None:
-    for name in ("Agent", "CallContext", "Settings", "EmbeddedServer", "Subjects", "connect",
-                 "encode", "decode", "validate_token", "AuditEmitter"):  # fmt: skip
+def test_broker_exports_the_sdk_and_the_error_tree_only() -> None:
+    """``broker`` is the agent SDK: the control plane's plumbing is ``broker.runtime``'s."""
+    for name in ("Agent", "CallContext", "ModelCall", "Settings", "Subjects", "connect",
+                 "encode", "decode", "validate_token"):  # fmt: skip
         assert name in broker.__all__, name
+    errors = {n for n in broker.errors.__all__ if n[:1].isupper()}
+    assert errors <= set(broker.__all__), sorted(errors - set(broker.__all__))
+    plumbing = {"EmbeddedServer", "AuditEmitter", "Service", "PullWorker", "KVCache"}
+    assert not plumbing & set(broker.__all__), sorted(plumbing & set(broker.__all__))
+    sdk = {"Agent", "CallContext", "ModelCall", "Settings", "Subjects", "connect", "encode",
+           "decode", "validate_token"}  # fmt: skip
+    assert set(broker.__all__) == sdk | errors, sorted(set(broker.__all__) - sdk - errors)

@@ -3,7 +3,7 @@
 The graph is read from the source (every ``import``, those under
 ``TYPE_CHECKING`` too: a cycle hidden from the interpreter is still two
 modules that cannot be understood, tested or moved apart). A desk that
-needs its service takes :class:`broker.service.ServiceHost` and callbacks;
+needs its service takes :class:`broker.runtime.service.ServiceHost` and callbacks;
 the model call takes :class:`broker.modelcall.ModelUser`.
 """
 
@@ -125,3 +125,22 @@ def test_services_never_import_each_other() -> None:
             if another and other[1] != parts[1]:
                 crossing.append(f"{name} -> {target}")
     assert not crossing, crossing
+
+
+def _is_sdk(name: str) -> bool:
+    """The agent SDK: ``broker`` outside ``broker.runtime``, and the wire types."""
+    top = name.split(".")
+    return top[0] == "schemas" or (top[0] == "broker" and (len(top) < 2 or top[1] != "runtime"))
+
+
+def test_the_sdk_never_imports_the_control_plane() -> None:
+    """``broker`` (the SDK) and ``schemas`` import neither ``broker.runtime`` nor ``services``:
+    ``pip install signalbox`` without the ``server`` extra must be enough for an agent."""
+    leaks = [
+        f"{name} -> {target}"
+        for name, targets in _graph(_modules()).items()
+        if _is_sdk(name)
+        for target in targets
+        if not _is_sdk(target)
+    ]
+    assert not leaks, leaks

@@ -25,7 +25,7 @@ def test_readme_opens_with_the_two_setup_commands() -> None:
     assert block is not None
     lines = block.group(1).strip().splitlines()
     assert len(lines) == 2
-    assert lines[0].endswith("pip install -e . && signalbox demo")
+    assert lines[0].endswith("pip install -e '.[server]' && signalbox demo")
     assert lines[1].endswith("pip install -e '.[test]' && pytest")
     # CI must run the same test command.
     ci = (README.parent / ".ci" / "run").read_text()

@@ -41,7 +41,7 @@ from rich.table import Table
 
 from broker.codec import encode
 from broker.errors import SchemaError, SignalboxError
-from broker.jetstream import AUDIT_STREAM
+from broker.runtime.jetstream import AUDIT_STREAM
 from broker.subjects import Subjects
 from schemas import AuditEvent, DiscoverAgents, DiscoverResult
 from services.cli.client import registry_request

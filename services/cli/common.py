@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from broker.connection import connect
 from broker.errors import AuthenticationFailed, SignalboxError
-from broker.identity import operator_connect_options, operator_name
+from broker.runtime.identity import operator_connect_options, operator_name
 from broker.settings import Settings
 from broker.subjects import Subjects
 from services.cli.client import admin_request

@@ -14,12 +14,12 @@ from rich.panel import Panel
 from rich.table import Table
 
 from broker.errors import SignalboxError
-from broker.identity import (
+from broker.runtime.identity import (
     ServerSecrets,
     auth_config,
     resolve_secrets_dir,
 )
-from broker.server import render_blocks
+from broker.runtime.server import render_blocks
 from broker.subjects import Subjects
 from services.cli.common import (
     fail,

@@ -45,7 +45,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from broker.errors import SignalboxError
-from broker.identity import (
+from broker.runtime.identity import (
     resolve_secrets_dir,
 )
 from services.cli.agents_cmds import agents_app

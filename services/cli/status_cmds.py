@@ -13,7 +13,7 @@ replica answering or a replica is not ready, so scripts and CI can gate on it.
 
 ``probe`` needs neither NATS nor credentials: it reads the health report
 each service process writes every 2 s (``<data dir>/health/<service>.json``,
-:mod:`broker.health`): alive = a fresh report from a live process; with
+:mod:`broker.runtime.health`): alive = a fresh report from a live process; with
 ``--ready``, also ready. It is the liveness / readiness probe of a container
 orchestrator (an ``exec`` probe; see ``deploy/``).
 
@@ -36,9 +36,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from broker.codec import decode, encode
-from broker.health import health_path, probe
-from broker.identity import SERVICE_NAMES
 from broker.replies import error_from_reply, is_error
+from broker.runtime.health import health_path, probe
+from broker.runtime.identity import SERVICE_NAMES
 from broker.subjects import Subjects
 from schemas import HealthRequest, ServiceHealth
 from services.cli.client import operator_of

@@ -52,8 +52,8 @@ from sqlalchemy import BigInteger, Boolean, Float, Index, String, Text, select, 
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Field, SQLModel
 
-from broker.budgets import BudgetLookup, applicable_keys
-from broker.sql import table_of
+from broker.runtime.budgets import BudgetLookup, applicable_keys
+from broker.runtime.sql import table_of
 from schemas import Budget, BudgetCharge, BudgetStatus, BudgetWindow, ReservationState
 from services.cost.prices import NANOS_PER_USD
 

@@ -1,6 +1,6 @@
 """Cost service: meters usage reports from ``SB_USAGE`` into SQL, answers cost reports.
 
-Metering. A durable pull consumer (:class:`~broker.consumer.PullWorker`,
+Metering. A durable pull consumer (:class:`~broker.runtime.consumer.PullWorker`,
 shared by every replica) fetches batches. Each report is validated (shape,
 and that its ``agent`` field matches the subject it was published on, so one
 agent cannot report usage as another) and attributed from what operators
@@ -71,19 +71,19 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from broker.audit import new_id
-from broker.breakers import BreakerBoard, breaker_key
-from broker.budgets import applicable_keys, unreadable_budget, unreadable_keys
 from broker.codec import decode, encode
-from broker.consumer import PullWorker
 from broker.diagnostics import cancel_and_wait
 from broker.errors import InvalidInput, NotFound, SchemaError, SignalboxError
-from broker.identity import chain_key, verify_chain
-from broker.jetstream import KV_AGENTS, KV_BREAKERS, KV_BUDGETS, USAGE_STREAM
-from broker.kvcache import KVCache
+from broker.ids import new_id
 from broker.money import usd
 from broker.replies import H_CHAIN, H_CHAIN_SIG
-from broker.service import Service
+from broker.runtime.breakers import BreakerBoard, breaker_key
+from broker.runtime.budgets import applicable_keys, unreadable_budget, unreadable_keys
+from broker.runtime.consumer import PullWorker
+from broker.runtime.identity import chain_key, verify_chain
+from broker.runtime.jetstream import KV_AGENTS, KV_BREAKERS, KV_BUDGETS, USAGE_STREAM
+from broker.runtime.kvcache import KVCache
+from broker.runtime.service import Service
 from broker.settings import Settings
 from broker.subjects import Audience, is_valid_token
 from broker.telemetry import (
@@ -205,7 +205,7 @@ class CostService(Service):
         self.attribution_stats: dict[str, int] = {
             "ignored_projects": 0, "unsigned_chains": 0, "unreserved": 0,
         }  # fmt: skip
-        #: The services' key for delegation chains (broker.identity; None on an open server).
+        #: The services' key for delegation chains (broker.runtime.identity; None when open).
         self._chain_key = chain_key(settings)
         self._prices: Prices | None = None
         self._store: UsageStore | None = None

@@ -56,9 +56,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlmodel import Field, SQLModel
 
-from broker.budgets import BudgetLookup
 from broker.errors import ConfigError
-from broker.sql import add_missing_columns, make_engine
+from broker.runtime.budgets import BudgetLookup
+from broker.runtime.sql import add_missing_columns, make_engine
 from schemas import CostGroup, CostReport, CostRow, UsageReport
 from services.cost.budgets import TABLES as BUDGET_TABLES
 from services.cost.budgets import BudgetAlert, BudgetLedger

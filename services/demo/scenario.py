@@ -32,8 +32,8 @@ from rich.text import Text
 
 from broker.connection import connect
 from broker.errors import CallDenied, SignalboxError, UnknownTarget
-from broker.identity import operator_connect_options
-from broker.jetstream import AUDIT_STREAM
+from broker.runtime.identity import operator_connect_options
+from broker.runtime.jetstream import AUDIT_STREAM
 from broker.settings import Settings
 from broker.subjects import Subjects, inbox_prefix
 from schemas import (

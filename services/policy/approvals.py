@@ -56,9 +56,9 @@ from nats.js.kv import KeyValue
 from broker.codec import decode, encode
 from broker.diagnostics import cancel_and_wait
 from broker.errors import CallDenied, Conflict, NotFound, SchemaError
-from broker.jetstream import KV_APPROVALS, bucket_keys
 from broker.replies import error_reply
-from broker.service import ServiceHost
+from broker.runtime.jetstream import KV_APPROVALS, bucket_keys
+from broker.runtime.service import ServiceHost
 from schemas import (
     ApprovalList,
     ApprovalRequest,

@@ -3,7 +3,7 @@
 Pure logic (no I/O), fed by the policy service on every decision and call
 outcome, with an injectable clock (monotonic seconds) so they are tested
 without waiting. Each returns the figures that justify a trip, or None; the
-service trips the breaker (:class:`broker.breakers.BreakerBoard`).
+service trips the breaker (:class:`broker.runtime.breakers.BreakerBoard`).
 
 * :class:`RateAnomaly`: an agent's rate of calls and authorization requests
   over a short window (``SIGNALBOX_BREAKER_RATE_WINDOW``) is at least

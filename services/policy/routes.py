@@ -39,13 +39,13 @@ import semantic_version  # type: ignore[import-untyped]  # ships no type hints
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from broker.audit import new_id
 from broker.codec import decode, encode
 from broker.diagnostics import cancel_and_wait
 from broker.errors import Conflict, InvalidInput, NotFound, SignalboxError, TargetUnavailable
-from broker.kvcache import KVCache
+from broker.ids import new_id
 from broker.replies import H_ROUTE_KEY, H_TARGET_VERSION, request
-from broker.service import ServiceHost
+from broker.runtime.kvcache import KVCache
+from broker.runtime.service import ServiceHost
 from schemas import (
     AgentRecord,
     CostByVersion,

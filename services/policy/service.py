@@ -29,7 +29,7 @@ decides on ``sb.admin.approvals.<op>`` (see :mod:`services.policy.approvals`)::
     approve   DecideApproval        -> ApprovalRequest   (audited, kind admin)
     deny      DecideApproval        -> ApprovalRequest   (audited, kind admin)
 
-Fleet-wide circuit breakers (:mod:`broker.breakers`; the detectors that trip
+Fleet-wide circuit breakers (:mod:`broker.runtime.breakers`; the detectors that trip
 them: :mod:`services.policy.guards`) are checked before Cedar on every call
 (the caller's, its team's and the target's) and every ``sb.authz`` request
 (the agent's and its team's); a refusal is ``breaker_open``, audited like a
@@ -70,9 +70,6 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
-from broker.audit import new_id
-from broker.breakers import BreakerBoard, breaker_key, breaker_open
-from broker.budgets import applicable_keys, unreadable_budget, unreadable_keys
 from broker.codec import decode
 from broker.connection import sync_connection
 from broker.dedup import validate_idempotency_key
@@ -92,17 +89,7 @@ from broker.errors import (
     TargetUnavailable,
     UnknownTarget,
 )
-from broker.identity import CHAIN_GRACE, chain_key, sign_chain, verify_chain
-from broker.jetstream import (
-    KV_AGENTS,
-    KV_APPROVALS,
-    KV_BREAKERS,
-    KV_BUDGETS,
-    KV_POLICIES,
-    KV_ROLLOUT_STATS,
-    KV_ROUTES,
-)
-from broker.kvcache import KVCache
+from broker.ids import new_id
 from broker.money import usd
 from broker.replies import (
     H_CALL_ID,
@@ -117,7 +104,20 @@ from broker.replies import (
     error_reply,
 )
 from broker.replies import request as request_reply
-from broker.service import Service
+from broker.runtime.breakers import BreakerBoard, breaker_key, breaker_open
+from broker.runtime.budgets import applicable_keys, unreadable_budget, unreadable_keys
+from broker.runtime.identity import CHAIN_GRACE, chain_key, sign_chain, verify_chain
+from broker.runtime.jetstream import (
+    KV_AGENTS,
+    KV_APPROVALS,
+    KV_BREAKERS,
+    KV_BUDGETS,
+    KV_POLICIES,
+    KV_ROLLOUT_STATS,
+    KV_ROUTES,
+)
+from broker.runtime.kvcache import KVCache
+from broker.runtime.service import Service
 from broker.settings import Settings
 from broker.subjects import Audience
 from broker.telemetry import (
@@ -260,7 +260,7 @@ class PolicyService(Service):
         self.budgets: KVCache[Budget] | None = None
         #: Version routes and canary rollouts (after start; services.policy.routes).
         self._routes: RouteDesk | None = None
-        #: Signs the delegation chains this service forwards (broker.identity).
+        #: Signs the delegation chains this service forwards (broker.runtime.identity).
         self._chain_key = chain_key(settings)
         # sb.admin.rollout.<op>: the route desk's, once started (services.policy.routes).
         rollout = functools.partial(self.subjects.admin, "rollout")
@@ -1525,11 +1525,11 @@ class PolicyService(Service):
             data=outcome,
         )
 
-    # -- circuit breakers (broker.breakers; detectors: services.policy.guards) ----------
+    # -- circuit breakers (broker.runtime.breakers; detectors: services.policy.guards) ----------
 
     @property
     def breakers(self) -> BreakerBoard:
-        """The fleet's circuit breakers (broker.breakers) (after start)."""
+        """The fleet's circuit breakers (broker.runtime.breakers) (after start)."""
         assert self._breakers is not None, "policy service not started"
         return self._breakers
 

@@ -53,7 +53,7 @@ from nats.js.kv import KeyValue
 
 from broker.codec import decode
 from broker.errors import ConfigError, Conflict, InvalidInput, NotFound, SchemaError
-from broker.jetstream import KV_POLICIES, bucket_keys
+from broker.runtime.jetstream import KV_POLICIES, bucket_keys
 from schemas import (
     ActivePolicy,
     FileDiff,

@@ -6,7 +6,7 @@ authorization-request JWT. The responder checks the presented token
 (:class:`~services.registry.credentials.CredentialStore`) and answers with
 an authorization-response JWT signed by the callout issuer key: either a
 user JWT for the agent's account ``SB`` with that agent's permissions
-(:func:`broker.identity.agent_permissions`) and an expiry of at most
+(:func:`broker.runtime.identity.agent_permissions`) and an expiry of at most
 ``auth_session_ttl`` seconds (never past the credential's own expiry), or
 an error. The server enforces the permissions from then on; the agent's
 client reconnects when the user JWT expires, and its credential is
@@ -14,11 +14,11 @@ checked again.
 
 Every decision is counted by outcome and audited (kind ``auth``):
 each allowed connection on its own; failures per source and window
-(:class:`broker.throttle.Summarizer`): a source's first failure at once,
+(:class:`broker.runtime.throttle.Summarizer`): a source's first failure at once,
 then one summary with the count and the counts by reason when its window
 closes (and at stop).
 
-Failed authentication is throttled per source (:class:`broker.throttle.Backoff`):
+Failed authentication is throttled per source (:class:`broker.runtime.throttle.Backoff`):
 ``auth_fail_burst`` failures within ``auth_fail_window`` seconds and the
 source's next attempts are refused at once, without reading the store,
 for a window, doubling each time it is blocked again (up to
@@ -44,11 +44,11 @@ import nkeys
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from broker.audit import AuditEmitter
 from broker.connection import connect
 from broker.diagnostics import cancel_and_wait
 from broker.errors import InvalidInput
-from broker.identity import (
+from broker.runtime.audit import AuditEmitter
+from broker.runtime.identity import (
     ACCOUNT,
     AUTH_USER,
     CALLOUT_SUBJECT,
@@ -60,9 +60,9 @@ from broker.identity import (
     encode_jwt,
     operator_permissions,
 )
+from broker.runtime.throttle import Backoff, Emit, Summarizer
 from broker.settings import Settings
 from broker.subjects import Subjects
-from broker.throttle import Backoff, Emit, Summarizer
 from services.registry.credentials import CredentialRejected, CredentialStore, parse_token
 from services.registry.operators import OperatorRejected, OperatorStore
 

@@ -35,7 +35,7 @@ from sqlalchemy import Engine, Text, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, Session, SQLModel, col
 
-from broker.sql import make_engine, table_of
+from broker.runtime.sql import make_engine, table_of
 from schemas import AgentBinding, CredentialInfo
 
 __all__ = [

@@ -42,13 +42,13 @@ from sqlalchemy import Engine
 
 from broker.connection import connect
 from broker.errors import ConfigError, InvalidInput, NotFound
-from broker.identity import (
+from broker.runtime.identity import (
     ACCOUNT,
     SYSTEM_USER,
     ServerSecrets,
     resolve_secrets_dir,
 )
-from broker.service import ServiceHost
+from broker.runtime.service import ServiceHost
 from schemas import (
     AgentBinding,
     BindAgent,

@@ -8,13 +8,13 @@ credential of their own, ``signalbox operators add NAME --role admin|viewer``:
   knows which subjects to use; the 256-bit secret is shown once and stored
   only as its SHA-256, like an agent's credential;
 * the auth callout answers a connection presenting it with a user JWT whose
-  permissions are :func:`broker.identity.operator_permissions` for that name
+  permissions are :func:`broker.runtime.identity.operator_permissions` for that name
   and role: publish ``sb.admin.<service>.<op>.<name>`` only (every operation
   for ``admin``, the read-only ones for ``viewer``), subscribe
   ``_INBOX.operator.<name>.>`` only;
 * so the last token of an admin subject is the operator's authenticated
   identity, and services record it as the actor (``operator:<name>``) of
-  everything it asks (:meth:`broker.service.Service.operator`), whatever a
+  everything it asks (:meth:`broker.runtime.service.Service.operator`), whatever a
   request body says.
 
 Only an admin (or the bootstrap operator) may add and revoke operators; a
@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, insert, select, update
 from sqlmodel import Field, Session, SQLModel, col
 
-from broker.identity import OPERATOR_TOKEN_PREFIX
-from broker.sql import make_engine, table_of
+from broker.runtime.identity import OPERATOR_TOKEN_PREFIX
+from broker.runtime.sql import make_engine, table_of
 from schemas import (
     AddOperator,
     ListOperators,
@@ -49,7 +49,7 @@ from schemas import (
 from services.registry.credentials import secret_hash
 
 if TYPE_CHECKING:
-    from broker.service import ServiceHost
+    from broker.runtime.service import ServiceHost
 
 __all__ = ["OperatorCredentialRow", "OperatorDesk", "OperatorRejected", "OperatorStore"]
 

@@ -49,13 +49,13 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.kv import KV_DEL, KV_OP, KeyValue
 
-from broker.audit import new_id
 from broker.codec import decode, encode
 from broker.connection import sync_connection
 from broker.diagnostics import cancel_and_wait
 from broker.errors import IdentityMismatch, InvalidReplySubject, NotFound, SignalboxError
-from broker.jetstream import KV_AGENTS
-from broker.service import Service
+from broker.ids import new_id
+from broker.runtime.jetstream import KV_AGENTS
+from broker.runtime.service import Service
 from broker.settings import Settings
 from broker.subjects import AGENT_REGISTRY_OPS, Audience
 from schemas import (

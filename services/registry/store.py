@@ -80,7 +80,7 @@ from sqlmodel import Field, SQLModel
 
 from broker.codec import decode, encode
 from broker.errors import ConfigError, Conflict, InvalidInput, NotFound
-from broker.sql import make_engine, table_of
+from broker.runtime.sql import make_engine, table_of
 from schemas import (
     AgentBinding,
     AgentInstance,

@@ -34,7 +34,7 @@ from nats.js.errors import NotFoundError as JsNotFoundError
 from broker.codec import decode
 from broker.connection import SessionClient, Status, parse_status
 from broker.errors import InvalidInput, NotFound, SchemaError
-from broker.jetstream import AUDIT_STREAM
+from broker.runtime.jetstream import AUDIT_STREAM
 from broker.subjects import Subjects, validate_token
 from schemas import AuditEvent, AuditKind
 

@@ -22,14 +22,14 @@ import time
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
-from broker.audit import new_id
 from broker.codec import decode, encode
-from broker.consumer import PullWorker
 from broker.errors import PublishRefused, SchemaError
-from broker.jetstream import AUDIT_INTAKE_STREAM, AUDIT_STREAM
-from broker.jspub import JetStreamPublisher, PubAck
+from broker.ids import new_id
 from broker.replies import H_MSG_ID
-from broker.service import Service
+from broker.runtime.consumer import PullWorker
+from broker.runtime.jetstream import AUDIT_INTAKE_STREAM, AUDIT_STREAM
+from broker.runtime.jspub import JetStreamPublisher, PubAck
+from broker.runtime.service import Service
 from broker.settings import Settings
 from schemas import AuditBatch, AuditEvent
 from services.tracing.chain import GENESIS, chain
@@ -70,7 +70,7 @@ class TracingService(Service):
         self._publisher: JetStreamPublisher | None = None
 
     async def on_start(self) -> None:
-        # Not js.publish_async: see broker.jspub (refusals must resolve).
+        # Not js.publish_async: see broker.runtime.jspub (refusals must resolve).
         self._publisher = JetStreamPublisher(self.nc)
         await self._publisher.start()
         await self._load_head()

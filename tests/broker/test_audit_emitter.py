@@ -9,11 +9,12 @@ import msgspec
 import pytest
 from nats.aio.client import Client
 
-from broker.audit import AuditEmitter, new_id
 from broker.codec import decode
 from broker.connection import connect
-from broker.identity import service_connect_options
-from broker.jetstream import AUDIT_INTAKE_STREAM, ensure_streams
+from broker.ids import new_id
+from broker.runtime.audit import AuditEmitter
+from broker.runtime.identity import service_connect_options
+from broker.runtime.jetstream import AUDIT_INTAKE_STREAM, ensure_streams
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import AuditBatch, AuditEvent, CallOutcome

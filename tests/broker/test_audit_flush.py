@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from broker.audit import AuditEmitter
 from broker.codec import decode
 from broker.connection import connect
-from broker.identity import service_connect_options
-from broker.jetstream import AUDIT_INTAKE_STREAM, ensure_streams
-from broker.jspub import PubAck
+from broker.runtime.audit import AuditEmitter
+from broker.runtime.identity import service_connect_options
+from broker.runtime.jetstream import AUDIT_INTAKE_STREAM, ensure_streams
+from broker.runtime.jspub import PubAck
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import AuditBatch

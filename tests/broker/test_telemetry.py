@@ -25,8 +25,9 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from broker import telemetry
-from broker.audit import AuditEmitter
 from broker.errors import CallDenied, ConfigError
+from broker.runtime import otel
+from broker.runtime.audit import AuditEmitter
 from broker.settings import Settings
 from services.cli.main import app
 
@@ -99,7 +100,7 @@ def test_a_delivery_writes_itself_into_tracestate_replacing_an_older_one() -> No
 
 def test_a_hop_is_current_while_it_runs_and_audit_events_take_its_ids() -> None:
     exporter = InMemorySpanExporter()
-    tel = telemetry.Telemetry("test", telemetry.tracer_provider(Settings(), exporter=exporter))
+    tel = telemetry.Telemetry("test", otel.tracer_provider(Settings(), exporter=exporter))
     emitter = AuditEmitter.__new__(AuditEmitter)  # event() builds, it needs no connection
     emitter.actor = "service:test"
     headers = {"traceparent": TRACEPARENT, "tracestate": "sb=b7ad6b7169203331"}
@@ -131,7 +132,7 @@ def test_a_hop_is_current_while_it_runs_and_audit_events_take_its_ids() -> None:
 
 def test_a_hop_that_raises_is_failed_with_the_error_code() -> None:
     exporter = InMemorySpanExporter()
-    tel = telemetry.Telemetry("test", telemetry.tracer_provider(Settings(), exporter=exporter))
+    tel = telemetry.Telemetry("test", otel.tracer_provider(Settings(), exporter=exporter))
     with pytest.raises(CallDenied), tel.hop("sb.call", kind=SpanKind.CLIENT):
         raise CallDenied("no")
     with pytest.raises(KeyError), tel.hop("sb.serve"):
@@ -153,7 +154,7 @@ def test_annotate_builds_attributes_only_for_recording_spans() -> None:
     telemetry.annotate(telemetry.Telemetry("t", telemetry.ID_ONLY).start("x"), attrs)
     assert calls == []
     exporter = InMemorySpanExporter()
-    span = telemetry.Telemetry("t", telemetry.tracer_provider(Settings(), exporter=exporter)).start(
+    span = telemetry.Telemetry("t", otel.tracer_provider(Settings(), exporter=exporter)).start(
         "x"
     )
     telemetry.annotate(span, attrs)
@@ -167,7 +168,7 @@ def test_annotate_builds_attributes_only_for_recording_spans() -> None:
 
 def test_exporter_none_is_the_default_and_id_only() -> None:
     assert Settings().otel_exporter == "none"
-    assert telemetry.tracer_provider(Settings()) is telemetry.ID_ONLY
+    assert otel.tracer_provider(Settings()) is telemetry.ID_ONLY
 
 
 def test_otlp_without_an_endpoint_is_a_clear_config_error(
@@ -185,7 +186,7 @@ def test_otlp_without_an_endpoint_is_a_clear_config_error(
     # Settings copied without validation are caught when the provider is built.
     unchecked = Settings().model_copy(update={"otel_exporter": "otlp"})
     with pytest.raises(ConfigError, match="SIGNALBOX_OTEL_ENDPOINT"):
-        telemetry.tracer_provider(unchecked)
+        otel.tracer_provider(unchecked)
     # The command line says which setting and what to do.
     monkeypatch.setenv("SIGNALBOX_OTEL_EXPORTER", "otlp")
     result = CliRunner().invoke(app, ["up"])
@@ -200,7 +201,7 @@ def _one_span(provider: Any, name: str) -> None:
 
 
 def test_console_exporter_prints_spans(capfd: pytest.CaptureFixture[str]) -> None:
-    provider = telemetry.tracer_provider(Settings(otel_exporter="console"))
+    provider = otel.tracer_provider(Settings(otel_exporter="console"))
     try:
         _one_span(provider, "sb.console-check")
     finally:
@@ -253,7 +254,7 @@ def test_otlp_http_exports_to_the_endpoint(
 ) -> None:
     url, received = http_receiver
     settings = Settings(otel_exporter="otlp", otel_endpoint=url, otel_service_name="sb-test")
-    provider = telemetry.tracer_provider(settings)
+    provider = otel.tracer_provider(settings)
     try:
         _one_span(provider, "sb.http-check")
     finally:
@@ -285,7 +286,7 @@ def test_otlp_grpc_exports_to_the_endpoint() -> None:
         settings = Settings(
             otel_exporter="otlp", otel_protocol="grpc", otel_endpoint=f"http://127.0.0.1:{port}"
         )
-        provider = telemetry.tracer_provider(settings)
+        provider = otel.tracer_provider(settings)
         try:
             _one_span(provider, "sb.grpc-check")
         finally:

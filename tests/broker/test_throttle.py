@@ -1,10 +1,10 @@
-"""broker.throttle with a fake clock: windowed summaries and per-key back-off."""
+"""broker.runtime.throttle with a fake clock: windowed summaries and per-key back-off."""
 
 from __future__ import annotations
 
 import pytest
 
-from broker.throttle import OTHER_SOURCES, Backoff, Emit, Summarizer
+from broker.runtime.throttle import OTHER_SOURCES, Backoff, Emit, Summarizer
 
 
 class Clock:

@@ -9,7 +9,7 @@ import pytest
 
 from broker import SignalboxError, UsageNotRecorded
 from broker.errors import ConfigError
-from broker.jetstream import USAGE_STREAM, ensure_streams
+from broker.runtime.jetstream import USAGE_STREAM, ensure_streams
 from broker.settings import Settings
 from schemas import UsageReport
 from services.policy.cedar import shipped_policy_dir

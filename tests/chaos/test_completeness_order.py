@@ -14,7 +14,7 @@ although the trail said they were refused unrun.
 
 from __future__ import annotations
 
-from broker.audit import new_id
+from broker.ids import new_id
 from schemas import AuditEvent
 from services.tracing.complete import CompletenessChecker
 

@@ -27,8 +27,8 @@ from sqlalchemy import select
 from broker.codec import decode, encode
 from broker.connection import connect
 from broker.errors import AttributeMismatch, CallDenied
-from broker.identity import operator_connect_options
 from broker.replies import H_CHAIN, H_CHAIN_SIG, H_ERROR, H_MSG_ID, error_from_reply, request
+from broker.runtime.identity import operator_connect_options
 from broker.settings import Settings
 from schemas import (
     AgentManifest,

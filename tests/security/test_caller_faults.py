@@ -32,7 +32,7 @@ from broker.errors import (
     InvalidInput,
     SignalboxError,
 )
-from broker.identity import operator_connect_options
+from broker.runtime.identity import operator_connect_options
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import Breaker, TripBreaker

@@ -15,8 +15,8 @@ from pydantic import SecretStr
 from broker.codec import encode
 from broker.connection import connect
 from broker.errors import AuthenticationFailed
-from broker.identity import operator_connect_options
 from broker.replies import request
+from broker.runtime.identity import operator_connect_options
 from broker.settings import Settings
 from schemas import (
     AddOperator,

@@ -32,8 +32,8 @@ from nats.js.errors import KeyNotFoundError, NoKeysError
 from broker import Agent
 from broker.codec import decode, encode
 from broker.connection import Client, sync_connection
-from broker.jetstream import AUDIT_STREAM
 from broker.replies import H_ERROR, H_TIMEOUT_MS
+from broker.runtime.jetstream import AUDIT_STREAM
 from broker.settings import Settings
 from schemas import (
     AgentManifest,

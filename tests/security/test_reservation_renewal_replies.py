@@ -22,8 +22,8 @@ import pytest
 from broker import Agent
 from broker.codec import decode, encode
 from broker.connection import connect, sync_connection
-from broker.identity import operator_connect_options
 from broker.replies import H_ERROR, request
+from broker.runtime.identity import operator_connect_options
 from broker.settings import Settings
 from schemas import BudgetStatus, RenewReservation, ReservationRenewed, SetBudget
 from services.cost.service import CostService

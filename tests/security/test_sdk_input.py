@@ -20,8 +20,8 @@ from nats.aio.client import Client
 
 from broker import Agent
 from broker.codec import decode, encode
-from broker.identity import operator_connect_options
 from broker.replies import H_ERROR
+from broker.runtime.identity import operator_connect_options
 from broker.settings import Settings
 from schemas import BreakerList, ErrorReply, ListBreakers
 from services.runner import Stack

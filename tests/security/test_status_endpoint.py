@@ -13,8 +13,8 @@ from nats.aio.client import Client
 from pydantic import SecretStr
 
 from broker.codec import encode
-from broker.identity import operator_connect_options
 from broker.replies import H_ERROR, request
+from broker.runtime.identity import operator_connect_options
 from broker.settings import Settings
 from schemas import AddOperator, HealthRequest, OperatorAdded, ServiceHealth
 

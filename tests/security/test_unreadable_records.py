@@ -24,15 +24,15 @@ from rich.console import Console
 from broker.codec import decode, encode
 from broker.connection import connect
 from broker.errors import BreakerOpen, ConfigError
-from broker.identity import operator_connect_options
-from broker.jetstream import (
+from broker.replies import request
+from broker.runtime.identity import operator_connect_options
+from broker.runtime.jetstream import (
     KV_BREAKERS,
     KV_BUDGETS,
     KV_POLICIES,
     ensure_buckets,
     ensure_streams,
 )
-from broker.replies import request
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import (

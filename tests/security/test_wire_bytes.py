@@ -28,8 +28,8 @@ import pytest
 from broker import Agent
 from broker.codec import encode
 from broker.connection import SessionClient, sync_connection
-from broker.identity import service_connect_options
-from broker.jetstream import USAGE_STREAM
+from broker.runtime.identity import service_connect_options
+from broker.runtime.jetstream import USAGE_STREAM
 from broker.settings import Settings
 from schemas import AuditEvent, AuthzRequest, GetAgent, Heartbeat, ListAgents
 from services.cost.service import CONSUMER as COST_CONSUMER

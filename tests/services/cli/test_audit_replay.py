@@ -17,8 +17,8 @@ import pytest
 from nats.aio.client import Client
 from typer.testing import CliRunner, Result
 
-from broker.audit import AuditEmitter
 from broker.codec import encode
+from broker.runtime.audit import AuditEmitter
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import AuditEvent

@@ -16,8 +16,8 @@ from typer.testing import CliRunner, Result
 
 from broker.agent import Agent
 from broker.errors import CallDenied
-from broker.jetstream import AUDIT_STREAM
-from broker.server import EmbeddedServer
+from broker.runtime.jetstream import AUDIT_STREAM
+from broker.runtime.server import EmbeddedServer
 from broker.settings import Settings
 from schemas import AgentManifest, AuditEvent
 from services.cli import common as cli

@@ -16,7 +16,7 @@ import pytest
 from conftest import eventually
 from typer.testing import CliRunner, Result
 
-from broker.health import health_path, probe, write_health
+from broker.runtime.health import health_path, probe, write_health
 from broker.settings import Settings
 from schemas import ServiceHealth
 from services.cli.main import app

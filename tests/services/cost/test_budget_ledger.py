@@ -189,7 +189,7 @@ def test_a_store_created_by_an_earlier_release_gains_the_new_columns(database_ur
     """``cost_usage`` without ``reservation_id`` and ``batch`` (the first release's shape)."""
     from sqlalchemy import inspect, text
 
-    from broker.sql import make_engine
+    from broker.runtime.sql import make_engine
     from services.cost.store import UsageRow
 
     table = UsageRow.__table__  # type: ignore[attr-defined]

@@ -17,8 +17,8 @@ from typer.testing import CliRunner, Result
 from broker import Agent, BudgetExceeded
 from broker.codec import decode, encode
 from broker.connection import connect
-from broker.identity import operator_connect_options
 from broker.replies import H_CHAIN, H_CHAIN_SIG, request
+from broker.runtime.identity import operator_connect_options
 from broker.settings import Settings
 from schemas import (
     AuthzRequest,

@@ -22,8 +22,8 @@ from nats.aio.client import Client
 from broker import Agent, BudgetExceeded, CallDenied
 from broker.connection import connect
 from broker.errors import NotFound
-from broker.identity import operator_connect_options
 from broker.replies import request
+from broker.runtime.identity import operator_connect_options
 from broker.settings import Settings
 from schemas import (
     Budget,

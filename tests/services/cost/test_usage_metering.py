@@ -17,9 +17,9 @@ from nats.aio.client import Client
 
 from broker import Agent
 from broker.codec import encode
-from broker.identity import operator_connect_options, service_connect_options
-from broker.jetstream import USAGE_STREAM
 from broker.replies import H_MSG_ID
+from broker.runtime.identity import operator_connect_options, service_connect_options
+from broker.runtime.jetstream import USAGE_STREAM
 from broker.settings import Settings
 from schemas import CostReport, UsageReport
 from services.cost.prices import NANOS_PER_USD, load_prices

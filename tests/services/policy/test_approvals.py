@@ -18,7 +18,7 @@ from broker import Agent, CallDenied
 from broker.codec import decode, encode
 from broker.connection import connect, sync_connection
 from broker.errors import Conflict, SignalboxError
-from broker.identity import operator_connect_options
+from broker.runtime.identity import operator_connect_options
 from broker.settings import Settings
 from broker.subjects import Subjects, inbox_prefix
 from schemas import ApprovalList, ApprovalRequest, DecideApproval, ListApprovals

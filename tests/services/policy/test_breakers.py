@@ -14,8 +14,8 @@ from nats.aio.client import Client
 from broker import Agent
 from broker.connection import connect
 from broker.errors import BreakerOpen, RemoteError
-from broker.identity import operator_connect_options
 from broker.replies import H_CHAIN
+from broker.runtime.identity import operator_connect_options
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import Breaker, BreakerList, ListBreakers, ResetBreaker, TripBreaker

@@ -21,8 +21,8 @@ from typer.testing import CliRunner, Result
 
 from broker.connection import connect
 from broker.errors import CallDenied, Conflict, InvalidInput, NotFound
-from broker.identity import operator_connect_options
-from broker.jetstream import KV_POLICIES
+from broker.runtime.identity import operator_connect_options
+from broker.runtime.jetstream import KV_POLICIES
 from broker.settings import Settings
 from broker.subjects import Subjects, inbox_prefix
 from schemas import (

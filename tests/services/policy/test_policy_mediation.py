@@ -24,8 +24,8 @@ from broker import (
     UnknownTarget,
 )
 from broker.codec import decode
-from broker.identity import service_connect_options
 from broker.replies import H_DEADLINE, H_ERROR, H_TIMEOUT_MS, error_from_reply
+from broker.runtime.identity import service_connect_options
 from broker.settings import Settings
 from broker.subjects import inbox_prefix
 from schemas import ErrorReply

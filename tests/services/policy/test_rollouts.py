@@ -18,8 +18,8 @@ from broker import Agent
 from broker.codec import encode
 from broker.connection import connect
 from broker.errors import InvalidInput, NotFound, TargetUnavailable
-from broker.identity import operator_connect_options
 from broker.replies import request
+from broker.runtime.identity import operator_connect_options
 from broker.settings import Settings
 from schemas import (
     AgentManifest,

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from broker.connection import connect
 from broker.errors import CallDenied
-from broker.identity import operator_connect_options
 from broker.replies import request
+from broker.runtime.identity import operator_connect_options
 from broker.settings import Settings
 from schemas import PolicyFiles, ShadowPolicies, ShadowStatus
 from services.cli.main import app

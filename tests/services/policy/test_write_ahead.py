@@ -15,7 +15,7 @@ import pytest
 from conftest import policy_of
 
 from broker.errors import AuditUnavailable
-from broker.jetstream import AUDIT_INTAKE_STREAM, ensure_streams
+from broker.runtime.jetstream import AUDIT_INTAKE_STREAM, ensure_streams
 from broker.settings import Settings
 
 if TYPE_CHECKING:

@@ -24,8 +24,8 @@ from nats.aio.msg import Msg
 from broker.codec import encode
 from broker.connection import connect, is_auth_error, sync_connection
 from broker.errors import AuthenticationFailed
-from broker.identity import operator_connect_options
 from broker.replies import request
+from broker.runtime.identity import operator_connect_options
 from broker.settings import Settings
 from broker.subjects import inbox_prefix
 from schemas import (

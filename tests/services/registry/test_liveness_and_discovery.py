@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 
 from broker.connection import sync_connection
 from broker.errors import InvalidInput, NotFound
-from broker.identity import service_connect_options
+from broker.runtime.identity import service_connect_options
 from broker.settings import Settings
 from schemas import AgentRecord, DiscoverAgents, GetAgent
 

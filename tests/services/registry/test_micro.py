@@ -23,8 +23,8 @@ from nats.micro import add_service
 from nats.micro.service import ServiceInfo, ServicePing, ServiceStats
 
 from broker.connection import sync_connection
-from broker.identity import service_connect_options
-from broker.server import EmbeddedServer
+from broker.runtime.identity import service_connect_options
+from broker.runtime.server import EmbeddedServer
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import AgentInstance, AgentManifest, AgentRecord, Capability, InstanceStats

@@ -14,8 +14,8 @@ from nats.aio.client import Client
 
 from broker.codec import decode, encode
 from broker.errors import Conflict, NotFound, SchemaError, SignalboxError
-from broker.identity import service_connect_options
 from broker.replies import H_ERROR, error_from_reply
+from broker.runtime.identity import service_connect_options
 from broker.settings import Settings
 from broker.subjects import AGENT_REGISTRY_OPS, inbox_prefix
 from schemas import (

@@ -9,9 +9,9 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from broker.audit import AuditEmitter
-from broker.identity import service_connect_options
-from broker.jetstream import AUDIT_INTAKE_STREAM, AUDIT_STREAM
+from broker.runtime.audit import AuditEmitter
+from broker.runtime.identity import service_connect_options
+from broker.runtime.jetstream import AUDIT_INTAKE_STREAM, AUDIT_STREAM
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import AuditEvent

@@ -27,11 +27,11 @@ from nats.aio.client import Client
 from nats.js.api import StreamConfig
 from typer.testing import CliRunner, Result
 
-from broker.audit import AuditEmitter
 from broker.codec import encode
 from broker.connection import connect
 from broker.errors import SchemaError
-from broker.jetstream import AUDIT_STREAM
+from broker.runtime.audit import AuditEmitter
+from broker.runtime.jetstream import AUDIT_STREAM
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import AuditEvent

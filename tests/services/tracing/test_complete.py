@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from broker.audit import AuditEmitter, new_id
+from broker.ids import new_id
+from broker.runtime.audit import AuditEmitter
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import AuditEvent

@@ -21,7 +21,7 @@ from nats.js.api import DeliverPolicy, StreamConfig
 from broker.codec import encode
 from broker.connection import SessionClient, Status
 from broker.errors import NotFound, SchemaError
-from broker.identity import service_connect_options
+from broker.runtime.identity import service_connect_options
 from broker.settings import Settings
 from schemas import AuditEvent
 from services.tracing.reader import OrderedRead, follow, scan, scan_raw

@@ -27,6 +27,7 @@ from broker import telemetry
 from broker.agent import Agent, CallContext
 from broker.codec import decode, encode
 from broker.errors import CallDenied
+from broker.runtime import otel
 from broker.settings import Settings
 from schemas import AgentManifest, AuditEvent
 from services.cli.trace_cmds import build_tree
@@ -82,7 +83,7 @@ def exporter() -> InMemorySpanExporter:
 
 @pytest.fixture
 async def traced(settings: Settings, exporter: InMemorySpanExporter) -> AsyncIterator[Traced]:
-    provider = telemetry.tracer_provider(settings, exporter=exporter)
+    provider = otel.tracer_provider(settings, exporter=exporter)
     rules: list[Rule] = [("a", "b", ["*"]), ("b", "c", ["*"])]
     current = settings.model_copy(update={"policy_dir": _policy_dir(settings, rules, USE_MODELS)})
     stack = Stack(current, tracer_provider=provider)

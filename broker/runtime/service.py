@@ -2,7 +2,7 @@
 
 A service is a :class:`Service` subclass. It owns one FastStream
 ``NatsBroker`` (one NATS connection), ensures the streams and buckets it
-needs, owns an :class:`~broker.audit.AuditEmitter`, and declares
+needs, owns an :class:`~broker.runtime.audit.AuditEmitter`, and declares
 request-reply endpoints with :meth:`Service.endpoint`, which gives every
 endpoint the same contract:
 
@@ -50,21 +50,22 @@ from nats.js import JetStreamContext
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, TracerProvider
 
-from broker.audit import AuditEmitter, new_id
 from broker.codec import decode, encode
 from broker.connection import SessionClient, sync_connection
-from broker.consumer import PullWorker
 from broker.diagnostics import cancel_and_wait
 from broker.errors import InvalidReplySubject, NatsUnreachable, SchemaError, SignalboxError
-from broker.health import INTERVAL as HEALTH_INTERVAL
-from broker.health import build_health, health_path, remove_health, write_health
-from broker.identity import service_connect_options
-from broker.jetstream import ensure_buckets, ensure_streams
+from broker.ids import new_id
 from broker.replies import error_reply
+from broker.runtime.audit import AuditEmitter
+from broker.runtime.consumer import PullWorker
+from broker.runtime.health import INTERVAL as HEALTH_INTERVAL
+from broker.runtime.health import build_health, health_path, remove_health, write_health
+from broker.runtime.identity import service_connect_options
+from broker.runtime.jetstream import ensure_buckets, ensure_streams
+from broker.runtime.throttle import Emit, Summarizer
 from broker.settings import Settings
 from broker.subjects import SERVICE_INBOX, Audience, Subjects, reply_fault
 from broker.telemetry import ATTR, Telemetry, annotate
-from broker.throttle import Emit, Summarizer
 from schemas import HealthRequest, ServiceHealth, Wire
 
 __all__ = ["Service", "ServiceHost"]
@@ -502,7 +503,7 @@ class Service:
             data={"code": err.code, "message": err.message, "details": err.details},
         )
 
-    # -- health (broker.health) ------------------------------------------------------
+    # -- health (broker.runtime.health) ------------------------------------------------------
 
     async def status(self, request: HealthRequest) -> ServiceHealth:
         """``sb.admin.<service>.status``: this replica's health."""
@@ -510,7 +511,7 @@ class Service:
 
     async def health(self) -> ServiceHealth:
         """This replica's health: connection, audit, the lag of its JetStream consumers
-        (the :class:`~broker.consumer.PullWorker` attributes), :meth:`health_problems`."""
+        (the :class:`~broker.runtime.consumer.PullWorker` attributes), :meth:`health_problems`."""
         workers = [w for w in vars(self).values() if isinstance(w, PullWorker)]
         connected = self._started and self.nc.is_connected
         return await build_health(

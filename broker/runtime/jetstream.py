@@ -21,7 +21,7 @@ from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from broker.settings import Settings
-from broker.subjects import Subjects
+from broker.subjects import USAGE_DUPLICATE_WINDOW, Subjects
 
 __all__ = [
     "AUDIT_INTAKE_STREAM",
@@ -33,7 +33,6 @@ __all__ = [
     "KV_POLICIES",
     "KV_ROLLOUT_STATS",
     "KV_ROUTES",
-    "USAGE_DUPLICATE_WINDOW",
     "USAGE_STREAM",
     "approvals_bucket_config",
     "bucket_configs",
@@ -62,13 +61,11 @@ KV_BUDGETS = "sb_budgets"
 KV_ROUTES = "sb_routes"
 #: Policy replicas' recent per-version call outcomes (:class:`schemas.VersionStats`).
 KV_ROLLOUT_STATS = "sb_rollout_stats"
-#: Circuit breakers, key ``<scope>.<name>`` (:class:`schemas.Breaker`; :mod:`broker.breakers`).
+#: Circuit breakers, key ``<scope>.<name>`` (:class:`schemas.Breaker`;
+#: :mod:`broker.runtime.breakers`).
 KV_BREAKERS = "sb_breakers"
 
 _DAY = 86_400.0
-#: A usage report resent with the same id (``Nats-Msg-Id``) within this many
-#: seconds is stored once (the SDK retries within half of it).
-USAGE_DUPLICATE_WINDOW = 600.0
 
 
 def stream_configs(settings: Settings) -> list[StreamConfig]:

@@ -21,7 +21,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,20 +31,16 @@ from nats.aio.client import Client
 
 from broker.codec import encode
 from broker.diagnostics import cancel_and_wait
-from broker.jspub import JetStreamPublisher, PubAck
+from broker.ids import new_id
 from broker.replies import H_MSG_ID
+from broker.runtime.jspub import JetStreamPublisher, PubAck
 from broker.subjects import Subjects
 from broker.telemetry import current_ids
 from schemas import AuditBatch, AuditEvent, AuditKind
 
-__all__ = ["AuditEmitter", "AuditStats", "new_id"]
+__all__ = ["AuditEmitter", "AuditStats"]
 
 log = logging.getLogger(__name__)
-
-
-def new_id() -> str:
-    """A new unique id (128 random bits, hex) for events, batches and calls."""
-    return os.urandom(16).hex()
 
 
 @dataclass

@@ -9,7 +9,7 @@ readable copy (a stale older value is not kept either), is listed in
 :attr:`KVCache.unreadable` with the reason until a readable value or a
 delete replaces it, is logged as an ERROR and reported to ``on_unreadable``.
 Whoever reads the cache decides what an unreadable key means for them (a
-budget: refuse the model calls it governs, see :mod:`broker.budgets`).
+budget: refuse the model calls it governs, see :mod:`broker.runtime.budgets`).
 """
 
 from __future__ import annotations

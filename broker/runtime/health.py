@@ -24,8 +24,8 @@ from pathlib import Path
 
 import msgspec
 
-from broker.audit import AuditEmitter
-from broker.consumer import PullWorker
+from broker.runtime.audit import AuditEmitter
+from broker.runtime.consumer import PullWorker
 from schemas import ConsumerHealth, ServiceHealth
 
 __all__ = [

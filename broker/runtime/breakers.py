@@ -58,10 +58,10 @@ import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from broker.audit import AuditEmitter
 from broker.codec import decode, encode
 from broker.diagnostics import cancel_and_wait
 from broker.errors import BreakerOpen, Conflict, InvalidInput, NotFound, SchemaError
+from broker.runtime.audit import AuditEmitter
 from broker.subjects import validate_token
 from schemas import Breaker, BreakerProbe, BreakerReason, BreakerScope
 

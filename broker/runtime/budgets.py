@@ -85,7 +85,7 @@ def unreadable_keys(
     would be charged to, in key order.
 
     ``unreadable`` maps keys to why they cannot be read
-    (:attr:`broker.kvcache.KVCache.unreadable`).
+    (:attr:`broker.runtime.kvcache.KVCache.unreadable`).
     """
     if not unreadable:
         return []
