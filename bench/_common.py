@@ -2,6 +2,8 @@
 
 * :func:`embedded_server`: a real ``nats-server`` from the wheel on a free
   port with a temporary store.
+* :func:`policy_folder`, :data:`MODEL_USE_PERMIT`: the shipped Cedar policies
+  plus a bench's own permits, for the policy service of a bench.
 * :class:`StackProcess`: the Signalbox services (:class:`services.runner.Stack`)
   in a child process, the deployment shape (``signalbox up`` in one process,
   agents in others). The child is this file run as a script::
@@ -13,6 +15,9 @@
 * :func:`sequential`, :func:`concurrent`, :func:`summarize`: latency samples,
   percentiles and throughput.
 * :func:`machine_info`, :func:`table`, :func:`mark`: what to print.
+* :func:`smoke_run`: ``SIGNALBOX_BENCH_SMOKE=1`` shrinks every bench to a smoke
+  run (``tests/test_benches.py``): every count and duration cut to the least
+  that still runs each path and prints each table; its figures mean nothing.
 
 Benchmarks are scripts, not part of the installed packages: they import this
 module as ``_common`` (``python bench/<name>.py`` puts ``bench/`` first on
@@ -28,6 +33,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +54,8 @@ from rich.table import Table
 from broker.runtime.server import EmbeddedServer, find_server_binary
 
 __all__ = [
+    "MODEL_USE_FILE",
+    "MODEL_USE_PERMIT",
     "CpuMeter",
     "StackProcess",
     "Summary",
@@ -59,13 +67,29 @@ __all__ = [
     "machine_info",
     "mark",
     "percentile",
+    "policy_folder",
     "sequential",
     "sigterm_unwinds",
+    "smoke_run",
     "summarize",
     "table",
 ]
 
 Request = Callable[[], Awaitable[None]]
+
+#: Set to ``1`` to make every bench a smoke run (:func:`smoke_run`).
+SMOKE_ENV = "SIGNALBOX_BENCH_SMOKE"
+
+
+def smoke_run() -> bool:
+    """Whether ``SIGNALBOX_BENCH_SMOKE`` asks for a smoke run (``1``, ``true``, ``yes``).
+
+    A smoke run checks that a bench still runs, in seconds (``tests/test_benches.py``
+    runs every bench so in CI): each bench cuts its counts and durations to the least
+    that still exercises every path and prints every table. Its figures mean nothing.
+    """
+    return os.environ.get(SMOKE_ENV, "").strip().lower() in {"1", "true", "yes"}
+
 
 # -- measuring -----------------------------------------------------------------
 
@@ -299,7 +323,8 @@ def embedded_server(
     """
     auth = None
     if secrets_dir is not None:
-        from broker.runtime.identity import ServerSecrets, auth_config
+        from broker.runtime.identity import ServerSecrets
+        from broker.runtime.permissions import auth_config
         from broker.subjects import Subjects
 
         auth = auth_config(ServerSecrets.load_or_create(secrets_dir), Subjects("sb"))
@@ -309,6 +334,29 @@ def embedded_server(
         yield server
     finally:
         server.stop()
+
+
+#: Every registered agent may use any model, within the forbids of the set. The shipped
+#: set denies model use unless a permit names who may (it used to permit every registered
+#: agent); the benches that measure model use add this permit, so they measure an
+#: allowed model call, decided by one permit and the shipped forbids, as before.
+MODEL_USE_PERMIT = (
+    '@id("bench-agents-may-use-models")\n'
+    'permit (principal, action == Signalbox::Action::"use_model", resource);\n'
+)
+#: The file :data:`MODEL_USE_PERMIT` goes in, beside the shipped policies.
+MODEL_USE_FILE = "bench-models.cedar"
+
+
+def policy_folder(folder: Path, extra: Mapping[str, str]) -> Path:
+    """The shipped Cedar policies copied into ``folder`` (new), plus ``extra`` (file
+    name -> Cedar text); the folder, for ``SIGNALBOX_POLICY_DIR``."""
+    from services.policy.cedar.policy_set import shipped_policy_dir
+
+    shutil.copytree(shipped_policy_dir(), folder)
+    for name, text in extra.items():
+        (folder / name).write_text(text)
+    return folder
 
 
 class StackProcess:

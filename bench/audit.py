@@ -51,6 +51,7 @@ from _common import (
     machine_info,
     mark,
     sigterm_unwinds,
+    smoke_run,
     table,
 )
 from nats.aio.msg import Msg
@@ -116,12 +117,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    chain_n, records = (20_000, 100_000) if args.quick else (100_000, 1_000_000)
+    smoke = smoke_run()
+    chain_n, records = (
+        (500, 1_000) if smoke else (20_000, 100_000) if args.quick else (100_000, 1_000_000)
+    )
     return Plan(
         chain=args.chain or chain_n,
         records=args.records or records,
         cli=not args.no_cli,
-        rounds=args.rounds or 2,
+        rounds=args.rounds or (1 if smoke else 2),
     )
 
 

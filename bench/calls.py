@@ -71,6 +71,7 @@ from _common import (
     relay,
     sequential,
     sigterm_unwinds,
+    smoke_run,
     summarize,
     table,
 )
@@ -86,7 +87,7 @@ from broker.runtime.jetstream import AUDIT_INTAKE_STREAM, AUDIT_STREAM
 from broker.settings import Settings
 from broker.subjects import Subjects, inbox_prefix
 from schemas import AgentManifest, RolloutStatus, SetRollout
-from services.policy.cedar import SCHEMA_FILE, shipped_policy_dir
+from services.policy.cedar.policy_set import SCHEMA_FILE, shipped_policy_dir
 
 CALLER, TARGET, CAPABILITY = "A", "B", "echo"
 #: Target of the routed path: two versions, a canary route splitting calls 50/50.
@@ -197,7 +198,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     rounds, warmup, n_seq, n_tput = (
-        (1, 300, 2_000, 8_000) if args.quick else (3, 500, 4_000, 15_000)
+        (1, 20, 50, 200)
+        if smoke_run()
+        else (1, 300, 2_000, 8_000)
+        if args.quick
+        else (3, 500, 4_000, 15_000)
     )
     return Plan(
         payload=args.payload,

@@ -77,11 +77,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from chaos_load import (
+    BRISK,
     FAULT_NAMES,
+    STEADY,
     CallRun,
     Fault,
     Op,
     OpenLoad,
+    Pace,
     call_run,
     recoveries,
     run_faults,
@@ -116,6 +119,7 @@ __all__ = [
     "Deployment",
     "Fault",
     "Op",
+    "Pace",
     "UpProcess",
     "UsageRun",
     "cluster_node_kill",
@@ -128,7 +132,7 @@ __all__ = [
 
 async def policy_kill(
     root: Path, *, kills: int = 3, rate: float = 100.0, write_ahead: bool = True,
-    pause: float = 0.3, log: Log = quiet,
+    pause: float = 0.3, log: Log = quiet, pace: Pace = STEADY,
 ) -> CallRun:  # fmt: skip
     """kill -9 of one of two policy replicas (alternately), restarted after ``pause`` s."""
     plane = Deployment(root, env={"write_ahead": str(write_ahead).lower()})
@@ -146,7 +150,7 @@ async def policy_kill(
 
         return await call_run(
             "policy", plane, inject, kills=kills, rate=rate, write_ahead=write_ahead,
-            gap=1.0, log=log,
+            gap=1.0, log=log, pace=pace,
         )  # fmt: skip
     finally:
         await plane.close()
@@ -154,7 +158,7 @@ async def policy_kill(
 
 async def server_restart(
     root: Path, *, kills: int = 2, rate: float = 100.0, write_ahead: bool = True,
-    pause: float = 0.3, log: Log = quiet,
+    pause: float = 0.3, log: Log = quiet, pace: Pace = STEADY,
 ) -> CallRun:  # fmt: skip
     """The nats-server stopped (SIGTERM) and started again on the same store and port
     ``pause`` s later; services (one process each) and agents reconnect."""
@@ -174,7 +178,7 @@ async def server_restart(
 
         return await call_run(
             "server", plane, inject, kills=kills, rate=rate, write_ahead=write_ahead,
-            gap=2.0, log=log,
+            gap=2.0, log=log, pace=pace,
         )  # fmt: skip
     finally:
         await plane.close()
@@ -182,7 +186,7 @@ async def server_restart(
 
 async def up_server_kill(
     root: Path, *, kills: int = 2, rate: float = 100.0, write_ahead: bool = True,
-    log: Log = quiet,
+    log: Log = quiet, pace: Pace = STEADY,
 ) -> CallRun:  # fmt: skip
     """kill -9 of ``signalbox up``'s embedded nats-server; its supervisor restarts it."""
     plane = UpProcess(
@@ -201,7 +205,7 @@ async def up_server_kill(
 
         return await call_run(
             "up", plane, inject, kills=kills, rate=rate, write_ahead=write_ahead,
-            gap=2.0, log=log,
+            gap=2.0, log=log, pace=pace,
         )  # fmt: skip
     finally:
         await plane.close()
@@ -209,7 +213,7 @@ async def up_server_kill(
 
 async def cluster_node_kill(
     root: Path, *, kills: int = 1, rate: float = 100.0, write_ahead: bool = True,
-    pause: float = 1.0, log: Log = quiet,
+    pause: float = 1.0, log: Log = quiet, pace: Pace = STEADY,
 ) -> CallRun:  # fmt: skip
     """kill -9 of one node of a 3-node cluster (R3 streams), restarted after ``pause`` s."""
     plane = Deployment(root, env={"write_ahead": str(write_ahead).lower()}, cluster=True)
@@ -238,7 +242,7 @@ async def cluster_node_kill(
 
         return await call_run(
             "cluster", plane, inject, kills=kills, rate=rate, write_ahead=write_ahead,
-            gap=3.0, log=log,
+            gap=3.0, log=log, pace=pace,
         )  # fmt: skip
     finally:
         await plane.close()
@@ -344,7 +348,7 @@ def _cost_rows(data_dir: Path, budget_key: str) -> tuple[dict[str, tuple[str, in
 
 async def cost_kill(
     root: Path, *, kills: int = 3, rate: float = 20.0, report_rate: float = 50.0,
-    limit_usd: float = 1.5, pause: float = 0.5, log: Log = quiet,
+    limit_usd: float = 1.5, pause: float = 0.5, log: Log = quiet, pace: Pace = STEADY,
 ) -> UsageRun:  # fmt: skip
     """kill -9 of the cost service while ``SPENDER`` makes model calls under a daily agent
     budget of ``limit_usd`` (less than the load asks for) and ``REPORTER`` reports usage;
@@ -361,7 +365,7 @@ async def cost_kill(
             await _set_budget(plane, spender, limit_usd)
             calls, reports, faults = await _spend(
                 plane, spender, reporter, kills=kills, rate=rate, report_rate=report_rate,
-                pause=pause, log=log,
+                pause=pause, log=log, pace=pace,
             )  # fmt: skip
         finally:
             await spender.stop()
@@ -416,7 +420,7 @@ async def _set_budget(plane: Plane, spender: Agent, limit_usd: float) -> None:
 
 async def _spend(
     plane: Deployment, spender: Agent, reporter: Agent, *, kills: int, rate: float,
-    report_rate: float, pause: float, log: Log,
+    report_rate: float, pause: float, log: Log, pace: Pace,
 ) -> tuple[OpenLoad, OpenLoad, list[Fault]]:  # fmt: skip
     """Model calls and usage reports under cost-service kills."""
     rng = random.Random(11)
@@ -449,8 +453,9 @@ async def _spend(
     calls = OpenLoad(model_call, rate, name="model")
     reports = OpenLoad(report, report_rate, name="usage")
     faults = await run_faults(
-        [calls, reports], inject, kills=kills, warmup=1.5, gap=1.5, tail=3.0, log=log
-    )
+        [calls, reports], inject, kills=kills, warmup=pace.warmup, gap=1.5, tail=pace.tail,
+        log=log,
+    )  # fmt: skip
     return calls, reports, faults
 
 
@@ -494,8 +499,9 @@ def _rows(results: Sequence[dict[str, Any]]) -> list[list[str]]:
 
 
 async def run_bench(
-    chosen: Sequence[Scenario], *, kills: int, rate: float, before: bool, log: Log
-) -> list[dict[str, Any]]:
+    chosen: Sequence[Scenario], *, kills: int, rate: float, before: bool, log: Log,
+    pace: Pace = STEADY,
+) -> list[dict[str, Any]]:  # fmt: skip
     """Every chosen scenario (and its write-ahead-off variant when ``before``)."""
     results: list[dict[str, Any]] = []
     base = Path(tempfile.mkdtemp(prefix="sb-bench-chaos-"))
@@ -512,7 +518,7 @@ async def run_bench(
                 if name == "cost":
                     usage = await cost_kill(
                         root, kills=kills, rate=rate / 5, report_rate=rate / 2,
-                        limit_usd=0.2 * kills + 0.2, log=log,
+                        limit_usd=0.2 * kills + 0.2, log=log, pace=pace,
                     )  # fmt: skip
                     row = usage.row()
                 else:
@@ -521,7 +527,7 @@ async def run_bench(
                         "cluster": cluster_node_kill,
                     }[name]  # fmt: skip
                     run = await scenario(root, kills=kills, rate=rate, write_ahead=write_ahead,
-                                         log=log)  # fmt: skip
+                                         log=log, pace=pace)  # fmt: skip
                     row = run.row()
                 row["seconds"] = round(time.monotonic() - started, 1)
                 log(
@@ -537,7 +543,7 @@ async def run_bench(
 
 def main(argv: Sequence[str] | None = None) -> int:
     import uvloop
-    from _common import machine_info, sigterm_unwinds, table
+    from _common import machine_info, sigterm_unwinds, smoke_run, table
     from rich.console import Console
 
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
@@ -551,17 +557,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
-    kills = args.kills or (2 if args.quick else 5)
-    rate = args.rate or (100.0 if args.quick else 200.0)
+    # A smoke run: each fault once, under a light load, briefly before and after.
+    smoke = smoke_run()
+    kills = args.kills or (1 if smoke else 2 if args.quick else 5)
+    rate = args.rate or (20.0 if smoke else 100.0 if args.quick else 200.0)
     chosen = [n for n in ORDER if not args.only or n in args.only.split(",")]
     unknown = set(args.only.split(",")) - set(ORDER) - {""}
     if unknown:
         parser.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(ORDER)}")
     sigterm_unwinds()
     log = Console(stderr=True, log_path=False)
-    results = uvloop.run(
-        run_bench(chosen, kills=kills, rate=rate, before=args.no_write_ahead, log=log.log)
-    )
+    bench = run_bench(
+        chosen, kills=kills, rate=rate, before=args.no_write_ahead, log=log.log,
+        pace=BRISK if smoke else STEADY,
+    )  # fmt: skip
+    results = uvloop.run(bench)
     if args.json:
         print(json.dumps({"machine": machine_info(), "results": results}, default=str))
         return 0

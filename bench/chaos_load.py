@@ -42,12 +42,15 @@ from broker.subjects import Subjects
 from schemas import AuditEvent
 
 __all__ = [
+    "BRISK",
     "FAULT_NAMES",
+    "STEADY",
     "AuditFindings",
     "CallRun",
     "Fault",
     "Op",
     "OpenLoad",
+    "Pace",
     "Workload",
     "audit_findings",
     "call_run",
@@ -230,6 +233,25 @@ async def until_steady(
         if served and max(served) - last_bad >= quiet:
             return
         await asyncio.sleep(0.1)
+
+
+@dataclass(frozen=True, slots=True)
+class Pace:
+    """How long the load runs around its faults.
+
+    Attributes:
+        warmup: Seconds of load before the first fault.
+        tail: Seconds of load after the last fault, once served again.
+    """
+
+    warmup: float = 1.5
+    tail: float = 3.0
+
+
+#: The bench's pace (and the chaos tests').
+STEADY = Pace()
+#: A smoke run's (``SIGNALBOX_BENCH_SMOKE``): the least that still puts a fault under load.
+BRISK = Pace(warmup=0.5, tail=0.5)
 
 
 async def run_faults(
@@ -557,13 +579,14 @@ async def call_run(
     write_ahead: bool,
     gap: float,
     log: Log,
+    pace: Pace = STEADY,
 ) -> CallRun:
     work = Workload(plane)
     try:
         await work.start()
         load = work.load(rate)
         faults = await run_faults(
-            [load], inject, kills=kills, warmup=1.5, gap=gap, tail=3.0, log=log
+            [load], inject, kills=kills, warmup=pace.warmup, gap=gap, tail=pace.tail, log=log
         )
     finally:
         await work.stop()

@@ -26,10 +26,10 @@ from broker import (
 from broker.connection import connect
 from broker.runtime.identity import (
     ServerSecrets,
-    auth_config,
     operator_connect_options,
     service_connect_options,
 )
+from broker.runtime.permissions import auth_config
 from broker.runtime.server import EmbeddedServer
 from broker.settings import Settings
 from broker.subjects import Subjects
@@ -75,10 +75,15 @@ MODEL = "gpt-4o"  # shipped prices: $2.50 per million input tokens, $10 per mill
 #: A model call's estimate: worst case 1,000 x $2.50/M + 1,000 x $10/M = $0.0125 reserved.
 EST_INPUT, MAX_OUTPUT = 1_000, 1_000
 
+#: The chaos agents' permits, beside the shipped set (which permits no call, and no
+#: model use unless a permit names who may).
 CHAOS_RULES = (
     '@id("chaos-caller-may-call-the-target")\n'
     f'permit (principal == Signalbox::Agent::"{CALLER}", action == Signalbox::Action::"call", '
     f'resource == Signalbox::Capability::"{TARGET}/{CAPABILITY}");\n'
+    '@id("chaos-spender-may-use-the-model")\n'
+    f'permit (principal == Signalbox::Agent::"{SPENDER}", '
+    f'action == Signalbox::Action::"use_model", resource == Signalbox::Model::"{MODEL}");\n'
 )
 
 #: Seconds one attempt of a call waits (below SIGNALBOX_BREAKER_MIN_TIMEOUT: a kill's
@@ -201,7 +206,7 @@ class ServiceProc:
 
 def write_policies(folder: Path) -> Path:
     """The shipped Cedar policies plus a permit for the chaos caller; the folder."""
-    from services.policy.cedar import shipped_policy_dir
+    from services.policy.cedar.policy_set import shipped_policy_dir
 
     if folder.exists():
         shutil.rmtree(folder)

@@ -41,7 +41,9 @@ Target (issue 6): >= 20,000 usage events/s ingested durably.
 **Part 2, authorize + reserve.** Another server (``sync_interval`` not
 ``always``: no path here waits on a JetStream write except the usage report
 of ``model_call``); tracing, policy and registry+cost each in a child process
-as ``compose.yaml`` deploys them, the shipped policies. Paths:
+as ``compose.yaml`` deploys them, the shipped policies plus
+``_common.MODEL_USE_PERMIT`` (the shipped set denies model use unless a
+permit names who may). Paths:
 
 * ``raw``: a nats-py requester and responder echoing a Decision-sized payload;
 * ``authorize``: ``Agent.authorize("use_model", "gpt-4o", estimated_tokens=...)``
@@ -76,6 +78,8 @@ from typing import Any
 
 import uvloop
 from _common import (
+    MODEL_USE_FILE,
+    MODEL_USE_PERMIT,
     CpuMeter,
     Request,
     StackProcess,
@@ -86,8 +90,10 @@ from _common import (
     embedded_server,
     machine_info,
     mark,
+    policy_folder,
     sequential,
     sigterm_unwinds,
+    smoke_run,
     summarize,
     table,
 )
@@ -116,7 +122,6 @@ from schemas import (
 )
 from services.cost.prices import NANOS_PER_USD
 from services.cost.service import CONSUMER
-from services.policy.cedar import shipped_policy_dir
 
 TARGET = 20_000.0  # usage events/s
 RAW_STREAM = "BENCH_USAGE"
@@ -168,8 +173,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    default = 10_000 if args.quick else 200_000
-    warmup, n_seq, n_tput = (100, 1_000, 4_000) if args.quick else (500, 4_000, 15_000)
+    if smoke_run():
+        default, (warmup, n_seq, n_tput), phase_s = 2_000, (20, 50, 200), 1.0
+    elif args.quick:
+        default, (warmup, n_seq, n_tput), phase_s = 10_000, (100, 1_000, 4_000), 3.0
+    else:
+        default, (warmup, n_seq, n_tput), phase_s = 200_000, (500, 4_000, 15_000), 10.0
     return Plan(
         reports=args.reports or default,
         fsync=not args.no_fsync,
@@ -178,7 +187,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         warmup=warmup,
         sequential=n_seq,
         throughput=n_tput,
-        phase_seconds=3.0 if args.quick else 10.0,
+        phase_seconds=phase_s,
     )
 
 
@@ -624,6 +633,11 @@ def measure_authz(root: Path, plan: Plan, log: Console) -> dict[str, PathResult]
     data_dir = root / "authz"
     # The bench's bursts are not anomalies: no rate breaker may trip on them.
     os.environ["SIGNALBOX_BREAKER_RATE_FACTOR"] = "1000000"
+    # Nor may a reservation's wait deny a call: with --in-flight reservations queued behind
+    # the store's write lock, a loaded machine can take more than the default 2 s to
+    # answer the last of them, and the policy service would deny it (budget_unavailable),
+    # failing the run. The bench measures the wait instead, up to its own request timeout.
+    os.environ["SIGNALBOX_BUDGET_RESERVE_TIMEOUT"] = str(plan.timeout)
     with embedded_server(
         root / "nats-authz", sync_always=False, secrets_dir=data_dir / "secrets"
     ) as server:
@@ -631,11 +645,10 @@ def measure_authz(root: Path, plan: Plan, log: Console) -> dict[str, PathResult]
         assert server.pid is not None
         pids = {"nats-server": server.pid}
         children: list[StackProcess] = []
+        policy_dir = policy_folder(root / "policies", {MODEL_USE_FILE: MODEL_USE_PERMIT})
         try:
             for group in (("tracing",), ("policy",), ("registry", "cost")):
-                child = StackProcess(
-                    server.url, data_dir, policy_dir=shipped_policy_dir(), services=group
-                )
+                child = StackProcess(server.url, data_dir, policy_dir=policy_dir, services=group)
                 children.append(child)
                 child.start()
                 assert child.proc is not None

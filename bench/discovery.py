@@ -45,6 +45,7 @@ from _common import (
     machine_info,
     mark,
     sequential,
+    smoke_run,
     summarize,
     table,
 )
@@ -253,14 +254,16 @@ async def run(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer queries (still 10k agents)")
-    parser.add_argument("--agents", type=int, default=10_000, help="agents to register")
+    parser.add_argument("--agents", type=int, default=None, help="agents to register (10,000)")
     parser.add_argument("--queries", type=int, default=None, help="queries per shape")
     parser.add_argument("--beats", type=int, default=None, help="heartbeats in the throughput run")
     parser.add_argument("--database-url", default=None, help="registry store (default SQLite)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
-    n_queries = args.queries or (300 if args.quick else 2_000)
-    n_beats = args.beats or (10_000 if args.quick else 50_000)
+    smoke = smoke_run()
+    args.agents = args.agents or (200 if smoke else 10_000)
+    n_queries = args.queries or (20 if smoke else 300 if args.quick else 2_000)
+    n_beats = args.beats or (500 if smoke else 10_000 if args.quick else 50_000)
     log = Console(stderr=True, log_path=False)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="sb-bench-discovery-") as tmp:

@@ -5,13 +5,14 @@ Usage::
     python bench/policy.py [--quick] [--agents 100] [--in-flight 64] [--in-process] [--json]
 
 Part 1, the decider alone (this process, one core, no I/O): a
-:class:`services.policy.cedar.CedarDecider` over the shipped ``policies/``
-and ``--agents`` registered agents (records as the registry mirrors them),
-entities built once. Decisions per second:
+:class:`services.policy.cedar.decider.CedarDecider` over the shipped ``policies/``
+(plus a permit per caller, and ``_common.MODEL_USE_PERMIT``) and ``--agents``
+registered agents (records as the registry mirrors them), entities built
+once. Decisions per second:
 
 * ``evaluated``: the memo is off, so Cedar evaluates every request (calls
   rotate over every caller; a ``needs_approval`` answer costs two Cedar
-  evaluations, see ``services/policy/cedar.py``);
+  evaluations, see ``services/policy/cedar/decider.py``);
 * ``fleet traffic (memo on)``: every request with a different token
   estimate and the clock advancing one second per 1,000 decisions; the
   memo keys on what the slice's policies can observe of the context
@@ -34,7 +35,8 @@ Part 2, end to end on one embedded ``nats-server`` (``sync_interval`` not
 * ``raw``: a nats-py requester and a nats-py responder replying a fixed
   Decision on ``bench.raw.authz`` (two connections);
 * ``authz``: ``Agent.authorize("use_model", ...)`` answered by the policy
-  service on ``sb.authz.<agent>`` (decided, audited, chained);
+  service on ``sb.authz.<agent>`` (decided, audited, chained; the shipped
+  policies plus ``_common.MODEL_USE_PERMIT``);
 * ``authz-raw-client``: a plain nats-py request on ``sb.authz.<agent>``
   (no SDK encode/decode on the caller side).
 
@@ -60,6 +62,8 @@ from pathlib import Path
 
 import uvloop
 from _common import (
+    MODEL_USE_FILE,
+    MODEL_USE_PERMIT,
     CpuMeter,
     Request,
     StackProcess,
@@ -70,8 +74,10 @@ from _common import (
     embedded_server,
     machine_info,
     mark,
+    policy_folder,
     sequential,
     sigterm_unwinds,
+    smoke_run,
     summarize,
     table,
 )
@@ -84,7 +90,8 @@ from broker import Agent, connect, encode
 from broker.replies import error_from_reply, is_error
 from broker.settings import Settings
 from schemas import AgentManifest, AgentRecord, AuthzRequest, Capability, Decision
-from services.policy.cedar import CedarDecider, CedarPolicies, shipped_policy_dir
+from services.policy.cedar.decider import CedarDecider
+from services.policy.cedar.policy_set import CedarPolicies, shipped_policy_dir
 from services.policy.decider import AccessRequest, CallRequest, RequestContext, UseRequest
 
 TARGET_DECISIONS = 20_000.0  # per second, one core
@@ -193,7 +200,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     rounds, decisions, warmup, n_seq, n_tput = (
-        (1, 20_000, 300, 2_000, 6_000) if args.quick else (3, 100_000, 500, 4_000, 15_000)
+        (1, 500, 20, 50, 200)
+        if smoke_run()
+        else (1, 20_000, 300, 2_000, 6_000)
+        if args.quick
+        else (3, 100_000, 500, 4_000, 15_000)
     )
     return Plan(
         agents=args.agents,
@@ -249,7 +260,9 @@ def bench_permits(callers: list[AgentRecord]) -> str:
 def measure_decider(plan: Plan, log: Console) -> tuple[list[DeciderRow], CedarPolicies]:
     shipped = CedarPolicies.from_dir(shipped_policy_dir())
     callers, target = fleet(plan.agents)
-    files = {**shipped.files, "bench.cedar": bench_permits(callers)}
+    files = {
+        **shipped.files, "bench.cedar": bench_permits(callers), MODEL_USE_FILE: MODEL_USE_PERMIT
+    }
     policies = CedarPolicies.from_texts(files, shipped.schema_text, label="bench")
     log.log(f"decider: {len(policies.policies)} policies, {plan.agents} agents")
     n = plan.decisions
@@ -500,8 +513,9 @@ def report_tables(
             left=2,
             caption=(
                 f"Policy set {policies.version}: {len(policies.policies)} policies (the shipped "
-                f"set plus one permit per caller), {plan.agents} agents, {plan.decisions:,} "
-                "decisions per row, entities built before timing. 'evaluated': memo off, Cedar "
+                f"set, one permit per caller and one for model use), {plan.agents} agents, "
+                f"{plan.decisions:,} decisions per row, entities built before timing. "
+                "'evaluated': memo off, Cedar "
                 "runs for every decision; 'fleet traffic': distinct estimates and times, memo on; "
                 "'memoized': the same request again."
             ),
@@ -562,14 +576,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sb-bench-policy-") as tmp:
         root = Path(tmp)
         with embedded_server(root / "nats", sync_always=False) as server:
-            settings = Settings(nats_url=server.url, data_dir=root / "data", log_level="WARNING")
+            policy_dir = policy_folder(root / "policies", {MODEL_USE_FILE: MODEL_USE_PERMIT})
+            settings = Settings(
+                nats_url=server.url, data_dir=root / "data", policy_dir=policy_dir,
+                log_level="WARNING",
+            )  # fmt: skip
             assert server.pid is not None
             pids = {"nats-server": server.pid}
             child: StackProcess | None = None
             try:
                 if not plan.in_process:
                     log.log("starting the services in a child process")
-                    child = StackProcess(server.url, settings.data_dir)
+                    child = StackProcess(server.url, settings.data_dir, policy_dir=policy_dir)
                     child.start()
                     assert child.proc is not None
                     pids["services"] = child.proc.pid

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -33,7 +34,7 @@ from pathlib import Path
 import nats
 import nats.errors
 import uvloop
-from _common import machine_info, mark, table
+from _common import machine_info, mark, sigterm_unwinds, smoke_run, table
 from rich.console import Console
 
 from broker import Agent, SignalboxError
@@ -53,9 +54,19 @@ async def _until_restarted(stack: Stack, before: int) -> float:
 
 
 async def run(kills: int, log: Console) -> dict[str, list[float]]:
-    """Kill the server ``kills`` times; recovery seconds per round, for the agent and raw."""
+    """Kill the server ``kills`` times; recovery seconds per round, for the agent and raw.
+
+    Everything (the server's store, the services' data) lives in a temporary folder
+    removed afterwards."""
     tmp = Path(tempfile.mkdtemp(prefix="sb-bench-restart-"))
-    settings = Settings(data_dir=tmp / "data", nats_port=0, nats_sync_always=False)
+    try:
+        return await _kills(tmp / "data", kills, log)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _kills(data_dir: Path, kills: int, log: Console) -> dict[str, list[float]]:
+    settings = Settings(data_dir=data_dir, nats_port=0, nats_sync_always=False)
     stack = Stack(settings)
     await stack.start()
     store = CredentialStore(stack.settings.resolved_database_url)
@@ -117,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=5, help="server kills (default 5)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
-    kills = 2 if args.quick else args.kills
+    kills = 1 if smoke_run() else 2 if args.quick else args.kills
+    sigterm_unwinds()
     log = Console(stderr=True)
     figures = uvloop.run(run(kills, log))
     if args.json:
@@ -142,4 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -15,7 +15,7 @@ identity) is :mod:`broker.runtime`, installed with ``signalbox[server]``;
 
 from __future__ import annotations
 
-from broker.agent import Agent, CallContext
+from broker.agent import Agent
 from broker.codec import decode, encode
 from broker.connection import connect
 from broker.errors import (
@@ -54,6 +54,8 @@ from broker.errors import (
     UsageNotRecorded,
 )
 from broker.modelcall import ModelCall
+from broker.process import run, serve
+from broker.serving import CallContext
 from broker.settings import Settings
 from broker.subjects import Subjects, validate_token
 
@@ -99,5 +101,7 @@ __all__ = [
     "connect",
     "decode",
     "encode",
+    "run",
+    "serve",
     "validate_token",
 ]

@@ -32,96 +32,62 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import inspect
 import logging
+import signal
 import time
-import typing
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
 import msgspec
 import nats.errors
-import nats.js.errors
 from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from opentelemetry import context as otel_context
 from opentelemetry.trace import Span, SpanKind, TracerProvider
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from broker.codec import decode, encode
 from broker.connection import connect, sync_connection
 from broker.dedup import Deduplicator, validate_idempotency_key
 from broker.diagnostics import cancel_and_wait, finish_within
-from broker.errors import (
-    BadRequest,
-    ConfigError,
-    ControlPlaneUnavailable,
-    DeadlineExceeded,
-    InvalidInput,
-    NotFound,
-    OutcomeUnknown,
-    RemoteError,
-    SignalboxError,
-    UsageNotRecorded,
-)
+from broker.errors import ConfigError, ControlPlaneUnavailable, OutcomeUnknown, SignalboxError
 from broker.ids import new_id
-from broker.modelcall import ModelCall
+from broker.membership import Membership
+from broker.modelcall import ModelCall, authz_request
+from broker.process import STOP_SIGNALS, serve
 from broker.replies import (
-    H_CALL_ID,
-    H_CALLER,
-    H_CHAIN,
-    H_CHAIN_SIG,
     H_DEADLINE,
-    H_ERROR,
     H_IDEMPOTENCY_KEY,
     H_MSG_ID,
     H_ROUTE_KEY,
     H_TARGET_VERSION,
     H_TIMEOUT_MS,
-    H_TRACE_ORIGIN,
     H_TRACEPARENT,
     error_from_reply,
-    error_reply,
     is_error,
-    request,
+)
+from broker.replies import request as request_reply
+from broker.serving import (
+    CallContext,
+    CapabilityServer,
+    HandlerFn,
+    chain_headers,
+    client_hop,
+    span_attributes,
 )
 from broker.settings import Settings
-from broker.subjects import (
-    USAGE_DUPLICATE_WINDOW,
-    Subjects,
-    inbox_prefix,
-    validate_token,
-    version_token,
-)
+from broker.subjects import Subjects, inbox_prefix, validate_token
 from broker.telemetry import (
     ATTR,
+    LAST_AUTHZ_TRACE,
     Telemetry,
     annotate,
     current_trace_id,
     decision_attributes,
     extract,
-    fail,
     inject,
 )
-from schemas import (
-    AgentManifest,
-    AgentRecord,
-    AuthzRequest,
-    CallMeta,
-    Capability,
-    Decision,
-    DeregisterAgent,
-    DiscoverAgents,
-    DiscoverResult,
-    Heartbeat,
-    InstanceStats,
-    Registered,
-    UsageReport,
-)
+from broker.usage import USAGE_RETRY_FOR, check_retry_for, publish_usage
+from schemas import AgentManifest, AuthzRequest, Decision, InstanceStats, Registered, UsageReport
 
 __all__ = ["Agent", "CallContext"]
 
@@ -131,95 +97,9 @@ log = logging.getLogger(__name__)
 _CLOSE_TIMEOUT = 5.0
 
 T = TypeVar("T")
-HandlerFn = Callable[..., Awaitable[Any]]
-
-#: The ``Sb-Chain`` and ``Sb-Chain-Sig`` of the call the current handler serves
-#: (empty outside handlers): sent back with every call and model authorization
-#: the handler makes, so the policy service can refuse call loops
-#: (``call_loop``) and charge the budgets of the agents the work is done for
-#: (it believes the chain only with its own signature; see broker.runtime.identity).
-#: Each served call runs in its own task, hence its own context.
-_CHAIN: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
-    "sb_chain", default=("", "")
-)
 
 
-def _chain_headers() -> dict[str, str]:
-    chain, signature = _CHAIN.get()
-    if not chain:
-        return {}
-    return {H_CHAIN: chain, H_CHAIN_SIG: signature} if signature else {H_CHAIN: chain}
-
-
-@dataclass(frozen=True, slots=True)
-class CallContext:
-    """What a capability handler knows about the call it serves.
-
-    Attributes:
-        meta: Caller, target, capability, call id, trace id, deadline.
-        headers: All NATS headers of the forwarded request.
-    """
-
-    meta: CallMeta
-    headers: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def remaining(self) -> float:
-        """Seconds until the caller stops waiting (inf when unknown)."""
-        if not self.meta.deadline:
-            return float("inf")
-        return max(0.0, self.meta.deadline - time.time())
-
-
-@dataclass(slots=True)
-class _Cap:
-    spec: Capability
-    fn: HandlerFn
-    input_type: Any
-    wants_ctx: bool
-
-
-def _schema(tp: Any) -> dict[str, Any] | None:
-    if tp in (bytes, Any):
-        return None
-    try:
-        schema: dict[str, Any] = msgspec.json.schema(tp)
-    except TypeError:
-        return None
-    return schema
-
-
-#: Default seconds :meth:`Agent.report_usage` retries one report.
-USAGE_RETRY_FOR = 30.0
-# Worth another attempt: no answer (yet), nobody answering (a stream leader
-# election, a reconnect), the server busy.
-_TRANSIENT_PUBLISH = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.StaleConnectionError,
-    nats.js.errors.NoStreamResponseError,
-    nats.js.errors.ServiceUnavailableError,
-)
-
-
-def _deadline_of(headers: dict[str, str]) -> float:
-    """The ``Sb-Deadline`` of a forwarded call (Unix seconds), 0 if none or unreadable."""
-    try:
-        return float(headers.get(H_DEADLINE, "") or 0)
-    except ValueError:
-        return 0.0
-
-
-def _past(deadline: str) -> bool:
-    """True if ``deadline`` (Unix seconds, the ``Sb-Deadline`` header) has passed."""
-    try:
-        return bool(deadline) and float(deadline) < time.time()
-    except ValueError:
-        return False
-
-
-class Agent:
+class Agent(Membership):
     """One running agent instance.
 
     Args:
@@ -245,6 +125,12 @@ class Agent:
         idempotency_window: Seconds the answer of a call made with an
             idempotency key is kept for its retries (:mod:`broker.dedup`).
         connect_options: Passed to :func:`nats.connect` (TLS...).
+
+    The agent composes its parts: :attr:`serving` (the handlers and the calls
+    forwarded to them, :mod:`broker.serving`), its registration, heartbeats and
+    discovery (:class:`~broker.membership.Membership`), and here its calls,
+    authorizations, model calls (:mod:`broker.modelcall`) and usage reports
+    (:mod:`broker.usage`).
     """
 
     def __init__(
@@ -263,13 +149,8 @@ class Agent:
         **connect_options: Any,
     ) -> None:
         validate_token(manifest.name, what="agent name")
-        if not 0 < usage_retry_for <= USAGE_DUPLICATE_WINDOW / 2:
-            raise ConfigError(
-                f"usage_retry_for must be between 0 and {USAGE_DUPLICATE_WINDOW / 2:g} s (half the "
-                "usage stream's duplicate window, so a retried report is never counted twice)"
-            )
         #: How long :meth:`report_usage` retries one report (same id) before giving up.
-        self.usage_retry_for = usage_retry_for
+        self.usage_retry_for = check_retry_for(usage_retry_for)
         #: Answers of keyed calls, for their retries (broker.dedup).
         self.dedup = Deduplicator(window=idempotency_window)
         #: This agent's spans (broker.telemetry).
@@ -281,24 +162,19 @@ class Agent:
         self.connect_options = connect_options
         if credential:
             self.connect_options["token"] = credential
-        self._caps: dict[str, _Cap] = {}
+        #: The capability handlers, and the calls forwarded to them (broker.serving).
+        self.serving = CapabilityServer(
+            manifest, subjects=self.subjects, telemetry=self.telemetry, dedup=self.dedup,
+            max_concurrency=max_concurrency,
+        )  # fmt: skip
         self._nc: Client | None = None
-        self._sub: Subscription | None = None
-        self._version_sub: Subscription | None = None
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self._stopping = False
         self.registration: Registered | None = None
         self.heartbeat_interval = heartbeat_interval
         #: Unique id of this running instance (shown by ``$SRV.PING``).
         self.instance_id = new_id()[:22]
         self._started_at = 0.0
-        self._requests = 0
-        self._errors = 0
-        self._processing_ns = 0
-        self._last_error = ""
         self._heartbeat_task: asyncio.Task[None] | None = None
-        #: Calls refused unrun because they arrived after their deadline.
-        self._late = 0
 
     @classmethod
     def from_settings(cls, manifest: AgentManifest, settings: Settings, **kwargs: Any) -> Agent:
@@ -334,7 +210,7 @@ class Agent:
             )
         return self._nc
 
-    # -- serving ---------------------------------------------------------------
+    # -- serving (broker.serving) ----------------------------------------------
 
     def capability(
         self,
@@ -353,134 +229,17 @@ class Agent:
         """
 
         def register(fn: HandlerFn) -> HandlerFn:
-            cap_name = validate_token(name or fn.__name__.replace("_", "-"), what="capability")
-            hints = typing.get_type_hints(fn)
-            params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
-            if not params:
-                raise TypeError(f"capability {cap_name!r}: the handler must take the input payload")
-            input_type = hints.get(params[0].name, Any)
-            wants_ctx = len(params) > 1
-            spec = Capability(
-                name=cap_name,
-                description=description or (inspect.getdoc(fn) or "").split("\n")[0],
-                input_schema=_schema(input_type),
-                output_schema=_schema(hints.get("return", Any)),
-                tags=tags,
-            )
-            self._caps[cap_name] = _Cap(spec, fn, input_type, wants_ctx)
+            self.serving.add(fn, name, description=description, tags=tags)
             return fn
 
         return register
-
-    async def _on_request(self, msg: Msg) -> None:
-        await self._slots.acquire()
-        task = asyncio.ensure_future(self._serve(msg))
-        self._inflight.add(task)
-        task.add_done_callback(self._served)
-
-    def _served(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        self._slots.release()
-
-    async def _serve(self, msg: Msg) -> None:
-        # Captured now: stop() clears self._nc before draining, and the reply
-        # of a call that was running must still go out on this connection.
-        nc = self.nc
-        headers = msg.headers or {}
-        _CHAIN.set((headers.get(H_CHAIN, ""), headers.get(H_CHAIN_SIG, "")))
-        # sb.in.<self>.<capability>, or .<version token> after it for a routed call.
-        cap_name = msg.subject.split(".", 4)[3]
-        if _past(headers.get(H_DEADLINE, "")):
-            # Its caller has given up: running it now is work nobody waits for.
-            self._late += 1
-            late_body, late_headers = error_reply(DeadlineExceeded(
-                f"{self.name}.{cap_name}: the call arrived after its deadline; not run",
-                details={"capability": cap_name, "deadline": headers.get(H_DEADLINE, "")},
-            ))  # fmt: skip
-            if msg.reply:
-                with contextlib.suppress(nats.errors.ConnectionClosedError):
-                    await nc.publish(msg.reply, late_body, headers=late_headers)
-            return
-        started = time.perf_counter_ns()
-        # The server span of this call: current while the handler runs, so the
-        # handler's own calls, authorizations and usage reports are its children.
-        with self.telemetry.hop("sb.serve", headers) as span:
-            annotate(span, lambda: self._span_attributes(capability=cap_name, headers=headers))
-            key = Deduplicator.key_of(headers)
-            if key is None:
-                body, reply_headers = await self._run(msg, cap_name, headers)
-            else:  # a keyed call: at most one run per caller and key (broker.dedup)
-                body, reply_headers = await self.dedup.run(
-                    key, _deadline_of(headers), lambda: self._run(msg, cap_name, headers)
-                )
-            if reply_headers and H_ERROR in reply_headers:
-                fail(span, reply_headers[H_ERROR])
-        self._requests += 1
-        self._processing_ns += time.perf_counter_ns() - started
-        if reply_headers and H_ERROR in reply_headers:
-            self._errors += 1
-            self._last_error = f"{cap_name}: {reply_headers[H_ERROR]}"
-        if msg.reply:
-            with contextlib.suppress(nats.errors.ConnectionClosedError):
-                await nc.publish(msg.reply, body, headers=reply_headers)
-
-    async def _run(
-        self, msg: Msg, cap_name: str, headers: dict[str, str]
-    ) -> tuple[bytes, dict[str, str] | None]:
-        try:
-            cap = self._caps.get(cap_name)
-            if cap is None:
-                raise InvalidInput(
-                    f"agent {self.name!r} has no capability {cap_name!r}",
-                    details={"capability": cap_name, "offered": sorted(self._caps)},
-                )
-            payload = decode(msg.data, cap.input_type)
-        except InvalidInput as err:
-            # Decode failures and unknown capabilities are the caller's fault.
-            return error_reply(BadRequest(f"bad request: {err.message}", details=err.details))
-        except Exception as exc:  # any bytes at all get an answer, never silence
-            return error_reply(
-                BadRequest(
-                    f"bad request: the input could not be read ({type(exc).__name__})",
-                    details={"exception": type(exc).__name__},
-                )
-            )
-        try:
-            if cap.wants_ctx:
-                ctx = CallContext(meta=self._meta(headers, cap_name), headers=headers)
-                result = await cap.fn(payload, ctx)
-            else:
-                result = await cap.fn(payload)
-            return encode(result), None
-        except SignalboxError as err:
-            # The handler's own typed error keeps its code (conflict, denied...).
-            return error_reply(err)
-        except Exception as exc:
-            log.exception("%s: capability %s failed", self.name, cap_name)
-            return error_reply(
-                RemoteError(
-                    f"{self.name}.{cap_name} failed: {type(exc).__name__}: {exc}",
-                    details={"exception": type(exc).__name__},
-                )
-            )
-
-    def _meta(self, headers: dict[str, str], cap_name: str) -> CallMeta:
-        deadline = headers.get(H_DEADLINE, "")
-        return CallMeta(
-            call_id=headers.get(H_CALL_ID, ""),
-            caller=headers.get(H_CALLER, ""),
-            target=self.name,
-            capability=cap_name,
-            trace_id=current_trace_id(),  # of the sb.serve span, from traceparent
-            deadline=float(deadline) if deadline.replace(".", "", 1).isdigit() else 0.0,
-        )
 
     # -- lifecycle -------------------------------------------------------------
 
     def full_manifest(self) -> AgentManifest:
         """The manifest with the capabilities declared on this agent merged in."""
         declared = {c.name: c for c in self.manifest.capabilities}
-        declared.update({name: cap.spec for name, cap in self._caps.items()})
+        declared.update(self.serving.capabilities)
         return msgspec.structs.replace(self.manifest, capabilities=tuple(declared.values()))
 
     async def start(self) -> None:
@@ -494,22 +253,13 @@ class Agent:
             **self.connect_options,
         )
         try:
+            # First, an echo through this agent's own inbox: with another agent's
+            # credential the server refuses that inbox, and this says so at once
+            # (IdentityMismatch) instead of a registration timing out.
+            await sync_connection(self._nc)
             if self.register_on_start:
                 self.registration = await self.register()
-            if self._caps:
-                self._sub = await self._nc.subscribe(
-                    self.subjects.inbound_of(self.name),
-                    queue=f"agent-{self.name}",
-                    cb=self._on_request,
-                    pending_msgs_limit=65536,
-                )
-                # Calls a version route (canary rollout) sends to this version only.
-                self._version_sub = await self._nc.subscribe(
-                    self.subjects.inbound_versions_of(self.name, self.manifest.version),
-                    queue=f"agent-{self.name}-{version_token(self.manifest.version)}",
-                    cb=self._on_request,
-                    pending_msgs_limit=65536,
-                )
+            await self.serving.start(self._nc)
             # Not nc.flush(): see sync_connection (nats-py can PONG before our SUB).
             await sync_connection(self._nc)
         except BaseException:
@@ -522,120 +272,51 @@ class Agent:
 
     def stats(self) -> InstanceStats:
         """This instance's counters (sent with every heartbeat)."""
-        return InstanceStats(
-            started=self._started_at,
-            requests=self._requests,
-            errors=self._errors,
-            processing_time_ns=self._processing_ns,
-            last_error=self._last_error[:256],
-        )
+        return self.serving.stats(self._started_at)
 
-    async def heartbeat(self, timeout: float = 2.0) -> AgentRecord:
-        """Send one heartbeat now; returns the registry's view of this agent.
+    async def stop(self, drain_timeout: float = 10.0, *, leave: bool = False) -> None:
+        """Stop taking requests, finish in-flight ones (up to ``drain_timeout``), disconnect.
 
-        Raises:
-            NotFound: this version is no longer registered (deregistered or revoked).
+        With ``leave``, the instance also tells the registry it is gone
+        (:meth:`leave`) once it takes no more requests; a registry that does
+        not answer only delays that (the instance then ages out by heartbeats).
         """
-        beat = Heartbeat(
-            name=self.name,
-            version=self.manifest.version,
-            instance=self.instance_id,
-            stats=self.stats(),
-        )
-        return await self._rpc(
-            self.subjects.registry_for("heartbeat", self.name), beat, AgentRecord, timeout
-        )
-
-    async def _heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_interval)
-            try:
-                await self.heartbeat()
-            except NotFound:
-                # Not re-registering on our own: an operator may have revoked us.
-                log.error(
-                    "%s %s is no longer registered; heartbeats stop. Restart the agent "
-                    "to register again (if it was not revoked on purpose)",
-                    self.name,
-                    self.manifest.version,
-                )
-                return
-            except (SignalboxError, RuntimeError) as exc:
-                log.debug("%s: heartbeat failed: %r", self.name, exc)
-
-    async def discover(self, query: DiscoverAgents | None = None, **filters: Any) -> DiscoverResult:
-        """Ask the registry who offers what (see :class:`schemas.DiscoverAgents`).
-
-        Example:
-            ``await agent.discover(capability="score", versions="^1")``
-        """
-        q = query or DiscoverAgents(**filters)
-        return await self._rpc(
-            self.subjects.registry_for("discover", self.name), q, DiscoverResult, 5.0
-        )
-
-    async def register(self, timeout: float = 5.0) -> Registered:
-        """Register :meth:`full_manifest` with the registry.
-
-        Raises:
-            SignalboxError: the registry refused (invalid manifest, conflict...).
-            ControlPlaneUnavailable: no registry is answering.
-        """
-        return await self._rpc(
-            self.subjects.registry_for("register", self.name),
-            self.full_manifest(),
-            Registered,
-            timeout,
-        )
-
-    async def deregister(self, *, all_versions: bool = False, timeout: float = 5.0) -> AgentRecord:
-        """Remove this agent's version (every version with ``all_versions``) from the registry.
-
-        Heartbeats of a deregistered version are refused (``NotFound``), so
-        call it when retiring a version for good, then :meth:`stop`.
-
-        Returns:
-            The removed record (the lowest version removed, with ``all_versions``),
-            status ``deregistered``.
-
-        Raises:
-            NotFound: not registered (any more).
-        """
-        body = DeregisterAgent(
-            name=self.name, version=None if all_versions else self.manifest.version
-        )
-        return await self._rpc(
-            self.subjects.registry_for("deregister", self.name), body, AgentRecord, timeout
-        )
-
-    async def _rpc(self, subject: str, body: Any, returns: type[T], timeout: float) -> T:
-        return await request(self.nc, subject, body, returns, timeout=timeout)
-
-    async def stop(self, drain_timeout: float = 10.0) -> None:
-        """Stop taking requests, finish in-flight ones (up to ``drain_timeout``), disconnect."""
-        nc, self._nc = self._nc, None
-        if nc is None:
+        if self._nc is None or self._stopping:
             return
+        self._stopping = True
         await cancel_and_wait(self._heartbeat_task, f"{self.name}: heartbeats")
         self._heartbeat_task = None
-        for sub in (self._sub, self._version_sub):
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-        self._sub = self._version_sub = None
-        if self._inflight:
-            _, pending = await asyncio.wait(set(self._inflight), timeout=drain_timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
-                log.warning(
-                    "%s: %d requests still running at shutdown were cancelled",
-                    self.name,
-                    len(pending),
-                )
+        if leave and self.register_on_start:
+            # Concurrently with the drain: nothing new reaches it, running calls finish.
+            drained = asyncio.ensure_future(self.serving.stop(drain_timeout))
+            try:
+                await self.leave(timeout=min(5.0, drain_timeout))
+            except (SignalboxError, OSError, TimeoutError) as exc:
+                log.warning("%s: could not leave the registry (%r)", self.name, exc)
+            await drained
+        else:
+            await self.serving.stop(drain_timeout)
+        nc, self._nc, self._stopping = self._nc, None, False
+        assert nc is not None  # only stop() clears it, and _stopping kept others out
         with contextlib.suppress(Exception):
             await nc.flush(timeout=2)
         await finish_within(nc.close(), _CLOSE_TIMEOUT, f"{self.name}: closing its connection")
+
+    async def run_forever(
+        self,
+        *,
+        drain_timeout: float = 25.0,
+        signals: Sequence[signal.Signals] = STOP_SIGNALS,
+    ) -> None:
+        """Serve until SIGTERM or SIGINT, then shut down without losing a call.
+
+        Starts the agent if needed. On the signal it takes no new calls,
+        leaves the registry (this instance), lets running calls finish (up to
+        ``drain_timeout``: below Kubernetes' default 30 s grace period),
+        sends their replies and disconnects, then returns (the process exits
+        normally). For several agents in one process: :func:`broker.serve`.
+        """
+        await serve(self, drain_timeout=drain_timeout, signals=signals)
 
     async def __aenter__(self) -> Agent:
         await self.start()
@@ -744,7 +425,7 @@ class Agent:
             hdrs[H_TARGET_VERSION] = version
         if idempotency_key:
             hdrs[H_IDEMPOTENCY_KEY] = validate_idempotency_key(idempotency_key)
-        hdrs.update(_chain_headers())  # made by a handler: the chain it serves goes on
+        hdrs.update(chain_headers())  # made by a handler: the chain it serves goes on
         if headers:
             hdrs.update(headers)
         # A traceparent in ``headers`` is the parent; else the current span (a handler's).
@@ -753,45 +434,66 @@ class Agent:
             annotate(span, lambda: self._span_attributes(target=target, capability=capability))
             inject(hdrs, span)
             try:
-                msg = await self.nc.request(subject, encode(payload), timeout=timeout, headers=hdrs)
-            except nats.errors.NoRespondersError as exc:
-                raise ControlPlaneUnavailable(
-                    "no policy service is mediating calls; start one with `signalbox up`",
-                    details={"subject": subject},
-                ) from exc
-            except nats.errors.TimeoutError as exc:
-                # Nothing came back, not even the policy service's time-out: the call
-                # may have been forwarded and run. Only a keyed retry is safe.
-                details: dict[str, Any] = {
-                    "target": target, "capability": capability, "timeout": timeout,
-                }  # fmt: skip
-                retry = "pass idempotency_key= to retry safely"
-                if idempotency_key:
-                    details["idempotency_key"] = idempotency_key
-                    retry = f"retry with idempotency_key={idempotency_key!r} to run it at most once"
-                raise OutcomeUnknown(
-                    f"{target}.{capability} did not answer within {timeout:g}s; it may have "
-                    f"run: {retry}",
-                    details=details,
-                ) from exc
-            if is_error(msg.headers):
-                raise error_from_reply(msg.data, msg.headers)
-            return decode(msg.data, returns)
+                return await self._request(
+                    subject, payload, returns, hdrs, timeout, idempotency_key, target, capability
+                )
+            except SignalboxError as err:
+                raise err.with_trace(f"{span.get_span_context().trace_id:032x}") from err.__cause__
+
+    async def _request(
+        self,
+        subject: str,
+        payload: Any,
+        returns: Any,
+        hdrs: dict[str, str],
+        timeout: float,
+        idempotency_key: str,
+        target: str,
+        capability: str,
+    ) -> Any:
+        """One mediated request of :meth:`call`: its reply decoded, or the error it means."""
+        try:
+            msg = await self.nc.request(subject, encode(payload), timeout=timeout, headers=hdrs)
+        except nats.errors.NoRespondersError as exc:
+            raise ControlPlaneUnavailable(
+                "no policy service is mediating calls; start one with `signalbox up`",
+                details={"subject": subject},
+            ) from exc
+        except nats.errors.TimeoutError as exc:
+            # Nothing came back, not even the policy service's time-out: the call
+            # may have been forwarded and run. Only a keyed retry is safe.
+            details: dict[str, Any] = {
+                "target": target, "capability": capability, "timeout": timeout,
+            }  # fmt: skip
+            retry = "pass idempotency_key= to retry safely"
+            if idempotency_key:
+                details["idempotency_key"] = idempotency_key
+                retry = f"retry with idempotency_key={idempotency_key!r} to run it at most once"
+            raise OutcomeUnknown(
+                f"{target}.{capability} did not answer within {timeout:g}s; it may have "
+                f"run: {retry}",
+                details=details,
+            ) from exc
+        if is_error(msg.headers):
+            raise error_from_reply(msg.data, msg.headers)
+        return decode(msg.data, returns)
+
+    @overload
+    async def authorize(self, request: AuthzRequest, /, *, timeout: float = ...) -> Decision: ...
+
+    @overload
+    async def authorize(
+        self, action: str, resource: str, /, *, timeout: float = ..., **fields: Any
+    ) -> Decision: ...
 
     async def authorize(
         self,
-        action: str,
-        resource: str,
+        request: AuthzRequest | str,
+        resource: str = "",
+        /,
         *,
-        provider: str = "",
-        region: str = "",
-        price_per_1k_tokens: float = 0.0,
-        estimated_tokens: int | None = None,
-        data_tags: tuple[str, ...] = (),
-        on_behalf_of: tuple[str, ...] = (),
-        max_output_tokens: int = 0,
-        project: str = "",
         timeout: float = 2.0,
+        **fields: Any,
     ) -> Decision:
         """Ask the policy service, before an LLM or tool call, whether this agent may make it.
 
@@ -802,19 +504,14 @@ class Agent:
         say why.
 
         Args:
-            action: ``use_model`` or ``use_tool``.
-            resource: Model or tool id (``gpt-4o``, ``web-search``).
-            provider: Model or tool provider.
-            region: Region of the endpoint that would serve the call.
-            price_per_1k_tokens: Model price in USD per 1,000 tokens.
-            estimated_tokens: Tokens this one invocation is expected to use; None
-                (the default): not given, which policies see as an unknown
-                estimate (``context.estimated_tokens_known`` false), never as 0.
-            data_tags: Classification tags of the data sent (``pii``...).
-            on_behalf_of: Delegation chain (agents or users), outermost first.
-            max_output_tokens: Most completion tokens the call may produce.
-            project: Project the call is charged to.
+            request: The :class:`~schemas.AuthzRequest` (its docstring says
+                what each field means); or its ``action`` (``use_model``,
+                ``use_tool``), with ``resource`` and its other fields as keywords
+                (built by :func:`broker.modelcall.authz_request`).
+            resource: Model or tool id, with an ``action``.
             timeout: Seconds to wait for the decision.
+            fields: With an ``action``: the request's other fields (``provider=``,
+                ``region=``, ``estimated_tokens=``, ``max_output_tokens=``...).
 
         When a budget applies to this agent (its own, its team's, the
         project's, or a delegating agent's), an allowed ``use_model`` also
@@ -825,6 +522,7 @@ class Agent:
 
         Raises:
             SchemaError: a field is out of range (the details name it).
+            TypeError: a keyword is not a field of the request, or came with one.
             ControlPlaneUnavailable: no policy service is answering.
             CallTimeout: no decision within ``timeout``.
 
@@ -832,25 +530,20 @@ class Agent:
             ``d = await agent.authorize("use_model", "gpt-4o", region="eu-west-1",
             estimated_tokens=1_200)``
         """
-        ask = AuthzRequest(
-            action=action,
-            resource=resource,
-            provider=provider,
-            region=region,
-            price_per_1k_tokens=price_per_1k_tokens,
-            estimated_tokens=estimated_tokens,
-            data_tags=tuple(data_tags),
-            on_behalf_of=tuple(on_behalf_of),
-            max_output_tokens=max_output_tokens,
-            project=project,
-        )
+        if not isinstance(request, AuthzRequest):
+            ask = authz_request(request, resource, **fields)
+        elif resource or fields:
+            raise TypeError("authorize: give the AuthzRequest, or its fields, not both")
+        else:
+            ask = request
         origin: dict[str, str] = {}
         with self._hop("sb.authz", SpanKind.CLIENT, origin) as span:
+            LAST_AUTHZ_TRACE.set(f"{span.get_span_context().trace_id:032x}")
             annotate(span, lambda: {
-                **self._span_attributes(), ATTR["action"]: action, ATTR["resource"]: resource,
-                ATTR["provider"]: provider,
+                **self._span_attributes(), ATTR["action"]: ask.action,
+                ATTR["resource"]: ask.resource, ATTR["provider"]: ask.provider,
             })  # fmt: skip
-            decision = await request(
+            decision = await request_reply(
                 self.nc,
                 self.subjects.authz(self.name),
                 ask,
@@ -858,25 +551,22 @@ class Agent:
                 timeout=timeout,
                 hint="no policy service is answering; start one with `signalbox up`",
                 # The sb.authz span's trace context, and the chain a handler serves.
-                headers=inject({**_chain_headers(), **origin}),
+                headers=inject({**chain_headers(), **origin}),
             )
             annotate(span, lambda: decision_attributes(decision))
             return decision
 
     def model_call(
-        self,
-        model: str,
-        *,
-        provider: str = "",
-        region: str = "",
-        estimated_tokens: int | None = None,
-        max_output_tokens: int = 0,
-        project: str = "",
-        data_tags: tuple[str, ...] = (),
-        on_behalf_of: tuple[str, ...] = (),
-        timeout: float = 5.0,
+        self, model: str | AuthzRequest, *, timeout: float = 5.0, **fields: Any
     ) -> ModelCall:
         """Authorize, reserve the budget of, and settle one model call (async context manager).
+
+        ``model`` is the model id, with the model use's other fields as
+        keywords (``provider=``, ``region=``, ``estimated_tokens=``,
+        ``max_output_tokens=``, ``project=``, ``data_tags=``,
+        ``on_behalf_of=``: see :class:`~schemas.AuthzRequest`); or the
+        ``use_model`` request itself. ``timeout``: seconds to wait for the
+        decision (and for each renewal of the reservation).
 
         Raises on entry :class:`~broker.errors.BudgetExceeded` (a budget cannot
         cover the worst case) or :class:`~broker.errors.CallDenied` (policy,
@@ -888,36 +578,11 @@ class Agent:
             ``async with agent.model_call("gpt-4o", estimated_tokens=900) as call:``
             ``    call.record(input_tokens=700, output_tokens=150)``
         """
-        return ModelCall(
-            self, model, provider=provider, region=region, estimated_tokens=estimated_tokens,
-            max_output_tokens=max_output_tokens, project=project, data_tags=data_tags,
-            on_behalf_of=on_behalf_of, timeout=timeout,
-        )  # fmt: skip
-
-    @contextlib.contextmanager
-    def _hop(
-        self,
-        name: str,
-        kind: SpanKind,
-        headers: dict[str, str],
-        parent: otel_context.Context | None = None,
-    ) -> Iterator[Span]:
-        """The client span of a call, authorization or usage report.
-
-        Inside a handler (and with no parent given), a child of the call being
-        served: the policy service vouched for that trace with the chain it
-        signed. Otherwise a trace this agent owns (``Sb-Trace-Origin`` goes
-        into ``headers``; see :func:`broker.telemetry.owned_trace_id`), linked
-        to the application's span if there is one: the control plane continues
-        no trace an agent merely names.
-        """
-        if parent is None and _CHAIN.get()[0]:
-            with self.telemetry.hop(name, kind=kind) as span:
-                yield span
-            return
-        with self.telemetry.owned_hop(name, self.name, kind=kind, parent=parent) as (span, origin):
-            headers[H_TRACE_ORIGIN] = origin
-            yield span
+        if isinstance(model, AuthzRequest):
+            if fields:
+                raise TypeError("model_call: give the AuthzRequest, or its fields, not both")
+            return ModelCall(self, model, timeout=timeout)
+        return ModelCall(self, authz_request("use_model", model, **fields), timeout=timeout)
 
     async def report_usage(self, report: UsageReport | None = None, **fields: Any) -> str:
         """Report LLM or tool usage to ``sb.usage.<self>`` (JetStream, deduplicated by id).
@@ -949,67 +614,28 @@ class Agent:
                 ATTR["output_tokens"]: usage.output_tokens,
             })  # fmt: skip
             # The chain a handler serves: the only delegation the cost service charges.
-            headers = inject({H_MSG_ID: report.id, **_chain_headers(), **origin}, span)
-            await self._publish_usage(report, encode(report), headers)
+            headers = inject({H_MSG_ID: report.id, **chain_headers(), **origin}, span)
+            await publish_usage(
+                self.nc, self.subjects.usage(self.name), report, encode(report), headers,
+                retry_for=self.usage_retry_for, agent=self.name,
+            )
             return report.id
 
-    async def _publish_usage(
-        self, report: UsageReport, data: bytes, headers: dict[str, str]
-    ) -> None:
-        """Store one usage report, retrying with its id (the stream deduplicates) on
-        transient failures for :attr:`usage_retry_for` seconds.
-
-        Raises:
-            UsageNotRecorded: not stored by the deadline, or refused for good;
-                it carries the report (resending it, same id, is safe).
-        """
-        js = self.nc.jetstream()
-        subject = self.subjects.usage(self.name)
-        attempts = 0
-        reached = False  # an attempt may have been stored even though its ack was lost
-        try:
-            async for attempt in AsyncRetrying(
-                stop=stop_after_delay(self.usage_retry_for),
-                wait=wait_exponential(multiplier=0.05, max=2.0),
-                retry=retry_if_exception_type(_TRANSIENT_PUBLISH),
-                reraise=True,
-            ):
-                with attempt:
-                    attempts += 1
-                    try:
-                        await js.publish(subject, data, timeout=2.0, headers=headers)
-                    except nats.errors.TimeoutError:
-                        reached = True
-                        raise
-        except Exception as exc:
-            raise UsageNotRecorded(
-                f"{self.name}: usage report {report.id} was not recorded after {attempts} "
-                f"attempt(s) ({type(exc).__name__}: {exc or 'no acknowledgement'}); "
-                + (
-                    "it may have been stored: resend the same report (err.report, same id) "
-                    "within 10 minutes and it is counted once"
-                    if reached
-                    else "resend the same report (err.report) once the control plane is back"
-                ),
-                details={
-                    "report_id": report.id, "attempts": attempts, "may_be_recorded": reached,
-                    "error": type(exc).__name__,
-                },
-                report=report,
-            ) from exc
-
     # -- traces (broker.telemetry) -------------------------------------------------------
+
+    def _hop(
+        self,
+        name: str,
+        kind: SpanKind,
+        headers: dict[str, str],
+        parent: otel_context.Context | None = None,
+    ) -> contextlib.AbstractContextManager[Span]:
+        """The client span of a call, authorization or usage report (see
+        :func:`broker.serving.client_hop`)."""
+        return client_hop(self.telemetry, self.name, name, kind, headers, parent)
 
     def _span_attributes(
         self, *, target: str = "", capability: str = "", headers: dict[str, str] | None = None
     ) -> dict[str, Any]:
         """Who this agent is, and what the span is about (built only when spans record)."""
-        m = self.manifest
-        attrs: dict[str, Any] = {
-            ATTR["agent"]: m.name, ATTR["version"]: m.version, ATTR["team"]: m.team,
-            ATTR["target"]: target, ATTR["capability"]: capability, ATTR["system"]: "nats",
-        }  # fmt: skip
-        if headers:
-            attrs[ATTR["caller"]] = headers.get(H_CALLER, "")
-            attrs[ATTR["call_id"]] = headers.get(H_CALL_ID, "")
-        return attrs
+        return span_attributes(self.manifest, target=target, capability=capability, headers=headers)

@@ -24,7 +24,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from broker.errors import AuthenticationFailed, ConfigError
+from broker.errors import AuthenticationFailed, ConfigError, IdentityMismatch
 
 __all__ = [
     "Client",
@@ -35,6 +35,7 @@ __all__ = [
     "connect",
     "is_auth_error",
     "parse_status",
+    "permission_violation",
     "sync_connection",
 ]
 
@@ -80,7 +81,19 @@ async def connect(
     user_reconnected_cb = options.pop("reconnected_cb", None)
 
     async def _error_cb(exc: Exception) -> None:
-        if is_auth_error(exc):
+        denial = permission_violation(exc)
+        if denial:
+            # The server refused one command and kept the connection: say so where
+            # the operator looks (it was a debug line, so only the server log told).
+            log.warning(
+                "nats connection %s: the server refused %s (this connection's credentials "
+                "do not allow it)",
+                name,
+                denial,
+            )
+            if state.client is not None:
+                state.client.note_violation(denial)
+        elif is_auth_error(exc):
             if not state.connected and not refused.done():
                 refused.set_result(exc)
             if state.connected:
@@ -135,6 +148,7 @@ async def connect(
     ):
         with attempt:
             nc = SessionClient()
+            state.client = nc
             try:
                 # With max_reconnect_attempts=-1 nats-py retries the *first*
                 # connection forever too: bound it, or a down server hangs us.
@@ -207,12 +221,30 @@ class SessionClient(Client):
     """
 
     _raw_handlers: dict[int, RawHandler] | None = None
+    #: Told about each permission violation the server reports (:meth:`note_violation`).
+    _violation_waiters: set[asyncio.Future[str]] | None = None
     #: Messages dropped because they could not be read (see the class docstring).
     malformed: int = 0
     #: Told about each dropped message (services count and audit them).
     on_malformed: MalformedHandler | None = None
     #: Subscriptions whose dropped messages are terminated (:meth:`term_unreadable`).
     _term_sids: set[int] | None = None
+
+    def note_violation(self, denial: str) -> None:
+        """Record that the server refused a command (``denial``: what, as the server said it);
+        wakes whoever waits in :meth:`next_violation`."""
+        waiters, self._violation_waiters = self._violation_waiters or set(), None
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(denial)
+
+    def next_violation(self) -> asyncio.Future[str]:
+        """A future resolved with the next permission violation the server reports."""
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if self._violation_waiters is None:
+            self._violation_waiters = set()
+        self._violation_waiters.add(waiter)
+        return waiter
 
     def term_unreadable(self, sub: Subscription) -> None:
         """Terminate (``+TERM``) the JetStream messages of ``sub`` that are dropped unread.
@@ -367,6 +399,8 @@ class _ReconnectState:
         self.connected = False
         self.refusals = 0
         self._turn = 0
+        #: The client being connected (told about permission violations).
+        self.client: SessionClient | None = None
 
     def delay(self) -> float:
         if self.refusals == 0:
@@ -391,6 +425,18 @@ _QUICK_REFUSALS = 3
 _QUICK_REFUSED_WAIT = 0.25
 
 
+def permission_violation(exc: BaseException) -> str:
+    """What the server refused, if ``exc`` is its ``Permissions Violation`` error, else ``""``.
+
+    nats-py lower-cases the server's text: ``permissions violation for
+    subscription to "_inbox.agent.a.x"``.
+    """
+    text = str(exc)
+    marker = "permissions violation for "
+    at = text.lower().find(marker)
+    return text[at + len(marker) :].strip() if at >= 0 else ""
+
+
 def is_auth_error(exc: BaseException) -> bool:
     """True if ``exc`` is the server refusing a connection's credentials."""
     return isinstance(exc, nats.errors.AuthorizationError) or (
@@ -409,7 +455,14 @@ async def sync_connection(nc: Client, timeout: float = 5.0) -> None:
     the same buffer, after those commands; once it arrives, they have all been
     processed.
 
+    The echo goes through the connection's own inbox, so it doubles as an
+    identity check: a connection whose credentials do not own its inbox
+    prefix (an agent started with another agent's credential) is refused the
+    subscription, and this raises at once instead of waiting out ``timeout``.
+
     Raises:
+        IdentityMismatch: the server refused the echo's subscription or publish
+            (the credentials are not those of the inbox's owner).
         TimeoutError: the echo did not come back within ``timeout`` seconds.
     """
     echoed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -418,10 +471,31 @@ async def sync_connection(nc: Client, timeout: float = 5.0) -> None:
         if not echoed.done():
             echoed.set_result(None)
 
-    sub = await nc.subscribe(nc.new_inbox(), cb=on_echo)
+    denied: asyncio.Future[str] = (
+        nc.next_violation()
+        if isinstance(nc, SessionClient)
+        else asyncio.get_running_loop().create_future()
+    )
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=on_echo)
     try:
         await nc.publish(sub.subject, b"")
         async with asyncio.timeout(timeout):
-            await echoed
+            while not echoed.done():
+                waiting: set[asyncio.Future[Any]] = {echoed, denied}
+                await asyncio.wait(waiting, return_when=FIRST_COMPLETED)
+                if denied.done() and not echoed.done():
+                    denial = denied.result()
+                    if f'"{inbox.lower()}"' in denial:
+                        raise IdentityMismatch(
+                            f"the NATS server refused this connection its own inbox "
+                            f"({denial}): its credentials belong to someone else. An agent "
+                            "needs its own credential (`signalbox agents enroll <name>`)",
+                            details={"inbox": inbox, "refused": denial},
+                        )
+                    # Another command was refused: keep waiting for the echo.
+                    denied = nc.next_violation()  # type: ignore[attr-defined]
     finally:
+        if not denied.done():
+            denied.cancel()
         await sub.unsubscribe()

@@ -102,6 +102,21 @@ class SignalboxError(Exception):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, details={self.details!r})"
 
+    @property
+    def trace_id(self) -> str:
+        """The trace of the call this error ended ("" when unknown): ``signalbox trace <id>``
+        shows every decision, hop and refusal of it."""
+        return str(self.details.get("trace_id", ""))
+
+    def with_trace(self, trace_id: str) -> SignalboxError:
+        """Name the trace this error happened in (once): in ``details`` and in the message,
+        as the command that shows it. Returns the error itself, to raise."""
+        if trace_id and not self.trace_id:
+            self.details["trace_id"] = trace_id
+            self.message = f"{self.message} (see `signalbox trace {trace_id}`)"
+            self.args = (self.message, *self.args[1:])
+        return self
+
 
 class ConfigError(SignalboxError):
     """Settings or configuration files are invalid."""

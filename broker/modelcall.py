@@ -27,6 +27,13 @@ reserve that room meanwhile. A renewal that fails (the reservation expired,
 the cost service does not answer) logs one WARNING and the call goes on: the
 money is being spent either way, and usage no live reservation covers is
 charged and flagged as overspend by the cost service when it passes a limit.
+
+One value carries the model use: the :class:`~schemas.AuthzRequest` the call
+is authorized with (``ModelCall.request``; its fields are documented there,
+and :func:`authz_request` builds it from keywords in one place). The policy
+service decides it, the cost service prices its reservation from it, and the
+settling usage report takes its model, provider, project and delegation
+chain from it.
 """
 
 from __future__ import annotations
@@ -46,14 +53,16 @@ from broker.errors import (
     CallDenied,
     CallTimeout,
     ControlPlaneUnavailable,
+    InvalidInput,
     UsageNotRecorded,
 )
 from broker.ids import new_id
 from broker.replies import request
 from broker.subjects import Subjects
-from schemas import Decision, RenewReservation, ReservationRenewed, UsageReport
+from broker.telemetry import LAST_AUTHZ_TRACE
+from schemas import AuthzRequest, Decision, RenewReservation, ReservationRenewed, UsageReport
 
-__all__ = ["ModelCall", "ModelUser"]
+__all__ = ["ModelCall", "ModelUser", "authz_request"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +70,22 @@ log = logging.getLogger(__name__)
 _MIN_RENEW_GAP = 0.01
 #: Longest pause before retrying a renewal the cost service did not answer (seconds).
 _MAX_RETRY_GAP = 5.0
+
+
+def authz_request(action: str, resource: str, **fields: Any) -> AuthzRequest:
+    """The :class:`~schemas.AuthzRequest` of ``action`` on ``resource`` with its other fields
+    (``provider=``, ``region=``, ``estimated_tokens=``...: see that class) given as keywords.
+
+    The one place the SDK's keyword conveniences (``Agent.authorize("use_model",
+    "gpt-4o", region=...)``, ``Agent.model_call("gpt-4o", ...)``) become the value.
+
+    Raises:
+        TypeError: a keyword is not a field of :class:`~schemas.AuthzRequest`.
+    """
+    for sequence in ("data_tags", "on_behalf_of"):  # any iterable given: a tuple on the value
+        if sequence in fields:
+            fields[sequence] = tuple(fields[sequence])
+    return AuthzRequest(action=action, resource=resource, **fields)
 
 
 class ModelUser(Protocol):
@@ -82,21 +107,7 @@ class ModelUser(Protocol):
         """Subject builder of the agent's prefix."""
         ...
 
-    async def authorize(
-        self,
-        action: str,
-        resource: str,
-        *,
-        provider: str = "",
-        region: str = "",
-        price_per_1k_tokens: float = 0.0,
-        estimated_tokens: int | None = None,
-        data_tags: tuple[str, ...] = (),
-        on_behalf_of: tuple[str, ...] = (),
-        max_output_tokens: int = 0,
-        project: str = "",
-        timeout: float = 2.0,
-    ) -> Decision:
+    async def authorize(self, request: AuthzRequest, /, *, timeout: float = 2.0) -> Decision:
         """Decide (and reserve the budget of) a model use."""
         ...
 
@@ -108,7 +119,14 @@ class ModelUser(Protocol):
 class ModelCall:
     """One authorized, budgeted model call (use through :meth:`broker.Agent.model_call`).
 
+    Args:
+        agent: The agent making the call.
+        request: The model use (``action`` ``use_model``) to authorize.
+        timeout: Seconds to wait for the decision, and for each renewal.
+
     Attributes:
+        request: The :class:`~schemas.AuthzRequest` the call is authorized
+            with; the settling usage report is derived from it.
         decision: The policy decision (after entry); ``decision.reservation_id``
             and ``decision.reserved_usd`` say what was reserved.
         report_id: Id of the settling usage report (after exit).
@@ -116,29 +134,15 @@ class ModelCall:
             reservation (None: none yet, or nothing reserved).
     """
 
-    def __init__(
-        self,
-        agent: ModelUser,
-        model: str,
-        *,
-        provider: str = "",
-        region: str = "",
-        estimated_tokens: int | None = None,
-        max_output_tokens: int = 0,
-        project: str = "",
-        data_tags: tuple[str, ...] = (),
-        on_behalf_of: tuple[str, ...] = (),
-        timeout: float = 5.0,
-    ) -> None:
+    def __init__(self, agent: ModelUser, request: AuthzRequest, *, timeout: float = 5.0) -> None:
+        if request.action != "use_model":
+            raise InvalidInput(
+                f"a model call authorizes use_model, not {request.action!r} "
+                "(ask Agent.authorize for other actions)",
+                details={"action": request.action, "resource": request.resource},
+            )
         self._agent = agent
-        self.model = model
-        self.provider = provider
-        self.region = region
-        self.estimated_tokens = estimated_tokens
-        self.max_output_tokens = max_output_tokens
-        self.project = project
-        self.data_tags = tuple(data_tags)
-        self.on_behalf_of = tuple(on_behalf_of)
+        self.request = request
         self.timeout = timeout
         self.decision: Decision | None = None
         self.report_id = ""
@@ -168,28 +172,17 @@ class ModelCall:
         self.tool_calls += tool_calls
 
     async def __aenter__(self) -> ModelCall:
-        decision = await self._agent.authorize(
-            "use_model",
-            self.model,
-            provider=self.provider,
-            region=self.region,
-            estimated_tokens=self.estimated_tokens,
-            max_output_tokens=self.max_output_tokens,
-            project=self.project,
-            data_tags=self.data_tags,
-            on_behalf_of=self.on_behalf_of,
-            timeout=self.timeout,
-        )
+        decision = await self._agent.authorize(self.request, timeout=self.timeout)
         self.decision = decision
         if decision.effect != "allow":
             details = msgspec.to_builtins(decision)
-            details["model"] = self.model
+            details["model"] = self.request.resource
             error = BudgetExceeded if decision.reason_code == "budget_exceeded" else CallDenied
             raise error(
-                f"{self._agent.name} may not use {self.model} now: "
+                f"{self._agent.name} may not use {self.request.resource} now: "
                 + "; ".join(decision.reasons or (decision.reason_code,)),
                 details=details,
-            )
+            ).with_trace(LAST_AUTHZ_TRACE.get())
         self._started = time.perf_counter()
         if decision.reservation_id:
             self._renewer = asyncio.ensure_future(self._keep_reserved(decision.reservation_id))
@@ -248,7 +241,7 @@ class ModelCall:
             "%s: the budget reservation %s of its %s call %s",
             self._agent.name,
             self.decision.reservation_id,
-            self.model,
+            self.request.resource,
             what,
         )
 
@@ -261,21 +254,7 @@ class ModelCall:
         assert self.decision is not None
         await cancel_and_wait(self._renewer, f"{self._agent.name}'s reservation renewals")
         self._renewer = None
-        report = UsageReport(
-            id=new_id(),
-            agent=self._agent.name,
-            time=time.time(),
-            model=self.model,
-            provider=self.provider,
-            input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens,
-            cached_tokens=self.cached_tokens,
-            tool_calls=self.tool_calls,
-            latency_ms=(time.perf_counter() - self._started) * 1000,
-            project=self.project,
-            on_behalf_of=self.on_behalf_of,
-            reservation_id=self.decision.reservation_id,
-        )
+        report = self._settling_report(self.decision.reservation_id)
         self.report = report
         try:
             self.report_id = await self._agent.report_usage(report)
@@ -292,6 +271,26 @@ class ModelCall:
                 "%s: could not report the usage of a failed %s call; its reservation "
                 "will expire",
                 self._agent.name,
-                self.model,
+                self.request.resource,
                 exc_info=True,
             )
+
+    def _settling_report(self, reservation_id: str) -> UsageReport:
+        """The usage report of this call: what was recorded, for the model use it was
+        authorized as (its model, provider, project and delegation chain)."""
+        use = self.request
+        return UsageReport(
+            id=new_id(),
+            agent=self._agent.name,
+            time=time.time(),
+            model=use.resource,
+            provider=use.provider,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            cached_tokens=self.cached_tokens,
+            tool_calls=self.tool_calls,
+            latency_ms=(time.perf_counter() - self._started) * 1000,
+            project=use.project,
+            on_behalf_of=use.on_behalf_of,
+            reservation_id=reservation_id,
+        )

@@ -233,6 +233,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Most times one agent may appear in a call chain (more: call_loop).",
     )
+    unrouted_versions: Literal["established", "any"] = Field(
+        default="established",
+        description="Where a call with no route and no pin goes when its target has several "
+        "registered versions: `established` (the first registered; a new version takes no "
+        "traffic until `signalbox rollout set` routes to it) or `any` (any instance).",
+    )
     rollout_guard_interval: float = Field(
         default=1.0,
         gt=0,

@@ -114,6 +114,7 @@ from schemas.registry import (
     InstanceStats,
     ListAgents,
     Registered,
+    RegistryChange,
 )
 from schemas.routes import (
     DeprecateVersion,
@@ -212,6 +213,7 @@ __all__ = [
     "PolicyVersionInfo",
     "PromoteRollout",
     "Registered",
+    "RegistryChange",
     "RemoveBudget",
     "RenewReservation",
     "Reservation",

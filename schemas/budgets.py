@@ -9,7 +9,7 @@ transactions that lock the budget's row (one writer per budget at a time).
 
 Operators manage budgets on ``sb.admin.budgets.<op>`` (cost service)::
 
-    set     SetBudget      -> BudgetStatus   (audited, kind admin)
+    set     SetBudget      -> BudgetStatus   (audited, kind admin; partial updates)
     remove  RemoveBudget   -> BudgetStatus   (audited, kind admin)
     list    ListBudgets    -> BudgetList
     show    ShowBudget     -> BudgetList     (one budget, current and past windows)
@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from schemas._base import Wire
 
@@ -235,13 +236,31 @@ class BudgetStatus(Wire, frozen=True, tag="budget_status.v1"):
 
 
 class SetBudget(Wire, frozen=True, tag="set_budget.v1"):
-    """Operator sets (creates or changes) a budget."""
+    """Operator sets (creates or changes) a budget: only the fields it gives change.
+
+    A field left out (``UNSET``: absent on the wire) keeps the existing
+    budget's value; a new budget gets :class:`Budget`'s defaults (a soft
+    threshold of 80%) and must be given ``limit_usd``. A client that sends
+    every field (as every client before partial updates did) sets them all.
+    The cost service merges and writes under compare-and-set on the budget's
+    KV entry, so two operators changing different fields at once both land.
+
+    Attributes:
+        scope: ``agent``, ``team`` or ``project``.
+        name: The agent, team or project name.
+        window: ``day`` or ``month``. Left out: the owner's only budget if it
+            has one, ``day`` if it has none; it must be given when the owner
+            has both.
+        limit_usd: Hard limit in USD per window (required for a new budget).
+        soft_ratio: Share of the limit at which a ``budget`` alert is audited.
+        requested_by: Operator.
+    """
 
     scope: BudgetScope
     name: _Name
-    window: BudgetWindow
-    limit_usd: _Usd
-    soft_ratio: _Ratio = 0.8
+    window: BudgetWindow | UnsetType = UNSET
+    limit_usd: _Usd | UnsetType = UNSET
+    soft_ratio: _Ratio | UnsetType = UNSET
     requested_by: _Who = ""
 
 

@@ -9,6 +9,7 @@ import msgspec
 from schemas._base import Wire
 
 __all__ = [
+    "DIRECT_CALLER",
     "CostByVersion",
     "CostByVersionRequest",
     "CostGroup",
@@ -20,8 +21,17 @@ __all__ = [
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
 
-#: What a cost report groups by: an attribution column, or a time bucket.
-CostGroup = Literal["team", "agent", "model", "project", "provider", "hour", "day"]
+#: What a cost report groups by: an attribution column, or a time bucket. ``caller`` is
+#: the agent whose call the usage was made while serving (from the delegation chain the
+#: policy service signed, never the report's word) and ``caller_team`` its bound team.
+CostGroup = Literal[
+    "team", "agent", "model", "project", "provider", "hour", "day", "caller", "caller_team"
+]
+
+#: :attr:`CostRow.key` of usage made on behalf of no caller (``caller``/``caller_team``
+#: reports): not while serving a call, with a chain nobody signed, or metered before
+#: callers were recorded. Not a valid agent or team name, so it names no one.
+DIRECT_CALLER = "(direct)"
 
 
 class UsageReport(Wire, frozen=True, tag="usage_report.v1"):
@@ -92,7 +102,8 @@ class CostRow(Wire, frozen=True, tag="cost_row.v1"):
 
     Attributes:
         key: The group's value (team, agent...; for ``hour``/``day`` the
-            bucket's start as Unix seconds, in text); empty if unattributed.
+            bucket's start as Unix seconds, in text); empty if unattributed;
+            :data:`DIRECT_CALLER` for usage made on behalf of no caller.
         reports: Usage reports counted (each once, whatever redelivery).
         cost_usd: Computed cost in US dollars.
         fallback_priced: Reports of models missing from the prices file,

@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 #: ``admin`` may ask every admin operation; ``viewer`` only the read-only ones
-#: (``broker.runtime.identity.OPERATOR_READ_OPS``).
+#: (``broker.runtime.permissions.OPERATOR_READ_OPS``).
 OperatorRole = Literal["admin", "viewer"]
 
 

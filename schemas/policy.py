@@ -99,6 +99,12 @@ class AuthzRequest(Wire, frozen=True, tag="authz_request.v1", omit_defaults=True
     The asking agent is the subject's last token (which the server's
     permissions bind to the agent's credentials), never a field of the body.
 
+    The one value of a model or tool use, and where its fields are documented:
+    the SDK's ``Agent.authorize`` and ``Agent.model_call`` take it (or its
+    fields as keywords, built by ``broker.modelcall.authz_request``), and a
+    ``ModelCall`` keeps the request it was authorized with and derives its
+    usage report (model, provider, project, ``on_behalf_of``) from it.
+
     Attributes:
         action: ``use_model`` or ``use_tool``; any other action is denied
             (``unknown_action``).

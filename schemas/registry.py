@@ -23,6 +23,7 @@ __all__ = [
     "InstanceStats",
     "ListAgents",
     "Registered",
+    "RegistryChange",
 ]
 
 #: Liveness from heartbeats: ``healthy`` within the heartbeat interval times
@@ -94,6 +95,11 @@ class AgentRecord(Wire, frozen=True, tag="agent_record.v1"):
         last_heartbeat: Unix time of the last heartbeat from any instance.
         health: Computed by the registry when it answers (``down`` in KV copies).
         instances: Instances that sent a heartbeat within the stale threshold.
+        established_version: In the ``sb_agents`` KV copy of an agent with several
+            registered versions: the first of them registered (still registered),
+            which calls with no route and no pin go to, so a new version takes no
+            traffic until an operator routes to it (``SIGNALBOX_UNROUTED_VERSIONS``).
+            Empty with a single version, and outside the KV copy.
     """
 
     manifest: AgentManifest
@@ -102,6 +108,7 @@ class AgentRecord(Wire, frozen=True, tag="agent_record.v1"):
     last_heartbeat: float = 0.0
     health: Health = "down"
     instances: int = 0
+    established_version: str = ""
 
 
 class GetAgent(Wire, frozen=True, tag="get_agent.v1"):
@@ -112,17 +119,35 @@ class GetAgent(Wire, frozen=True, tag="get_agent.v1"):
 
 
 class DeregisterAgent(Wire, frozen=True, tag="deregister_agent.v1"):
-    """Remove an agent version (all versions when ``version`` is None)."""
+    """Remove an agent version (all versions when ``version`` is None), or one instance.
+
+    Attributes:
+        name: The agent.
+        version: The version to remove; None removes every version.
+        instance: Only this running instance of ``version`` leaves (an agent
+            process shutting down: the version stays registered for its
+            other instances, and its discovery, ``$SRV`` answers and health
+            stop counting this one at once). Needs ``version``.
+    """
 
     name: Name
     version: str | None = None
+    instance: str | None = None
 
 
 class ListAgents(Wire, frozen=True, tag="list_agents.v1"):
-    """List registered agents, optionally those offering one capability."""
+    """List registered agents, optionally those offering one capability.
+
+    Attributes:
+        capability: Only agents offering it.
+        team: Only this team's agents.
+        all_versions: Every registered version (name, then highest first), not
+            only each agent's highest: what serves traffic during a rollout.
+    """
 
     capability: str | None = None
     team: str | None = None
+    all_versions: bool = False
 
 
 class AgentList(Wire, frozen=True, tag="agent_list.v1"):
@@ -203,3 +228,25 @@ class DiscoverResult(Wire, frozen=True, tag="discover_result.v1"):
     agents: tuple[AgentRecord, ...]
     total: int
     next_cursor: str = ""
+
+
+class RegistryChange(Wire, frozen=True, tag="registry_change.v1"):
+    """What one registry replica tells the others after it changed the store.
+
+    Published on ``sb.registry.changed`` (core NATS, services only: agents
+    may not publish there).
+
+    Attributes:
+        origin: Id of the sending replica (a replica ignores its own events).
+        seq: The sender's event number, 1, 2, 3...: a gap means events were lost.
+        names: Agent names whose versions changed (re-read them from the store).
+        beats: Heartbeats the sender has written to the store (latest wins).
+        left: Instances that left (shut down cleanly): forget them, whatever
+            heartbeat of theirs is held in memory.
+    """
+
+    origin: str
+    seq: int
+    names: tuple[str, ...] = ()
+    beats: tuple[AgentInstance, ...] = ()
+    left: tuple[AgentInstance, ...] = ()

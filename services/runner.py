@@ -22,7 +22,8 @@ from opentelemetry.trace import TracerProvider
 
 from broker.diagnostics import cancel_and_wait, finish_within
 from broker.runtime import otel
-from broker.runtime.identity import ServerSecrets, auth_config, resolve_secrets_dir
+from broker.runtime.identity import ServerSecrets, resolve_secrets_dir
+from broker.runtime.permissions import auth_config
 from broker.runtime.server import EmbeddedServer
 from broker.runtime.service import Service
 from broker.settings import Settings

@@ -1,35 +1,40 @@
-"""Shared fixtures: a real nats-server from the wheel, settings, a running stack."""
+"""Shared fixtures: a real nats-server from the wheel, settings, a running stack.
+
+Helpers the tests import (waiting, enrolling, the audit trail...) are in support.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import sys
 import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from support import (
+    AgentFactory,
+    AuditTrail,
+    Rule,
+    ServiceConnector,
+    StackFactory,
+    cedar_policies,
+    enroll,
+)
 
 from broker.agent import Agent
-from broker.codec import decode as _decode
 from broker.connection import Client, connect
 from broker.diagnostics import await_chain
-from broker.runtime.identity import ServerSecrets, auth_config, service_connect_options
-from broker.runtime.jetstream import AUDIT_STREAM
+from broker.runtime.identity import ServerSecrets, service_connect_options
+from broker.runtime.permissions import auth_config
 from broker.runtime.server import EmbeddedServer
 from broker.settings import Settings
-from broker.subjects import Subjects, inbox_prefix
-from schemas import AgentBinding, AgentManifest, AuditEvent
-from services.policy.cedar import LABEL_FILE, SCHEMA_FILE, shipped_policy_dir
-from services.policy.service import PolicyService
-from services.registry.credentials import CredentialStore
+from broker.subjects import Subjects
+from schemas import AgentManifest
+from services.policy.cedar.policy_set import LABEL_FILE, SCHEMA_FILE, shipped_policy_dir
 from services.runner import Stack
 
 # -- a watchdog for hangs -----------------------------------------------------------------
@@ -147,9 +152,6 @@ def settings(fresh_server: EmbeddedServer, tmp_path: Path) -> Settings:
     return Settings(nats_url=fresh_server.url, data_dir=tmp_path / "data", call_timeout=5.0)
 
 
-ServiceConnector = Callable[..., Awaitable[Client]]
-
-
 @pytest.fixture
 async def service_nc(settings: Settings) -> AsyncIterator[ServiceConnector]:
     """Connect to the fresh server as a service (``await service_nc()``); closed at teardown."""
@@ -168,20 +170,11 @@ async def service_nc(settings: Settings) -> AsyncIterator[ServiceConnector]:
         await nc.close()
 
 
-def enroll(settings: Settings, name: str, ttl: float = 3600.0, **attributes: Any) -> str:
-    """Issue a credential for agent ``name`` straight into the registry's store.
-
-    ``attributes`` (``team``, ``owner``, ``namespace``, ``region``,
-    ``projects``, ``tags``) are bound to the agent, as ``signalbox agents
-    enroll NAME --team ...`` does, unless it is bound already; none binds
-    nothing, so the agent may then register only without them.
-    """
-    store = CredentialStore(settings.resolved_database_url)
-    binding = AgentBinding(agent=name, bound_by="test", **attributes)
-    try:
-        return store.issue(name, ttl, created_by="test", binding=binding).token
-    finally:
-        store.close()
+@pytest.fixture
+def cli_operator(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The ``signalbox`` CLI run in-process (:func:`support.ainvoke`) is an operator of the
+    fresh server: it reads the server's secrets where :func:`settings` keeps them."""
+    monkeypatch.setenv("SIGNALBOX_SECRETS_DIR", str(tmp_path / "data" / "secrets"))
 
 
 @pytest.fixture
@@ -191,38 +184,7 @@ async def stack(settings: Settings) -> AsyncIterator[Stack]:
         yield running
 
 
-# -- helpers for the broker/, schemas/ and services' call-path tests ----------------------
-
-StackFactory = Callable[..., Awaitable[Stack]]
-AgentFactory = Callable[..., Agent]
-
-
-Rule = tuple[str, str, Sequence[str]]
-
-
-def cedar_policies(rules: Sequence[Rule]) -> str:
-    """A Cedar policy file from ``(caller, target, capabilities)`` triples.
-
-    Each triple becomes ``@id("<caller>-<target>")``, a permit for ``caller``
-    to call those capabilities of ``target``; ``"*"`` stands for any agent or
-    any capability.
-    """
-    out = []
-    for caller, target, caps in rules:
-        principal = "principal"
-        if caller != "*":
-            principal += f" == Signalbox::Agent::{json.dumps(caller)}"
-        conditions = []
-        if target != "*":
-            conditions.append(f"resource.owner == Signalbox::Agent::{json.dumps(target)}")
-        if "*" not in caps:
-            conditions.append(f"{json.dumps(list(caps))}.contains(resource.name)")
-        when = f" when {{ {' && '.join(conditions)} }}" if conditions else ""
-        out.append(
-            f"@id({json.dumps(f'{caller}-{target}')})\n"
-            f'permit ({principal}, action == Signalbox::Action::"call", resource){when};\n'
-        )
-    return "".join(out)
+# -- stacks, agents and the audit trail of the fresh server ------------------------------
 
 
 @pytest.fixture
@@ -307,89 +269,6 @@ async def make_agent(settings: Settings) -> AsyncIterator[AgentFactory]:
         await agent.stop()
 
 
-async def echo_pair(make: AgentFactory, *, team: str = "team-1") -> tuple[Agent, Agent]:
-    """Agent ``a`` and agent ``b`` (of ``team``) serving ``echo``, both started."""
-    b = make("b", team=team)
-
-    @b.capability("echo")
-    async def echo(req: dict[str, Any]) -> dict[str, Any]:
-        return req
-
-    a = make("a")
-    await b.start()
-    await a.start()
-    return a, b
-
-
-class AuditTrail:
-    """Reads the chained ``SB_AUDIT`` stream with an ephemeral JetStream pull consumer."""
-
-    def __init__(self, url: str, prefix: str = "sb", **options: Any) -> None:
-        self.url = url
-        self.options = options
-        self.subjects = Subjects(prefix)
-        self.records: list[AuditEvent] = []
-        self._nc: Any = None
-        self._sub: Any = None
-
-    async def _fetch(self) -> None:
-        if self._nc is None:
-            self._nc = await nats.connect(self.url, **self.options)
-        js = self._nc.jetstream()
-        if self._sub is None:
-            try:
-                self._sub = await js.pull_subscribe(
-                    self.subjects.audit_log_all,
-                    stream=AUDIT_STREAM,
-                    config=ConsumerConfig(
-                        ack_policy=AckPolicy.NONE,
-                        deliver_policy=DeliverPolicy.ALL,
-                        inactive_threshold=60.0,
-                    ),
-                )
-            except nats.js.errors.NotFoundError:
-                return  # the stream does not exist yet
-        try:
-            msgs = await self._sub.fetch(1024, timeout=0.2)
-        except TimeoutError:  # nats-py raises its own or asyncio's, by timing
-            return
-        self.records.extend(_decode(m.data, AuditEvent) for m in msgs)
-
-    async def wait_for(
-        self,
-        predicate: Callable[[AuditEvent], bool],
-        *,
-        count: int = 1,
-        timeout: float = 20.0,
-    ) -> list[AuditEvent]:
-        """Poll until at least ``count`` chained records match; returns the matches."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            await self._fetch()
-            found = [r for r in self.records if predicate(r)]
-            if len(found) >= count or loop.time() > deadline:
-                break
-        assert len(found) >= count, (
-            f"expected {count} matching audit records, found {len(found)} "
-            f"among {len(self.records)}: {[(r.kind, r.actor, r.data) for r in self.records]}"
-        )
-        return found
-
-    async def settle(self) -> list[AuditEvent]:
-        """Everything chained so far (reads until a fetch comes back empty)."""
-        before = -1
-        while before != len(self.records):
-            before = len(self.records)
-            await self._fetch()
-        return list(self.records)
-
-    async def close(self) -> None:
-        """Close the connection."""
-        if self._nc is not None:
-            await self._nc.close()
-
-
 @pytest.fixture
 async def audit_trail(settings: Settings) -> AsyncIterator[AuditTrail]:
     """The chained audit trail of the fresh server."""
@@ -445,94 +324,3 @@ def database_url(
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         admin.dispose()
-
-
-# -- raw clients -----------------------------------------------------------------------
-
-
-class RawAgent:
-    """A plain nats-py connection holding an agent's credential; collects server errors."""
-
-    def __init__(self) -> None:
-        self.errors: list[Exception] = []
-        self.nc: Client | None = None
-
-    async def connect(self, url: str, name: str, token: str | None, **options: Any) -> Client:
-        async def on_error(exc: Exception) -> None:
-            self.errors.append(exc)
-
-        kwargs: dict[str, Any] = {
-            "servers": [url],
-            "inbox_prefix": inbox_prefix(name),
-            "error_cb": on_error,
-            "allow_reconnect": False,
-            "connect_timeout": 3,
-            **options,
-        }
-        if token is not None:
-            kwargs["token"] = token
-        self.nc = await nats.connect(**kwargs)
-        return self.nc
-
-    def violations(self) -> list[str]:
-        return [str(e) for e in self.errors if "permissions violation" in str(e).lower()]
-
-    async def violation(self, action: Callable[[Client], Awaitable[Any]], needle: str) -> None:
-        """Run ``action``; the server must report a permissions violation naming ``needle``."""
-        assert self.nc is not None
-        before = len(self.violations())
-        await action(self.nc)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            new = self.violations()[before:]
-            # nats-py lower-cases the server's message.
-            if any(needle.lower() in v.lower() for v in new):
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"no permissions violation for {needle!r}; errors: {self.errors}")
-
-
-async def ask(
-    nc: Client,
-    subject: str,
-    data: bytes,
-    *,
-    inbox: str,
-    timeout: float = 5.0,
-    headers: dict[str, str] | None = None,
-) -> Any:
-    """Request ``subject`` with a reply subject under ``inbox`` (a service connection may
-    subscribe anywhere, so one connection can ask as any agent, operator or service:
-    endpoints answer only into the sender's own reply space). Returns the reply ``Msg``."""
-    sub = await nc.subscribe(f"{inbox}.{os.urandom(8).hex()}", max_msgs=1)
-    try:
-        await nc.publish(subject, data, reply=sub.subject, headers=headers)
-        return await sub.next_msg(timeout=timeout)
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-
-
-def policy_of(stack: Stack) -> PolicyService:
-    """The policy service of a running stack."""
-    service = stack.services["policy"]
-    assert isinstance(service, PolicyService)
-    return service
-
-
-# -- waiting ----------------------------------------------------------------------------
-
-
-async def eventually(check: Callable[[], Any], what: str = "", timeout: float = 20.0) -> None:
-    """Poll ``check`` (sync or async) until it returns something true, or fail naming ``what``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or 'the condition'}")
-        await asyncio.sleep(0.02)

@@ -38,6 +38,7 @@ import nats
 import nats.errors
 import pytest
 import yaml
+from support import eventually
 from typer.testing import CliRunner
 
 from broker.agent import Agent
@@ -57,7 +58,7 @@ from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import AgentManifest, EnrollAgent, Enrolled
 from services.cli.main import app
-from services.policy import cedar
+from services.policy.cedar import policy_set
 from services.runner import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -732,7 +733,8 @@ def test_image_has_a_private_secrets_folder_for_the_volume(compose: dict[str, An
 
 def test_image_ships_the_cedar_policies() -> None:
     """The policy service's default policy set is in the wheel the image installs."""
-    shipped = (Path(cedar.__file__).resolve().parent / "shipped").relative_to(ROOT).as_posix()
+    policy_package = Path(policy_set.__file__).resolve().parents[1]
+    shipped = (policy_package / "shipped").relative_to(ROOT).as_posix()
     sources = [
         src
         for src, dest in _wheel_config().get("force-include", {}).items()
@@ -743,7 +745,7 @@ def test_image_ships_the_cedar_policies() -> None:
         f'[tool.hatch.build.targets.wheel.force-include] "policies" = "{shipped}"'
     )
     for src in sources:
-        assert (ROOT / src / cedar.SCHEMA_FILE).is_file(), src
+        assert (ROOT / src / policy_set.SCHEMA_FILE).is_file(), src
 
 
 # --------------------------------------------------------------------------
@@ -811,11 +813,14 @@ class LocalCluster:
 
     async def wait_for_interest(self, node: str, *subjects: str, timeout: float = 10) -> None:
         """Until ``node`` routes ``subjects`` to a subscriber on another node."""
-        deadline = time.monotonic() + timeout
         port = self.monitor_ports[node]
-        while not set(subjects) <= await asyncio.to_thread(_route_interest, port):
-            assert time.monotonic() < deadline, f"{node} never saw interest in {subjects}"
-            await asyncio.sleep(0.05)
+
+        async def routed() -> bool:
+            return set(subjects) <= await asyncio.to_thread(_route_interest, port)
+
+        await eventually(
+            routed, f"{node} to see interest in {subjects}", timeout=timeout, interval=0.05
+        )
 
 
 @pytest.fixture

@@ -79,5 +79,5 @@ def test_broker_exports_the_sdk_and_the_error_tree_only() -> None:
     plumbing = {"EmbeddedServer", "AuditEmitter", "Service", "PullWorker", "KVCache"}
     assert not plumbing & set(broker.__all__), sorted(plumbing & set(broker.__all__))
     sdk = {"Agent", "CallContext", "ModelCall", "Settings", "Subjects", "connect", "encode",
-           "decode", "validate_token"}  # fmt: skip
+           "decode", "run", "serve", "validate_token"}  # fmt: skip
     assert set(broker.__all__) == sdk | errors, sorted(set(broker.__all__) - sdk - errors)

@@ -62,6 +62,7 @@ from broker.codec import decode, encode
 from broker.diagnostics import cancel_and_wait
 from broker.errors import BreakerOpen, Conflict, InvalidInput, NotFound, SchemaError
 from broker.runtime.audit import AuditEmitter
+from broker.runtime.jetstream import KV_BREAKERS
 from broker.subjects import validate_token
 from schemas import Breaker, BreakerProbe, BreakerReason, BreakerScope
 
@@ -243,10 +244,10 @@ class BreakerBoard:
             return None  # no agent or team is named by it: nothing to hold open
         return Breaker(
             key=key, scope=scope, name=name, state="open", reason="unreadable",
-            text=f"its stored record in {self.kv._name} cannot be read ({problem[:300]}); "
+            text=f"its stored record in {KV_BREAKERS} cannot be read ({problem[:300]}); "
             "calls are refused until an operator resets it",
-            since=self.clock(), tripped_by=f"$KV.{self.kv._name}",
-            changed_by=f"$KV.{self.kv._name}", changed_at=self.clock(),
+            since=self.clock(), tripped_by=f"$KV.{KV_BREAKERS}",
+            changed_by=f"$KV.{KV_BREAKERS}", changed_at=self.clock(),
         )  # fmt: skip
 
     def _alarm(self, key: str, problem: str, revision: int) -> None:
@@ -257,13 +258,13 @@ class BreakerBoard:
         log.error(
             "%s key %s: unreadable breaker record (%s); held open (fail closed) until "
             "`signalbox breakers reset` rewrites it",
-            self.kv._name,
+            KV_BREAKERS,
             key,
             problem,
         )
         scope, _, name = key.partition(".")
         self.audit.alert_unreadable(
-            self.kv._name, key, problem,
+            KV_BREAKERS, key, problem,
             effect="breaker held open: calls of and to it are refused (fail closed)",
             fix=f"signalbox breakers reset {scope}:{name}",
         )  # fmt: skip
@@ -560,6 +561,6 @@ class BreakerBoard:
             "to": new.state,
             "breaker": msgspec.to_builtins(new),
         }
-        await self.audit.emit("breaker", actor=who, subject=f"$KV.{self.kv._name}.{key}",
+        await self.audit.emit("breaker", actor=who, subject=f"$KV.{KV_BREAKERS}.{key}",
                               data=data)  # fmt: skip
         log.info("breaker %s: %s -> %s (%s by %s)", key, data["from"], new.state, op, who)

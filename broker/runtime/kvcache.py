@@ -84,7 +84,7 @@ class KVCache(Generic[T]):
                     try:
                         value = decode(entry.value, self._type)
                     except SchemaError as err:
-                        self._unreadable(entry.key, err.message)
+                        self._unreadable(entry.bucket, entry.key, err.message)
                         if entry.delta == 0:
                             self._ready.set()
                         continue
@@ -98,14 +98,15 @@ class KVCache(Generic[T]):
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
-    def _unreadable(self, key: str, reason: str) -> None:
-        """``key``'s value does not decode: drop it, remember why, log and report it."""
+    def _unreadable(self, bucket: str, key: str, reason: str) -> None:
+        """``key``'s value in ``bucket`` does not decode: drop it, remember why, log and
+        report it."""
         old = self._data.pop(key, None)
         self.unreadable[key] = reason
         log.error(
             "KV %s key %s: unreadable value (%s); its readers treat it as unreadable until "
             "it is rewritten",
-            self._kv._name,
+            bucket,
             key,
             reason,
         )
@@ -115,7 +116,7 @@ class KVCache(Generic[T]):
             try:
                 self._on_unreadable(key, reason)
             except Exception:  # a listener's bug must not stop the watch
-                log.exception("KV %s: on_unreadable callback failed", self._kv._name)
+                log.exception("KV %s: on_unreadable callback failed", bucket)
 
     async def stop(self) -> None:
         """Stop watching."""

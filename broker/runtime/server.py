@@ -99,7 +99,7 @@ class EmbeddedServer:
         start_timeout: Seconds to wait for readiness.
         extra_config: Extra lines appended to the generated config.
         auth: Accounts, users and auth-callout blocks
-            (:func:`broker.runtime.identity.auth_config`); None runs an open server
+            (:func:`broker.runtime.permissions.auth_config`); None runs an open server
             (no authentication: tests of plumbing only, never a deployment).
 
     Use as a context manager::

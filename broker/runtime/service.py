@@ -3,8 +3,9 @@
 A service is a :class:`Service` subclass. It owns one FastStream
 ``NatsBroker`` (one NATS connection), ensures the streams and buckets it
 needs, owns an :class:`~broker.runtime.audit.AuditEmitter`, and declares
-request-reply endpoints with :meth:`Service.endpoint`, which gives every
-endpoint the same contract:
+request-reply endpoints with :meth:`Service.endpoint` (a desk of the service
+declares its own and the service includes them: :mod:`broker.runtime.desk`,
+:meth:`Service.include`), which gives every endpoint the same contract:
 
 * the request body is decoded with msgspec into the declared type; a decode
   failure is a ``schema_error`` reply carrying the field path;
@@ -39,7 +40,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from faststream.nats import NatsBroker
 from faststream.nats.security import NatsUserPassword
@@ -58,6 +59,7 @@ from broker.ids import new_id
 from broker.replies import error_reply
 from broker.runtime.audit import AuditEmitter
 from broker.runtime.consumer import PullWorker
+from broker.runtime.desk import Desk, EndpointSpec, ServiceHost
 from broker.runtime.health import INTERVAL as HEALTH_INTERVAL
 from broker.runtime.health import build_health, health_path, remove_health, write_health
 from broker.runtime.identity import service_connect_options
@@ -68,7 +70,7 @@ from broker.subjects import SERVICE_INBOX, Audience, Subjects, reply_fault
 from broker.telemetry import ATTR, Telemetry, annotate
 from schemas import HealthRequest, ServiceHealth, Wire
 
-__all__ = ["Service", "ServiceHost"]
+__all__ = ["Desk", "EndpointSpec", "Service", "ServiceHost"]
 
 log = logging.getLogger(__name__)
 
@@ -108,58 +110,6 @@ class _ServiceBroker(NatsBroker):
         await connection.connect(**self._connection_kwargs)
         self.config.connect(connection)
         return connection
-
-
-class ServiceHost(Protocol):
-    """What a desk of a service (approvals, routes, identity...) may use of the service
-    it lives in: its connection and JetStream, subjects, settings, audit, actor, the
-    authenticated operator of the request being handled, rejections and endpoints.
-
-    Desks take this (and explicit callbacks for anything else), never the concrete
-    service, so no desk imports the service that composes it.
-    """
-
-    settings: Settings
-    subjects: Subjects
-
-    @property
-    def nc(self) -> Client:
-        """The service's NATS connection."""
-        ...
-
-    @property
-    def js(self) -> JetStreamContext:
-        """JetStream on :attr:`nc`."""
-        ...
-
-    @property
-    def audit(self) -> AuditEmitter:
-        """The service's audit emitter."""
-        ...
-
-    @property
-    def actor(self) -> str:
-        """The service's audit actor."""
-        ...
-
-    def operator(self, requested_by: str = "") -> str:
-        """The authenticated actor of the admin request being handled."""
-        ...
-
-    async def reject(self, err: SignalboxError, *, subject: str, actor: str | None = None) -> None:
-        """Count and audit a rejected request."""
-        ...
-
-    def endpoint(
-        self,
-        subject: str,
-        request_type: type[Req],
-        *,
-        audience: Audience | None = None,
-        queue: str | None = None,
-    ) -> Callable[[Callable[[Req], Awaitable[Wire]]], Callable[[Req], Awaitable[Wire]]]:
-        """Declare a request-reply endpoint."""
-        ...
 
 
 class Service:
@@ -330,6 +280,17 @@ class Service:
             return fn
 
         return register
+
+    def include(self, desk: Desk) -> None:
+        """Serve the endpoints ``desk`` declares (:mod:`broker.runtime.desk`), each as
+        :meth:`endpoint` would; call before :meth:`start`."""
+        if self._subs:
+            raise RuntimeError(f"{self.name}: include desks before the service serves")
+        for spec in desk.endpoints():
+            declare = self.endpoint(
+                spec.subject, spec.request_type, audience=spec.audience, queue=spec.queue
+            )
+            declare(spec.handler)
 
     def reply_fault(self, msg: Msg, audience: Audience, agent: str = "") -> str | None:
         """Why ``msg``'s reply subject is outside its sender's reply space (None: it is not).

@@ -12,8 +12,7 @@ import msgspec
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.panel import Panel
-from rich.table import Table
+from rich.text import Text
 
 from broker.errors import NotFound, SignalboxError
 from broker.settings import Settings
@@ -47,14 +46,17 @@ from services.cli.common import (
     who,
 )
 from services.cli.render import (
-    agent_panel,
+    Fields,
+    Fit,
+    agent_fields,
     agents_table,
-    binding_grid,
+    binding_fields,
     credentials_table,
+    print_secret,
     to_json,
 )
 
-__all__ = ["agents_app"]
+__all__ = ["agents_app", "print_enrolled"]
 
 T = TypeVar("T")
 
@@ -67,16 +69,25 @@ def agents_list(
     capability: Annotated[
         str | None, typer.Option("--capability", help="Only agents offering this capability.")
     ] = None,
+    latest: Annotated[
+        bool, typer.Option("--latest", help="Only each agent's highest version.")
+    ] = False,
     json_out: JsonOption = False,
 ) -> None:
-    """List registered agents (asks the registry service)."""
+    """List registered agents, every registered version (asks the registry service).
+
+    During a rollout each serving version is a row of its own, with its health
+    and instances; `--latest` shows each agent's highest version only.
+    """
     url, settings = client_url(nats_url)
     subjects = Subjects(settings.subject_prefix)
 
     async def main() -> tuple[Any, ...]:
         nc = await connect_operator(url, settings)
         try:
-            return await list_agents(nc, subjects, team=team, capability=capability)
+            return await list_agents(
+                nc, subjects, team=team, capability=capability, all_versions=not latest
+            )
         finally:
             await nc.close()
 
@@ -145,16 +156,15 @@ def agents_show(
         typer.echo(to_json(doc))
         return
     console = Console()
-    console.print(
-        Panel(agent_panel(record), title=f"{record.manifest.name} {record.manifest.version}")
-    )
+    console.print(agent_fields(record))
+    console.print()
     if binding is None:
         console.print(
             f"{name} was never enrolled: its attributes are the ones it declared "
             "(`signalbox agents enroll` binds them)."
         )
         return
-    console.print(Panel(binding_grid(binding), title="Bound by operators"))
+    console.print(binding_fields(binding, title="Bound by operators"))
 
 
 @agents_app.command("discover")
@@ -316,24 +326,31 @@ def agents_enroll(
     if json_out:
         typer.echo(to_json(enrolled))
         return
+    print_enrolled(Console(), enrolled)
+
+
+def print_enrolled(console: Console, enrolled: Enrolled) -> None:
+    """What ``agents enroll`` prints: the credential, its token alone on the line after the
+    fields (no width cuts it), then the bound attributes."""
     cred = enrolled.credential
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
-    grid.add_row("agent", cred.agent)
-    grid.add_row("credential id", cred.id)
-    grid.add_row("expires", time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(cred.expires_at)))
-    grid.add_row("token", enrolled.token)
-    grid.add_row(
-        "use",
-        f"SIGNALBOX_AGENT_CREDENTIAL='{enrolled.token}' (or Agent(..., credential=...))",
+    fields = Fields(Text("Agent credential · shown once, store it now", style="bold green"))
+    fields.add("agent", cred.agent)
+    fields.add("credential id", cred.id)
+    fields.add(
+        "expires", time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(cred.expires_at))
     )
-    console = Console(soft_wrap=True)
-    console.print(
-        Panel(grid, title="Agent credential · shown once, store it now", border_style="green")
+    fields.add(
+        "token",
+        "on the next line, alone: give it to the agent as SIGNALBOX_AGENT_CREDENTIAL "
+        "(or Agent(..., credential=...))",
+        Fit.WRAP,
     )
+    console.print(fields)
+    # The secret goes on a line of its own, outside the fields: no width cuts it.
+    print_secret(console, enrolled.token)
     if enrolled.binding is not None:
-        console.print(Panel(binding_grid(enrolled.binding), title="Bound by operators"))
+        console.print()
+        console.print(binding_fields(enrolled.binding, title="Bound by operators"))
 
 
 @agents_app.command("bind")
@@ -380,9 +397,7 @@ def agents_bind(
         typer.echo(to_json(bound))
         return
     console = Console()
-    console.print(
-        Panel(binding_grid(bound.binding, previous=bound.previous), title=f"{name}: bound")
-    )
+    console.print(binding_fields(bound.binding, previous=bound.previous, title=f"{name}: bound"))
     changed = ", ".join(bound.changed) or "nothing (the values were already bound)"
     console.print(
         f"Changed: {changed}; {bound.versions} registered version(s) of {name} rewritten."

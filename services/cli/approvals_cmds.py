@@ -21,15 +21,13 @@ import time
 from typing import Annotated, TypeVar
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 
 from schemas import ApprovalList, ApprovalRequest, DecideApproval, ListApprovals
 from services.cli.common import JsonOption, NatsUrlOption, admin_call, clock, who
-from services.cli.render import to_json
+from services.cli.render import CliTable, Column, Fit, to_json
 
 __all__ = ["approvals_app"]
 
@@ -61,15 +59,17 @@ def _when(record: ApprovalRequest, now: float) -> str:
     return clock(record.decided_at or record.expires_at)
 
 
-def approvals_table(approvals: tuple[ApprovalRequest, ...], now: float) -> Table:
-    """Approval requests as a Rich table (newest first)."""
-    table = Table(title="Approval requests", box=box.SIMPLE_HEAD)
-    table.add_column("id", no_wrap=True)
-    table.add_column("call", overflow="fold")
-    table.add_column("status", no_wrap=True)
-    table.add_column("when", no_wrap=True)
-    table.add_column("policies", overflow="fold")
-    table.add_column("decided by", overflow="fold")
+def approvals_table(approvals: tuple[ApprovalRequest, ...], now: float) -> CliTable:
+    """Approval requests as a table (newest first; ids never cut)."""
+    table = CliTable(
+        Column("id"),
+        Column("call", Fit.WRAP, min_width=20),
+        Column("status"),
+        Column("when"),
+        Column("policies", Fit.WRAP, min_width=12),
+        Column("decided by", Fit.WRAP, min_width=16),
+        title="Approval requests",
+    )
     for r in approvals:
         decided = f"{r.decided_by}: {r.reason}" if r.reason else r.decided_by
         table.add_row(

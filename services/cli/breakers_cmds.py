@@ -25,16 +25,14 @@ import time
 from typing import Annotated
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 
 from broker.subjects import is_valid_token
 from schemas import Breaker, BreakerList, ListBreakers, ResetBreaker, TripBreaker
 from services.cli.common import JsonOption, NatsUrlOption, admin_call, clock, parse_duration, who
-from services.cli.render import to_json
+from services.cli.render import CliTable, Column, Fit, to_json
 
 __all__ = ["breaker_target", "breakers_app", "breakers_table"]
 
@@ -83,17 +81,19 @@ def _until(b: Breaker, now: float) -> str:
     return f"{clock(b.until)} (in {left:.0f}s)" if left > 0 else "probe due"
 
 
-def breakers_table(breakers: tuple[Breaker, ...], now: float) -> Table:
-    """Breakers as a Rich table."""
-    table = Table(title="Circuit breakers", box=box.SIMPLE_HEAD)
-    table.add_column("breaker", no_wrap=True)
-    table.add_column("state", no_wrap=True)
-    table.add_column("reason", overflow="fold")
-    table.add_column("since", no_wrap=True)
-    table.add_column("until", no_wrap=True)
-    table.add_column("figures", overflow="fold")
-    table.add_column("trips", justify="right")
-    table.add_column("by", overflow="fold")
+def breakers_table(breakers: tuple[Breaker, ...], now: float) -> CliTable:
+    """Breakers as a table (keys, times and who never cut; the reason wraps)."""
+    table = CliTable(
+        Column("breaker"),
+        Column("state"),
+        Column("reason", Fit.WRAP, min_width=20),
+        Column("since"),
+        Column("until"),
+        Column("figures", Fit.WRAP, min_width=12),
+        Column("trips", justify="right"),
+        Column("by"),
+        title="Circuit breakers",
+    )
     for b in breakers:
         table.add_row(
             b.key,

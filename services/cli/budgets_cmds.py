@@ -2,7 +2,7 @@
 
 ::
 
-    signalbox budgets set team:risk --limit 250 [--window day|month] [--soft 80%]
+    signalbox budgets set team:risk [--limit 250] [--window day|month] [--soft 80%]
     signalbox budgets list [--scope agent|team|project] [--json]
     signalbox budgets show agent:fraud-detection [--windows 7] [--json]
     signalbox budgets remove project:alpha --window month
@@ -11,8 +11,9 @@ A budget belongs to an agent, a team or a project (``SCOPE:NAME``) and caps
 its model spend per UTC day or month. Authorizing a model call reserves its
 worst-case cost on every budget that applies (the agent's, its team's, the
 project's, and those of agents it acts for); a call the budget cannot cover
-is refused before it is made. Served by the cost service on
-``sb.admin.budgets.<op>`` (operators only).
+is refused before it is made. ``set`` changes only what it is given (the
+rest of an existing budget stays; a new one needs ``--limit``). Served by the
+cost service on ``sb.admin.budgets.<op>`` (operators only).
 
 :mod:`services.cli.main` registers :data:`budgets_app` as ``signalbox budgets``.
 """
@@ -24,9 +25,8 @@ import re
 from typing import Annotated, Literal, cast
 
 import typer
-from rich import box
+from msgspec import UNSET
 from rich.console import Console
-from rich.table import Table
 
 from broker.money import usd
 from schemas import (
@@ -39,7 +39,7 @@ from schemas import (
     ShowBudget,
 )
 from services.cli.common import JsonOption, NatsUrlOption, admin_call, fail, who
-from services.cli.render import to_json
+from services.cli.render import CliTable, Column, to_json
 
 __all__ = ["budget_table", "budgets_app"]
 
@@ -88,16 +88,14 @@ def _window(window: str, start: float) -> str:
     return stamp.strftime("%Y-%m-%d" if window == "day" else "%Y-%m")
 
 
-def budget_table(statuses: tuple[BudgetStatus, ...], title: str = "Budgets") -> Table:
-    """A Rich table of budgets and their windows."""
-    table = Table(
-        title=title, box=box.SIMPLE_HEAD, caption="`budgets show OWNER --json` has every field"
-    )
-    for name, justify in (
-        ("budget", "left"), ("window (UTC)", "left"), ("limit", "right"), ("spent", "right"),
-        ("reserved", "right"), ("left", "right"), ("used", "right"), ("alert", "left"),
-    ):  # fmt: skip
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+def budget_table(statuses: tuple[BudgetStatus, ...], title: str = "Budgets") -> CliTable:
+    """A table of budgets and their windows (owners, windows and amounts never cut)."""
+    table = CliTable(
+        Column("budget"), Column("window (UTC)"), Column("limit", justify="right"),
+        Column("spent", justify="right"), Column("reserved", justify="right"),
+        Column("left", justify="right"), Column("used", justify="right"), Column("alert"),
+        title=title, caption="`budgets show OWNER --json` has every field",
+    )  # fmt: skip
     for s in statuses:
         b = s.budget
         used = (s.spent_usd + s.reserved_usd) / b.limit_usd if b.limit_usd else 0.0
@@ -143,20 +141,42 @@ def _print(result: BudgetList, as_json: bool, title: str) -> None:
 def budgets_set(
     owner: OwnerArg,
     limit: Annotated[
-        float, typer.Option("--limit", help="Hard limit in USD per window.", min=0.000001)
-    ],
-    window: WindowOption = "day",
+        float | None,
+        typer.Option(
+            "--limit", help="Hard limit in USD per window (required for a new budget).",
+            min=0.000001,
+        ),
+    ] = None,
+    window: Annotated[
+        Literal["day", "month"] | None,
+        typer.Option(
+            "--window",
+            help="UTC calendar window; default: the owner's only budget's, or day for a new one.",
+        ),
+    ] = None,
     soft: Annotated[
-        str, typer.Option("--soft", help="Soft threshold (alert event): share of the limit.")
-    ] = "80%",
+        str | None,
+        typer.Option(
+            "--soft",
+            help="Soft threshold (alert event): share of the limit; default 80% for a new one.",
+        ),
+    ] = None,
     as_json: JsonOption = False,
     nats_url: NatsUrlOption = None,
 ) -> None:
-    """Create or change a budget; it applies to the next model call on every replica."""
+    """Create or change a budget; it applies to the next model call on every replica.
+
+    Only what is given changes: `--limit 5` on an existing budget keeps its
+    soft threshold (and window).
+    """
     scope, name = _owner(owner)
+    if limit is None and soft is None:
+        fail("nothing to set: give --limit USD and/or --soft SHARE")
     request = SetBudget(
-        scope=scope, name=name, window=window, limit_usd=limit, soft_ratio=_ratio(soft),
-        requested_by=who(),
+        scope=scope, name=name, requested_by=who(),
+        window=UNSET if window is None else window,
+        limit_usd=UNSET if limit is None else limit,
+        soft_ratio=UNSET if soft is None else _ratio(soft),
     )  # fmt: skip
     status = admin_call(nats_url, "budgets", "set", request, BudgetStatus)
     if as_json:

@@ -85,9 +85,13 @@ async def list_agents(
     *,
     team: str | None = None,
     capability: str | None = None,
+    all_versions: bool = False,
     timeout: float = 5.0,
 ) -> tuple[AgentRecord, ...]:
-    """Ask the registry for the registered agents (``sb.registry.list``)."""
-    request = ListAgents(team=team or None, capability=capability or None)
+    """Ask the registry for the registered agents (``sb.registry.list``): each one's highest
+    version, or with ``all_versions`` every registered version."""
+    request = ListAgents(
+        team=team or None, capability=capability or None, all_versions=all_versions
+    )
     listed = await registry_request(nc, subjects, "list", request, AgentList, timeout=timeout)
     return listed.agents

@@ -2,8 +2,13 @@
 
 ::
 
-    signalbox cost report [--by team|agent|model|project|provider|hour|day]
+    signalbox cost report [--by team|agent|model|project|provider|hour|day|caller|caller-team]
                           [--since 7d|ISO] [--until T] [--format table|csv|json]
+
+``--by caller`` charges usage back to who asked: the agent whose call it was
+made while serving (from the delegation chain the policy service signed),
+``--by caller-team`` to that agent's team; usage made for no caller is
+``(direct)``.
 
 Asks the cost service on the operator-only subject ``sb.admin.cost.report``
 (see :mod:`services.cost.service`); totals are computed by the service from
@@ -20,9 +25,7 @@ import io
 from typing import Annotated, Literal
 
 import typer
-from rich import box
 from rich.console import Console
-from rich.table import Table
 
 from broker.money import usd
 from broker.subjects import Subjects
@@ -30,7 +33,7 @@ from schemas import CostGroup, CostReport, CostReportRequest, CostRow
 from services.cli.audit_cmds import parse_since
 from services.cli.client import admin_request
 from services.cli.common import NatsUrlOption, client_url, connect_operator, fail, run
-from services.cli.render import to_json
+from services.cli.render import CliTable, Column, to_json
 
 __all__ = ["cost_app", "cost_report", "cost_table"]
 
@@ -60,27 +63,29 @@ def _key(by: CostGroup, key: str) -> str:
 _usd = usd  # the one money format (broker.money)
 
 
-def cost_table(report: CostReport) -> Table:
-    """A Rich table of ``report``: one row per group, then the totals row."""
-    table = Table(
+def cost_table(report: CostReport) -> CliTable:
+    """A table of ``report``: one row per group, then the totals (keys and figures never cut)."""
+    total = report.total
+
+    def figure(header: str, footer: str) -> Column:
+        return Column(header, justify="right", footer=footer)
+
+    table = CliTable(
+        Column(report.by, footer="total"),
+        figure("reports", f"{total.reports:,}"),
+        figure("input tok", f"{total.input_tokens:,}"),
+        figure("output tok", f"{total.output_tokens:,}"),
+        figure("cached tok", f"{total.cached_tokens:,}"),
+        figure("tool calls", f"{total.tool_calls:,}"),
+        figure("cost (USD)", _usd(total.cost_usd)),
+        figure("fallback-priced", f"{total.fallback_priced:,}"),
+        # Budgeted usage no reservation covered; reports whose project or chain was not honoured.
+        figure("unreserved", f"{total.unreserved:,}"),
+        figure("unattributed", f"{total.attribution_dropped:,}"),
         title=f"Cost by {report.by}"
         + (f" (prices as of {report.prices_as_of})" if report.prices_as_of else ""),
-        box=box.SIMPLE_HEAD,
-        show_footer=True,
         caption="usage as the agents reported it (self-reported: sb.usage.<agent>)",
     )
-    total = report.total
-    table.add_column(report.by, footer="total")
-    table.add_column("reports", justify="right", footer=f"{total.reports:,}")
-    table.add_column("input tok", justify="right", footer=f"{total.input_tokens:,}")
-    table.add_column("output tok", justify="right", footer=f"{total.output_tokens:,}")
-    table.add_column("cached tok", justify="right", footer=f"{total.cached_tokens:,}")
-    table.add_column("tool calls", justify="right", footer=f"{total.tool_calls:,}")
-    table.add_column("cost (USD)", justify="right", footer=_usd(total.cost_usd))
-    table.add_column("fallback-priced", justify="right", footer=f"{total.fallback_priced:,}")
-    # Budgeted usage no reservation covered; reports whose project or chain was not honoured.
-    table.add_column("unreserved", justify="right", footer=f"{total.unreserved:,}")
-    table.add_column("unattributed", justify="right", footer=f"{total.attribution_dropped:,}")
     for row in report.rows:
         table.add_row(
             _key(report.by, row.key),
@@ -124,8 +129,15 @@ def _csv(report: CostReport) -> str:
 @cost_app.command("report")
 def cost_report(
     by: Annotated[
-        Literal["team", "agent", "model", "project", "provider", "hour", "day"],
-        typer.Option("--by", help="Group by team, agent, model, project, provider, hour or day."),
+        Literal[
+            "team", "agent", "model", "project", "provider", "hour", "day", "caller",
+            "caller-team",
+        ],
+        typer.Option(
+            "--by",
+            help="Group by team, agent, model, project, provider, hour, day, or by who asked: "
+            "the calling agent (caller) or its team (caller-team).",
+        ),
     ] = "team",
     since: Annotated[
         str,
@@ -140,7 +152,8 @@ def cost_report(
     ] = "table",
     nats_url: NatsUrlOption = None,
 ) -> None:
-    """Metered cost per team, agent, model, project, provider, hour or day, with totals."""
+    """Metered cost per team, agent, model, project, provider, hour, day, caller or caller
+    team, with totals."""
     try:
         start = parse_since(since)
         end = parse_since(until) if until is not None else None
@@ -149,7 +162,8 @@ def cost_report(
     if end is not None and end <= start:
         fail(f"--until ({until}) must be after --since ({since})")
     url, settings = client_url(nats_url)
-    request = CostReportRequest(by=by, since=start, until=end)
+    group: CostGroup = "caller_team" if by == "caller-team" else by
+    request = CostReportRequest(by=group, since=start, until=end)
 
     async def main() -> CostReport:
         nc = await connect_operator(url, settings)

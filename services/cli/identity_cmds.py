@@ -1,30 +1,41 @@
-"""``signalbox identity init``: the deployment's secrets and the servers' auth config.
+"""``signalbox identity``: the deployment's secrets, the servers' auth config, NATS contexts.
+
+``init`` makes the secrets; ``nats-context`` writes a context for the standard
+``nats`` CLI (and any client that reads NATS contexts, such as nats.js
+tooling) holding the operator's credentials *and* inbox prefix, so
+``nats micro ls`` works without widening anyone's rights.
 
 :mod:`services.cli.main` registers :data:`identity_app` as ``signalbox identity``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.panel import Panel
-from rich.table import Table
+from rich.text import Text
 
 from broker.errors import SignalboxError
 from broker.runtime.identity import (
     ServerSecrets,
-    auth_config,
+    operator_connect_options,
     resolve_secrets_dir,
 )
+from broker.runtime.permissions import auth_config
 from broker.runtime.server import render_blocks
 from broker.subjects import Subjects
 from services.cli.common import (
+    JsonOption,
+    NatsUrlOption,
+    client_url,
     fail,
     load_settings,
 )
+from services.cli.render import Fields, Fit
 
 __all__ = ["identity_app"]
 
@@ -72,19 +83,108 @@ def identity_init(
             server_config.chmod(0o644)
     except (SignalboxError, OSError) as exc:
         fail(f"cannot set up identity in {folder}: {exc}")
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
-    grid.add_row("secrets", f"{folder.resolve()} (0700; files 0600)")
-    grid.add_row("issuer", secrets.issuer_public_key)
+    fields = Fields(Text("Identity ready", style="bold green"))
+    fields.add("secrets", str(folder.resolve()))
+    fields.add("modes", "folder 0700, files 0600", Fit.WRAP)
+    fields.add("issuer", secrets.issuer_public_key)
     if server_config is not None:
-        grid.add_row(
-            "server config",
-            f"{server_config}  (`include` it from each node's config, by a path relative to "
-            "that config file: nats-server resolves every include against the including "
-            "file's folder)",
+        fields.add("server config", str(server_config))
+        fields.add(
+            "include it",
+            "from each node's config, by a path relative to that config file: nats-server "
+            "resolves every include against the including file's folder",
+            Fit.WRAP,
         )
-    grid.add_row("services", f"SIGNALBOX_SECRETS_DIR={folder} (or SIGNALBOX_NATS_USER/_PASSWORD)")
-    Console(soft_wrap=True).print(Panel(grid, title="Identity ready", border_style="green"))
+    fields.add(
+        "services", f"SIGNALBOX_SECRETS_DIR={folder} (or SIGNALBOX_NATS_USER/_PASSWORD)", Fit.WRAP
+    )
+    Console().print(fields)
 
 
+
+
+def nats_context_dir() -> Path:
+    """Where the ``nats`` CLI keeps its contexts (``$XDG_CONFIG_HOME/nats/context``)."""
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "nats" / "context"
+
+
+def nats_context(url: str, options: dict[str, Any], description: str) -> dict[str, str]:
+    """A NATS context (ADR-21 fields) from an operator's nats-py connect options."""
+    return {
+        "description": description,
+        "url": url,
+        "token": str(options.get("token", "")),
+        "user": str(options.get("user", "")),
+        "password": str(options.get("password", "")),
+        "creds": "",
+        "nkey": "",
+        "cert": "",
+        "key": "",
+        "ca": "",
+        # The one field that makes standard tooling work: operators may subscribe
+        # only under their inbox prefix, and the tools' default `_INBOX.<nuid>`
+        # replies would be refused (a permissions violation, no answer).
+        "inbox_prefix": str(options["inbox_prefix"]),
+    }
+
+
+@identity_app.command("nats-context")
+def identity_nats_context(
+    name: Annotated[str, typer.Argument(help="Context name")] = "signalbox",
+    directory: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir",
+            help="Contexts folder (default: $XDG_CONFIG_HOME/nats/context, "
+            "else ~/.config/nats/context)",
+            show_default=False,
+        ),
+    ] = None,
+    select: Annotated[
+        bool, typer.Option("--select", help="Also make it the nats CLI's selected context")
+    ] = False,
+    nats_url: NatsUrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a `nats` CLI context that connects as this operator, with its inbox prefix.
+
+    Then `nats --context signalbox micro ls` (or `micro info/stats`) lists the
+    agents, and any client reading the context gets the same rights as
+    `signalbox` itself: the named operator's (SIGNALBOX_OPERATOR_CREDENTIAL)
+    or the bootstrap operator's. The file holds a secret: mode 0600.
+    """
+    if not name or "/" in name or name.startswith("."):
+        fail(f"invalid context name {name!r}: use letters, digits, '-' or '_'")
+    url, settings = client_url(nats_url)
+    try:
+        options = operator_connect_options(settings)
+    except (SignalboxError, OSError) as exc:
+        fail(
+            f"no operator credentials to put in the context ({exc}); run this where "
+            "`signalbox up` keeps its data, or set SIGNALBOX_OPERATOR_CREDENTIAL"
+        )
+    who = "operator " + options["inbox_prefix"].rsplit(".", 1)[-1]
+    context = nats_context(url, options, f"Signalbox {who} at {url}")
+    folder = directory or nats_context_dir()
+    path = folder / f"{name}.json"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # Created 0600 before anything is written: the password never sits world-readable.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(context, out, indent=2)
+            out.write("\n")
+        path.chmod(0o600)
+        if select:
+            (folder.parent / "context.txt").write_text(name)
+    except OSError as exc:
+        fail(f"cannot write the context {path}: {exc}")
+    if as_json:
+        print(json.dumps({"context": name, "path": str(path), "selected": select,
+                          "url": url, "inbox_prefix": context["inbox_prefix"]}))  # fmt: skip
+        return
+    use = "nats micro ls" if select else f"nats --context {name} micro ls"
+    console = Console(soft_wrap=True)
+    console.print(f"wrote {path} (0600): {who} at {url}, inbox prefix {context['inbox_prefix']}")
+    console.print(f"try: {use}")

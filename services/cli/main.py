@@ -17,13 +17,16 @@
                                                                 (services/cli/audit_tail.py)
     signalbox audit verify [--since 2h|ISO] [--complete] [--json] (services/cli/audit_cmds.py)
     signalbox audit replay --since 2h [--until T] [--agent A] [--kind K] [--trace T] [--format F]
-    signalbox audit report --tag T --since 24h [--json]
+                                                                (services/cli/audit_replay.py)
+    signalbox audit report --tag T --since 24h [--json]         (services/cli/audit_report.py)
     signalbox policy validate|apply|show|diff|history|rollback        (services/cli/policy_cmds.py)
     signalbox trace TRACE_ID [--since 24h] [--json]              (services/cli/trace_cmds.py)
     signalbox identity init [--secrets-dir DIR] [--server-config FILE]
                                                                 (services/cli/identity_cmds.py)
     signalbox status [--service S]... [--json]                  (services/cli/status_cmds.py)
     signalbox probe [SERVICE]... [--ready]                      this host's health files
+    signalbox apply -f FILE [--dry-run] [--prune] [--json]      (services/cli/fleet_cmds.py)
+    signalbox export [-o FILE]                                  the fleet's config as a file
     signalbox version
 
 Exit status: 0 on success, 1 on any error (one line on stderr saying what to do
@@ -34,37 +37,44 @@ be reached, a refused request or a bad argument).
 from __future__ import annotations
 
 import asyncio
+import os
+import shlex
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.panel import Panel
-from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 from broker.errors import SignalboxError
 from broker.runtime.identity import (
     resolve_secrets_dir,
 )
+from broker.settings import Settings
 from services.cli.agents_cmds import agents_app
 from services.cli.approvals_cmds import approvals_app
 from services.cli.audit_cmds import audit_app
+from services.cli.audit_replay import audit_replay
+from services.cli.audit_report import audit_report
 from services.cli.audit_tail import audit_tail
 from services.cli.breakers_cmds import breakers_app
 from services.cli.budgets_cmds import budgets_app
 from services.cli.common import (
     DEFAULT_NATS_URL,
     connect_operator,
+    fail,
     load_settings,
     parse_duration,
     run,
 )
 from services.cli.cost_cmds import cost_app
+from services.cli.fleet_cmds import apply_command, export_command
 from services.cli.identity_cmds import identity_app
 from services.cli.operators_cmds import operators_app
 from services.cli.policy_cmds import policy_app
+from services.cli.render import Fields, Fit
 from services.cli.rollout_cmds import rollback, rollout_app
 from services.cli.status_cmds import probe_command, status_command
 from services.cli.trace_cmds import trace_command
@@ -72,7 +82,7 @@ from services.cli.trace_cmds import trace_command
 if TYPE_CHECKING:
     from services.runner import Stack
 
-__all__ = ["app", "parse_duration"]
+__all__ = ["app", "parse_duration", "up_environment"]
 
 T = TypeVar("T")
 
@@ -99,6 +109,8 @@ app = typer.Typer(
 )
 app.add_typer(agents_app, name="agents")
 app.add_typer(identity_app, name="identity")
+audit_app.command("replay")(audit_replay)
+audit_app.command("report")(audit_report)
 audit_app.command("tail")(audit_tail)
 app.add_typer(audit_app, name="audit")
 app.add_typer(policy_app, name="policy")
@@ -112,6 +124,8 @@ app.add_typer(breakers_app, name="breakers")
 app.add_typer(operators_app, name="operators")
 app.command("status")(status_command)
 app.command("probe")(probe_command)
+app.command("apply")(apply_command)
+app.command("export")(export_command)
 
 # -- commands -----------------------------------------------------------------------------
 
@@ -160,9 +174,24 @@ def up(
     # `audit tail` should start fast.
     from services.runner import Stack, configure_logging, wait_for_signal
 
-    settings = load_settings(nats_url=nats_url, data_dir=data_dir, nats_port=port)
-    configure_logging(settings.log_level)
+    if port is not None and nats_url is not None:
+        fail("--port sets the embedded server's port and --nats-url uses another server: "
+             "give one of them")  # fmt: skip
     console = Console()
+    env_url = os.environ.get("SIGNALBOX_NATS_URL")
+    if port is not None and nats_url is None and env_url:
+        # --port asks for the embedded server: SIGNALBOX_NATS_URL (another server,
+        # maybe a shell left over from an earlier run) must not be joined instead.
+        console.print(
+            f"--port {port} starts the embedded server; SIGNALBOX_NATS_URL={env_url} is ignored",
+            style="yellow", soft_wrap=True, markup=False, highlight=False,
+        )  # fmt: skip
+        settings = load_settings(data_dir=data_dir, nats_port=port).model_copy(
+            update={"nats_url": None}
+        )
+    else:
+        settings = load_settings(nats_url=nats_url, data_dir=data_dir, nats_port=port)
+    configure_logging(settings.log_level)
 
     async def main() -> None:
         if settings.nats_url:
@@ -173,7 +202,12 @@ def up(
         stack = Stack(settings)
         await stack.start()
         try:
-            console.print(_up_panel(stack))
+            console.print(_up_fields(stack))
+            shell = up_environment(stack.settings)
+            if shell:
+                # One line, never wrapped or styled: it is copied into other shells.
+                console.print("In another shell, first:", style="bold")
+                console.print(shell, soft_wrap=True, markup=False, highlight=False)
             signalled = asyncio.ensure_future(wait_for_signal())
             waiting: set[asyncio.Future[Any]] = {signalled}
             if stack.failed is not None:
@@ -194,28 +228,36 @@ def up(
     console.print("Signalbox stopped.")
 
 
-def _up_panel(stack: Stack) -> Panel:
+def _up_fields(stack: Stack) -> Fields:
     s = stack.settings
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
+    fields = Fields(Text("Signalbox is up · Ctrl-C to stop", style="bold green"))
     where = "embedded nats-server" if stack.server is not None else "external server"
-    grid.add_row("NATS", f"{s.nats_url}  ({where})")
-    grid.add_row("data dir", str(s.data_dir.resolve()))
+    fields.add("NATS", f"{s.nats_url}  ({where})", Fit.WRAP)
+    fields.add("data dir", str(s.data_dir.resolve()))
     policy = stack.services.get("policy")
     version = getattr(getattr(policy, "decider", None), "version", "")
     policies = s.policy_dir or "shipped policies"
-    grid.add_row("policies", f"{policies}" + (f"  (version {version})" if version else ""))
+    fields.add(
+        "policies", f"{policies}" + (f"  (version {version})" if version else ""), Fit.WRAP
+    )
     if stack.server is not None:
-        grid.add_row(
-            "identity",
-            f"enforced by the server; secrets in {resolve_secrets_dir(s).resolve()} (0600)",
-        )
-    grid.add_row("services", ", ".join(stack.services))
-    flag = "" if s.nats_url == DEFAULT_NATS_URL else f" --nats-url {s.nats_url}"
-    grid.add_row("try", f"signalbox agents list{flag}  ·  signalbox audit tail{flag}")
-    grid.add_row("agents", f"signalbox agents enroll <name>{flag}  (a credential per agent)")
-    return Panel(grid, title="Signalbox is up · Ctrl-C to stop", border_style="green")
+        fields.add("identity", "enforced by the server", Fit.WRAP)
+        fields.add("secrets", f"{resolve_secrets_dir(s).resolve()}")
+    fields.add("services", ", ".join(stack.services), Fit.WRAP)
+    fields.add("try", "signalbox agents list  ·  signalbox audit tail", Fit.WRAP)
+    fields.add("agents", "signalbox agents enroll <name>  (a credential per agent)", Fit.WRAP)
+    return fields
+
+
+def up_environment(settings: Settings) -> str:
+    """The ``export`` that makes other shells' commands find this control plane ("" if the
+    defaults do): its server's URL and its data folder (operator credentials live there)."""
+    pairs = []
+    if settings.nats_url and settings.nats_url != DEFAULT_NATS_URL:
+        pairs.append(f"SIGNALBOX_NATS_URL={settings.nats_url}")
+    if settings.data_dir.resolve() != Path(".signalbox").resolve():
+        pairs.append(f"SIGNALBOX_DATA_DIR={shlex.quote(str(settings.data_dir.resolve()))}")
+    return "export " + " ".join(pairs) if pairs else ""
 
 
 @app.command()

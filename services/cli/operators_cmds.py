@@ -24,10 +24,8 @@ import time
 from typing import Annotated
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from schemas import (
     AddOperator,
@@ -38,9 +36,9 @@ from schemas import (
     RevokeOperator,
 )
 from services.cli.common import JsonOption, NatsUrlOption, admin_call, clock, parse_duration
-from services.cli.render import to_json
+from services.cli.render import CliTable, Column, print_secret, to_json
 
-__all__ = ["operators_app", "operators_table"]
+__all__ = ["operators_app", "operators_table", "print_operator_added"]
 
 operators_app = typer.Typer(
     help="Named operators: add (admin or viewer), list and revoke their credentials.",
@@ -50,15 +48,17 @@ operators_app = typer.Typer(
 NameArgument = Annotated[str, typer.Argument(help="The operator's name.", show_default=False)]
 
 
-def operators_table(result: OperatorList, now: float) -> Table:
-    """Operator credentials as a Rich table (ids never cut)."""
-    table = Table(title="Operators", box=box.SIMPLE_HEAD)
-    table.add_column("name", no_wrap=True)
-    table.add_column("role", no_wrap=True)
-    table.add_column("credential", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    table.add_column("expires", no_wrap=True)
-    table.add_column("by", overflow="fold")
+def operators_table(result: OperatorList, now: float) -> CliTable:
+    """Operator credentials as a table (names, ids, dates never cut)."""
+    table = CliTable(
+        Column("name"),
+        Column("role"),
+        Column("credential"),
+        Column("status"),
+        Column("expires"),
+        Column("by"),
+        title="Operators",
+    )
     for op in result.operators:
         table.add_row(
             op.name, op.role, op.id, op.status(now), clock(op.expires_at), op.created_by
@@ -93,14 +93,22 @@ def add(
     if json_out:
         typer.echo(to_json(result))
         return
-    console = Console(soft_wrap=True)  # a secret is never cut or folded
+    print_operator_added(Console(soft_wrap=True), result)
+
+
+def print_operator_added(console: Console, result: OperatorAdded) -> None:
+    """What ``operators add`` prints: who, then the credential alone on the next line.
+
+    ``console`` soft-wraps (``soft_wrap=True``): no name, id or date is cut or split.
+    """
     console.print(
         f"operator [bold]{escape(result.operator.name)}[/] ({result.operator.role}), "
         f"credential {result.operator.id}, expires {clock(result.operator.expires_at)}.\n"
-        "Credential (shown once; give it to them as SIGNALBOX_OPERATOR_CREDENTIAL):",
+        "Credential (shown once; give it to them as SIGNALBOX_OPERATOR_CREDENTIAL), "
+        "on the next line:",
         highlight=False,
     )
-    typer.echo(result.token)
+    print_secret(console, result.token)
 
 
 @operators_app.command("list")

@@ -29,11 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
-from rich.table import Table
 from rich.text import Text
 
 from broker.errors import SignalboxError
@@ -68,10 +66,17 @@ from services.cli.common import (
     run,
     who,
 )
+from services.cli.policy_tables import (
+    changes_by_agent_table,
+    changes_table,
+    history_table,
+    policy_fields,
+    policy_ids_table,
+)
 from services.cli.render import to_json
 
 if TYPE_CHECKING:
-    from services.policy.cedar import CedarDecider
+    from services.policy.cedar.decider import CedarDecider
     from services.policy.whatif import WhatIfReport
 
 __all__ = ["policy_app"]
@@ -93,7 +98,7 @@ DirArgument = Annotated[
 
 
 def _read(folder: Path, label: str | None = None) -> PolicyFiles:
-    from services.policy.cedar import read_policy_dir
+    from services.policy.cedar.policy_set import read_policy_dir
 
     try:
         return read_policy_dir(folder, label=label)
@@ -234,22 +239,75 @@ def show(
         return
     r = shown.record
     console = Console()
-    meta = Table(box=box.SIMPLE_HEAD, show_header=False, title=f"Policy set version {r.version}")
-    meta.add_column(style="bold")
-    meta.add_column(overflow="fold")
-    if shown.alarm:
-        meta.add_row("ALARM", Text(shown.alarm, "bold red"))
-        meta.add_row("evaluating", Text(f"{shown.evaluating} (shown below)", "yellow"))
-    meta.add_row("status", Text("active", "green") if shown.active else
-                 Text(f"stored (active: {shown.active_version})", "dim"))  # fmt: skip
-    meta.add_row("label", r.label)
-    meta.add_row("digest", r.digest)
-    meta.add_row("created", f"{clock(r.created_at)} by {r.created_by}")
-    meta.add_row("policies", ", ".join(r.policy_ids))
-    console.print(meta)
+    console.print(policy_fields(shown))
     for name, text in [("schema.cedarschema", r.schema), *sorted(r.files.items())]:
         console.rule(escape(name))
         console.print(text, markup=False, highlight=False)
+
+
+@policy_app.command("export")
+def export(
+    folder: Annotated[
+        Path, typer.Argument(help="Folder to write the set into.", show_default=False)
+    ],
+    version: Annotated[
+        int, typer.Option("--version", min=0, help="This stored version (default: the active one).")
+    ] = 0,
+    example: Annotated[
+        str | None,
+        typer.Option(
+            "--example",
+            help="Write a shipped example instead (the default set plus its files; no server "
+            "needed): lending",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite a folder that already has policies.")
+    ] = False,
+    nats_url: NatsUrlOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Write a policy set to a folder, to edit and `policy apply` again.
+
+    By default the active set of the running control plane (or `--version N`);
+    with `--example NAME` a shipped example, which needs no server. A wheel
+    install has no policies/ folder to copy: start from this.
+    """
+    from services.policy.cedar.policy_set import LABEL_FILE, SCHEMA_FILE, compose_example
+
+    if folder.exists() and any(folder.glob("*.ced*")) and not force:
+        fail(f"{folder} already holds policies; pick an empty folder or pass --force")
+    for stale in folder.glob("*.cedar") if folder.is_dir() else ():
+        stale.unlink()  # with --force the folder becomes exactly the set written
+    if example is not None:
+        try:
+            compose_example(folder, example)
+        except SignalboxError as err:
+            fail(err.message)
+        source = f"example {example!r}"
+    else:
+        shown = admin_call(nats_url, "policy", "show", ShowPolicies(version=version), PolicyShown)
+        record = shown.record
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / SCHEMA_FILE).write_text(record.schema)
+            for name, text in record.files.items():
+                (folder / name).write_text(text)
+            (folder / LABEL_FILE).write_text(record.label + "\n")
+        except OSError as exc:
+            fail(f"cannot write {folder}: {exc}")
+        source = f"version {record.version} ({_version(record.label, record.digest)})"
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    if json_out:
+        typer.echo(json.dumps({"folder": str(folder), "source": source, "files": files}))
+        return
+    console = Console(soft_wrap=True)
+    console.print(f"wrote {source} to {folder}: {', '.join(files)}", markup=False)
+    console.print(
+        f"edit it, then: signalbox policy validate {folder} && signalbox policy apply {folder}",
+        markup=False,
+    )
 
 
 @policy_app.command("history")
@@ -265,22 +323,7 @@ def history(
     if json_out:
         typer.echo(to_json(result))
         return
-    table = Table(title="Policy set versions", box=box.SIMPLE_HEAD)
-    for column in ("version", "active", "label", "digest", "policies"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("created", no_wrap=True)
-    table.add_column("by", overflow="fold")
-    for v in result.versions:
-        table.add_row(
-            str(v.version),
-            Text("active", "green") if v.active else "",
-            v.label,
-            v.digest[:12],
-            str(len(v.policy_ids)),
-            clock(v.created_at),
-            v.created_by,
-        )
-    Console().print(table)
+    Console().print(history_table(result))
 
 
 @policy_app.command("diff")
@@ -319,12 +362,7 @@ def diff(
         console.rule(f"{escape(change.name)} ({change.change})")
         for line in change.diff.splitlines():
             console.print(Text(line, style=styles.get(line[:1], "")), highlight=False)
-    ids = Table(title=f"Policy ids, {result.from_name} -> {result.to_name}", box=box.SIMPLE_HEAD)
-    ids.add_column("change")
-    ids.add_column("policy ids", overflow="fold")
-    ids.add_row(Text("added", "green"), ", ".join(result.added_ids) or "-")
-    ids.add_row(Text("removed", "red"), ", ".join(result.removed_ids) or "-")
-    console.print(ids)
+    console.print(policy_ids_table(result))
 
 
 @policy_app.command("test")
@@ -354,7 +392,8 @@ def test(
     except typer.BadParameter as exc:
         fail(f"--replay-since: {exc}")
     files = _read(folder)
-    from services.policy.cedar import CedarDecider, CedarPolicies
+    from services.policy.cedar.decider import CedarDecider
+    from services.policy.cedar.policy_set import CedarPolicies
 
     try:
         candidate = CedarDecider(
@@ -379,32 +418,9 @@ def test(
     if not report.changes:
         console.print(Text("No decision would change.", style="green"))
         return
-    summary = Table(title="Decisions that would change, by agent", box=box.SIMPLE_HEAD)
-    for column in ("agent", "before", "after", "count"):
-        summary.add_column(column, justify="right" if column == "count" else "left")
-    for (agent, before, after), count in sorted(report.by_agent.items()):
-        summary.add_row(agent, _effect(before), _effect(after), f"{count:,}")
-    console.print(summary)
-    rows = Table(title=f"First {min(show, len(report.changes))} of {len(report.changes):,}",
-                 box=box.SIMPLE_HEAD)  # fmt: skip
-    for column in ("seq", "time", "agent", "action", "resource", "before → after", "why"):
-        rows.add_column(column, overflow="fold")
-    for change in report.changes[:show]:
-        rows.add_row(
-            str(change.seq),
-            clock(change.time),
-            change.agent,
-            change.action,
-            change.resource,
-            Text.assemble(_effect(change.before), " → ", _effect(change.after)),
-            escape(change.reason),
-        )
+    console.print(changes_by_agent_table(report))
     if show:
-        console.print(rows)
-
-
-def _effect(effect: str) -> Text:
-    return Text(effect, style={"allow": "green", "deny": "red"}.get(effect, "yellow"))
+        console.print(changes_table(report, show))
 
 
 async def _replay(

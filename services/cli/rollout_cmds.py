@@ -25,9 +25,7 @@ import re
 from typing import Annotated
 
 import typer
-from rich import box
 from rich.console import Console, Group
-from rich.table import Table
 from rich.text import Text
 
 from schemas import (
@@ -48,7 +46,7 @@ from services.cli.common import (
     parse_duration,
     who,
 )
-from services.cli.render import to_json
+from services.cli.render import CliTable, Column, Fit, to_json
 
 __all__ = ["rollback", "rollout_app", "rollout_view"]
 
@@ -87,26 +85,35 @@ def rollout_view(status: RolloutStatus) -> Group:
     else:
         split = ", ".join(f"{v}={w}%" for v, w in sorted(route.weights.items()) if w)
         guard = route.guard
-        head = Text.from_markup(
-            f"[bold]{status.target}[/]: {split} (stable {route.stable}"
+        # The time comes first on its line: wrapped between words, it is never split.
+        head = Text.assemble(
+            (status.target, "bold"),
+            f": {split} (stable {route.stable}"
             + (f", canary {route.canary}" if route.canary else "")
             + (", sticky" if route.sticky else "")
             + ")\n"
-            + f"last change: {route.reason or 'set'} by {route.changed_by or '?'} at "
-            + clock(route.changed_at)
+            + f"last change at {clock(route.changed_at)} by {route.changed_by or '?'}: "
+            + (route.reason or "set")
             + (
                 f"\nguard: error rate > {guard.max_error_rate:.0%} (or {guard.max_error_ratio:g}x "
                 f"stable), p99 > {guard.max_p99_ratio:g}x, cost/call > "
                 f"{guard.max_cost_ratio:g}x, after {guard.min_calls} calls"
                 if guard
                 else ""
-            )
+            ),
+            no_wrap=False,  # wrapped between words, even on a soft-wrapping console
+            overflow="fold",
         )
-    table = Table(
-        title=f"last {status.window:g}s, every policy replica", box=box.SIMPLE_HEAD
+    table = CliTable(
+        Column("version", Fit.WRAP, min_width=5),
+        Column("weight", justify="right"),
+        Column("health"),
+        *(
+            Column(name, justify="right")
+            for name in ("calls", "errors", "p50 ms", "p99 ms", "$/call")
+        ),
+        title=f"last {status.window:g}s, every policy replica",
     )
-    for name in ("version", "weight", "health", "calls", "errors", "p50 ms", "p99 ms", "$/call"):
-        table.add_column(name, justify="left" if name in ("version", "health") else "right")
     for v in status.versions:
         table.add_row(
             v.version + (" (deprecated)" if v.deprecated else ""),

@@ -33,7 +33,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.text import Text
 
 from broker.codec import decode, encode
 from broker.replies import error_from_reply, is_error
@@ -51,6 +51,7 @@ from services.cli.common import (
     load_settings,
     run,
 )
+from services.cli.render import CliTable, Column, Fit
 
 __all__ = ["gather_health", "probe_command", "status_command"]
 
@@ -110,19 +111,21 @@ def _lag(h: ServiceHealth) -> str:
     return ", ".join(f"{c.pending + c.ack_pending:,}" for c in h.consumers)
 
 
-def health_table(reports: list[ServiceHealth]) -> Table:
-    """One row per replica; ids never cut (they fold)."""
-    table = Table(title="Signalbox services", title_justify="left", pad_edge=False)
-    table.add_column("service", no_wrap=True)
-    table.add_column("instance", overflow="fold")
-    table.add_column("state", no_wrap=True)
-    table.add_column("up", no_wrap=True)
-    table.add_column("audit", overflow="fold")
-    table.add_column("lag", overflow="fold")
+def health_table(reports: list[ServiceHealth]) -> CliTable:
+    """One row per replica; instance ids and hosts never cut."""
+    table = CliTable(
+        Column("service"),
+        Column("instance"),
+        Column("state"),
+        Column("up"),
+        Column("audit", Fit.WRAP, min_width=12),
+        Column("lag", Fit.WRAP, min_width=8),
+        title="Signalbox services",
+    )
     for h in reports:
-        state = "[green]ready[/]" if h.ready else "[bold red]NOT READY[/]"
+        state = Text("ready", "green") if h.ready else Text("NOT READY", "bold red")
         table.add_row(
-            h.service, f"{h.instance}@{escape(h.host)}", state, _ago(h.time - h.started_at),
+            h.service, f"{h.instance}@{h.host}", state, _ago(h.time - h.started_at),
             _audit(h), _lag(h),
         )  # fmt: skip
     return table

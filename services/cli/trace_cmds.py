@@ -211,6 +211,15 @@ def _label(node: TraceNode, start: float) -> Text:
         text.append(f" ({duration:.1f} ms)", style="dim")
     if extra:
         text.append(f"  (+ {', '.join(extra)})", style="dim")
+    return _wrapping(text)
+
+
+def _wrapping(text: Text) -> Text:
+    """``text`` wrapped between words, even on a soft-wrapping console: a tree crops
+    each line of a label to its width (which cut ``gpt-4o-mini`` to ``gpt-4o``), so
+    a label must wrap for a model name, an agent or an id to stay whole."""
+    text.no_wrap = False
+    text.overflow = "fold"
     return text
 
 
@@ -232,7 +241,7 @@ def trace_tree(trace_id: str, roots: Sequence[TraceNode]) -> Tree:
     """
     records = sum(len(n.records) for n in _flatten(roots))
     title = Text.assemble(("trace ", "bold"), trace_id, (f"  ({records} audit records)", "dim"))
-    tree = Tree(title)
+    tree = Tree(_wrapping(title))
     if not roots:
         return tree
     start = min(n.time for n in roots)
@@ -249,7 +258,7 @@ def trace_tree(trace_id: str, roots: Sequence[TraceNode]) -> Tree:
         if branch is None:
             who = root.record.actor
             span = f"span {root.parent_span_id}" if root.parent_span_id else "no parent span"
-            branch = tree.add(Text.assemble((who, "bold"), (f"  ({span})", "dim")))
+            branch = tree.add(_wrapping(Text.assemble((who, "bold"), (f"  ({span})", "dim"))))
             callers[key] = branch
         add(branch, root)
     return tree

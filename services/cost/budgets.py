@@ -31,8 +31,9 @@ Overspend. Usage that no live reservation covers (its reservation expired
 first, it named none, or it cost more than was reserved) is charged all the
 same: the money was spent and the ledger must say so. When such a charge
 leaves a budget's spent plus what others still hold reserved above its
-limit, settlement reports it (:class:`Overspend`) so the service can alert
-and stop the agent: spend never exceeds a hard limit silently.
+limit, settlement reports it (:class:`~services.cost.budget_outcomes.Overspend`)
+so the service can alert and stop the agent: spend never exceeds a hard limit
+silently.
 
 Windows are UTC calendar days or months: a new window is a new row, so spend
 "resets" without anyone resetting it, and past windows stay for ``show``.
@@ -45,8 +46,8 @@ import datetime as dt
 import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final, Literal, cast
+from dataclasses import dataclass
+from typing import Any, Final, cast
 
 from sqlalchemy import BigInteger, Boolean, Float, Index, String, Text, select, text
 from sqlalchemy.engine import Connection, Engine
@@ -55,17 +56,19 @@ from sqlmodel import Field, SQLModel
 from broker.runtime.budgets import BudgetLookup, applicable_keys
 from broker.runtime.sql import table_of
 from schemas import Budget, BudgetCharge, BudgetStatus, BudgetWindow, ReservationState
+from services.cost.budget_outcomes import (
+    BudgetAlert,
+    Grant,
+    Overspend,
+    OverspendCause,
+    Renewal,
+    Settlement,
+)
 from services.cost.prices import NANOS_PER_USD
 
 __all__ = [
-    "BudgetAlert",
     "BudgetLedger",
-    "Grant",
-    "Overspend",
-    "OverspendCause",
-    "Renewal",
     "ReservationRow",
-    "Settlement",
     "WindowRow",
     "window_bounds",
 ]
@@ -162,100 +165,6 @@ def window_bounds(window: BudgetWindow, at: float) -> tuple[int, int]:
     start = dt.datetime(when.year, when.month, 1, tzinfo=dt.UTC)
     days = calendar.monthrange(when.year, when.month)[1]
     return int(start.timestamp()), int(start.timestamp()) + days * 86_400
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetAlert:
-    """A threshold a transaction crossed: audit it (and trip a breaker when ``hard``)."""
-
-    budget: Budget
-    charge: BudgetCharge
-    hard: bool
-
-
-#: Why usage was not covered by a live reservation: the reservation it names had
-#: expired (released) before the report was metered; it named none (or one that is
-#: not its agent's, or already settled); it cost more than its reservation held.
-OverspendCause = Literal["expired_reservation", "unreserved", "over_reservation"]
-
-
-@dataclass(frozen=True, slots=True)
-class Overspend:
-    """A usage row whose uncovered cost took a budget past its hard limit.
-
-    Past: the window's spent plus what other reservations still hold is above
-    the limit once the row is charged (those reservations were granted against
-    room this usage took, so their settlements will overrun it too).
-
-    Attributes:
-        budget: The budget overrun.
-        charge: Its window right after this row was charged.
-        agent: The agent whose usage report it was.
-        report_id: The usage report.
-        reservation_id: The reservation the report named ("" for none).
-        cause: See :data:`OverspendCause`.
-        cost_nanos: What the report cost.
-        uncovered_nanos: The part of it no live reservation held.
-    """
-
-    budget: Budget
-    charge: BudgetCharge
-    agent: str
-    report_id: str
-    reservation_id: str
-    cause: OverspendCause
-    cost_nanos: int
-    uncovered_nanos: int
-
-
-@dataclass(slots=True)
-class Settlement:
-    """Outcome of :meth:`BudgetLedger.settle`.
-
-    Attributes:
-        alerts: Thresholds crossed (audit them; trip breakers on hard ones).
-        unreserved: ``(agent, report id)`` of rows that some budget applies
-            to but that settled no open reservation of their agent: charged
-            all the same, and flagged.
-        expired: ``(agent, report id)`` of the ``unreserved`` rows whose
-            reservation (their agent's) had expired before they were metered.
-        overspends: Rows whose uncovered cost took a budget past its limit,
-            in the order they were charged.
-    """
-
-    alerts: list[BudgetAlert] = field(default_factory=list)
-    unreserved: list[tuple[str, str]] = field(default_factory=list)
-    expired: list[tuple[str, str]] = field(default_factory=list)
-    overspends: list[Overspend] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class Renewal:
-    """Outcome of :meth:`BudgetLedger.renew` for a reservation of the asking agent.
-
-    Attributes:
-        state: ``open``, ``settled`` or ``expired`` (only an open one is renewed).
-        expires_at: Its expiry after this renewal.
-        renewed: This renewal moved the expiry.
-        capped: The expiry is at the reservation's longest life.
-    """
-
-    state: ReservationState
-    expires_at: float
-    renewed: bool = False
-    capped: bool = False
-
-
-@dataclass(slots=True)
-class Grant:
-    """Outcome of :meth:`BudgetLedger.reserve`."""
-
-    granted: bool
-    charges: list[BudgetCharge] = field(default_factory=list)
-    refused: BudgetCharge | None = None
-    #: The refused budget had no room even without this call (spent >= limit).
-    exhausted: bool = False
-    alerts: list[BudgetAlert] = field(default_factory=list)
 
 
 def _usd(nanos: int) -> float:
@@ -416,8 +325,8 @@ class BudgetLedger:
 
         Rows are charged in report-time order. A row's cost that no live
         reservation held (all of it, or what it cost beyond its reservation)
-        is an :class:`Overspend` on every budget whose spent plus reserved
-        amounts it leaves above the limit.
+        is an :class:`~services.cost.budget_outcomes.Overspend` on every budget
+        whose spent plus reserved amounts it leaves above the limit.
         """
         ids = sorted({r["reservation_id"] for r in usage if r.get("reservation_id")})
         known: dict[str, Any] = {}

@@ -5,11 +5,13 @@ a SQLite file under the data dir, or PostgreSQL), in tables of its own::
 
     cost_usage   one row per (agent, report id): the report's fields, the team,
                  project and delegating agents it was charged to (never the
-                 report's word: see services.cost.service), what the report
+                 report's word: see services.cost.metering), what the report
                  named but was not honoured (``ignored_project``,
                  ``dropped_on_behalf_of``), its cost in nano-dollars, hour and
-                 day buckets, whether the fallback price was used, and whether
-                 a budget applied but no reservation was settled (``unreserved``)
+                 day buckets, whether the fallback price was used, whether
+                 a budget applied but no reservation was settled (``unreserved``),
+                 and the caller it was made for (``caller``, ``caller_team``:
+                 NULL for usage made on behalf of no one)
 
 Exactly once. The primary key is ``(agent, id)``: the report id is the
 ``Nats-Msg-Id`` the SDK sends, scoped to the agent the subject proves (so one
@@ -48,6 +50,7 @@ from sqlalchemy import (
     case,
     false,
     func,
+    literal_column,
     or_,
     select,
     text,
@@ -60,8 +63,10 @@ from broker.errors import ConfigError
 from broker.runtime.budgets import BudgetLookup
 from broker.runtime.sql import add_missing_columns, make_engine
 from schemas import CostGroup, CostReport, CostRow, UsageReport
+from schemas.cost import DIRECT_CALLER
+from services.cost.budget_outcomes import BudgetAlert
 from services.cost.budgets import TABLES as BUDGET_TABLES
-from services.cost.budgets import BudgetAlert, BudgetLedger
+from services.cost.budgets import BudgetLedger
 from services.cost.prices import NANOS_PER_USD, Prices
 
 __all__ = ["UsageRow", "UsageStore"]
@@ -125,6 +130,11 @@ class UsageRow(SQLModel, table=True):
     dropped_on_behalf_of: str = Field(
         default="", sa_type=Text, sa_column_kwargs={"server_default": ""}
     )
+    #: The agent whose call this usage was made while serving: the last delegating agent
+    #: of the chain the policy service signed (NULL: none, or metered before this column).
+    caller: str | None = Field(default=None, sa_type=_Key, nullable=True)
+    #: The team ``caller`` was bound to when the usage was metered ("" unknown; NULL: no caller).
+    caller_team: str | None = Field(default=None, sa_type=_Key, nullable=True)
 
 
 _U: Table = UsageRow.__table__  # type: ignore[attr-defined]
@@ -133,6 +143,8 @@ _LATER_COLUMNS: Final[dict[str, Any]] = {
     "unreserved": False,
     "ignored_project": "",
     "dropped_on_behalf_of": "",
+    "caller": None,
+    "caller_team": None,
 }
 #: Columns settlement reads back of the rows a metering transaction inserted.
 _INSERTED: Final = (
@@ -201,6 +213,8 @@ class UsageStore:
         on_behalf_of: Sequence[str] | None = None,
         ignored_project: str = "",
         dropped_on_behalf_of: Sequence[str] = (),
+        caller: str | None = None,
+        caller_team: str | None = None,
     ) -> dict[str, Any]:
         """The row recording ``report`` (costed with :attr:`prices`).
 
@@ -212,6 +226,8 @@ class UsageStore:
             on_behalf_of: The delegating agents charged (default: the report's).
             ignored_project: The project the report named but is not charged.
             dropped_on_behalf_of: Agents the report named but are not charged.
+            caller: The agent whose call the usage was made while serving (verified).
+            caller_team: ``caller``'s bound team (with ``caller`` only).
         """
         priced = self.prices.cost(
             report.model, report.input_tokens, report.output_tokens, report.cached_tokens
@@ -242,6 +258,8 @@ class UsageStore:
             "unreserved": False,
             "ignored_project": ignored_project,
             "dropped_on_behalf_of": ",".join(dropped_on_behalf_of),
+            "caller": caller,
+            "caller_team": caller_team if caller is not None else None,
         }
 
     def record(
@@ -255,7 +273,7 @@ class UsageStore:
         with ``unreserved`` set, and marked so in ``rows`` too (``row["unreserved"]``;
         ``row["reservation_expired"]`` when the reservation they named had
         expired). Rows whose uncovered cost took a budget past its limit carry
-        their :class:`~services.cost.budgets.Overspend` records in
+        their :class:`~services.cost.budget_outcomes.Overspend` records in
         ``row["overspends"]`` (alert on them, stop the agent).
         """
         if not rows:
@@ -362,8 +380,12 @@ class UsageStore:
         return [dict(zip(_INSERTED, r, strict=True)) for r in conn.exec_driver_sql(sql, params)]
 
     def report(self, by: CostGroup, since: float | None, until: float | None) -> CostReport:
-        """Totals per ``by`` over ``[since, until)``, most expensive first, and the total."""
-        key = _U.c[by]
+        """Totals per ``by`` over ``[since, until)``, most expensive first, and the total.
+
+        ``caller``/``caller_team``: usage made on behalf of no caller is the group
+        :data:`~schemas.cost.DIRECT_CALLER`.
+        """
+        key = _group_key(by)
         sums = _sums()
         conditions = []
         if since is not None:
@@ -384,6 +406,19 @@ class UsageStore:
             total=total_row,
             prices_as_of=self.prices.as_of,
         )
+
+
+def _group_key(by: CostGroup) -> Any:
+    """The column (or expression) a report groups by."""
+    # Constants inline, not bound: PostgreSQL matches a SELECT expression to its GROUP BY
+    # textually, and two bound parameters ($1, $2) would not match.
+    direct = literal_column(f"'{DIRECT_CALLER}'", String)
+    if by == "caller":
+        return func.coalesce(_U.c.caller, direct)
+    if by == "caller_team":
+        team = func.coalesce(_U.c.caller_team, literal_column("''", String))
+        return case((_U.c.caller.is_(None), direct), else_=team)
+    return _U.c[by]
 
 
 def _sums() -> tuple[Any, ...]:

@@ -124,7 +124,7 @@ async def show_canary(
     console.print(rollout_view(status))
     served = {STABLE: 0, CANARY: 0}
     # 2.0.0's failures are the story here, not news: keep their tracebacks out of it.
-    sdk_log = logging.getLogger("broker.agent")
+    sdk_log = logging.getLogger("broker.serving")
     level = sdk_log.level
     sdk_log.setLevel(logging.CRITICAL)
     try:

@@ -2,8 +2,9 @@
 
 Steps (each printed under its own heading):
 
-1. start the embedded nats-server and the four services with the shipped Cedar
-   policies (``policies/``: deny by default, permits for this lending desk);
+1. start the embedded nats-server and the four services with the default Cedar
+   set and the lending example (``policies/examples/lending``: deny by default,
+   permits for this lending desk);
 2. the agents register (the registry lists them; discovery finds the pii-tagged ones);
 3. allowed calls: loan-origination scores and screens applications, then decides;
 4. a customer question, answered by customer-support from policy documents;
@@ -22,8 +23,6 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-import nats
-from nats.aio.client import Client
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.panel import Panel
@@ -31,27 +30,16 @@ from rich.table import Table
 from rich.text import Text
 
 from broker.connection import connect
-from broker.errors import CallDenied, SignalboxError, UnknownTarget
 from broker.runtime.identity import operator_connect_options
 from broker.runtime.jetstream import AUDIT_STREAM
 from broker.settings import Settings
-from broker.subjects import Subjects, inbox_prefix
-from schemas import (
-    ApprovalList,
-    ApprovalRequest,
-    AuditEvent,
-    DecideApproval,
-    Enrolled,
-    ListApprovals,
-)
+from broker.subjects import Subjects
+from schemas import Enrolled
 from services.cli.client import admin_request, list_agents
-from services.cli.render import KIND_STYLES, agents_table, audit_table
-from services.cli.trace_cmds import build_tree, trace_tree
+from services.cli.render import agents_table, audit_table
 from services.demo.agents import (
     AGENT_NAMES,
     Answer,
-    CreditRequest,
-    DemoAgents,
     FraudReport,
     FraudRequest,
     LoanApplication,
@@ -68,11 +56,17 @@ from services.demo.fleet_ops import (
     show_canary,
     show_runaway,
 )
-from services.policy.cedar import CedarDecider, shipped_policy_dir
-from services.policy.decider import H_ESTIMATED_TOKENS
+from services.demo.guardrails import (
+    show_denied,
+    show_impostor,
+    show_policy_examples,
+    show_unknown,
+)
+from services.demo.trail import show_chain, show_replay_and_trace
+from services.policy.cedar.decider import CedarDecider
+from services.policy.cedar.policy_set import compose_example
 from services.policy.service import PolicyService
 from services.runner import Stack
-from services.tracing.chain import GENESIS, record_hash
 from services.tracing.reader import audit_filter, read
 
 __all__ = ["APPLICATIONS", "QUESTIONS", "run_demo"]
@@ -152,12 +146,13 @@ def _step(console: Console, number: int, title: str, note: str = "") -> None:
 async def _run(console: Console, data_dir: Path) -> int:
     started = time.perf_counter()
     console.rule("[bold cyan]Signalbox demo[/] · a lending desk run by four AI agents")
-    # The shipped policies: policies/lending-demo.cedar permits this desk's calls.
+    # The lending example on the default set (policies/examples/lending permits this
+    # desk's calls); a fresh `signalbox up` activates the default set alone.
     settings = Settings(
         nats_url=None,
         data_dir=data_dir,
         nats_port=0,
-        policy_dir=shipped_policy_dir(),
+        policy_dir=compose_example(data_dir / "policies", "lending"),
         # Seconds instead of minutes, so the demo's runaway agent and failing canary
         # are caught while you watch (the defaults: 10 s window, 10 min baseline).
         breaker_rate_window=1.0,
@@ -251,7 +246,7 @@ async def _run(console: Console, data_dir: Path) -> int:
             "A denied call: customer-support asks credit-check for a credit score",
             "Credit files are tagged pii; no policy lets customer-support call credit-check.",
         )
-        denied_ok = await _show_denied(console, agents)
+        denied_ok = await show_denied(console, agents)
 
         _step(
             console,
@@ -261,7 +256,9 @@ async def _run(console: Console, data_dir: Path) -> int:
             "customer-support (EU data residency) may only use EU model endpoints; an "
             "invocation estimated over 10,000 tokens waits for a human's approval.",
         )
-        examples_ok = await _show_policy_examples(console, agents, nc, subjects)
+        examples_ok = await show_policy_examples(
+            console, agents, nc, subjects, APPLICATIONS[0]
+        )
 
         _step(
             console,
@@ -270,14 +267,14 @@ async def _run(console: Console, data_dir: Path) -> int:
             "A plain nats-py client holding customer-support's credential tries to call as "
             "loan-origination and to read credit-check's calls; no Signalbox code is asked.",
         )
-        impostor_ok = await _show_impostor(console, url, credentials["customer-support"])
+        impostor_ok = await show_impostor(console, url, credentials["customer-support"])
 
         _step(
             console,
             8,
             "An unknown target: loan-origination asks mortgage-pricing for a quote",
         )
-        unknown_ok = await _show_unknown(console, agents)
+        unknown_ok = await show_unknown(console, agents)
         desk_records = _emitted(stack) - emitted_before
 
         _step(
@@ -338,7 +335,7 @@ async def _run(console: Console, data_dir: Path) -> int:
                 subject=console.width >= 150,
             )
         )
-        trail_ok = _show_chain(console, events, expected)
+        trail_ok = show_chain(console, events, expected)
 
         _step(
             console,
@@ -347,7 +344,7 @@ async def _run(console: Console, data_dir: Path) -> int:
             "Every record carries its trace and span ids; `signalbox trace <id>` rebuilds a "
             "call's tree from them (here: the call that waited for a human).",
         )
-        traced_ok = _show_replay_and_trace(console, events)
+        traced_ok = show_replay_and_trace(console, events)
 
     ok = (
         denied_ok
@@ -485,238 +482,3 @@ def _answer_panel(question: str, answer: Answer) -> Panel:
         subtitle_align="right",
         border_style="green",
     )
-
-
-async def _show_denied(console: Console, agents: DemoAgents) -> bool:
-    try:
-        await agents.support.call(
-            "credit-check",
-            "score",
-            CreditRequest(applicant_id="A-1815", annual_income=96_000, monthly_debt=650),
-        )
-    except CallDenied as err:
-        grid = Table.grid(padding=(0, 2))
-        grid.add_column(style="bold")
-        grid.add_column()
-        grid.add_row("error", f"{type(err).__name__} (code {err.code!r})")
-        grid.add_row("message", escape(err.message))
-        grid.add_row("policy ids", ", ".join(err.details.get("policy_ids") or ()))
-        grid.add_row("policy version", str(err.details.get("policy_version", "")))
-        console.print(Panel(grid, title="[bold red]Denied[/]", border_style="red"))
-        return True
-    console.print("[bold red]unexpected:[/] the call was allowed; the policies were not applied")
-    return False
-
-
-async def _show_policy_examples(
-    console: Console, agents: DemoAgents, nc: Client, subjects: Subjects
-) -> bool:
-    """The three example policies of ``policies/``, one outcome each, in one table."""
-    table = Table(title="Policy examples (policies/*.cedar)")
-    for column in ("who", "asks", "outcome", "policy ids"):
-        table.add_column(column, overflow="fold")
-    ok = True
-
-    # 1. finance namespace: only pci-dss capabilities (credit-check.score is tagged pii).
-    try:
-        await agents.fraud.call("credit-check", "score", CreditRequest(
-            applicant_id="A-1815", annual_income=96_000, monthly_debt=650))  # fmt: skip
-        table.add_row("fraud-detection", "credit-check.score", "[bold red]allowed?![/]", "")
-        ok = False
-    except CallDenied as err:
-        table.add_row(
-            "fraud-detection (finance)", "call credit-check.score (pii)", "[red]denied[/]",
-            ", ".join(err.details.get("policy_ids") or ()),
-        )  # fmt: skip
-
-    # 2. EU data residency: model endpoints in the EU only.
-    for region in ("us-east-1", "eu-west-1"):
-        decision = await agents.support.authorize(
-            "use_model", "gpt-4o", provider="openai", region=region, estimated_tokens=800
-        )
-        expected = "deny" if region.startswith("us") else "allow"
-        ok = ok and decision.effect == expected
-        style = "green" if decision.effect == "allow" else "red"
-        table.add_row(
-            "customer-support (EU)", f"use gpt-4o in {region}",
-            f"[{style}]{decision.effect}[/]", ", ".join(decision.policy_ids),
-        )  # fmt: skip
-
-    # 3. Over 10,000 estimated tokens: parked until an operator approves.
-    app = APPLICATIONS[0]
-    parked = asyncio.ensure_future(
-        agents.loans.call(
-            "fraud-detection",
-            "check",
-            FraudRequest(
-                application_id=app.application_id, email=app.email, country=app.country,
-                ip_country=app.ip_country, amount=app.amount, annual_income=app.annual_income,
-            ),
-            returns=FraudReport,
-            timeout=10.0,
-            headers={H_ESTIMATED_TOKENS: "24000"},
-        )
-    )  # fmt: skip
-    pending: tuple[ApprovalRequest, ...] = ()
-    for _ in range(200):
-        listed = await admin_request(
-            nc, subjects, "list", ListApprovals(), ApprovalList, service="approvals"
-        )
-        pending = tuple(a for a in listed.approvals if a.caller == "loan-origination")
-        if pending or parked.done():
-            break
-        await asyncio.sleep(0.02)
-    if not pending:
-        parked.cancel()
-        table.add_row("loan-origination", "fraud-detection.check, 24,000 tokens",
-                      "[bold red]not parked?![/]", "")  # fmt: skip
-        console.print(table)
-        return False
-    request = pending[0]
-    table.add_row(
-        "loan-origination", "call fraud-detection.check, ~24,000 tokens",
-        f"[yellow]needs approval[/] (request {request.id[:8]}…)",
-        ", ".join(request.policy_ids),
-    )  # fmt: skip
-    await admin_request(
-        nc, subjects, "approve",
-        DecideApproval(id=request.id, reason="demo: checked by a human", requested_by="demo"),
-        ApprovalRequest, service="approvals",
-    )  # fmt: skip
-    report = await parked
-    table.add_row(
-        "operator (demo)", f"approve {request.id[:8]}…",
-        f"[green]approved[/]: the call went through (fraud risk {report.risk:.2f})", "",
-    )  # fmt: skip
-    console.print(table)
-    return ok
-
-
-async def _show_impostor(console: Console, url: str, credential: str) -> bool:
-    """Try what customer-support's credential must not allow; show the server's refusals."""
-    refusals: list[str] = []
-    got_one = asyncio.Event()
-
-    async def on_error(exc: Exception) -> None:
-        if "permissions violation" in str(exc).lower():
-            refusals.append(str(exc).removeprefix("nats: "))
-            got_one.set()
-
-    nc = await nats.connect(
-        url,
-        token=credential,
-        inbox_prefix=inbox_prefix("customer-support"),
-        error_cb=on_error,
-        allow_reconnect=False,
-    )
-    attempts = [
-        ("call credit-check.score as loan-origination",
-         nc.publish("sb.out.loan-origination.credit-check.score", b"{}")),
-        ("read credit-check's incoming calls", nc.subscribe("sb.in.credit-check.>")),
-        ("read the audit stream", nc.subscribe("sb.audit.>")),
-        ("enroll a new agent", nc.publish("sb.admin.registry.enroll", b"{}")),
-    ]  # fmt: skip
-    table = Table(title="customer-support's credential, used by a plain nats-py client")
-    table.add_column("attempt")
-    table.add_column("the NATS server says", style="red")
-    refused = 0
-    try:
-        for what, attempt in attempts:
-            got_one.clear()
-            before = len(refusals)
-            await attempt
-            try:
-                await asyncio.wait_for(got_one.wait(), 2.0)
-            except TimeoutError:
-                table.add_row(what, "[bold]allowed?![/]")
-                continue
-            refused += 1
-            table.add_row(what, escape(refusals[before]))
-    finally:
-        await nc.close()
-    console.print(table)
-    return refused == len(attempts)
-
-
-async def _show_unknown(console: Console, agents: DemoAgents) -> bool:
-    try:
-        await agents.loans.call("mortgage-pricing", "quote", {"amount": 250_000})
-    except UnknownTarget as err:
-        grid = Table.grid(padding=(0, 2))
-        grid.add_column(style="bold")
-        grid.add_column()
-        grid.add_row("error", f"{type(err).__name__} (code {err.code!r})")
-        grid.add_row("message", escape(err.message))
-        console.print(Panel(grid, title="[bold yellow]Unknown target[/]", border_style="yellow"))
-        return True
-    except SignalboxError as err:
-        console.print(f"[bold red]unexpected error:[/] {escape(err.message)}")
-        return False
-    console.print("[bold red]unexpected:[/] a call to an unregistered agent succeeded")
-    return False
-
-
-def _show_chain(console: Console, events: list[AuditEvent], expected: int) -> bool:
-    """Check the records link up (each hash recomputes and names its predecessor)."""
-    ok = len(events) == expected
-    prev = None
-    for event in events:
-        if record_hash(event) != event.hash:
-            ok = False
-            console.print(f"[bold red]record {event.seq}: hash does not match its content")
-        if prev is not None and event.prev_hash != prev.hash:
-            ok = False
-            console.print(f"[bold red]record {event.seq}: not linked to record {prev.seq}")
-        prev = event
-    if len(events) < expected:
-        console.print(
-            f"[bold red]only {len(events)} of {expected} audit events were chained in time"
-        )
-    elif ok and events:
-        first = events[0]
-        origin = "genesis" if first.prev_hash == GENESIS else f"record {first.seq - 1}"
-        console.print(
-            f"[green]✔[/] {len(events)} records, each hash recomputed and linked to the one "
-            f"before it (from {origin}); head {events[-1].hash[:16]}…"
-        )
-    return ok
-
-
-def _show_replay_and_trace(console: Console, events: list[AuditEvent]) -> bool:
-    """A replay summary of the run's records, then the trace tree of the approved call."""
-    by_kind: dict[str, int] = {}
-    effects: dict[str, int] = {}
-    for event in events:
-        by_kind[event.kind] = by_kind.get(event.kind, 0) + 1
-        decided = event.data.get("decision") if event.kind == "decision" else None
-        effect = decided.get("effect") if isinstance(decided, dict) else None
-        if isinstance(effect, str):
-            effects[effect] = effects.get(effect, 0) + 1
-    traces = {e.trace_id for e in events if e.trace_id}
-    summary = Table(title=f"Audit replay of this run: {len(events)} records", title_justify="left")
-    summary.add_column("kind")
-    summary.add_column("records", justify="right")
-    for kind, count in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-        summary.add_row(Text(kind, style=KIND_STYLES.get(kind, "")), str(count))
-    console.print(summary)
-    console.print(
-        f"{len(traces)} traces; decisions: "
-        + ", ".join(f"{k} {v}" for k, v in sorted(effects.items()))
-        + (f"; {_hms(events[0].time)} to {_hms(events[-1].time)}" if events else "")
-    )
-    parked = [
-        e for e in events
-        if e.kind == "decision" and (e.data.get("decision") or {}).get("effect") == "needs_approval"
-    ]  # fmt: skip
-    if not parked or not parked[0].trace_id:
-        console.print("[bold red]no traced call needing approval in the trail")
-        return False
-    trace_id = parked[0].trace_id
-    roots = build_tree(e for e in events if e.trace_id == trace_id)
-    console.print(trace_tree(trace_id, roots))
-    console.print(f"[dim]signalbox trace {trace_id} prints the same from a running system[/]")
-    return len(roots) == 1 and bool(roots[0].children)
-
-
-def _hms(t: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"

@@ -45,11 +45,12 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
@@ -57,8 +58,9 @@ from broker.codec import decode, encode
 from broker.diagnostics import cancel_and_wait
 from broker.errors import CallDenied, Conflict, NotFound, SchemaError
 from broker.replies import error_reply
+from broker.runtime.desk import EndpointSpec, ServiceHost, declare_endpoint
 from broker.runtime.jetstream import KV_APPROVALS, bucket_keys
-from broker.runtime.service import ServiceHost
+from broker.telemetry import inject
 from schemas import (
     ApprovalList,
     ApprovalRequest,
@@ -67,6 +69,7 @@ from schemas import (
     Decision,
     ListApprovals,
 )
+from services.policy.deadlines import requested_timeout
 from services.policy.stats import PolicyStats
 
 #: Forwards a parked call an operator approved (the policy service's relay).
@@ -136,8 +139,7 @@ class ApprovalDesk:
     """Parks calls, watches ``sb_approvals`` and answers ``sb.admin.approvals.<op>``.
 
     Args:
-        service: The service it lives in (connection, audit, subjects).
-        kv: The ``sb_approvals`` bucket.
+        service: The service it lives in (connection, audit, subjects, settings).
         forward: Sends an approved call on, as an allowed call.
         stats: The service's counters (``parked``, ``denied``).
     """
@@ -145,13 +147,13 @@ class ApprovalDesk:
     def __init__(
         self,
         service: ServiceHost,
-        kv: KeyValue,
         *,
         forward: Forward,
         stats: PolicyStats,
     ) -> None:
         self.service = service
-        self.kv = kv
+        #: The ``sb_approvals`` bucket (after start).
+        self.kv: KeyValue
         self._forward = forward
         self._stats = stats
         self.parked: dict[str, Parked] = {}
@@ -159,8 +161,18 @@ class ApprovalDesk:
         self._watch: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def endpoints(self) -> Sequence[EndpointSpec[Any]]:
+        """``sb.admin.approvals.<op>``."""
+        admin = self.service.subjects.admin
+        return (
+            declare_endpoint(admin("approvals", "list"), ListApprovals, self.list),
+            declare_endpoint(admin("approvals", "approve"), DecideApproval, self.approve),
+            declare_endpoint(admin("approvals", "deny"), DecideApproval, self.deny),
+        )
+
     async def start(self) -> None:
-        """Start watching the bucket (updates only matter for calls parked here)."""
+        """Open the bucket and start watching it (updates only matter for calls parked here)."""
+        self.kv = await self.service.js.key_value(KV_APPROVALS)
         watcher = await self.kv.watch(">", include_history=False, ignore_deletes=True)
         self._watch = asyncio.ensure_future(self._watching(watcher))
 
@@ -174,6 +186,40 @@ class ApprovalDesk:
         self._watch = None
 
     # -- parking -------------------------------------------------------------------------
+
+    async def park_call(
+        self,
+        msg: Msg,
+        call_id: str,
+        approval_id: str,
+        caller: str,
+        target: str,
+        capability: str,
+        trace_id: str,
+        decision: Decision,
+    ) -> None:
+        """Park the call ``msg`` (answered ``needs_approval`` by ``decision``) until an
+        operator decides, at most until just before the caller's deadline."""
+        headers = msg.headers or {}
+        now = time.time()
+        settings = self.service.settings
+        waits = requested_timeout(headers, settings.call_timeout)
+        expires_in = min(waits - expiry_margin(waits), settings.approval_timeout)
+        record = ApprovalRequest(
+            id=approval_id, call_id=call_id, caller=caller, target=target,
+            capability=capability,
+            binding=binding_hash(caller, target, capability, msg.data),
+            requested_at=now, expires_at=now + expires_in,
+            policy_ids=decision.policy_ids, policy_version=decision.policy_version,
+            reasons=decision.reasons,
+        )  # fmt: skip
+        parked = Parked(
+            # (traceparent: the decision span, parent of the delivery once approved)
+            record=record, reply=msg.reply, data=msg.data, headers=inject(dict(headers)),
+            subject=msg.subject, trace_id=trace_id, decision=decision,
+            deadline=now + waits - expiry_margin(waits),
+        )  # fmt: skip
+        await self.park(parked, expires_in)
 
     async def park(self, parked: Parked, expires_in: float) -> None:
         """Store, publish and wait for a decision on ``parked`` (answers the caller later).

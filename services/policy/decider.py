@@ -3,7 +3,7 @@
 :class:`Decider` is the seam: the policy service asks it about every
 mediated call (:class:`CallRequest`) and every model or tool use an agent
 asks about on ``sb.authz.<agent>`` (:class:`UseRequest`), and never cares
-how it decides. The engine is Cedar (:class:`services.policy.cedar.CedarDecider`).
+how it decides. The engine is Cedar (:class:`services.policy.cedar.decider.CedarDecider`).
 
 A decider never raises for a bad request: it denies, with a reason code
 (:data:`REASON_CODES`) saying why. Anything it cannot evaluate is denied

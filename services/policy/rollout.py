@@ -125,8 +125,17 @@ class OutcomeWindow:
 
     def _current(self, now: float) -> _Slot:
         start = now - now % self.slot
-        if not self._slots or self._slots[-1].start < start:
-            self._slots.append(_Slot(start))
+        if self._slots and self._slots[-1].start >= start:
+            return self._slots[-1]
+        if self._slots:
+            # Slots stay contiguous: a snapshot dates them by position from the first, so
+            # a quiet spell is kept as empty slots (else later calls would be dated into
+            # it, and fall before a guard's window). At most the slots kept.
+            maxlen = self._slots.maxlen or 0
+            gap = min(maxlen, round((start - self._slots[-1].start) / self.slot) - 1)
+            for k in range(gap, 0, -1):
+                self._slots.append(_Slot(start - k * self.slot))
+        self._slots.append(_Slot(start))
         return self._slots[-1]
 
     def record(self, version: str, *, ok: bool, latency_ms: float, now: float) -> None:

@@ -31,7 +31,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -44,8 +44,9 @@ from broker.diagnostics import cancel_and_wait
 from broker.errors import Conflict, InvalidInput, NotFound, SignalboxError, TargetUnavailable
 from broker.ids import new_id
 from broker.replies import H_ROUTE_KEY, H_TARGET_VERSION, request
+from broker.runtime.desk import EndpointSpec, ServiceHost, declare_endpoint
+from broker.runtime.jetstream import KV_ROLLOUT_STATS, KV_ROUTES
 from broker.runtime.kvcache import KVCache
-from broker.runtime.service import ServiceHost
 from schemas import (
     AgentRecord,
     CostByVersion,
@@ -76,9 +77,7 @@ class RouteDesk:
     """Resolves routes on the call path, records outcomes, guards canaries, serves operators.
 
     Args:
-        service: The service it lives in (connection, audit, settings).
-        routes: The ``sb_routes`` bucket.
-        stats: The ``sb_rollout_stats`` bucket.
+        service: The service it lives in (connection, JetStream, audit, settings).
         counts: Whether an outcome (error code, seconds the caller allowed) counts
             as the version's failure: the breaker's fairness rule
             (``Guards.errors.counts``), so a guard and a breaker judge alike.
@@ -87,17 +86,19 @@ class RouteDesk:
     def __init__(
         self,
         service: ServiceHost,
-        routes: KeyValue,
-        stats: KeyValue,
         *,
         counts: Callable[[str, float], bool],
+        established: Callable[[str], str] = lambda _target: "",
     ) -> None:
         self.service = service
         self._counts = counts
-        self.kv = routes
-        self.stats_kv = stats
-        self.routes: KVCache[Route] = KVCache(routes, Route)
-        self.figures: KVCache[VersionStats] = KVCache(stats, VersionStats)
+        self._established = established
+        #: The ``sb_routes`` and ``sb_rollout_stats`` buckets and their watched
+        #: copies (after start).
+        self.kv: KeyValue
+        self.stats_kv: KeyValue
+        self.routes: KVCache[Route]
+        self.figures: KVCache[VersionStats]
         self.replica = new_id()[:12]
         self.windows: dict[str, OutcomeWindow] = {}
         self.interval = service.settings.rollout_guard_interval
@@ -106,8 +107,24 @@ class RouteDesk:
         self._costs: dict[str, tuple[float, float, dict[str, float]]] = {}
         self._task: asyncio.Task[None] | None = None
 
+    def endpoints(self) -> Sequence[EndpointSpec[Any]]:
+        """``sb.admin.rollout.<op>``."""
+        admin = self.service.subjects.admin
+        return (
+            declare_endpoint(admin("rollout", "set"), SetRollout, self.set),
+            declare_endpoint(admin("rollout", "promote"), PromoteRollout, self.promote),
+            declare_endpoint(admin("rollout", "rollback"), RollbackRollout, self.rollback),
+            declare_endpoint(admin("rollout", "deprecate"), DeprecateVersion, self.deprecate),
+            declare_endpoint(admin("rollout", "status"), RolloutStatusRequest, self.status),
+        )
+
     async def start(self) -> None:
-        """Load and watch routes and figures; start publishing and guarding."""
+        """Open, load and watch routes and figures; start publishing and guarding."""
+        js = self.service.js
+        self.kv = await js.key_value(KV_ROUTES)
+        self.stats_kv = await js.key_value(KV_ROLLOUT_STATS)
+        self.routes = KVCache(self.kv, Route)
+        self.figures = KVCache(self.stats_kv, VersionStats)
         await self.routes.start()
         await self.figures.start()
         self._task = asyncio.ensure_future(self._loop())
@@ -124,7 +141,8 @@ class RouteDesk:
     # -- call path -------------------------------------------------------------
 
     def resolve(self, target: str, headers: dict[str, str]) -> str:
-        """The version a call to ``target`` goes to ("" when it has no route and no pin).
+        """The version a call to ``target`` goes to: the caller's pin, else the route's pick,
+        else (several versions registered) the established one; "" for any instance.
 
         Raises:
             TargetUnavailable: the call pins a deprecated version.
@@ -140,7 +158,11 @@ class RouteDesk:
                 )
             return pinned
         if route is None:
-            return ""
+            # Several versions and no route: the established one, unless the
+            # deployment opted into "any version" (SIGNALBOX_UNROUTED_VERSIONS=any).
+            if self.service.settings.unrouted_versions == "any":
+                return ""
+            return self._established(target)
         return pick(route, headers.get(H_ROUTE_KEY, ""))
 
     def record(
@@ -192,14 +214,10 @@ class RouteDesk:
     async def _guard(self, now: float) -> None:
         for target in list(self.routes):
             route = self.routes.get(target)
-            if (
-                route is None
-                or route.guard is None
-                or not route.canary
-                or route.weights.get(route.canary, 0) <= 0
-            ):
+            span = _guard_span(route, now)
+            if route is None or route.guard is None or span is None:
                 continue
-            since = max(now - route.guard.window, route.changed_at)
+            since = span[1]
             figures = self.merged(target, since)
             canary = figures.get(route.canary, _NO_FIGURES)
             if canary.calls < route.guard.min_calls:
@@ -483,10 +501,16 @@ class RouteDesk:
         return await self.status(RolloutStatusRequest(target=req.target))
 
     async def status(self, req: RolloutStatusRequest) -> RolloutStatus:
-        """``status``: the route and, per version, calls, p50/p99, error rate, cost per call."""
+        """``status``: the route and, per version, calls, p50/p99, error rate, cost per call.
+
+        While a guard watches a canary, the figures are the ones it weighs
+        (:func:`_guard_span`: its window, from the route's last change at the
+        earliest; cost per call from the cost service over the same span), not
+        ``req.window``'s, so status and guard never disagree.
+        """
         route, _ = await self._current(req.target)
         now = time.time()
-        since = now - req.window
+        window, since = _guard_span(route, now) or (req.window, now - req.window)
         figures = self.merged(req.target, since)
         try:
             known = await self._versions(req.target)
@@ -517,9 +541,21 @@ class RouteDesk:
                     cost_per_call_usd=cost / merged.calls if merged.calls else 0.0,
                 )
             )  # fmt: skip
-        return RolloutStatus(
-            target=req.target, route=route, window=req.window, versions=tuple(rows)
-        )
+        return RolloutStatus(target=req.target, route=route, window=window, versions=tuple(rows))
+
+
+def _guard_span(route: Route | None, now: float) -> tuple[float, float] | None:
+    """The window a route's guard weighs and the time its figures start (None: no guard
+    is watching a canary): the guard's window back from ``now``, never before the
+    route's last change (the split before it is not this canary's)."""
+    if (
+        route is None
+        or route.guard is None
+        or not route.canary
+        or route.weights.get(route.canary, 0) <= 0
+    ):
+        return None
+    return route.guard.window, max(now - route.guard.window, route.changed_at)
 
 
 def _unknown(target: str) -> NotFound:

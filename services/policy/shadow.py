@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas import Decision
-from services.policy.cedar import CedarDecider, CedarPolicies
+from services.policy.cedar.decider import CedarDecider
+from services.policy.cedar.policy_set import CedarPolicies
 from services.policy.decider import AccessRequest, CallRequest
 
 __all__ = ["Shadow", "disagreement"]

@@ -62,7 +62,7 @@ from schemas import (
     PolicySetRecord,
     PolicyVersionInfo,
 )
-from services.policy.cedar import SCHEMA_FILE, CedarPolicies
+from services.policy.cedar.policy_set import SCHEMA_FILE, CedarPolicies
 
 __all__ = [
     "ACTIVE_KEY",

@@ -4,7 +4,7 @@ The policy service audits every decision with its inputs (kind ``decision``:
 caller, target and capability of a mediated call, or the agent, action and
 resource of an ``sb.authz`` question, plus the context: estimated tokens,
 data tags, on-behalf-of chain). :func:`what_if` rebuilds each request from
-such a record, asks a :class:`~services.policy.cedar.CedarDecider` over the
+such a record, asks a :class:`~services.policy.cedar.decider.CedarDecider` over the
 candidate set, and reports every decision whose effect would change
 (allow→deny, deny→allow, anything↔needs_approval), with counts by agent.
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas import AgentRecord, AuditEvent
-from services.policy.cedar import CedarDecider
+from services.policy.cedar.decider import CedarDecider
 from services.policy.decider import AccessRequest, CallRequest, RequestContext, UseRequest
 
 __all__ = ["Change", "WhatIfReport", "request_from_record", "what_if"]

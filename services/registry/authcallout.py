@@ -6,7 +6,7 @@ authorization-request JWT. The responder checks the presented token
 (:class:`~services.registry.credentials.CredentialStore`) and answers with
 an authorization-response JWT signed by the callout issuer key: either a
 user JWT for the agent's account ``SB`` with that agent's permissions
-(:func:`broker.runtime.identity.agent_permissions`) and an expiry of at most
+(:func:`broker.runtime.permissions.agent_permissions`) and an expiry of at most
 ``auth_session_ttl`` seconds (never past the credential's own expiry), or
 an error. The server enforces the permissions from then on; the agent's
 client reconnects when the user JWT expires, and its credential is
@@ -53,13 +53,10 @@ from broker.runtime.identity import (
     AUTH_USER,
     CALLOUT_SUBJECT,
     OPERATOR_TOKEN_PREFIX,
-    Permissions,
     ServerSecrets,
-    agent_permissions,
-    decode_jwt,
-    encode_jwt,
-    operator_permissions,
 )
+from broker.runtime.natsjwt import decode_jwt, encode_jwt
+from broker.runtime.permissions import Permissions, agent_permissions, operator_permissions
 from broker.runtime.throttle import Backoff, Emit, Summarizer
 from broker.settings import Settings
 from broker.subjects import Subjects

@@ -9,7 +9,7 @@ current:
   the write transaction left them (:meth:`AgentIndex.replace`), under the
   replica's per-name lock, so the copy never goes back to an older state;
 * on every change another replica makes: replicas publish a
-  :class:`RegistryChange` on the core subject ``sb.registry.changed``
+  :class:`~schemas.RegistryChange` on the core subject ``sb.registry.changed``
   (:attr:`broker.subjects.Subjects.registry_changes`) after each commit,
   naming what changed, and every other replica re-reads those names.
   Heartbeats travel the same way, in batches, after the heartbeat flusher
@@ -57,39 +57,13 @@ from schemas import (
     AgentRecord,
     DiscoverAgents,
     DiscoverResult,
-    Wire,
 )
-from services.registry.store import (
-    Cutoffs,
-    StoredVersion,
-    check_range,
-    decode_cursor,
-    encode_cursor,
-    in_range,
-    not_found,
-    version_rank,
-)
+from services.registry.cursor import decode_cursor, encode_cursor
+from services.registry.liveness import Cutoffs
+from services.registry.records import StoredVersion, not_found
+from services.registry.versions import check_range, in_range, version_rank
 
-__all__ = ["AgentIndex", "RegistryChange"]
-
-
-class RegistryChange(Wire, frozen=True, tag="registry_change.v1"):
-    """What one registry replica tells the others after it changed the store.
-
-    Published on ``sb.registry.changed`` (core NATS, services only: agents
-    may not publish there).
-
-    Attributes:
-        origin: Id of the sending replica (a replica ignores its own events).
-        seq: The sender's event number, 1, 2, 3...: a gap means events were lost.
-        names: Agent names whose versions changed (re-read them from the store).
-        beats: Heartbeats the sender has written to the store (latest wins).
-    """
-
-    origin: str
-    seq: int
-    names: tuple[str, ...] = ()
-    beats: tuple[AgentInstance, ...] = ()
+__all__ = ["AgentIndex"]
 
 
 _Key = tuple[str, str]
@@ -284,6 +258,11 @@ class AgentIndex:
                 self._beat(entry, inst)
                 applied += 1
         return applied
+
+    def leave(self, name: str, version: str, instance: str) -> bool:
+        """Forget one instance that shut down; whether the index had it."""
+        entry = self._by_version.get((name, version))
+        return entry is not None and entry.instances.pop(instance, None) is not None
 
     def prune(self, *, before: float) -> int:
         """Forget instances not heard from since ``before``; returns how many."""

@@ -8,7 +8,7 @@ credential of their own, ``signalbox operators add NAME --role admin|viewer``:
   knows which subjects to use; the 256-bit secret is shown once and stored
   only as its SHA-256, like an agent's credential;
 * the auth callout answers a connection presenting it with a user JWT whose
-  permissions are :func:`broker.runtime.identity.operator_permissions` for that name
+  permissions are :func:`broker.runtime.permissions.operator_permissions` for that name
   and role: publish ``sb.admin.<service>.<op>.<name>`` only (every operation
   for ``admin``, the read-only ones for ``viewer``), subscribe
   ``_INBOX.operator.<name>.>`` only;

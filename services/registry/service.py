@@ -6,7 +6,8 @@ truth. Each replica answers discovery, list and get from an in-memory copy
 (:mod:`services.registry.index`), kept current from its own writes and, across
 replicas, through the change feed ``sb.registry.changed``. The KV bucket
 ``sb_agents`` mirrors the highest registered version of each agent so the
-other services watch it instead of querying.
+other services watch it instead of querying. Both are kept current by
+:mod:`services.registry.replication`.
 
 Endpoints (request-reply, queue group ``sb-registry``)::
 
@@ -37,24 +38,16 @@ PostgreSQL, every call goes to a worker thread. Full scans always do.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
-import nats.js.errors
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.js.kv import KV_DEL, KV_OP, KeyValue
+from nats.js.kv import KeyValue
 
-from broker.codec import decode, encode
-from broker.connection import sync_connection
 from broker.diagnostics import cancel_and_wait
-from broker.errors import IdentityMismatch, InvalidReplySubject, NotFound, SignalboxError
-from broker.ids import new_id
-from broker.runtime.jetstream import KV_AGENTS
+from broker.errors import IdentityMismatch, InvalidInput, InvalidReplySubject, NotFound
 from broker.runtime.service import Service
 from broker.settings import Settings
 from broker.subjects import AGENT_REGISTRY_OPS, Audience
@@ -75,9 +68,11 @@ from schemas import (
 )
 from services.registry.binding import binding_from_manifest
 from services.registry.identity import Identity
-from services.registry.index import AgentIndex, RegistryChange
+from services.registry.index import AgentIndex
 from services.registry.micro import MicroInstance, MicroResponder, instances_from_records
-from services.registry.store import AgentStore, Rebound, StoredVersion, heartbeat_not_found
+from services.registry.records import heartbeat_not_found
+from services.registry.replication import Replication
+from services.registry.store import AgentStore, Rebound
 
 __all__ = ["RegistryService", "capability_tag_changes"]
 
@@ -85,15 +80,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Names re-read from the store per query when a replica catches up on every name.
-_RESYNC_CHUNK: Final = 500
 #: Heartbeats per change event (keeps events far below the server's max_payload).
 _BEATS_PER_EVENT: Final = 256
-#: Attempts at writing the KV mirror of a name when other replicas keep changing it.
-_MIRROR_ATTEMPTS: Final = 20
-#: JetStream error codes of a failed "expected last subject sequence" check.
-_WRONG_LAST_SEQUENCE: Final = (10071, 10164)
-_EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
 
 
 def capability_tag_changes(
@@ -111,10 +99,6 @@ def capability_tag_changes(
     return changed
 
 
-class _MirrorConflict(Exception):
-    """Another replica wrote the KV mirror of a name since we read its revision."""
-
-
 class RegistryService(Service):
     """Answers ``sb.registry.*`` from an in-memory index of the SQL store; mirrors ``sb_agents``."""
 
@@ -122,31 +106,24 @@ class RegistryService(Service):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self._kv: KeyValue | None = None
         self._store: AgentStore | None = None
         self.micro: MicroResponder | None = None
         self._inline_db = False
         self._sqlite_writes = asyncio.Lock()
         #: This replica's copy of the store (see services.registry.index).
         self.index = AgentIndex()
-        #: Id of this replica in the change feed.
-        self.replica_id = new_id()[:22]
-        self._seq = 0
-        self._peers: dict[str, int] = {}
-        self._baseline_until = 0.0
-        self._changes: asyncio.Queue[RegistryChange] = asyncio.Queue()
-        self._changes_sub: Subscription | None = None
+        #: The change feed between replicas and the KV mirror (services.registry.replication).
+        self.replication = Replication(
+            self,
+            self.index,
+            read_versions=lambda names, since: self._db(self.store.snapshot, names, since=since),
+            read_names=lambda: self._db(self.store.names),
+            instances_since=self._instances_since,
+        )
         self._tasks: list[asyncio.Task[None]] = []
         #: Heartbeats answered but not yet written to SQL, latest per instance.
         self._pending: dict[tuple[str, str, str], AgentInstance] = {}
         self._last_prune = 0.0
-        # Index re-reads and mirror writes of one name are serialized, so this
-        # replica never applies an older read of a name over a newer one.
-        self._name_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
-            asyncio.Lock
-        )
-        #: KV revision of each name as of this replica's last mirror write.
-        self._kv_revisions: dict[str, int] = {}
         s = self.subjects
         self.endpoint(s.registry_wildcard("register"), AgentManifest)(self.register)
         self.endpoint(s.registry_wildcard("heartbeat"), Heartbeat)(self.heartbeat)
@@ -178,8 +155,7 @@ class RegistryService(Service):
     @property
     def kv(self) -> KeyValue:
         """The ``sb_agents`` bucket."""
-        assert self._kv is not None, "registry not started"
-        return self._kv
+        return self.replication.kv
 
     @property
     def store(self) -> AgentStore:
@@ -232,23 +208,9 @@ class RegistryService(Service):
         self._inline_db = url.startswith("sqlite")
         self._store = AgentStore(url)
         await asyncio.to_thread(self._store.create_schema)
-        self._kv = await self.js.key_value(KV_AGENTS)
-        # Subscribe to the other replicas' changes before reading the store:
-        # whatever changes after the read arrives as an event (queued until
-        # the index is loaded, then applied).
-        self._changes_sub = await self.nc.subscribe(
-            self.subjects.registry_changes, cb=self._on_change, pending_msgs_limit=1_000_000
-        )
-        await sync_connection(self.nc)
-        # A full scan: off the event loop, whatever the database.
-        versions = await asyncio.to_thread(self.store.snapshot, since=self._instances_since())
-        self.index.replace_many((), versions)
-        loop = asyncio.get_running_loop()
-        # Replicas already running are learnt from their first event; each sends
-        # one per flush interval, so after two intervals every live one is known.
-        self._baseline_until = loop.time() + 2 * self.settings.heartbeat_flush_interval
+        await self.replication.start(self._load_index)
         self._tasks = [
-            asyncio.ensure_future(self._apply_changes()),
+            asyncio.ensure_future(self.replication.apply_changes()),
             asyncio.ensure_future(self._flush_periodically()),
         ]
         # Registered agents answer the standard NATS micro discovery protocol.
@@ -257,6 +219,12 @@ class RegistryService(Service):
         # Agent credentials and the NATS auth callout (services.registry.identity).
         await self.identity.start(self.store.engine)
         await self._seed_bindings()
+
+    async def _load_index(self) -> None:
+        """Load the index from the store (every name)."""
+        # A full scan: off the event loop, whatever the database.
+        versions = await asyncio.to_thread(self.store.snapshot, since=self._instances_since())
+        self.index.replace_many((), versions)
 
     async def _seed_bindings(self) -> None:
         """Bind agents enrolled before bindings existed to what they registered last.
@@ -305,10 +273,7 @@ class RegistryService(Service):
                 await self.flush_heartbeats()
             except Exception:
                 log.exception("registry: the last heartbeat flush failed")
-        if self._changes_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._changes_sub.unsubscribe()
-            self._changes_sub = None
+        await self.replication.close()
         if self._store is not None:
             await asyncio.to_thread(self._store.close)
 
@@ -389,14 +354,14 @@ class RegistryService(Service):
                 namespace, region, project or tags than the agent's binding.
             Conflict: the name belongs to another owner.
         """
-        async with self._name_locks[manifest.name]:
+        async with self.replication.name_lock(manifest.name):
             done = await self._write(
                 self.store.register_and_read,
                 manifest,
                 now=time.time(),
                 bound=self.identity.enforced,
             )
-            await self._committed(manifest.name, done.versions)
+            await self.replication.committed(manifest.name, done.versions)
         stored = done.record.manifest
         data: dict[str, Any] = {
             "op": "register",
@@ -429,12 +394,12 @@ class RegistryService(Service):
         Called by :class:`~services.registry.identity.Identity` for
         ``sb.admin.registry.bind`` and enrollments that bind, which audit it.
         """
-        async with self._name_locks[name]:
+        async with self.replication.name_lock(name):
             rebound = await self._write(
                 self.store.bind_and_read, name, changes, by=by, now=time.time()
             )
             if rebound.rewritten:
-                await self._committed(name, rebound.versions)
+                await self.replication.committed(name, rebound.versions)
         return rebound
 
     async def _deregister_self(self, request: DeregisterAgent) -> AgentRecord:
@@ -457,12 +422,15 @@ class RegistryService(Service):
 
         Raises:
             NotFound: no such agent (or not that version).
+            InvalidInput: an instance without its version.
         """
-        async with self._name_locks[request.name]:
+        if request.instance is not None:
+            return await self._leave(request, subject=subject)
+        async with self.replication.name_lock(request.name):
             removed, versions = await self._write(
                 self.store.deregister_and_read, request.name, request.version
             )
-            await self._committed(request.name, versions)
+            await self.replication.committed(request.name, versions)
         await self.audit.emit(
             "registry",
             actor=request.name,
@@ -484,6 +452,23 @@ class RegistryService(Service):
             )
         return removed[-1]
 
+    async def _leave(self, request: DeregisterAgent, *, subject: str) -> AgentRecord:
+        """One instance of a version shut down: forget it everywhere, keep the version."""
+        if request.version is None or request.instance is None:
+            raise InvalidInput("an instance leaves one version: give the version too")
+        name, version, instance = request.name, request.version, request.instance
+        gone = AgentInstance(name=name, version=version, instance=instance, last_heartbeat=0.0)
+        async with self.replication.name_lock(name):
+            versions = await self._write(self.store.leave, name, version, instance)
+            # A beat of it still waiting for the flush would bring it back.
+            self._pending.pop((name, version, instance), None)
+            await self.replication.committed(name, versions, left=(gone,))
+        what = {"op": "leave", "name": name, "version": version, "instance": instance}
+        by = "agent" if subject else "operator"
+        where = subject or self.subjects.admin("registry", "deregister")
+        await self.audit.emit("registry", actor=name, subject=where, data={**what, "by": by})
+        return await self.get(GetAgent(name=name, version=version))
+
     async def heartbeat(self, beat: Heartbeat) -> AgentRecord:
         """Record that an instance is alive (in memory now, in SQL at the next flush).
 
@@ -501,7 +486,7 @@ class RegistryService(Service):
         record = self.index.beat(inst, stale_after=stale_after)
         if record is None:
             # Registered through another replica whose event has not arrived yet?
-            await self._refresh([beat.name])
+            await self.replication.refresh([beat.name])
             record = self.index.beat(inst, stale_after=stale_after)
             if record is None:
                 raise heartbeat_not_found(beat.name, beat.version)
@@ -531,7 +516,7 @@ class RegistryService(Service):
             # beat was answered gets that beat's instance in SQL too).
             self.index.merge_beats(beats)
         for start in range(0, max(len(beats), 1), _BEATS_PER_EVENT):
-            await self._announce(beats=beats[start : start + _BEATS_PER_EVENT])
+            await self.replication.announce(beats=beats[start : start + _BEATS_PER_EVENT])
         return len(beats)
 
     async def _flush_periodically(self) -> None:
@@ -546,156 +531,6 @@ class RegistryService(Service):
             if now - self._last_prune >= self.settings.down_after:
                 self._last_prune = now
                 self.index.prune(before=now - self.settings.down_after)
-
-    # -- keeping the index and the mirror current ----------------------------------------
-    # Re-reads of a name and applying them to the index happen under the name's
-    # lock (writes hold it too), so this replica applies reads in order.
-
-    async def _committed(self, name: str, versions: list[StoredVersion]) -> None:
-        """After a commit to ``name`` (its lock held): tell the others, update the index, mirror.
-
-        Args:
-            name: The agent name written.
-            versions: Its versions as the write left them (read in the write transaction).
-        """
-        await self._announce(names=(name,))
-        self.index.replace(name, versions)
-        # The KV revision must be known before the store state being mirrored
-        # was read (see _mirror): first, that of our own last write of the
-        # name, or 0 ("never written") for a name new to this replica; after
-        # a conflict, the bucket's, then the store is read again.
-        revision = self._kv_revisions.get(name, 0)
-        for _ in range(_MIRROR_ATTEMPTS):
-            try:
-                await self._mirror(name, versions, revision)
-                return
-            except _MirrorConflict:
-                self._kv_revisions.pop(name, None)
-            revision = await self._kv_revision(name)
-            versions = await self._db(self.store.snapshot, [name])
-            self.index.replace(name, versions)
-        log.error(
-            "registry: gave up mirroring %s into KV after %d conflicting writes; the KV "
-            "copy may be stale until its next change",
-            name,
-            _MIRROR_ATTEMPTS,
-        )
-
-    async def _refresh(self, names: Sequence[str]) -> None:
-        """Re-read ``names`` from the store into the index (no mirror write)."""
-        async with contextlib.AsyncExitStack() as stack:
-            # Sorted: two refreshes of overlapping names cannot deadlock.
-            for name in sorted(set(names)):
-                await stack.enter_async_context(self._name_locks[name])
-            versions = await self._db(self.store.snapshot, names, since=self._instances_since())
-            self.index.replace_many(names, versions)
-
-    async def _resync(self) -> None:
-        """Re-read every name (the store's and the index's): after lost change events."""
-        names = sorted(set(await self._db(self.store.names)) | set(self.index.names()))
-        for start in range(0, len(names), _RESYNC_CHUNK):
-            await self._refresh(names[start : start + _RESYNC_CHUNK])
-
-    async def _kv_revision(self, name: str) -> int:
-        """Current revision of ``sb_agents[name]``, read from the bucket (0 if never written)."""
-        try:
-            entry = await self.kv.get(name)
-        except nats.js.errors.KeyNotFoundError as exc:  # absent, or a delete marker
-            return int(exc.entry.revision or 0) if exc.entry is not None else 0
-        return int(entry.revision or 0)
-
-    async def _mirror(self, name: str, versions: Sequence[StoredVersion], revision: int) -> None:
-        """Write ``name``'s highest version (or its absence) to KV if still at ``revision``.
-
-        Every replica that commits a change to a name mirrors it afterwards:
-        it takes a KV revision it learnt before reading the store (read from
-        the bucket, the ack of its own last write, or 0 for "never written"),
-        reads the store, and writes with "expected last subject sequence" =
-        that revision. If the write succeeds, no other replica wrote since
-        that revision, in particular none that read the store after us; any
-        later commit is mirrored by its own replica after it, and that write
-        either follows ours or fails and retries on a fresh read. So the last
-        write always carries the store's latest state, however registrations
-        race.
-
-        Raises:
-            _MirrorConflict: the revision moved; read again and retry.
-        """
-        headers = {_EXPECTED_LAST_SUBJECT_SEQUENCE: str(revision)}
-        if versions:
-            top = versions[0]  # highest version first
-            value = AgentRecord(
-                manifest=top.manifest,
-                registered_at=top.registered_at,
-                last_heartbeat=top.last_heartbeat,
-                instances=len(top.instances),
-            )
-            data = encode(value)
-        else:
-            headers[KV_OP] = KV_DEL
-            data = b""
-        try:
-            ack = await self.js.publish(f"$KV.{KV_AGENTS}.{name}", data, headers=headers)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code in _WRONG_LAST_SEQUENCE:
-                raise _MirrorConflict(name) from exc
-            raise
-        self._kv_revisions[name] = ack.seq
-
-    async def _announce(
-        self, *, names: Sequence[str] = (), beats: Sequence[AgentInstance] = ()
-    ) -> None:
-        """Publish one change event to the other replicas (numbered, so losses show)."""
-        self._seq += 1
-        event = RegistryChange(
-            origin=self.replica_id, seq=self._seq, names=tuple(names), beats=tuple(beats)
-        )
-        try:
-            await self.nc.publish(self.subjects.registry_changes, encode(event))
-        except Exception as exc:  # the others notice the gap and re-read everything
-            log.warning("registry: change event %d not sent: %r", self._seq, exc)
-
-    async def _on_change(self, msg: Msg) -> None:
-        try:
-            event = decode(msg.data, RegistryChange)
-        except SignalboxError as err:
-            await self.reject(err, subject=msg.subject)
-            return
-        if event.origin != self.replica_id:
-            self._changes.put_nowait(event)
-
-    async def _apply_changes(self) -> None:
-        """Apply the other replicas' events in arrival order (after the initial load)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            event = await self._changes.get()
-            try:
-                last = self._peers.get(event.origin)
-                self._peers[event.origin] = event.seq
-                if last is None:
-                    # A replica heard of for the first time: it started after us
-                    # (its numbers start at 1), or it was running before we
-                    # loaded the store (anything older is in what we loaded).
-                    lost = event.seq != 1 and loop.time() > self._baseline_until
-                else:
-                    lost = event.seq != last + 1
-                if lost:
-                    log.warning(
-                        "registry: change events from replica %s were lost (got %d after %s); "
-                        "re-reading every agent",
-                        event.origin,
-                        event.seq,
-                        last,
-                    )
-                    await self._resync()
-                elif event.names:
-                    await self._refresh(event.names)
-                if event.beats:
-                    self.index.merge_beats(event.beats)
-            except Exception:
-                log.exception("registry: applying a change event failed; re-reading everything")
-                with contextlib.suppress(Exception):
-                    await self._resync()
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -721,7 +556,7 @@ class RegistryService(Service):
             )
         except NotFound:
             # Just registered through another replica, whose event is on its way?
-            await self._refresh([request.name])
+            await self.replication.refresh([request.name])
         return self.index.get(
             request.name,
             request.version,
@@ -731,15 +566,16 @@ class RegistryService(Service):
         )
 
     async def list(self, request: ListAgents) -> AgentList:
-        """Every agent's highest version, filtered by capability and team."""
+        """Every agent's highest version (or every version), filtered by capability and team."""
         agents: list[AgentRecord] = []
         cursor = ""
         while True:
             page = await self.discover(
                 DiscoverAgents(
-                    capability=request.capability, team=request.team, limit=1000, cursor=cursor
+                    capability=request.capability, team=request.team, limit=1000, cursor=cursor,
+                    all_versions=request.all_versions,
                 )
-            )
+            )  # fmt: skip
             agents.extend(page.agents)
             cursor = page.next_cursor
             if not cursor:

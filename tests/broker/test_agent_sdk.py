@@ -26,7 +26,7 @@ from broker.telemetry import owned_trace_id
 from schemas import AgentManifest, AgentRecord, GetAgent
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, StackFactory
+    from support import AgentFactory, AuditTrail, StackFactory
 
 
 class Applicant(msgspec.Struct):
@@ -228,14 +228,14 @@ async def test_handler_errors_reach_the_caller_with_their_code(
     await a.start()
     with pytest.raises(RemoteError) as info:
         await a.call("b", "explode", {})
-    assert info.value.details == {"exception": "ZeroDivisionError"}
+    assert info.value.details == {"trace_id": info.value.trace_id, "exception": "ZeroDivisionError"}
     assert "boom" in info.value.message
     with pytest.raises(CallDenied) as denied:
         await a.call("b", "refuse", {})
-    assert denied.value.details == {"why": "policy of b"}
+    assert denied.value.details == {"trace_id": denied.value.trace_id, "why": "policy of b"}
     with pytest.raises(Conflict) as conflict:
         await a.call("b", "clash", {})
-    assert conflict.value.details == {"slot": 3}
+    assert conflict.value.details == {"trace_id": conflict.value.trace_id, "slot": 3}
     assert await a.call("b", "fine", {}) == "ok"  # the agent keeps serving
 
 

@@ -6,15 +6,15 @@ import asyncio
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import eventually
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig
+from support import eventually
 
 from broker.runtime.consumer import PullWorker
 
 if TYPE_CHECKING:
-    from conftest import ServiceConnector
+    from support import ServiceConnector
 
 STREAM = "TEST_WORK"
 

@@ -13,7 +13,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import RawAgent, enroll
+from support import RawAgent, enroll
 
 from broker import Agent
 from broker.dedup import Deduplicator
@@ -22,7 +22,7 @@ from broker.replies import H_CALLER, H_ERROR, H_IDEMPOTENCY_KEY, H_TIMEOUT_MS
 from broker.settings import Settings
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, StackFactory
+    from support import AgentFactory, StackFactory
 
 
 class Target:

@@ -17,13 +17,11 @@ from broker.runtime.identity import (
     OPERATOR_USER,
     SERVICE_USER,
     ServerSecrets,
-    agent_permissions,
-    auth_config,
-    decode_jwt,
-    encode_jwt,
     operator_connect_options,
     service_connect_options,
 )
+from broker.runtime.natsjwt import decode_jwt, encode_jwt
+from broker.runtime.permissions import agent_permissions, auth_config
 from broker.runtime.server import EmbeddedServer
 from broker.settings import Settings
 from broker.subjects import Subjects

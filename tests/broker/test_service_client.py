@@ -11,7 +11,7 @@ from broker.connection import SessionClient
 from broker.settings import Settings
 
 if TYPE_CHECKING:
-    from conftest import StackFactory
+    from support import StackFactory
 
 
 async def test_services_run_on_the_session_client_and_read_headers_with_it(

@@ -6,16 +6,16 @@ import asyncio
 from typing import TYPE_CHECKING
 
 import pytest
+from support import lending_policy_dir
 
 from broker import SignalboxError, UsageNotRecorded
 from broker.errors import ConfigError
 from broker.runtime.jetstream import USAGE_STREAM, ensure_streams
 from broker.settings import Settings
 from schemas import UsageReport
-from services.policy.cedar import shipped_policy_dir
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, ServiceConnector, StackFactory
+    from support import AgentFactory, ServiceConnector, StackFactory
 
 pytestmark = pytest.mark.nats
 
@@ -76,7 +76,7 @@ async def test_a_model_call_whose_usage_cannot_be_stored_says_so_with_its_report
     make_stack: StackFactory, make_agent: AgentFactory, service_nc: ServiceConnector
 ) -> None:
     # The shipped policies allow model use (no budget: no reservation needed).
-    await make_stack(services=["tracing", "registry", "policy"], policy_dir=shipped_policy_dir())
+    await make_stack(services=["tracing", "registry", "policy"], policy_dir=lending_policy_dir())
     agent = make_agent("metered", heartbeat_interval=0, usage_retry_for=1.0)
     await agent.start()
     await (await service_nc()).jetstream().delete_stream(USAGE_STREAM)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import enroll, eventually
+from support import enroll, eventually
 
 from broker import Agent
 from broker.settings import Settings

@@ -40,37 +40,22 @@ from schemas import (
     SetBudget,
     UsageReport,
 )
-from services.cost.service import CostService
 from services.cost.store import UsageRow
-from services.policy.cedar import shipped_policy_dir
-from services.policy.service import PolicyService
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, StackFactory
+    from support import AgentFactory, AuditTrail, StackFactory
 
     from services.runner import Stack
 
-from conftest import RawAgent, enroll, eventually
+from support import RawAgent, cost_of, enroll, eventually, lending_policy_dir, policy_of
 
 FRAUD = "fraud-detection"  # fraud-may-score (policies/lending-demo.cedar) lets it call credit-check
-
-
-def _policy(stack: Stack) -> PolicyService:
-    service = stack.services["policy"]
-    assert isinstance(service, PolicyService)
-    return service
-
-
-def _cost(stack: Stack) -> CostService:
-    service = stack.services["cost"]
-    assert isinstance(service, CostService)
-    return service
 
 
 @pytest.fixture
 async def desk(make_stack: StackFactory, make_agent: AgentFactory) -> Stack:
     """The shipped policies, and credit-check serving its pii-tagged score."""
-    stack = await make_stack(policy_dir=shipped_policy_dir())
+    stack = await make_stack(policy_dir=lending_policy_dir())
     credit = make_agent("credit-check", team="risk", owner="risk-eng")
 
     @credit.capability("score", tags=("pii",))
@@ -118,7 +103,7 @@ async def test_re_registering_with_other_attributes_escapes_no_policy(
         # It declares nothing of its own: the registry stores what was bound.
         honest = AgentManifest(name=FRAUD, version="1.0.0", owner="", team="")
         assert isinstance(await _register(nc, honest), Registered)
-        policy = _policy(desk)
+        policy = policy_of(desk)
 
         def stored(version: str) -> AgentManifest | None:
             record = policy.agents.get(FRAUD) if policy.agents is not None else None
@@ -194,13 +179,13 @@ async def _budget(operator: Client, stack: Stack, scope: str, name: str, limit: 
         BudgetStatus,
     )  # fmt: skip
     key = status.budget.key
-    cache = _cost(stack)._budget_cache()
+    cache = cost_of(stack)._budget_cache()
     await eventually(lambda: cache.get(key) == status.budget, f"the cost service to see {key}")
     return key
 
 
 def _spent(stack: Stack, key: str) -> float:
-    cost = _cost(stack)
+    cost = cost_of(stack)
     budget = cost._budget_cache().get(key)
     assert budget is not None
     return cost.store.ledger.status(budget, time.time())[0].spent_usd
@@ -209,7 +194,7 @@ def _spent(stack: Stack, key: str) -> float:
 def _rows(stack: Stack) -> dict[str, dict[str, Any]]:
     """Stored usage rows by report id."""
     table = UsageRow.__table__  # type: ignore[attr-defined]
-    with _cost(stack).store._engine.connect() as conn:
+    with cost_of(stack).store._engine.connect() as conn:
         return {r.id: dict(r._mapping) for r in conn.execute(select(table))}
 
 
@@ -242,7 +227,7 @@ async def test_usage_reports_charge_only_what_operators_and_the_policy_service_d
         "mine": await _budget(operator, stack, "project", "mine", 100.0),
         "orchestrator": await _budget(operator, stack, "agent", "orchestrator", 100.0),
     }
-    cost = _cost(stack)
+    cost = cost_of(stack)
     await eventually(lambda: cost._team("worker") == "ops", "the cost service to see worker")
 
     assert settings.nats_url

@@ -25,9 +25,9 @@ from schemas import AuditEvent
 from services.registry.authcallout import AuthCallout, source_key
 
 if TYPE_CHECKING:
-    from conftest import AuditTrail, StackFactory
+    from support import AuditTrail, StackFactory
 
-from conftest import enroll
+from support import enroll
 
 HOST = "127.0.0.1"
 

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pytest
-from conftest import eventually, policy_of
 from nats.aio.client import Client
+from support import eventually, policy_of
 
 from broker import Agent
 from broker.connection import connect
@@ -41,7 +41,7 @@ from services.policy.guards import TARGET_ERRORS, ErrorRate, Guards
 from services.policy.service import PolicyService
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, StackFactory
+    from support import AgentFactory, StackFactory
 
 
 SUBJECTS = Subjects("sb")
@@ -138,7 +138,10 @@ async def test_short_caller_deadlines_to_a_slow_target_never_open_its_breaker(
         return_exceptions=True,
     )
     assert all(isinstance(r, CallTimeout) for r in results), results
-    await eventually(lambda: policy.stats.timeouts >= 30)  # every outcome reached the detector
+    await eventually(  # every outcome reached the detector
+        lambda: policy.stats.timeouts >= 30,
+        "the policy service to count 30 timeouts",
+    )
     await asyncio.sleep(0.2)  # a trip would be under way by now (it runs in the background)
     assert _closed(policy)
     assert policy.stats.breaker_trips == 0
@@ -169,7 +172,7 @@ async def test_undecodable_payloads_never_open_the_targets_breaker(
         return_exceptions=True,
     )
     assert all(isinstance(r, BadRequest) for r in results), results
-    await eventually(lambda: policy.stats.errors >= 30)
+    await eventually(lambda: policy.stats.errors >= 30, "the policy service to count 30 errors")
     await asyncio.sleep(0.2)
     assert _closed(policy)
     assert policy.stats.breaker_trips == 0
@@ -193,7 +196,7 @@ async def test_genuine_timeouts_under_long_deadlines_still_trip(
         return_exceptions=True,
     )
     assert all(isinstance(r, CallTimeout) for r in results), results
-    await eventually(lambda: not _closed(policy))
+    await eventually(lambda: not _closed(policy), "b's breaker to trip")
     assert policy.breakers is not None
     tripped = policy.breakers.get("agent.b")
     assert tripped is not None and tripped.reason == "error_rate"
@@ -210,13 +213,16 @@ async def test_a_probe_timed_out_by_its_callers_short_deadline_tests_nothing(
         operator, SUBJECTS, "trip", TripBreaker(key="agent.b", text="drill", cooldown=0.3),
         Breaker, service="breakers",
     )  # fmt: skip
-    await eventually(lambda: not _closed(policy))
+    await eventually(lambda: not _closed(policy), "b's breaker to be open")
     assert tripped.until is not None
     await asyncio.sleep(max(0.0, tripped.until - time.time()) + 0.05)
     with pytest.raises(CallTimeout):
         await a.call("b", "slow", {"i": 0}, timeout=0.2)  # the probe
     assert policy.breakers is not None
-    await eventually(lambda: policy.breakers.get("agent.b").probe is None)  # type: ignore[union-attr]
+    await eventually(
+        lambda: policy.breakers.get("agent.b").probe is None,  # type: ignore[union-attr]
+        "b's probe to be released",
+    )
     after = policy.breakers.get("agent.b")
     assert after is not None
     assert (after.state, after.trips) == ("open", 1)  # released: neither closed nor re-opened

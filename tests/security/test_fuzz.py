@@ -58,9 +58,9 @@ from services.tracing.reader import scan
 from services.tracing.verify import verify
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, ServiceConnector, StackFactory
+    from support import AgentFactory, ServiceConnector, StackFactory
 
-from conftest import RawAgent, ask, cedar_policies, enroll, eventually
+from support import RawAgent, ask, cedar_policies, enroll, eventually
 
 ME = "mallory"
 EXAMPLES = 250
@@ -333,7 +333,7 @@ async def world(
         await eventually(  # every replica watches the definitions
             lambda key=key: (
                 policy.budgets.get(key) is not None and cost._budget_cache().get(key) is not None
-            )
+            ), "both services to see the budget"
         )
     answers: list[str] = []
     raw = await connect_mallory(settings, answers)

@@ -13,15 +13,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from support import lending_policy_dir
 
 from broker.errors import CallDenied
 from schemas import AgentManifest, AgentRecord
-from services.policy.cedar import shipped_policy_dir
+from services.policy.cedar.policy_set import shipped_policy_dir
 from services.policy.decider import H_ESTIMATED_TOKENS, CallRequest
 from services.policy.whatif import request_from_record
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, StackFactory
+    from support import AgentFactory, AuditTrail, StackFactory
 
 #: a may call b, under the shipped approval rule itself.
 RULES = (
@@ -95,7 +96,7 @@ async def test_a_model_use_without_an_estimate_gets_the_default_estimate(
     make_agent: AgentFactory,
     audit_trail: AuditTrail,
 ) -> None:
-    await make_stack(policy_dir=shipped_policy_dir(), default_token_estimate=default)
+    await make_stack(policy_dir=lending_policy_dir(), default_token_estimate=default)
     bot = make_agent("bot")
     await bot.start()
     decision = await bot.authorize("use_model", "gpt-4o", region="eu-west-1")

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import nats
 import pytest
-from conftest import RawAgent, eventually
 from nats.aio.client import Client
 from pydantic import SecretStr
+from support import RawAgent, eventually, registry_of
 
 from broker.codec import encode
 from broker.connection import connect
@@ -30,19 +30,11 @@ from schemas import (
     RevokeOperator,
     SetBudget,
 )
-from services.registry.service import RegistryService
-from services.runner import Stack
 
 if TYPE_CHECKING:
-    from conftest import AuditTrail, StackFactory
+    from support import AuditTrail, StackFactory
 
 pytestmark = pytest.mark.nats
-
-
-def _registry(stack: Stack) -> RegistryService:
-    registry = stack.services["registry"]
-    assert isinstance(registry, RegistryService)
-    return registry
 
 
 @pytest.fixture
@@ -191,6 +183,6 @@ async def test_a_revoked_operator_is_cut_off_at_once(
         lambda r: r.kind == "admin" and r.data.get("op") == "operators.revoke"
     )
     assert event.actor == "bootstrap"
-    assert _registry(stack).identity.callout is not None
-    refused: dict[str, Any] = dict(_registry(stack).identity.callout.decisions)
+    assert registry_of(stack).identity.callout is not None
+    refused: dict[str, Any] = dict(registry_of(stack).identity.callout.decisions)
     assert refused.get("refused:revoked", 0) >= 1

@@ -52,9 +52,9 @@ from schemas import (
 from services.runner import Stack
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, ServiceConnector, StackFactory
+    from support import AgentFactory, AuditTrail, ServiceConnector, StackFactory
 
-from conftest import RawAgent, ask, enroll, eventually
+from support import RawAgent, ask, enroll, eventually
 
 #: Every reply subject an agent must not make a service publish to (agent ``a``;
 #: ``b`` is another agent). The empty one: no reply at all.

@@ -26,14 +26,12 @@ from broker.replies import H_ERROR, request
 from broker.runtime.identity import operator_connect_options
 from broker.settings import Settings
 from schemas import BudgetStatus, RenewReservation, ReservationRenewed, SetBudget
-from services.cost.service import CostService
-from services.policy.cedar import shipped_policy_dir
 from services.runner import Stack
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, ServiceConnector, StackFactory
+    from support import AgentFactory, AuditTrail, ServiceConnector, StackFactory
 
-from conftest import RawAgent, enroll, eventually
+from support import RawAgent, cost_of, enroll, eventually, lending_policy_dir
 
 #: Reply subjects agent ``a`` must not make the cost service publish to ("": none).
 BAD_REPLIES = (
@@ -53,15 +51,9 @@ BAD_REPLIES = (
 @pytest.fixture
 async def stack(make_stack: StackFactory) -> Stack:
     return await make_stack(
-        policy_dir=shipped_policy_dir(), services=["tracing", "registry", "policy", "cost"],
+        policy_dir=lending_policy_dir(), services=["tracing", "registry", "policy", "cost"],
         budget_reservation_ttl=60.0, refusal_summary_window=0.5,
     )  # fmt: skip
-
-
-def _cost(stack: Stack) -> CostService:
-    service = stack.services["cost"]
-    assert isinstance(service, CostService)
-    return service
 
 
 @pytest.fixture
@@ -83,8 +75,8 @@ async def agent_a(stack: Stack, settings: Settings, make_agent: AgentFactory) ->
     policy: Any = stack.services["policy"]
     await eventually(
         lambda: policy.budgets.get("agent.a.day") == status.budget
-        and _cost(stack)._budget_cache().get("agent.a.day") == status.budget
-        and _cost(stack)._team("a") == "team-1"
+        and cost_of(stack)._budget_cache().get("agent.a.day") == status.budget
+        and cost_of(stack)._team("a") == "team-1", "policy and cost to see the budget"
     )
     return a
 
@@ -109,7 +101,7 @@ async def test_a_renewal_answers_only_into_the_asking_agents_inbox(
     decision = await agent_a.authorize("use_model", "gpt-4o", estimated_tokens=1_000)
     rid = decision.reservation_id
     assert rid
-    cost = _cost(stack)
+    cost = cost_of(stack)
     ledger = cost.store.ledger
     before = await asyncio.to_thread(ledger.reservation, rid)
     # Everything a deputized answer would reach, watched by a service connection.

@@ -27,9 +27,9 @@ from schemas import BreakerList, ErrorReply, ListBreakers
 from services.runner import Stack
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, StackFactory
+    from support import AgentFactory, StackFactory
 
-from conftest import RawAgent, enroll, policy_of
+from support import RawAgent, enroll, policy_of
 
 LIMIT = 64 * 1024  # SIGNALBOX_MAX_CALL_BYTES of the stack below
 

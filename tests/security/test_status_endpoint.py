@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 
 import nats
 import pytest
-from conftest import RawAgent, enroll, eventually, policy_of
 from nats.aio.client import Client
 from pydantic import SecretStr
+from support import RawAgent, enroll, eventually, policy_of
 
 from broker.codec import encode
 from broker.replies import H_ERROR, request
@@ -19,7 +19,7 @@ from broker.settings import Settings
 from schemas import AddOperator, HealthRequest, OperatorAdded, ServiceHealth
 
 if TYPE_CHECKING:
-    from conftest import StackFactory
+    from support import StackFactory
 
 
 @pytest.fixture

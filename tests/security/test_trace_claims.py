@@ -18,10 +18,10 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from conftest import RawAgent, cedar_policies, enroll
 from nats.aio.client import Client
+from support import RawAgent, cedar_policies, enroll
 
-from broker import agent as sdk
+from broker import serving as sdk
 from broker.agent import CallContext
 from broker.codec import decode, encode
 from broker.replies import H_CHAIN, H_CHAIN_SIG, H_MSG_ID, H_TRACE_ORIGIN
@@ -30,7 +30,7 @@ from broker.telemetry import owned_trace_id
 from schemas import AuditEvent, AuthzRequest, Decision, UsageReport
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, StackFactory
+    from support import AgentFactory, AuditTrail, StackFactory
 
 MODELS = """
 @id("any-model")

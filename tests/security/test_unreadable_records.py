@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
-from conftest import cedar_policies, echo_pair, eventually, policy_of
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
 from rich.console import Console
+from support import cedar_policies, echo_pair, eventually, lending_policy_dir, policy_of
 
 from broker.codec import decode, encode
 from broker.connection import connect
@@ -59,10 +59,10 @@ from schemas import (
 )
 from services.cli.breakers_cmds import breakers_table
 from services.cli.client import admin_request
-from services.policy.cedar import SCHEMA_FILE, CedarPolicies, shipped_policy_dir
+from services.policy.cedar.policy_set import SCHEMA_FILE, CedarPolicies, shipped_policy_dir
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, ServiceConnector, StackFactory
+    from support import AgentFactory, AuditTrail, ServiceConnector, StackFactory
 
 
 T = TypeVar("T")
@@ -139,12 +139,12 @@ async def test_an_unreadable_budget_denies_the_model_calls_it_governs(
     kv = await bucket(KV_BUDGETS)
     if when == "cold":
         await kv.put(key, garbage(shape, valid, "name", other))
-    stack = await make_stack(policy_dir=shipped_policy_dir())
+    stack = await make_stack(policy_dir=lending_policy_dir())
     policy = policy_of(stack)
     if when == "live":
         await kv.put(key, garbage(shape, valid, "name", other))
     assert policy.budgets is not None
-    await eventually(lambda: key in policy.budgets.unreadable)  # type: ignore[union-attr]
+    await eventually(lambda: key in policy.budgets.unreadable, "the budget record to be unreadable")  # type: ignore[union-attr]
 
     spender = make_agent("spender", team="risk")
     free = make_agent("free", team="other")
@@ -181,7 +181,10 @@ async def test_an_unreadable_budget_denies_the_model_calls_it_governs(
     # Fixed with the usual command: the rewritten budget governs again.
     fix = SetBudget(scope="team", name="risk", window="day", limit_usd=5.0)
     await ask(operator, "budgets", "set", fix, BudgetStatus)
-    await eventually(lambda: key not in policy.budgets.unreadable)  # type: ignore[union-attr]
+    await eventually(
+        lambda: key not in policy.budgets.unreadable,  # type: ignore[union-attr]
+        "the budget record to be readable again",
+    )
     allowed = await spender.authorize("use_model", "gpt-4o", estimated_tokens=100)
     assert allowed.effect == "allow" and allowed.reservation_id
 
@@ -217,7 +220,10 @@ async def test_an_unreadable_policy_pointer_keeps_the_last_valid_set_and_raises_
     before = policy.decider.version
     if when == "live":
         await kv.put("active", pointer_garbage(shape))
-    await eventually(lambda: "cannot be read" in policy.policy_alarm)
+    await eventually(
+        lambda: "cannot be read" in policy.policy_alarm,
+        "the policy alarm about the unreadable set",
+    )
     assert policy.decider.version == before  # the last valid set is kept
     a, _ = await echo_pair(make_agent)
     assert await a.call("b", "echo", {"n": 1}) == {"n": 1}
@@ -235,7 +241,7 @@ async def test_an_unreadable_policy_pointer_keeps_the_last_valid_set_and_raises_
 
     # Fixed by moving the pointer to a stored version: the alarm clears.
     await ask(operator, "policy", "rollback", RollbackPolicies(to=1), PolicyApplied)
-    await eventually(lambda: not policy.policy_alarm)
+    await eventually(lambda: not policy.policy_alarm, "the policy alarm to clear")
     assert policy.active_version == 1
     shown = await ask(operator, "policy", "show", ShowPolicies(), PolicyShown)
     assert (shown.alarm, shown.active, shown.active_version) == ("", True, 1)
@@ -254,13 +260,16 @@ async def test_a_stored_set_that_does_not_read_keeps_the_running_set(
     applied = await ask(operator, "policy", "apply", ApplyPolicies(candidate=files),
                         PolicyApplied)  # fmt: skip
     good = CedarPolicies.from_texts(files.files, files.schema, label="good").version
-    await eventually(lambda: policy.decider.version == good)
+    await eventually(lambda: policy.decider.version == good, "the good policy version in force")
     # Version 9 is garbage (invalid UTF-8 in its texts) and the pointer names it.
     kv = await bucket(KV_POLICIES)
     record = encode(PolicySetRecord(version=9, digest="1" * 64, files={}, schema=SCHEMA))
     await kv.put("set.9", garbage("invalid-utf8", record, "digest", b""))
     await kv.put("active", encode(ActivePolicy(version=9, digest="1" * 64)))
-    await eventually(lambda: "version 9" in policy.policy_alarm)
+    await eventually(
+        lambda: "version 9" in policy.policy_alarm,
+        "the policy alarm naming version 9",
+    )
     assert policy.decider.version == good and policy.active_version == applied.version
     a, _ = await echo_pair(make_agent)
     assert await a.call("b", "echo", {"n": 2}) == {"n": 2}
@@ -298,7 +307,10 @@ async def test_an_unreadable_breaker_fails_closed_is_reported_and_reset_rewrites
     if when == "live":
         await kv.put("agent.b", breaker_garbage(shape))
     assert policy.breakers is not None
-    await eventually(lambda: policy.breakers.get("agent.b") is not None)  # type: ignore[union-attr]
+    await eventually(
+        lambda: policy.breakers.get("agent.b") is not None,  # type: ignore[union-attr]
+        "a breaker held for agent.b",
+    )
 
     # Fail closed: calls to b are refused at once, saying why and what to do.
     a, _ = await echo_pair(make_agent)
@@ -324,7 +336,7 @@ async def test_an_unreadable_breaker_fails_closed_is_reported_and_reset_rewrites
     assert reset.state == "closed"
     stored = decode((await kv.get("agent.b")).value, Breaker)
     assert (stored.key, stored.state) == ("agent.b", "closed")
-    await eventually(lambda: not policy.breakers.any_open())  # type: ignore[union-attr]
+    await eventually(lambda: not policy.breakers.any_open(), "every breaker closed")  # type: ignore[union-attr]
     assert await a.call("b", "echo", {"n": 2}) == {"n": 2}
     resets = await audit_trail.wait_for(lambda r: r.kind == "breaker" and r.data["op"] == "reset")
     assert resets[0].data["from"] == "open" and resets[0].data["to"] == "closed"

@@ -36,9 +36,9 @@ from services.cost.service import CONSUMER as COST_CONSUMER
 from services.runner import Stack
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, ServiceConnector, StackFactory
+    from support import AgentFactory, AuditTrail, ServiceConnector, StackFactory
 
-from conftest import enroll, eventually
+from support import enroll, eventually
 
 # -- a raw NATS client: the protocol by hand --------------------------------------------------
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -22,13 +21,13 @@ from broker.runtime.audit import AuditEmitter
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import AuditEvent
-from services.cli import audit_cmds
+from services.cli import audit_replay
 from services.cli.main import app
 from services.cli.render import to_json
 from services.tracing.reader import scan
 
 if TYPE_CHECKING:
-    from conftest import AuditTrail, ServiceConnector, StackFactory
+    from support import AuditTrail, ServiceConnector, StackFactory
 
 runner = CliRunner()
 
@@ -37,11 +36,6 @@ async def replay(settings: Settings, *args: str) -> Result:
     """Run ``audit replay --since 1h ARGS`` in a worker thread (the CLI runs its own loop)."""
     argv = ["audit", "replay", "--since", "1h", *args, "--nats-url", settings.nats_url or ""]
     return await asyncio.to_thread(runner.invoke, app, argv)
-
-
-@pytest.fixture(autouse=True)
-def _operator_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("SIGNALBOX_SECRETS_DIR", str(tmp_path / "data" / "secrets"))
 
 
 @pytest.fixture
@@ -108,12 +102,12 @@ async def test_ndjson_puts_a_multiline_record_on_one_line_and_skips_unreadable_o
 async def test_a_long_table_is_printed_table_by_table(
     events: list[AuditEvent], settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(audit_cmds, "_TABLE_ROWS", 8)
+    monkeypatch.setattr(audit_replay, "_TABLE_ROWS", 8)
     result = await replay(settings, "--kind", "admin")
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert out.count("Audit replay (continued)") == 2 and out.count("Audit replay") == 3
-    assert sum(" admin " in line for line in out.splitlines()) == 20
+    assert sum(" admin " in line for line in out.splitlines()) == 20, out
     # In chain order across the tables.
     seqs = [int(line.split()[0]) for line in out.splitlines() if " admin " in line]
     assert seqs == [e.seq for e in events]

@@ -7,7 +7,6 @@ import asyncio
 import getpass
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -20,14 +19,13 @@ from broker.replies import request
 from broker.settings import Settings
 from schemas import AgentManifest, Registered
 from services.cli.main import app
-from services.registry.service import RegistryService
 
 if TYPE_CHECKING:
-    from conftest import AuditTrail
+    from support import AuditTrail
 
     from services.runner import Stack
 
-from conftest import eventually
+from support import eventually, registry_of
 
 runner = CliRunner()
 
@@ -42,18 +40,6 @@ def failed(result: Result, *needles: str) -> None:
     assert "Traceback" not in result.output
     for needle in needles:
         assert needle in result.output, result.output
-
-
-@pytest.fixture(autouse=True)
-def _operator_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # The CLI is an operator: it reads the test server's secrets.
-    monkeypatch.setenv("SIGNALBOX_SECRETS_DIR", str(tmp_path / "data" / "secrets"))
-
-
-def _registry(stack: Stack) -> RegistryService:
-    service = stack.services["registry"]
-    assert isinstance(service, RegistryService)
-    return service
 
 
 def _binding(doc: dict[str, Any]) -> dict[str, Any]:
@@ -119,7 +105,7 @@ async def test_enroll_binds_bind_changes_only_what_is_given_and_show_tells(
         assert _binding(change["binding"]) | {"tags": ["data-residency:eu"]} == _binding(
             body["binding"]
         )
-        registry = _registry(stack)
+        registry = registry_of(stack)
         await eventually(
             lambda: registry.index.get(
                 "ledger", None, now=0, stale_after=1, down_after=1

@@ -20,9 +20,9 @@ from broker.subjects import inbox_prefix
 from services.cli.main import app
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, ServiceConnector, StackFactory
+    from support import AgentFactory, AuditTrail, ServiceConnector, StackFactory
 
-from conftest import echo_pair, enroll
+from support import echo_pair, enroll
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from conftest import enroll
+from support import ainvoke, enroll
 from typer.testing import CliRunner, Result
 
 from broker.agent import Agent
@@ -30,11 +30,6 @@ runner = CliRunner()
 def invoke(args: Sequence[str]) -> Result:
     """Run the CLI in-process (call from a worker thread when a loop is running)."""
     return runner.invoke(app, list(args))
-
-
-async def ainvoke(args: Sequence[str]) -> Result:
-    """Run the CLI beside the test's event loop (the CLI runs its own loop)."""
-    return await asyncio.to_thread(invoke, args)
 
 
 def assert_clean_failure(result: Result, *needles: str) -> None:
@@ -57,13 +52,6 @@ def free_port() -> int:
 def _short_connect(monkeypatch: pytest.MonkeyPatch) -> None:
     # Unreachable-server tests need not wait the interactive default.
     monkeypatch.setattr(cli, "CONNECT_TIMEOUT", 0.5)
-
-
-@pytest.fixture(autouse=True)
-def _operator_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # The CLI is an operator: it reads the secrets of the test's server
-    # (conftest's `settings` keeps them in <tmp_path>/data/secrets).
-    monkeypatch.setenv("SIGNALBOX_SECRETS_DIR", str(tmp_path / "data" / "secrets"))
 
 
 def make_agent(settings: Settings, name: str, team: str = "risk") -> Agent:

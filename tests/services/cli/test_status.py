@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
-import pytest
-from conftest import eventually
+from support import eventually
 from typer.testing import CliRunner, Result
 
 from broker.runtime.health import health_path, probe, write_health
@@ -22,18 +21,13 @@ from schemas import ServiceHealth
 from services.cli.main import app
 
 if TYPE_CHECKING:
-    from conftest import StackFactory
+    from support import StackFactory
 
 runner = CliRunner()
 
 
 async def _invoke(args: Sequence[str]) -> Result:
     return await asyncio.to_thread(runner.invoke, app, list(args), terminal_width=80)
-
-
-@pytest.fixture(autouse=True)
-def _operator_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("SIGNALBOX_SECRETS_DIR", str(tmp_path / "data" / "secrets"))
 
 
 async def test_status_lists_every_replica_ready(

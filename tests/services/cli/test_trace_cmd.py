@@ -3,24 +3,18 @@ as text and as JSON, and clear failures for an unknown or malformed trace id."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from typer.testing import CliRunner, Result
+from support import ainvoke
 
 from broker.agent import CallContext
 from broker.settings import Settings
-from services.cli.main import app
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, StackFactory
-
-runner = CliRunner()
+    from support import AgentFactory, AuditTrail, StackFactory
 
 USE_MODELS = """
 @id("any-model")
@@ -28,14 +22,8 @@ permit (principal, action == Signalbox::Action::"use_model", resource);
 """
 
 
-async def ainvoke(args: Sequence[str]) -> Result:
-    """Run the CLI beside the test's event loop (the CLI runs its own loop)."""
-    return await asyncio.to_thread(runner.invoke, app, list(args))
-
-
 @pytest.fixture(autouse=True)
-def _operator_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("SIGNALBOX_SECRETS_DIR", str(tmp_path / "data" / "secrets"))
+def _wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "200")  # one tree node per line
 
 
@@ -44,7 +32,7 @@ async def traced_call(
     make_stack: StackFactory, make_agent: AgentFactory, audit_trail: AuditTrail
 ) -> str:
     """a calls b.work; b's handler asks to use a model and calls c.leaf. The trace id."""
-    from conftest import cedar_policies
+    from support import cedar_policies
 
     await make_stack(rules=cedar_policies([("a", "b", ["*"]), ("b", "c", ["*"])]) + USE_MODELS)
     a, b, c = make_agent("a"), make_agent("b"), make_agent("c")

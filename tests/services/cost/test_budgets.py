@@ -30,14 +30,12 @@ from schemas import (
     ShowBudget,
 )
 from services.cli.main import app
-from services.cost.service import CostService
-from services.policy.cedar import shipped_policy_dir
 from services.runner import Stack
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, StackFactory
+    from support import AgentFactory, AuditTrail, StackFactory
 
-from conftest import RawAgent, enroll, eventually
+from support import RawAgent, cost_of, enroll, eventually, lending_policy_dir
 
 # gpt-4o: $10 per million output tokens, so 10,000 estimated tokens (no output cap,
 # all priced as output) reserve $0.10.
@@ -55,7 +53,7 @@ def settings(settings: Settings, database_url: str) -> Settings:
 async def stack(make_stack: StackFactory, tmp_path: Path) -> Stack:
     """The four services on the shipped policies, plus: orchestrator may ask worker to work."""
     policies = tmp_path / "policies"
-    shutil.copytree(shipped_policy_dir(), policies)
+    shutil.copytree(lending_policy_dir(), policies)
     (policies / "delegation.cedar").write_text(
         '@id("orchestrator-may-delegate")\n'
         '@description("orchestrator may hand work to worker")\n'
@@ -76,12 +74,6 @@ async def operator(stack: Stack, settings: Settings) -> AsyncIterator[Client]:
     await nc.close()
 
 
-def _cost(stack: Stack) -> CostService:
-    service = stack.services["cost"]
-    assert isinstance(service, CostService)
-    return service
-
-
 async def _set(operator: Client, stack: Stack, scope: str, name: str, limit: float,
                window: str = "day", **kw: Any) -> BudgetStatus:  # fmt: skip
     status = await request(
@@ -95,7 +87,8 @@ async def _set(operator: Client, stack: Stack, scope: str, name: str, limit: flo
     # Every replica watches the definitions: wait until policy and cost both see it.
     await eventually(
         lambda: policy.budgets.get(key) == status.budget  # type: ignore[attr-defined]
-        and _cost(stack)._budget_cache().get(key) == status.budget
+        and cost_of(stack)._budget_cache().get(key) == status.budget,
+        "policy and cost to see the budget",
     )
     return status
 
@@ -103,7 +96,10 @@ async def _set(operator: Client, stack: Stack, scope: str, name: str, limit: flo
 async def _agent(make_agent: AgentFactory, stack: Stack, name: str, team: str) -> Agent:
     agent = make_agent(name, team=team)
     await agent.start()
-    await eventually(lambda: _cost(stack)._team(name) == team)
+    await eventually(
+        lambda: cost_of(stack)._team(name) == team,
+        "the cost service to know the agent's team",
+    )
     return agent
 
 
@@ -148,7 +144,7 @@ async def test_model_call_settles_the_reservation_with_the_actual_cost(
 ) -> None:
     await _set(operator, stack, "agent", "fraud", 0.25)
     fraud = await _agent(make_agent, stack, "fraud", "risk")
-    cost = _cost(stack)
+    cost = cost_of(stack)
     async with fraud.model_call(MODEL, provider="openai", estimated_tokens=10_000) as call:
         assert call.decision is not None and call.decision.reserved_usd == pytest.approx(0.10)
         call.record(input_tokens=1_000, output_tokens=500)  # $0.0025 + $0.005
@@ -158,7 +154,7 @@ async def test_model_call_settles_the_reservation_with_the_actual_cost(
         row = await asyncio.to_thread(cost.store.ledger.reservation, rid)
         return row is not None and row["state"] == "settled"
 
-    await eventually(settled)
+    await eventually(settled, "the reservation settled")
     shown = await request(
         operator, "sb.admin.budgets.show", ShowBudget(scope="agent", name="fraud"), BudgetList
     )
@@ -188,14 +184,14 @@ async def test_an_error_inside_the_block_still_settles(
             call.record(input_tokens=10)
             raise RuntimeError("provider down")
     assert call.report_id
-    cost = _cost(stack)
+    cost = cost_of(stack)
     rid = call.decision.reservation_id if call.decision else ""
 
     async def settled() -> bool:
         row = await asyncio.to_thread(cost.store.ledger.reservation, rid)
         return row is not None and row["state"] == "settled"
 
-    await eventually(settled)
+    await eventually(settled, "the reservation settled")
 
 
 async def test_budgets_fail_closed(
@@ -208,7 +204,7 @@ async def test_budgets_fail_closed(
     # Unbudgeted agents need neither an estimate nor the cost service.
     free = await _agent(make_agent, stack, "free", "other")
     assert (await free.authorize("use_model", MODEL)).effect == "allow"
-    await _cost(stack).stop()
+    await cost_of(stack).stop()
     down = await vague.authorize("use_model", MODEL, estimated_tokens=100)
     assert (down.effect, down.reason_code) == ("deny", "budget_unavailable")
     assert "cost service" in down.reasons[-1]
@@ -234,7 +230,10 @@ async def test_a_parent_task_pays_for_calls_made_on_its_behalf(
 
     await worker.start()
     orchestrator = await _agent(make_agent, stack, "orchestrator", "ops")
-    await eventually(lambda: _cost(stack)._team("worker") == "ops")
+    await eventually(
+        lambda: cost_of(stack)._team("worker") == "ops",
+        "the cost service to know worker's team",
+    )
     assert await orchestrator.call("worker", "work", {}) == "allow"  # $0.10 of $0.15
     assert await orchestrator.call("worker", "work", {}) == "budget_exceeded:agent.orchestrator.day"
     # Outside a call it serves, the worker has no budget of its own: allowed.
@@ -309,10 +308,13 @@ async def test_operators_manage_budgets_from_the_cli(
     assert bad_soft.exit_code == 1 and "at most 100%" in bad_soft.output
 
     fraud = await _agent(make_agent, stack, "fraud", "risk")
-    await eventually(lambda: stack.services["policy"].budgets.get("team.risk.day"))  # type: ignore[attr-defined]
+    await eventually(
+        lambda: stack.services["policy"].budgets.get("team.risk.day"),  # type: ignore[attr-defined]
+        "the policy service to see team.risk.day",
+    )
     async with fraud.model_call(MODEL, estimated_tokens=10_000) as call:
         call.record(input_tokens=4_000, output_tokens=1_000)  # $0.01 + $0.01
-    cost = _cost(stack)
+    cost = cost_of(stack)
 
     async def spent() -> bool:
         [status] = await asyncio.to_thread(
@@ -320,7 +322,7 @@ async def test_operators_manage_budgets_from_the_cli(
         )
         return status.spent_usd > 0
 
-    await eventually(spent)
+    await eventually(spent, "spend on team.risk.day")
     listed = await _cli("list", "--json", *url)
     assert listed.exit_code == 0, listed.output
     [row] = json.loads(listed.output)["budgets"]
@@ -349,7 +351,7 @@ async def test_an_exhausted_budget_trips_the_breaker_until_it_is_raised(
     for _ in range(3):
         await runaway.report_usage(model=MODEL, output_tokens=2_000)  # $0.02 each
     policy = stack.services["policy"]
-    await eventually(lambda: policy.breakers.get("agent.runaway"))  # type: ignore[attr-defined]
+    await eventually(lambda: policy.breakers.get("agent.runaway"), "the budget breaker of runaway")  # type: ignore[attr-defined]
     breaker = policy.breakers.get("agent.runaway")  # type: ignore[attr-defined]
     assert (breaker.state, breaker.reason) == ("open", "budget")
     assert "agent.runaway.day exhausted" in breaker.text
@@ -362,7 +364,7 @@ async def test_an_exhausted_budget_trips_the_breaker_until_it_is_raised(
 
     await _set(operator, stack, "agent", "runaway", 1.0)
     await eventually(
-        lambda: policy.breakers.get("agent.runaway").state == "closed"  # type: ignore[attr-defined]
+        lambda: policy.breakers.get("agent.runaway").state == "closed", "runaway's breaker closed"  # type: ignore[attr-defined]
     )
     again = await runaway.authorize("use_model", MODEL, estimated_tokens=10)
     assert again.effect == "allow" and again.reservation_id

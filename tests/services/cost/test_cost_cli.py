@@ -6,33 +6,18 @@ import asyncio
 import csv
 import io
 import json
-from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import eventually
-from typer.testing import CliRunner, Result
+from support import ainvoke, eventually
 
 from broker.settings import Settings
-from services.cli.main import app
 from services.cost.service import CostService
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, StackFactory
+    from support import AgentFactory, StackFactory
 
-runner = CliRunner()
-
-
-async def ainvoke(args: Sequence[str]) -> Result:
-    """Run the CLI beside the test's event loop (the CLI runs its own loop)."""
-    return await asyncio.to_thread(runner.invoke, app, list(args))
-
-
-@pytest.fixture(autouse=True)
-def _operator_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # The CLI is an operator: it reads the secrets of the test's server.
-    monkeypatch.setenv("SIGNALBOX_SECRETS_DIR", str(tmp_path / "data" / "secrets"))
+pytestmark = pytest.mark.usefixtures("cli_operator")
 
 
 async def test_cost_report_by_team_as_table_csv_and_json(
@@ -52,7 +37,10 @@ async def test_cost_report_by_team_as_table_csv_and_json(
     stack = await make_stack(services=["cost"])
     cost = stack.services["cost"]
     assert isinstance(cost, CostService)
-    await eventually(lambda: cost._team("loan") and cost._team("fraud"))
+    await eventually(
+        lambda: cost._team("loan") and cost._team("fraud"),
+        "the cost service to know both teams",
+    )
     for _ in range(3):
         await loan.report_usage(model="gpt-4o", input_tokens=1_000_000, project="alpha")
     await fraud.report_usage(model="unknown-llm", output_tokens=1_000, project="beta")
@@ -61,7 +49,7 @@ async def test_cost_report_by_team_as_table_csv_and_json(
         report = await asyncio.to_thread(cost.store.report, "team", None, None)
         return report.total.reports >= 4
 
-    await eventually(stored)
+    await eventually(stored, "four stored reports")
 
     as_json = await ainvoke(
         ["cost", "report", "--by", "team", "--format", "json", "--nats-url", url]

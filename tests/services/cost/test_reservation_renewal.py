@@ -34,17 +34,15 @@ from schemas import (
     SetBudget,
     ShowBudget,
 )
-from services.cost.budgets import Overspend
+from services.cost.budget_outcomes import Overspend
 from services.cost.prices import NANOS_PER_USD, load_prices
-from services.cost.service import CostService
 from services.cost.store import UsageStore
-from services.policy.cedar import shipped_policy_dir
 from services.runner import Stack
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, StackFactory
+    from support import AgentFactory, AuditTrail, StackFactory
 
-from conftest import eventually, policy_of
+from support import cost_of, eventually, lending_policy_dir, policy_of
 
 # gpt-4o: $10 per million output tokens; with no output cap every estimated token is
 # priced as output, so 1,000 estimated tokens reserve $0.01.
@@ -221,7 +219,7 @@ def settings(settings: Settings, database_url: str) -> Settings:
 
 async def _stack(make_stack: StackFactory, **overrides: Any) -> Stack:
     return await make_stack(
-        policy_dir=shipped_policy_dir(), services=["tracing", "registry", "policy", "cost"],
+        policy_dir=lending_policy_dir(), services=["tracing", "registry", "policy", "cost"],
         **overrides,
     )  # fmt: skip
 
@@ -239,12 +237,6 @@ async def operator(settings: Settings) -> AsyncIterator[Client]:
     await nc.close()
 
 
-def _cost(stack: Stack) -> CostService:
-    service = stack.services["cost"]
-    assert isinstance(service, CostService)
-    return service
-
-
 async def _set(operator: Client, stack: Stack, scope: str, name: str, limit: float) -> None:
     status = await request(
         operator, "sb.admin.budgets.set",
@@ -256,19 +248,23 @@ async def _set(operator: Client, stack: Stack, scope: str, name: str, limit: flo
     await eventually(
         lambda: policy.budgets is not None
         and policy.budgets.get(key) == status.budget
-        and _cost(stack)._budget_cache().get(key) == status.budget
+        and cost_of(stack)._budget_cache().get(key) == status.budget,
+        "policy and cost to see the budget",
     )
 
 
 async def _agent(make_agent: AgentFactory, stack: Stack, name: str, team: str) -> Agent:
     agent = make_agent(name, team=team, heartbeat_interval=0)
     await agent.start()
-    await eventually(lambda: _cost(stack)._team(name) == team)
+    await eventually(
+        lambda: cost_of(stack)._team(name) == team,
+        "the cost service to know the agent's team",
+    )
     return agent
 
 
 async def _reservation(stack: Stack, rid: str) -> dict[str, Any]:
-    row = await asyncio.to_thread(_cost(stack).store.ledger.reservation, rid)
+    row = await asyncio.to_thread(cost_of(stack).store.ledger.reservation, rid)
     assert row is not None
     return row
 
@@ -308,7 +304,7 @@ async def test_model_calls_longer_than_the_ttl_keep_their_reservations(
                 await asyncio.sleep(0.1)
 
     await asyncio.wait_for(asyncio.gather(*(loop(a) for a in agents for _ in range(4))), 45)
-    cost = _cost(stack)
+    cost = cost_of(stack)
 
     async def all_settled() -> bool:
         rows = [await _reservation(stack, rid) for rid in granted]
@@ -347,7 +343,7 @@ async def test_another_agent_cannot_renew_someone_elses_reservation(
     # Someone else's reservation looks exactly like one that does not exist.
     assert stolen.value.message.replace(rid, "X") == unknown.value.message.replace("0" * 32, "X")
     assert await _reservation(stack, rid) == before
-    assert _cost(stack).budget_stats["renewals_refused"] == 2
+    assert cost_of(stack).budget_stats["renewals_refused"] == 2
     # Its owner may (asked this early, it is not due: nothing is written).
     mine = await request(owner.nc, owner.subjects.cost_renew("owner"), ask, ReservationRenewed)
     assert (mine.state, mine.renewed, mine.capped) == ("open", False, False)
@@ -386,7 +382,7 @@ async def test_late_usage_of_an_expired_reservation_over_the_limit_alerts_and_st
     assert (data["cause"], data["reservation_id"]) == ("expired_reservation", rid)
     assert data["spent_usd"] == pytest.approx(0.04)
     assert "signalbox breakers reset agent:slow" in data["fix"]
-    cost = _cost(stack)
+    cost = cost_of(stack)
     assert cost.budget_stats["overspent"] == 1
     # The ledger is true: the money was spent.
     assert (await _status(operator, "team", "ops")).spent_usd == pytest.approx(0.04)
@@ -420,7 +416,7 @@ async def test_a_failed_renewal_warns_once_and_the_call_goes_on(
     caplog.set_level(logging.WARNING, logger="broker.modelcall")
     async with steady.model_call(MODEL, estimated_tokens=1_000) as call:
         await eventually(lambda: call.renewal is not None, "the first renewal answered")
-        await _cost(stack).stop()  # the cost service goes away mid-call
+        await cost_of(stack).stop()  # the cost service goes away mid-call
         await eventually(
             lambda: any("could not be renewed" in r.getMessage() for r in caplog.records),
             "a warning about the renewal",

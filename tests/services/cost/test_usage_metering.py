@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import nats
 import nats.errors
 import pytest
-from conftest import eventually
 from nats.aio.client import Client
+from support import cost_of, eventually
 
 from broker import Agent
 from broker.codec import encode
@@ -27,7 +27,7 @@ from services.cost.service import CONSUMER, CostService
 from services.runner import Stack
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, StackFactory
+    from support import AgentFactory, AuditTrail, StackFactory
 
 
 @pytest.fixture
@@ -42,14 +42,8 @@ async def metered(make_stack: StackFactory, make_agent: AgentFactory) -> tuple[S
     stack = await make_stack(services=["tracing", "registry", "cost"])
     agent = make_agent("loan", team="lending", projects=("loans", "p1"))
     await agent.start()
-    await _knows_team(_cost(stack), "loan")
+    await _knows_team(cost_of(stack), "loan")
     return stack, agent
-
-
-def _cost(stack: Stack) -> CostService:
-    service = stack.services["cost"]
-    assert isinstance(service, CostService)
-    return service
 
 
 async def _knows_team(service: CostService, agent: str) -> None:
@@ -116,7 +110,7 @@ async def test_reported_usage_is_stored_costed_charged_to_the_team_and_audited(
     assert event.data["source"] == "agent"  # self-reported, labelled as such
     # 800k uncached at $2.50 + 200k cached at $1.25 + 100k out at $10 = $3.25
     assert event.data["cost_nanos"] == 3_250_000_000
-    by_team = await _report(_cost(stack), "team")
+    by_team = await _report(cost_of(stack), "team")
     [row] = by_team.rows
     assert row.key == "lending" and row.reports == 1
     assert row.cost_usd == pytest.approx(3.25)
@@ -140,8 +134,8 @@ async def test_an_unknown_model_is_priced_by_the_fallback_and_flagged(
     stack, agent = metered
     await agent.report_usage(model="my-own-llm", input_tokens=1_000_000)
     await agent.report_usage(model="gpt-4o", input_tokens=1_000_000)
-    report = await _stored(_cost(stack), 2)
-    by_model = _by_key(await _report(_cost(stack), "model"))
+    report = await _stored(cost_of(stack), 2)
+    by_model = _by_key(await _report(cost_of(stack), "model"))
     fallback = load_prices().fallback
     assert by_model["my-own-llm"].fallback_priced == 1
     assert by_model["my-own-llm"].cost_usd == pytest.approx(fallback.input / 10**6)
@@ -163,11 +157,11 @@ async def test_a_report_naming_another_agent_is_rejected_and_terminated(
     await _settled(nc)
     info = await nc.jetstream().consumer_info(USAGE_STREAM, CONSUMER)
     assert info.num_redelivered == 0  # terminated, not left to redeliver
-    assert (await _report(_cost(stack))).total.reports == 0
-    assert _cost(stack).rejected["invalid_input"] == 1
+    assert (await _report(cost_of(stack))).total.reports == 0
+    assert cost_of(stack).rejected["invalid_input"] == 1
     # The agent's honest reports still count.
     await agent.report_usage(model="m", input_tokens=5)
-    report = await _stored(_cost(stack), 1)
+    report = await _stored(cost_of(stack), 1)
     assert [(r.key, r.input_tokens) for r in report.rows] == [("loan", 5)]
 
 
@@ -185,8 +179,8 @@ async def test_a_malformed_report_is_rejected_with_its_path(
     assert rejected[0].data["details"]["path"] == "$.input_tokens"
     assert rejected[1].data["details"]["path"] == "$"
     await _settled(nc)
-    assert _cost(stack).rejected["schema_error"] == 2
-    assert (await _report(_cost(stack))).total.reports == 0
+    assert cost_of(stack).rejected["schema_error"] == 2
+    assert (await _report(cost_of(stack))).total.reports == 0
 
 
 async def test_a_report_sent_twice_is_stored_and_counted_once(
@@ -205,7 +199,7 @@ async def test_a_report_sent_twice_is_stored_and_counted_once(
     await js.publish("sb.usage.loan", encode(report), headers={H_MSG_ID: "report-7-late"})
     assert (await js.stream_info(USAGE_STREAM)).state.messages == 2
     await _settled(nc)
-    report_now = await _report(_cost(stack))
+    report_now = await _report(cost_of(stack))
     assert [(r.key, r.reports, r.input_tokens) for r in report_now.rows] == [("loan", 1, 40)]
     records = await audit_trail.settle()
     assert [r.id for r in records if r.kind == "usage"] == ["usage-loan-report-7"]
@@ -220,11 +214,11 @@ async def test_the_report_endpoint_is_for_operators_and_validates_its_range(
 
     stack, agent = metered
     await agent.report_usage(model="gpt-4o", input_tokens=10, project="p1")
-    await _stored(_cost(stack), 1)
+    await _stored(cost_of(stack), 1)
     subject = "sb.admin.cost.report"
     # Answered only into an operator's reply space: a service's inbox is refused.
     await nc.publish(subject, encode(CostReportRequest(by="project")), reply=nc.new_inbox())
-    await eventually(lambda: _cost(stack).rejected["invalid_reply_subject"] == 1, "the refusal")
+    await eventually(lambda: cost_of(stack).rejected["invalid_reply_subject"] == 1, "the refusal")
     await nc.close()
     options = operator_connect_options(stack.settings)
     nc = await nats.connect(stack.settings.nats_url or "", **options)
@@ -262,7 +256,7 @@ async def test_metering_end_to_end_on_sqlite_and_postgresql(
     for name, team, projects in bound:
         await make_agent(name, team=team, projects=projects).start()
     cost = await make_stack(services=["cost"], database_url=database_url)
-    service = _cost(cost)
+    service = cost_of(cost)
     assert service.store._postgres == database_url.startswith("postgresql")
     await _knows_team(service, "fraud")
     day = 86_400 * 20_000  # a fixed day, so hour/day buckets are known

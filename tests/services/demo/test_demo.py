@@ -78,7 +78,7 @@ async def test_run_demo_end_to_end(tmp_path: Path) -> None:
     # (i) step 9: the runaway agent stopped by its breaker, and the cost report by team
     assert re.search(r"agent\.fraud-detection is open \(rate_anomaly\)", text)
     assert re.search(r"its callers now fail fast \(\d+ refused at once", text)
-    assert "Cost by team" in text and re.search(r"\n\s+risk\s+\d+", text)
+    assert "Cost by team" in text and re.search(r"\n\s*risk\s+\d+", text)
     # (j) step 10: the canary rolled back on its own, status before and after
     assert "recommender: 1.0.0=80%, 2.0.0=20%" in text
     assert "recommender: 1.0.0=100%" in text

@@ -12,6 +12,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from support import policy_of
 from typer.testing import Result
 
 from broker import Agent, CallDenied
@@ -25,11 +26,10 @@ from schemas import ApprovalList, ApprovalRequest, DecideApproval, ListApprovals
 from services.cli.client import admin_request
 from services.policy.approvals import binding_hash, requested_subject
 from services.policy.decider import H_ESTIMATED_TOKENS
-from services.policy.service import PolicyService
 from services.runner import Stack
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, ServiceConnector, StackFactory
+    from support import AgentFactory, AuditTrail, ServiceConnector, StackFactory
 
 RULES = """
 @id("a-may-call-b")
@@ -108,12 +108,6 @@ async def _agents(make_agent: AgentFactory) -> tuple[Agent, list[dict[str, Any]]
     await b.start()
     await a.start()
     return a, served
-
-
-def _policy(stack: Stack) -> PolicyService:
-    service = stack.services["policy"]
-    assert isinstance(service, PolicyService)
-    return service
 
 
 async def test_an_approved_call_reaches_the_target_once_and_everything_is_audited(
@@ -212,7 +206,7 @@ async def test_the_approval_timeout_setting_caps_how_long_a_call_is_parked(
         await a.call("b", "echo", {"n": 1}, headers=BIG, timeout=30)
     assert info.value.details["reason_code"] == "approval_expired"
     assert served == []
-    stats = _policy(stack).stats
+    stats = policy_of(stack).stats
     assert (stats.parked, stats.denied, stats.approved) == (1, 1, 0)
 
 
@@ -273,7 +267,7 @@ async def test_two_operators_deciding_at_once_one_wins(
 async def test_an_agent_can_neither_decide_nor_watch_approvals(
     desk: Desk, settings: Settings, make_agent: AgentFactory
 ) -> None:
-    from conftest import enroll
+    from support import enroll
 
     errors: asyncio.Queue[Exception] = asyncio.Queue()
 
@@ -380,7 +374,7 @@ async def test_a_replica_parks_a_bounded_number_of_calls(
     desk: Desk, make_agent: AgentFactory
 ) -> None:
     a, served = await _agents(make_agent)
-    approvals = _policy(desk.stack).approvals
+    approvals = policy_of(desk.stack).approvals
     assert approvals is not None
     approvals.max_parked = 1
     first = asyncio.ensure_future(a.call("b", "echo", {"n": 1}, headers=BIG, timeout=10))

@@ -21,12 +21,11 @@ from broker.subjects import Subjects
 from schemas import Breaker, BreakerList, ListBreakers, ResetBreaker, TripBreaker
 from services.cli.client import admin_request
 from services.policy.service import PolicyService
-from services.runner import Stack
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, StackFactory
+    from support import AgentFactory, AuditTrail, StackFactory
 
-from conftest import echo_pair, eventually
+from support import echo_pair, eventually, policy_of
 
 SUBJECTS = Subjects("sb")
 
@@ -41,23 +40,23 @@ class Clock:
         return self.now
 
 
-def policy_of(stack: Stack) -> PolicyService:
-    service = stack.services["policy"]
-    assert isinstance(service, PolicyService)
-    return service
-
-
 async def until_state(
     policy: PolicyService, key: str, check: Callable[[Breaker], bool], timeout: float = 5.0
 ) -> Breaker:
     """Wait until ``policy``'s in-memory copy of breaker ``key`` passes ``check``."""
     assert policy.breakers is not None
-    async with asyncio.timeout(timeout):
-        while True:
-            found = policy.breakers.get(key)
-            if found is not None and check(found):
-                return found
-            await asyncio.sleep(0.005)
+
+    def passing() -> Breaker | None:
+        assert policy.breakers is not None
+        found = policy.breakers.get(key)
+        return found if found is not None and check(found) else None
+
+    return await eventually(
+        passing,
+        lambda: f"breaker {key} to pass the check; it is {policy.breakers.get(key)}",  # type: ignore[union-attr]
+        timeout=timeout,
+        interval=0.005,
+    )
 
 
 @pytest.fixture

@@ -10,15 +10,16 @@ import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import lending_policy_dir
 
 from broker.errors import ConfigError
 from schemas import AgentManifest, AgentRecord, Capability, Decision
-from services.policy.cedar import (
+from services.policy.cedar.decider import CedarDecider
+from services.policy.cedar.entities import EntityCache, agent_entity
+from services.policy.cedar.policy_set import (
     LABEL_FILE,
     SCHEMA_FILE,
-    CedarDecider,
     CedarPolicies,
-    agent_entity,
     shipped_policy_dir,
 )
 from services.policy.decider import (
@@ -32,7 +33,10 @@ from services.policy.decider import (
     unknown_estimate,
 )
 
-SHIPPED = shipped_policy_dir()
+#: The lending example on the default set (the demo's and the README's policies).
+SHIPPED = lending_policy_dir()
+#: The default set a fresh `signalbox up` activates.
+DEFAULT = shipped_policy_dir()
 SCHEMA = (SHIPPED / SCHEMA_FILE).read_text()
 NOW = 1_800_000_000.0
 
@@ -130,10 +134,26 @@ def shipped() -> CedarDecider:
 # -- the shipped set -------------------------------------------------------------------------
 
 
-def test_the_shipped_set_loads_with_an_id_for_every_policy(shipped: CedarDecider) -> None:
+def test_the_default_set_permits_nothing_and_keeps_its_guard_rails() -> None:
+    """What a fresh `signalbox up` activates: deny by default, models only by explicit
+    permit, the guard rails (forbids) in place; the lending example is not in it."""
+    default = CedarDecider(CedarPolicies.from_dir(DEFAULT), clock=lambda: NOW)
+    policies = default.policies
+    assert policies.label == "default"
+    assert set(policies.policies) == {
+        "finance-calls-only-pci-dss",
+        "eu-residency-models-stay-in-eu",
+        "large-invocation-needs-approval",
+    }
+    assert call(default, LOANS, CREDIT, "score").reason_code == "default_deny"
+    assert use(default, US_BOT, "use_model", "gpt-4o").reason_code == "default_deny"
+    assert use(default, US_BOT, "use_tool", "web-search").reason_code == "default_deny"
+
+
+def test_the_lending_example_loads_with_an_id_for_every_policy(shipped: CedarDecider) -> None:
     policies = shipped.policies
-    assert policies.label == "shipped"
-    assert policies.version == f"shipped@{policies.digest[:12]}"
+    assert policies.label == "lending-demo"
+    assert policies.version == f"lending-demo@{policies.digest[:12]}"
     assert set(policies.policies) == {
         "loan-may-score",
         "fraud-may-score",
@@ -327,7 +347,7 @@ def test_an_unexpected_failure_denies_and_never_raises(monkeypatch: pytest.Monke
     def explode(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("engine on fire")
 
-    monkeypatch.setattr("services.policy.cedar.authorize", explode)
+    monkeypatch.setattr("services.policy.cedar.engine.authorize", explode)
     decision = call(everyone, LOANS, CREDIT, "score")
     assert (decision.effect, decision.reason_code) == ("deny", "evaluation_error")
     assert "engine on fire" in decision.reasons[0]
@@ -670,14 +690,15 @@ def test_each_request_is_evaluated_against_the_policies_that_can_apply(tmp_path:
     answer = record("customer-support", {"answer": ()})
     callers = [record(f"caller-{i}") for i in range(0, 25, 3)] + [LOANS, SUPPORT, EU_BOT]
     seen: set[str] = set()
+    whole_set_entities = EntityCache(64)
     for caller in callers:
         for target, capability in ((CREDIT, "score"), (CREDIT, "history"), (answer, "answer")):
             for tokens in (0, 20_000):
                 decision = call(decider, caller, target, capability, estimated_tokens=tokens)
                 seen.add(decision.reason_code)
                 # The same request against the whole set, straight through Cedar.
-                entities = decider._call_entities(
-                    policies, caller, decider._agent(policies, target)
+                entities = whole_set_entities.for_call(
+                    policies.schema, caller, whole_set_entities.agent(policies.schema, target)
                 )
                 request = {
                     "principal": {"type": "Signalbox::Agent", "id": caller.manifest.name},

@@ -1,19 +1,21 @@
 """The decider's direct call into cedarpy's extension answers exactly as cedarpy's public API.
 
-``services.policy.cedar.authorize`` skips cedarpy's Python wrapper (see the
-comment above it); these tests pin that it means the same thing, so a cedarpy
+``services.policy.cedar.engine.authorize`` skips cedarpy's Python wrapper (see the
+module's docstring); these tests pin that it means the same thing, so a cedarpy
 upgrade that changes the extension's interface fails here, loudly.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 from typing import Any
 
 import cedarpy
 import pytest
 
-from services.policy.cedar import authorize
+from services.policy.cedar.engine import authorize
 
 POLICIES = """
 @id("a-may-call") permit (
@@ -88,3 +90,29 @@ def test_the_cases_cover_every_kind_of_answer() -> None:
     assert not answers["denied by default"].allowed and answers["denied by default"].reasons == []
     assert answers["an evaluation error"].errors
     assert not answers["forbidden by a number"].allowed
+
+
+def _touches_cedarpy_internals(source: str) -> bool:
+    """Whether a module imports cedarpy's private extension or reads a private handle of it."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cedarpy"):
+            if node.module == "cedarpy._internal" or any(a.name == "_internal" for a in node.names):
+                return True
+        elif isinstance(node, ast.Import):
+            if any(a.name.startswith("cedarpy._internal") for a in node.names):
+                return True
+        elif isinstance(node, ast.Attribute) and node.attr in ("_internal", "_inner"):
+            return True
+    return False
+
+
+def test_only_the_engine_module_touches_cedarpys_private_extension() -> None:
+    """The private-API use measured in services/policy/cedar/engine.py stays in that one module."""
+    root = Path(__file__).resolve().parents[3]
+    touching = sorted(
+        path.relative_to(root).as_posix()
+        for package in ("broker", "schemas", "services")
+        for path in (root / package).rglob("*.py")
+        if _touches_cedarpy_internals(path.read_text(encoding="utf-8"))
+    )
+    assert touching == ["services/policy/cedar/engine.py"]

@@ -7,30 +7,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from support import lending_policy_dir, policy_of
 
 from broker import Agent, CallDenied, ConfigError, SchemaError
 from broker.codec import decode
 from broker.replies import H_ERROR
 from schemas import ErrorReply
-from services.policy.cedar import shipped_policy_dir
 from services.policy.decider import H_DATA_TAGS, H_ESTIMATED_TOKENS, H_ON_BEHALF_OF
-from services.policy.service import PolicyService
 from services.runner import Stack
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, StackFactory
-
-
-def _policy(stack: Stack) -> PolicyService:
-    service = stack.services["policy"]
-    assert isinstance(service, PolicyService)
-    return service
+    from support import AgentFactory, AuditTrail, StackFactory
 
 
 async def test_an_agent_asks_before_using_a_model_and_every_answer_is_audited(
     make_stack: StackFactory, make_agent: AgentFactory, audit_trail: AuditTrail
 ) -> None:
-    stack = await make_stack(policy_dir=shipped_policy_dir())
+    stack = await make_stack(policy_dir=lending_policy_dir())
     # Bound at enrollment: the registry writes the tag into the stored manifest.
     eu = make_agent("eu-bot", tags=("data-residency:eu",))
     await eu.start()
@@ -38,7 +31,7 @@ async def test_an_agent_asks_before_using_a_model_and_every_answer_is_audited(
     us = await eu.authorize("use_model", "gpt-4o", provider="openai", region="us-east-1")
     assert (us.effect, us.reason_code) == ("deny", "forbidden")
     assert us.policy_ids == ("eu-residency-models-stay-in-eu",)
-    assert us.policy_version == _policy(stack).decider.version
+    assert us.policy_version == policy_of(stack).decider.version
     ok = await eu.authorize("use_model", "gpt-4o", provider="openai", region="eu-west-1",
                             price_per_1k_tokens=0.0025, data_tags=("pii",))  # fmt: skip
     assert (ok.effect, ok.policy_ids) == ("allow", ("registered-agents-may-use-models",))
@@ -62,14 +55,14 @@ async def test_an_agent_asks_before_using_a_model_and_every_answer_is_audited(
     assert asked.data["estimated_tokens"] == 20_000
     assert asked.data["on_behalf_of"] == ["user:ada"]
     assert asked.data["decision"]["policy_ids"] == ["large-invocation-needs-approval"]
-    stats = _policy(stack).stats
+    stats = policy_of(stack).stats
     assert (stats.authz, stats.authz_allowed, stats.authz_denied) == (5, 1, 4)
 
 
 async def test_an_unregistered_agent_is_refused(
     make_stack: StackFactory, make_agent: AgentFactory
 ) -> None:
-    await make_stack(policy_dir=shipped_policy_dir())
+    await make_stack(policy_dir=lending_policy_dir())
     ghost = make_agent("ghost", register=False)
     await ghost.start()
     decision = await ghost.authorize("use_model", "gpt-4o", region="eu-west-1")
@@ -80,7 +73,7 @@ async def test_an_unregistered_agent_is_refused(
 async def test_bad_authz_requests_get_structured_errors_and_are_audited(
     make_stack: StackFactory, make_agent: AgentFactory, audit_trail: AuditTrail
 ) -> None:
-    stack = await make_stack(policy_dir=shipped_policy_dir())
+    stack = await make_stack(policy_dir=lending_policy_dir())
     bot = make_agent("bot")
     await bot.start()
     with pytest.raises(SchemaError) as info:
@@ -98,7 +91,7 @@ async def test_bad_authz_requests_get_structured_errors_and_are_audited(
     assert {r.subject for r in rejected} == {subject}
     # Still serving.
     assert (await bot.authorize("use_model", "m", region="us-east-1")).effect == "allow"
-    assert _policy(stack).rejected["schema_error"] == 2
+    assert policy_of(stack).rejected["schema_error"] == 2
 
 
 TEST_PERMITS = """
@@ -112,7 +105,7 @@ async def _finance_desk(
     make_stack: StackFactory, make_agent: AgentFactory, tmp_path: Path
 ) -> tuple[Stack, Agent]:
     folder = tmp_path / "policies"
-    shutil.copytree(shipped_policy_dir(), folder)
+    shutil.copytree(lending_policy_dir(), folder)
     (folder / "test.cedar").write_text(TEST_PERMITS)
     stack = await make_stack(policy_dir=folder)
     vault = make_agent("card-vault")
@@ -165,7 +158,7 @@ async def test_mediated_calls_follow_the_cedar_policies(
         "estimated_tokens": 20_000, "estimated_tokens_known": True, "data_tags": ["pci-dss"],
         "on_behalf_of": ["user:ada"], "error": "",
     }  # fmt: skip
-    stats = _policy(stack).stats
+    stats = policy_of(stack).stats
     assert (stats.allowed, stats.denied) == (1, 3)
 
 
@@ -173,7 +166,7 @@ async def test_an_invalid_policy_set_stops_the_policy_service_with_cedars_messag
     make_stack: StackFactory, tmp_path: Path
 ) -> None:
     folder = tmp_path / "bad"
-    shutil.copytree(shipped_policy_dir(), folder)
+    shutil.copytree(lending_policy_dir(), folder)
     (folder / "typo.cedar").write_text(
         '@id("typo") permit (principal, action, resource) when { principal.teem == "x" };'
     )

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 import nats
 import pytest
-from conftest import cedar_policies, enroll
 from nats.aio.client import Client
+from support import ainvoke, cedar_policies, enroll, eventually
 from typer.testing import CliRunner, Result
 
 from broker.connection import connect
@@ -44,11 +44,16 @@ from schemas import (
 from services.cli import common as cli
 from services.cli.client import admin_request
 from services.cli.main import app
-from services.policy.cedar import LABEL_FILE, SCHEMA_FILE, CedarPolicies, shipped_policy_dir
+from services.policy.cedar.policy_set import (
+    LABEL_FILE,
+    SCHEMA_FILE,
+    CedarPolicies,
+    shipped_policy_dir,
+)
 from services.policy.service import PolicyService
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, ServiceConnector, StackFactory
+    from support import AgentFactory, AuditTrail, ServiceConnector, StackFactory
 
     from services.runner import Stack
 
@@ -108,11 +113,12 @@ def replicas(*stacks: Stack) -> list[PolicyService]:
 
 async def switched(services: Sequence[PolicyService], version: str, within: float = 1.0) -> None:
     """Every replica evaluates ``version`` within ``within`` seconds (the requirement)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while any(r.decider.version != version for r in services):
-        assert loop.time() < deadline, [r.decider.version for r in services]
-        await asyncio.sleep(0.005)
+    await eventually(
+        lambda: all(r.decider.version == version for r in services),
+        lambda: f"version {version} on every replica: {[r.decider.version for r in services]}",
+        timeout=within,
+        interval=0.005,
+    )
 
 
 async def two_replicas(make_stack: StackFactory) -> list[PolicyService]:
@@ -348,11 +354,11 @@ async def test_an_agent_cannot_use_the_policy_admin_endpoints(
         body = msgspec.json.encode(ApplyPolicies(candidate=candidate(ALLOW)))
         await nc.publish("sb.admin.policy.apply", body)
         await nc.publish("sb.admin.policy.rollback", msgspec.json.encode(RollbackPolicies(to=1)))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while len([e for e in errors if "permissions violation" in str(e).lower()]) < 2:
-            assert loop.time() < deadline, errors
-            await asyncio.sleep(0.02)
+        await eventually(
+            lambda: len([e for e in errors if "permissions violation" in str(e).lower()]) >= 2,
+            lambda: f"two permission violations; errors: {errors}",
+            timeout=5,
+        )
         assert any("sb.admin.policy.apply" in str(e) for e in errors), errors
     finally:
         await nc.close()
@@ -373,11 +379,6 @@ def _cli_operator(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def invoke(args: Sequence[str]) -> Result:
     return runner.invoke(app, list(args))
-
-
-async def ainvoke(args: Sequence[str]) -> Result:
-    """Run the CLI beside the test's event loop (the CLI runs its own loop)."""
-    return await asyncio.to_thread(invoke, args)
 
 
 def policy_folder(path: Path, rules: str, label: str = "") -> Path:

@@ -11,6 +11,7 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client
+from support import policy_of
 
 from broker import (
     Agent,
@@ -29,11 +30,10 @@ from broker.runtime.identity import service_connect_options
 from broker.settings import Settings
 from broker.subjects import inbox_prefix
 from schemas import ErrorReply
-from services.policy.service import PolicyService
 from services.runner import Stack
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, ServiceConnector, StackFactory
+    from support import AgentFactory, AuditTrail, ServiceConnector, StackFactory
 
 
 class Address(msgspec.Struct):
@@ -88,12 +88,6 @@ async def _serving(
 RELEASE: dict[str, asyncio.Event] = {}
 
 
-def _policy(stack: Stack) -> PolicyService:
-    service = stack.services["policy"]
-    assert isinstance(service, PolicyService)
-    return service
-
-
 GOOD = Customer(name="ada", address=Address(city="Paris", zip=75001))
 
 
@@ -119,7 +113,7 @@ async def test_an_allowed_call_is_forwarded_and_audited(
     assert call.data["call_id"] == decision.data["call_id"]
     assert call.data["error_code"] == ""
     assert call.data["request_bytes"] > 0 and call.data["reply_bytes"] > 0
-    stats = _policy(stack).stats
+    stats = policy_of(stack).stats
     assert (stats.calls, stats.allowed, stats.ok) == (1, 1, 1)
 
 
@@ -141,7 +135,7 @@ async def test_a_call_no_rule_allows_is_denied_with_reason_and_audited(
     assert decision.data["decision"]["policy_ids"] == ["default-deny"]
     assert (decision.data["caller"], decision.data["target"]) == ("a", "b")
     assert decision.data["capability"] == "secret"
-    assert _policy(stack).stats.denied == 1
+    assert policy_of(stack).stats.denied == 1
 
 
 async def test_an_unregistered_caller_is_denied(
@@ -169,7 +163,9 @@ async def test_an_unknown_target_is_reported_and_audited(
     await a.start()
     with pytest.raises(UnknownTarget) as info:
         await a.call("nobody", "lookup", GOOD)
-    assert info.value.details == {"target": "nobody", "capability": "lookup"}
+    assert info.value.details == {
+        "trace_id": info.value.trace_id, "target": "nobody", "capability": "lookup"
+    }
     assert "not a registered agent" in info.value.message
     [rejected] = await audit_trail.wait_for(lambda r: r.kind == "rejected")
     assert rejected.actor == "c"
@@ -192,11 +188,13 @@ async def test_a_registered_target_that_is_not_running_is_unavailable(
     await b.stop()  # still registered, nobody serving
     with pytest.raises(TargetUnavailable) as info:
         await a.call("b", "lookup", GOOD)
-    assert info.value.details == {"target": "b", "capability": "lookup"}
+    assert info.value.details == {
+        "trace_id": info.value.trace_id, "target": "b", "capability": "lookup"
+    }
     [call] = await audit_trail.wait_for(lambda r: r.kind == "call")
     assert call.data["ok"] is False
     assert call.data["error_code"] == "target_unavailable"
-    assert _policy(stack).stats.errors == 1
+    assert policy_of(stack).stats.errors == 1
 
 
 async def test_a_slow_target_times_out_without_blocking_the_caller(
@@ -207,14 +205,16 @@ async def test_a_slow_target_times_out_without_blocking_the_caller(
     with pytest.raises(OutcomeUnknown) as info:  # forwarded, unanswered: may have run
         await a.call("b", "slow", {}, timeout=30)
     assert isinstance(info.value, CallTimeout)
-    assert info.value.details == {"target": "b", "capability": "slow"}
+    assert info.value.details == {
+        "trace_id": info.value.trace_id, "target": "b", "capability": "slow"
+    }
     RELEASE["b"].set()  # its late reply is dropped by policy, not relayed
     # The caller is free at once, and the next call goes through.
     assert await a.call("b", "lookup", GOOD) == "ada@Paris"
     [call] = await audit_trail.wait_for(lambda r: r.kind == "call" and not r.data["ok"])
     assert call.data["error_code"] == "outcome_unknown"
     assert call.data["capability"] == "slow"
-    policy = _policy(stack)
+    policy = policy_of(stack)
     assert policy.stats.timeouts == 1
     await audit_trail.wait_for(lambda r: r.kind == "call" and r.data["ok"])
     assert policy.stats.late_replies == 1
@@ -254,7 +254,7 @@ async def test_an_oversize_payload_is_refused_by_policy_and_never_forwarded(
     assert rejected.data["code"] == "payload_too_large"
     assert rejected.actor == "a"
     assert rejected.subject == "sb.out.a.b.lookup"
-    policy = _policy(stack)
+    policy = policy_of(stack)
     assert policy.stats.rejected == 1
     assert policy.stats.allowed == 0
     assert policy.rejected["payload_too_large"] == 1
@@ -272,7 +272,7 @@ async def test_a_call_published_without_reply_subject_is_counted_and_audited(
     assert rejected.actor == "a"  # the real sender (from the subject the server enforces)
     assert "reply subject" in rejected.data["message"]
     assert served == []
-    assert _policy(stack).stats.rejected == 1
+    assert policy_of(stack).stats.rejected == 1
     assert await a.call("b", "lookup", GOOD) == "ada@Paris"
 
 
@@ -324,7 +324,7 @@ async def test_bad_input_of_every_kind_leaves_the_services_serving(
     assert await a.call("b", "lookup", GOOD) == "ada@Paris"
     assert served == [GOOD]
     await audit_trail.wait_for(lambda r: r.kind == "call" and r.data["ok"])
-    policy = _policy(stack)
+    policy = policy_of(stack)
     assert policy.stats.calls == 8
     assert policy.stats.ok == 1
 
@@ -365,4 +365,4 @@ async def test_the_target_sdk_does_not_run_a_delivery_past_its_deadline(
         headers={H_DEADLINE: f"{time.time() - 1:.6f}"}, timeout=5,
     )  # fmt: skip
     assert reply.headers is not None and reply.headers[H_ERROR] == "deadline_exceeded"
-    assert served == [] and b._late == 1
+    assert served == [] and b.serving.late == 1

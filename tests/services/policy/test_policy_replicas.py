@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from services.policy.service import PolicyService
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, StackFactory
+    from support import AgentFactory, AuditTrail, StackFactory
 
 N = 300
 

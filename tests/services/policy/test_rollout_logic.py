@@ -89,6 +89,26 @@ def test_outcome_windows_merge_across_replicas_and_respect_the_window() -> None:
     assert recent["1.0.0"].calls == 5 and recent["2.0.0"].calls == 5
 
 
+def test_outcome_windows_date_calls_after_a_quiet_spell_correctly() -> None:
+    """Calls before and after an idle gap: a window starting in the gap counts only the
+    later ones (a guard's window starts at the route's change, often after a lull)."""
+    window = OutcomeWindow("r", slot=0.5, slots=72)
+    for t in (100.0, 100.2):
+        window.record("1.0.0", ok=True, latency_ms=10, now=t)
+    for t in (110.1, 110.3, 125.7):
+        window.record("2.0.0", ok=True, latency_ms=10, now=t)
+    snap = window.snapshot("a", 126)
+    assert merge([snap], since=105)["2.0.0"].calls == 3
+    assert merge([snap], since=105)["1.0.0"].calls == 0
+    assert merge([snap], since=111)["2.0.0"].calls == 1
+    assert merge([snap], since=0)["1.0.0"].calls == 2
+    # A gap longer than the slots kept: only what fits the window is kept.
+    window.record("2.0.0", ok=True, latency_ms=10, now=1000.0)
+    late = window.snapshot("a", 1000.1)
+    assert merge([late], since=999)["2.0.0"].calls == 1
+    assert merge([late], since=0)["2.0.0"].calls == 1
+
+
 def test_guards_fire_on_errors_latency_and_cost_but_not_on_few_calls() -> None:
     guard = RouteGuard(max_error_rate=0.05, min_calls=20)
     stable = Merged(calls=500, errors=5, latency=Counter({bucket_of(20): 500}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,13 +34,12 @@ from schemas import (
     SetRollout,
 )
 from services.cli.main import app
-from services.policy.service import PolicyService
 from services.runner import Stack
 
 if TYPE_CHECKING:
-    from conftest import AuditTrail, StackFactory
+    from support import AuditTrail, StackFactory
 
-from conftest import RawAgent, enroll, eventually
+from support import RawAgent, cost_of, enroll, eventually, policy_of
 
 V1, V2 = "1.0.0", "2.0.0"
 
@@ -47,6 +47,8 @@ V1, V2 = "1.0.0", "2.0.0"
 class Ask(msgspec.Struct):
     customer: str = ""
     fail: bool = False
+    #: Output tokens of gpt-4o the version reports using to answer (0: none).
+    tokens: int = 0
 
 
 @pytest.fixture
@@ -86,6 +88,8 @@ async def fleet(stack: Stack, settings: Settings) -> AsyncIterator[dict[str, Age
         async def suggest(ask: Ask) -> str:
             if ask.fail and v == V2:
                 raise RuntimeError("v2 regression")
+            if ask.tokens:
+                await agent.report_usage(model="gpt-4o", output_tokens=ask.tokens)
             return v
 
         made.append(agent)
@@ -105,19 +109,16 @@ async def fleet(stack: Stack, settings: Settings) -> AsyncIterator[dict[str, Age
         await agent.stop()
 
 
-def _policy(stack: Stack) -> PolicyService:
-    service = stack.services["policy"]
-    assert isinstance(service, PolicyService)
-    return service
-
-
 async def _rollout(operator: Client, op: str, body: Any) -> RolloutStatus:
     return await request(operator, f"sb.admin.rollout.{op}", body, RolloutStatus, timeout=10)
 
 
 async def _routed(stack: Stack, route: RolloutStatus) -> None:
     """Wait until the policy replica applies the route the operator just set."""
-    await eventually(lambda: _policy(stack).routes.routes.get("recommender") == route.route)
+    await eventually(
+        lambda: policy_of(stack).routes.routes.get("recommender") == route.route,
+        "the policy service to see the route",
+    )
 
 
 async def _calls(shop: Agent, n: int, **kw: Any) -> Counter[str]:
@@ -134,8 +135,15 @@ async def test_a_route_splits_traffic_within_statistical_tolerance(
     stack: Stack, operator: Client, fleet: dict[str, Agent]
 ) -> None:
     shop = fleet["shop"]
-    # No route: any version's instance may answer.
-    assert set(await _calls(shop, 50)) <= {V1, V2}
+    # No route: the established (first registered) version takes every call.
+    policy = policy_of(stack)
+
+    def established() -> str:
+        record = policy.agents.get("recommender") if policy.agents else None
+        return record.established_version if record else ""
+
+    await eventually(lambda: established() == V1, "recommender's established version in KV")
+    assert await _calls(shop, 50) == {V1: 50}
     status = await _rollout(
         operator, "set", SetRollout(target="recommender", weights={V2: 20}, stable=V1)
     )
@@ -147,12 +155,13 @@ async def test_a_route_splits_traffic_within_statistical_tolerance(
     assert counts[V1] + counts[V2] == 2_000
     # Per-version figures from every replica, within the status window.
     await eventually(
-        lambda: sum(r.calls for r in _policy(stack).routes.merged("recommender", 0).values())
-        >= 2_000
+        lambda: sum(r.calls for r in policy_of(stack).routes.merged("recommender", 0).values())
+        >= 2_050, "2,050 calls counted for recommender"
     )
     shown = await _rollout(operator, "status", RolloutStatusRequest(target="recommender"))
     by_version = {v.version: v for v in shown.versions}
-    assert by_version[V2].calls == counts[V2] and by_version[V1].calls == counts[V1]
+    # The 50 unrouted calls went to V1's subject too, and count for it.
+    assert by_version[V2].calls == counts[V2] and by_version[V1].calls == counts[V1] + 50
     assert by_version[V2].weight == 20 and by_version[V1].health == "healthy"
     assert by_version[V1].p50_ms > 0 and by_version[V1].p99_ms >= by_version[V1].p50_ms
 
@@ -192,10 +201,10 @@ async def test_a_failing_canary_is_rolled_back_automatically(
             assert await shop.call("recommender", "suggest", Ask(fail=True)) in (V1, V2)
         except Exception:
             failures += 1
-        route = _policy(stack).routes.routes.get("recommender")
+        route = policy_of(stack).routes.routes.get("recommender")
         if route is not None and route.weights.get(V2, 0) == 0:
             break
-    route = _policy(stack).routes.routes.get("recommender")
+    route = policy_of(stack).routes.routes.get("recommender")
     assert route is not None and route.weights == {V1: 100}, route
     assert route.reason.startswith("auto-rollback of 2.0.0: error rate")
     assert route.figures["canary_error_rate"] > 0.05
@@ -254,13 +263,13 @@ async def test_bad_routes_are_refused_and_the_old_route_stays(
     )  # fmt: skip
     await silent.start()
     try:
-        desk = _policy(stack).routes
+        desk = policy_of(stack).routes
 
         async def stale() -> bool:
             found = (await desk._versions("recommender")).get("3.0.0")
             return found is not None and found.health != "healthy"
 
-        await eventually(stale, timeout=30)
+        await eventually(stale, "version 3.0.0 to turn unhealthy", timeout=30)
         with pytest.raises(InvalidInput, match="not healthy"):
             await _rollout(operator, "set", SetRollout(target="recommender", weights={"3.0.0": 5}))
     finally:
@@ -355,8 +364,8 @@ async def test_agents_cannot_change_routes_or_take_another_agents_version_calls(
 async def test_every_policy_replica_applies_a_route_change_within_a_second(
     stack: Stack, make_stack: StackFactory, operator: Client, fleet: dict[str, Agent]
 ) -> None:
-    second = _policy(await make_stack(services=["policy"]))
-    first = _policy(stack)
+    second = policy_of(await make_stack(services=["policy"]))
+    first = policy_of(stack)
     loop = asyncio.get_running_loop()
     for weights in ({V2: 10}, {V2: 40}):
         status = await _rollout(
@@ -366,7 +375,7 @@ async def test_every_policy_replica_applies_a_route_change_within_a_second(
         await eventually(
             lambda status=status: all(
                 p.routes.routes.get("recommender") == status.route for p in (first, second)
-            ),
+            ), "both replicas to see the route",
             timeout=1.0,
         )
         assert loop.time() - applied < 1.0
@@ -376,6 +385,73 @@ async def test_every_policy_replica_applies_a_route_change_within_a_second(
         lambda: all(
             sum(m.calls for m in p.routes.merged("recommender", 0).values()) == 200
             for p in (first, second)
-        )
+        ), "200 calls counted by both replicas"
     )
     assert sum(counts.values()) == 200
+
+
+async def test_rollout_status_shows_the_window_and_cost_per_call_the_guard_uses(
+    stack: Stack, fleet: dict[str, Agent], settings: Settings,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:  # fmt: skip
+    """``--guard-window 2m``: status is over the guard's 120 s, from the route's change (as
+    the guard weighs it), and its $/call is the guard's, not a 300 s mix of before and after."""
+    monkeypatch.setenv("SIGNALBOX_SECRETS_DIR", str(tmp_path / "data" / "secrets"))
+    runner = CliRunner()
+    url = ["--nats-url", settings.nats_url or ""]
+
+    async def cli(*args: str) -> Result:
+        return await asyncio.to_thread(runner.invoke, app, list(args))
+
+    async def calls(n: int, tokens: int) -> None:
+        shop = fleet["shop"]
+        await asyncio.gather(
+            *(shop.call("recommender", "suggest", Ask(customer=f"c{i}", tokens=tokens))
+              for i in range(n))
+        )  # fmt: skip
+
+    async def metered(n: int) -> None:
+        cost = cost_of(stack)
+
+        async def count() -> bool:
+            report = await asyncio.to_thread(cost.store.report, "agent", None, None)
+            return report.total.reports >= n
+
+        await eventually(count, f"{n} usage reports metered")
+
+    await calls(20, 10_000)  # before the route: $0.10 a call
+    await metered(20)
+    await asyncio.sleep(1.0)  # past the figures' slot (0.5 s) the last of them counted in
+    made = await cli(
+        "rollout", "set", "recommender", "2.0.0=50%", "--stable", V1, "--guard-window", "2m",
+        "--min-calls", "100000", *url,
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    desk = policy_of(stack).routes
+    await eventually(lambda: desk.routes.get("recommender"), "the policy service to see the route")
+    await calls(40, 1_000)  # on the route: $0.01 a call
+    await metered(60)
+    route = desk.routes.get("recommender")
+    assert route is not None and route.guard is not None and route.guard.window == 120
+    await eventually(
+        lambda: sum(m.calls for m in desk.merged("recommender", route.changed_at).values()) >= 40,
+        "the 40 routed calls counted",
+    )
+
+    shown = await cli("rollout", "status", "recommender", *url)
+    assert shown.exit_code == 0, shown.output
+    assert "last 120s" in shown.output
+    as_json = await cli("rollout", "status", "recommender", "--json", *url)
+    assert as_json.exit_code == 0, as_json.output
+    body = json.loads(as_json.output)
+    assert body["window"] == 120
+    rows = {v["version"]: v for v in body["versions"]}
+    assert rows[V1]["calls"] + rows[V2]["calls"] == 40
+    # What the guard compares: the same figures from the same source over the same span.
+    since = max(time.time() - 120, route.changed_at)
+    guard_costs = await desk._cost_per_call(
+        "recommender", since, desk.merged("recommender", since), time.time()
+    )
+    for version in (V1, V2):
+        assert rows[version]["cost_per_call_usd"] == pytest.approx(0.01), version
+        assert rows[version]["cost_per_call_usd"] == pytest.approx(guard_costs[version]), version

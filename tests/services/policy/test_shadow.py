@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 import msgspec
 import pytest
-from conftest import cedar_policies
 from nats.aio.client import Client
+from support import cedar_policies, eventually
 from typer.testing import CliRunner
 
 from broker.connection import connect
@@ -20,11 +20,11 @@ from broker.runtime.identity import operator_connect_options
 from broker.settings import Settings
 from schemas import PolicyFiles, ShadowPolicies, ShadowStatus
 from services.cli.main import app
-from services.policy.cedar import SCHEMA_FILE, shipped_policy_dir
+from services.policy.cedar.policy_set import SCHEMA_FILE, shipped_policy_dir
 from services.policy.service import PolicyService
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, StackFactory
+    from support import AgentFactory, AuditTrail, StackFactory
 
 SCHEMA = (shipped_policy_dir() / SCHEMA_FILE).read_text()
 
@@ -33,9 +33,7 @@ class Echo(msgspec.Struct):
     text: str
 
 
-@pytest.fixture(autouse=True)
-def _operator_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("SIGNALBOX_SECRETS_DIR", str(tmp_path / "data" / "secrets"))
+pytestmark = pytest.mark.usefixtures("cli_operator")
 
 
 async def _operator(settings: Settings) -> Client:
@@ -78,10 +76,12 @@ async def test_shadow_disagreements_are_audited_and_outcomes_unchanged(
             operator, "sb.admin.policy.shadow", ShadowPolicies(candidate=candidate), ShadowStatus
         )
         assert status.enabled and status.version == status.active_version + 1
-        for _ in range(100):  # every replica picks it up through the KV watch
-            if all(r.shadow is not None for r in replicas):
-                break
-            await asyncio.sleep(0.01)
+        await eventually(  # every replica picks it up through the KV watch
+            lambda: all(r.shadow is not None for r in replicas),
+            "every replica to run the shadow set",
+            timeout=5,
+            interval=0.01,
+        )
         assert all(r.shadow is not None and r.shadow.version == status.version for r in replicas)
 
         # Outcomes are the active set's.
@@ -98,11 +98,12 @@ async def test_shadow_disagreements_are_audited_and_outcomes_unchanged(
 
         off = await request(operator, "sb.admin.policy.shadow", ShadowPolicies(), ShadowStatus)
         assert not off.enabled
-        for _ in range(100):
-            if all(r.shadow is None for r in replicas):
-                break
-            await asyncio.sleep(0.01)
-        assert all(r.shadow is None for r in replicas)
+        await eventually(
+            lambda: all(r.shadow is None for r in replicas),
+            "every replica to stop shadowing",
+            timeout=5,
+            interval=0.01,
+        )
     finally:
         await operator.close()
 

@@ -9,18 +9,19 @@ from typing import TYPE_CHECKING
 
 import msgspec
 import pytest
-from conftest import cedar_policies
+from support import cedar_policies
 from typer.testing import CliRunner
 
 from broker.errors import CallDenied
 from broker.settings import Settings
 from schemas import AgentManifest, AgentRecord, AuditEvent, Capability, Decision
 from services.cli.main import app
-from services.policy.cedar import SCHEMA_FILE, CedarDecider, CedarPolicies, shipped_policy_dir
+from services.policy.cedar.decider import CedarDecider
+from services.policy.cedar.policy_set import SCHEMA_FILE, CedarPolicies, shipped_policy_dir
 from services.policy.whatif import request_from_record, what_if
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, StackFactory
+    from support import AgentFactory, AuditTrail, StackFactory
 
 
 class Echo(msgspec.Struct):
@@ -107,9 +108,7 @@ def test_model_use_decisions_are_rebuilt_too() -> None:
     assert report.by_transition == {("allow", "deny"): 1}
 
 
-@pytest.fixture(autouse=True)
-def _operator_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("SIGNALBOX_SECRETS_DIR", str(tmp_path / "data" / "secrets"))
+pytestmark = pytest.mark.usefixtures("cli_operator")
 
 
 async def test_policy_test_replays_the_live_trail(

@@ -12,15 +12,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import policy_of
+from support import policy_of
 
 from broker.errors import AuditUnavailable
 from broker.runtime.jetstream import AUDIT_INTAKE_STREAM, ensure_streams
 from broker.settings import Settings
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, ServiceConnector, StackFactory
     from nats.aio.client import Client
+    from support import AgentFactory, ServiceConnector, StackFactory
 
     from broker import Agent
 

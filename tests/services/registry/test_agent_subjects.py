@@ -29,7 +29,7 @@ from schemas import (
 from services.registry.service import RegistryService
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, ServiceConnector, StackFactory
+    from support import AgentFactory, AuditTrail, ServiceConnector, StackFactory
 
 
 def registry_of(stack: object) -> RegistryService:

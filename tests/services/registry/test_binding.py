@@ -24,7 +24,7 @@ from services.registry.service import RegistryService, capability_tag_changes
 from services.registry.store import AgentStore
 
 if TYPE_CHECKING:
-    from conftest import StackFactory
+    from support import StackFactory
 
 T0 = 1_000_000.0
 

@@ -6,10 +6,10 @@ hand (``flush_heartbeats``), so what is in SQL at each step is known.
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
 import pytest
+from support import eventually
 
 from broker.errors import NotFound
 from broker.settings import Settings
@@ -18,7 +18,7 @@ from services.registry.service import RegistryService
 from services.registry.store import AgentStore
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, StackFactory
+    from support import AgentFactory, StackFactory
 
 
 def manifest(name: str = "credit-check", version: str = "1.0.0") -> AgentManifest:
@@ -118,10 +118,8 @@ async def test_the_registry_flushes_on_its_own_every_interval(
     agent = make_agent("credit-check", heartbeat_interval=0)
     await agent.start()
     await agent.heartbeat()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while not registry.store.instances(since=0):
-        assert loop.time() < deadline, "the heartbeat was never written"
-        await asyncio.sleep(0.01)
+    await eventually(
+        lambda: registry.store.instances(since=0), "the heartbeat to be written", timeout=10
+    )
     [instance] = registry.store.instances(since=0)
     assert instance.instance == agent.instance_id

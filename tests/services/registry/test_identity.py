@@ -40,9 +40,9 @@ from schemas import (
 from services.runner import Stack
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, ServiceConnector, StackFactory
+    from support import AgentFactory, AuditTrail, ServiceConnector, StackFactory
 
-from conftest import RawAgent, enroll
+from support import RawAgent, enroll, eventually
 
 
 class Echo(msgspec.Struct):
@@ -90,6 +90,26 @@ async def watch(nc: Client, subject: str) -> list[Msg]:
     return got
 
 
+#: Alice's own outbound subject: hers to publish, so the server delivers it.
+SENTINEL = "sb.out.alice.bob.echo"
+
+
+async def after_sentinel(raw: RawAgent, seen: list[Msg]) -> list[str]:
+    """Publish on :data:`SENTINEL` from ``raw``'s connection, wait until ``seen`` (one
+    subscription covering it) has it, and return the subjects seen up to then.
+
+    The server keeps one connection's messages in order to each subscription: whatever
+    ``raw`` published before the sentinel, had the server let it through, has arrived
+    by then. So "nothing else arrived" needs no pause.
+    """
+    assert raw.nc is not None
+    await raw.nc.publish(SENTINEL, encode(Echo(text="sentinel")))
+    await eventually(
+        lambda: any(m.subject == SENTINEL for m in seen), "alice's sentinel to arrive", timeout=5
+    )
+    return [m.subject for m in seen]
+
+
 # -- legitimate use -------------------------------------------------------------------------
 
 
@@ -125,12 +145,8 @@ async def test_agent_cannot_publish_as_another_agent(
     await raw_alice.violation(
         lambda nc: nc.publish("sb.out.bob.carol.echo", encode(Echo(text="x"))), "sb.out.bob."
     )
-    # Her own outbound subject still works on the same connection.
-    assert raw_alice.nc is not None
-    await raw_alice.nc.publish("sb.out.alice.bob.echo", encode(Echo(text="y")))
-    await sync_connection(raw_alice.nc)
-    await asyncio.sleep(0.1)
-    assert [m.subject for m in seen] == ["sb.out.alice.bob.echo"]
+    # Her own outbound subject still works on the same connection, and arrives alone.
+    assert await after_sentinel(raw_alice, seen) == [SENTINEL]
 
 
 async def test_agent_cannot_register_or_heartbeat_as_another_agent(raw_alice: RawAgent) -> None:
@@ -171,7 +187,7 @@ async def test_agent_cannot_read_the_audit_stream(raw_alice: RawAgent) -> None:
 async def test_agent_cannot_call_admin_endpoints_or_change_policy(
     raw_alice: RawAgent, service_nc: ServiceConnector, settings: Settings
 ) -> None:
-    seen = await watch(await service_nc(), "sb.admin.>")
+    seen = await watch(await service_nc(), "sb.>")  # admin subjects and the sentinel
     await raw_alice.violation(
         lambda nc: nc.publish("sb.admin.registry.enroll", encode(EnrollAgent(name="mallory"))),
         "sb.admin.registry.enroll",
@@ -179,8 +195,8 @@ async def test_agent_cannot_call_admin_endpoints_or_change_policy(
     await raw_alice.violation(lambda nc: nc.publish("sb.admin.policy.apply", b"{}"), "sb.admin.")
     # Writing the policy bucket directly is refused too.
     await raw_alice.violation(lambda nc: nc.publish("$KV.sb_policies.active", b"x"), "$KV.")
-    await asyncio.sleep(0.1)
-    assert seen == []
+    arrived = await after_sentinel(raw_alice, seen)
+    assert [subject for subject in arrived if subject.startswith("sb.admin.")] == []
 
 
 async def test_no_forged_expired_or_missing_credential_connects(

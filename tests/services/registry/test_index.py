@@ -27,7 +27,8 @@ from schemas import (
     InstanceStats,
 )
 from services.registry.index import AgentIndex
-from services.registry.store import AgentStore, StoredVersion
+from services.registry.records import StoredVersion
+from services.registry.store import AgentStore
 
 T0 = 1_000_000.0
 STALE = 30.0

@@ -18,7 +18,7 @@ from broker.settings import Settings
 from schemas import AgentRecord, DiscoverAgents, GetAgent
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, StackFactory
+    from support import AgentFactory, StackFactory
 
 
 class Score(msgspec.Struct):

@@ -9,7 +9,6 @@ flushes its own: every reply that will ever come has arrived by then.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -21,6 +20,7 @@ import pytest
 from nats.aio.client import Client
 from nats.micro import add_service
 from nats.micro.service import ServiceInfo, ServicePing, ServiceStats
+from support import eventually
 
 from broker.connection import sync_connection
 from broker.runtime.identity import service_connect_options
@@ -199,14 +199,6 @@ class View:
         return self.instances
 
 
-async def _until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
-
-
 def _seen(responders: Sequence[MicroResponder]) -> int:
     return sum(r.handled + r.ignored for r in responders)
 
@@ -223,7 +215,11 @@ class Discovery:
         sub = await self.nc.subscribe(self.nc.new_inbox())
         before = _seen(self.responders)
         await self.nc.publish(subject, b"", reply=sub.subject)
-        await _until(lambda: _seen(self.responders) > before, f"a responder to take {subject}")
+        await eventually(
+            lambda: _seen(self.responders) > before,
+            f"a responder to take {subject}",
+            interval=0.005,  # every discovery request waits here
+        )
         # The responder has queued its replies: once the server has processed what
         # its connection sent, they are on their way to us, ahead of our PONG.
         for r in self.responders:

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 import nats
 import pytest
-from conftest import ask
 from nats.aio.client import Client
+from support import ask
 
 from broker.codec import decode, encode
 from broker.errors import Conflict, NotFound, SchemaError, SignalboxError
@@ -30,7 +30,7 @@ from schemas import (
 )
 
 if TYPE_CHECKING:
-    from conftest import AuditTrail, StackFactory
+    from support import AuditTrail, StackFactory
 
 T = TypeVar("T")
 

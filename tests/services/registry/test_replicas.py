@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import nats.js.errors
 import pytest
+from support import eventually
 
 from broker.codec import decode, encode
 from broker.errors import NotFound
@@ -28,13 +29,13 @@ from schemas import (
     GetAgent,
     Heartbeat,
     InstanceStats,
+    RegistryChange,
 )
-from services.registry.index import RegistryChange
+from services.registry.records import StoredVersion
 from services.registry.service import RegistryService
-from services.registry.store import StoredVersion
 
 if TYPE_CHECKING:
-    from conftest import ServiceConnector, StackFactory
+    from support import ServiceConnector, StackFactory
 
 
 def manifest(name: str = "credit-check", version: str = "1.0.0", **kw: Any) -> AgentManifest:
@@ -46,15 +47,6 @@ def manifest(name: str = "credit-check", version: str = "1.0.0", **kw: Any) -> A
         capabilities=(Capability(name="score", tags=("pii",)),),
         **kw,
     )
-
-
-async def until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Wait for a replica to apply what another one announced."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
 
 
 Replicas = tuple[RegistryService, RegistryService]
@@ -70,7 +62,7 @@ async def replicas(make_stack: StackFactory) -> Replicas:
         assert isinstance(service, RegistryService)
         services.append(service)
     a, b = services
-    assert a.replica_id != b.replica_id
+    assert a.replication.replica_id != b.replication.replica_id
     return a, b
 
 
@@ -84,13 +76,13 @@ async def test_a_registration_through_one_replica_is_discoverable_through_the_ot
     a, b = replicas
     await a.register(manifest(version="1.0.0"))
     await a.register(manifest(version="2.0.0"))
-    await until(lambda: b.index.contains("credit-check", "2.0.0"), "b to see 2.0.0")
+    await eventually(lambda: b.index.contains("credit-check", "2.0.0"), "b to see 2.0.0")
     found = await b.discover(DiscoverAgents(capability="score", tag="pii", all_versions=True))
     assert names(found) == [("credit-check", "2.0.0"), ("credit-check", "1.0.0")]
     assert (await b.get(GetAgent(name="credit-check"))).manifest.version == "2.0.0"
     # And back: a deregistration through b disappears from a.
     await b.deregister(DeregisterAgent(name="credit-check", version="2.0.0"))
-    await until(lambda: not a.index.contains("credit-check", "2.0.0"), "a to drop 2.0.0")
+    await eventually(lambda: not a.index.contains("credit-check", "2.0.0"), "a to drop 2.0.0")
     assert names(await a.discover(DiscoverAgents(capability="score"))) == [
         ("credit-check", "1.0.0")
     ]
@@ -101,7 +93,7 @@ async def test_heartbeats_through_one_replica_reach_the_other_with_the_flush(
 ) -> None:
     a, b = replicas
     await a.register(manifest())
-    await until(lambda: b.index.contains("credit-check"), "b to see the agent")
+    await eventually(lambda: b.index.contains("credit-check"), "b to see the agent")
     stats = InstanceStats(started=1.0, requests=5)
     beat = Heartbeat(name="credit-check", version="1.0.0", instance="i-1", stats=stats)
     answered = await a.heartbeat(beat)
@@ -117,7 +109,7 @@ async def test_heartbeats_through_one_replica_reach_the_other_with_the_flush(
         _, instances = b.index.view(since=0)
         return [i.instance for i in instances] == ["i-1"]
 
-    await until(b_counts_it, "b to get the flushed heartbeat")
+    await eventually(b_counts_it, "b to get the flushed heartbeat")
     seen = await b.get(GetAgent(name="credit-check"))
     assert (seen.instances, seen.last_heartbeat) == (1, answered.last_heartbeat)
 
@@ -155,9 +147,9 @@ async def test_a_gap_in_a_replicas_events_makes_the_others_read_everything_again
     # A peer's events 1 and 3 arrive; 2 was lost.
     await nc.publish(subject, encode(RegistryChange(origin="peer", seq=1)))
     await nc.publish(subject, encode(RegistryChange(origin="peer", seq=3)))
-    await until(lambda: a.index.contains("missed"), "a to re-read the store")
+    await eventually(lambda: a.index.contains("missed"), "a to re-read the store")
     assert a.index.names() == ["missed"]
-    await until(lambda: b.index.names() == ["missed"], "b to re-read the store")
+    await eventually(lambda: b.index.names() == ["missed"], "b to re-read the store")
 
 
 async def test_an_unreadable_change_event_is_refused_and_counted(
@@ -166,7 +158,7 @@ async def test_an_unreadable_change_event_is_refused_and_counted(
     a, b = replicas
     nc = await service_nc()
     await nc.publish(a.subjects.registry_changes, b'{"type": "registry_change.v1", "seq": "x"}')
-    await until(
+    await eventually(
         lambda: a.rejected["schema_error"] == 1 and b.rejected["schema_error"] == 1,
         "both replicas to refuse the event",
     )
@@ -192,7 +184,7 @@ async def test_racing_registrations_through_two_replicas_leave_the_mirror_on_the
     # a reads the store (1.0.0 only), then stalls before its KV write; meanwhile
     # b registers 2.0.0 and mirrors it. a's write must not put 1.0.0 back.
     stalled, go = asyncio.Event(), asyncio.Event()
-    mirror = a._mirror
+    mirror = a.replication._mirror
 
     async def slow_mirror(name: str, versions: Sequence[StoredVersion], revision: int) -> None:
         if not go.is_set():
@@ -200,7 +192,7 @@ async def test_racing_registrations_through_two_replicas_leave_the_mirror_on_the
             await go.wait()
         await mirror(name, versions, revision)
 
-    monkeypatch.setattr(a, "_mirror", slow_mirror)
+    monkeypatch.setattr(a.replication, "_mirror", slow_mirror)
     registering = asyncio.ensure_future(a.register(manifest(version="1.0.0")))
     await stalled.wait()
     await b.register(manifest(version="2.0.0"))

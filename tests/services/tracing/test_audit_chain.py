@@ -19,7 +19,7 @@ from services.tracing.chain import GENESIS, chain, record_hash
 from services.tracing.service import TracingService
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, StackFactory
+    from support import AgentFactory, AuditTrail, StackFactory
 
 
 @pytest.fixture

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from typer.testing import CliRunner, Result
+from support import ainvoke
+from typer.testing import CliRunner
 
 from broker.errors import CallDenied
 from schemas import AgentManifest, AgentRecord, AuditEvent, Capability
@@ -17,18 +15,12 @@ from services.cli.main import app
 from services.tracing.report import tag_report, tagged_capabilities
 
 if TYPE_CHECKING:
-    from conftest import AgentFactory, AuditTrail, StackFactory
+    from support import AgentFactory, AuditTrail, StackFactory
 
 runner = CliRunner()
 
 
-async def ainvoke(args: Sequence[str]) -> Result:
-    return await asyncio.to_thread(runner.invoke, app, list(args))
-
-
-@pytest.fixture(autouse=True)
-def _operator_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("SIGNALBOX_SECRETS_DIR", str(tmp_path / "data" / "secrets"))
+pytestmark = pytest.mark.usefixtures("cli_operator")
 
 
 def record(name: str, caps: dict[str, tuple[str, ...]], version: str = "1.0.0") -> AgentRecord:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,8 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client
 from nats.js.api import StreamConfig
-from typer.testing import CliRunner, Result
+from support import ainvoke
+from typer.testing import CliRunner
 
 from broker.codec import encode
 from broker.connection import connect
@@ -44,22 +45,14 @@ from services.tracing.service import TracingService
 from services.tracing.verify import ChainVerifier, Problem, verify
 
 if TYPE_CHECKING:
-    from conftest import AuditTrail, ServiceConnector, StackFactory
+    from support import AuditTrail, ServiceConnector, StackFactory
 
 Record = tuple[int, AuditEvent | SchemaError, bytes]
 
 runner = CliRunner()
 
 
-async def ainvoke(args: Sequence[str]) -> Result:
-    """Run the CLI in a worker thread (it runs its own event loop)."""
-    return await asyncio.to_thread(runner.invoke, app, list(args))
-
-
-@pytest.fixture(autouse=True)
-def _operator_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # The CLI connects as the operator with the test server's secrets.
-    monkeypatch.setenv("SIGNALBOX_SECRETS_DIR", str(tmp_path / "data" / "secrets"))
+pytestmark = pytest.mark.usefixtures("cli_operator")
 
 
 async def read_all(

@@ -8,26 +8,23 @@ makes ``--complete`` exit 1; a complete trail passes.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from typer.testing import CliRunner, Result
+from support import ainvoke
 
 from broker.ids import new_id
 from broker.runtime.audit import AuditEmitter
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import AuditEvent
-from services.cli.main import app
 from services.tracing.complete import CompletenessChecker
 
 if TYPE_CHECKING:
-    from conftest import AuditTrail, ServiceConnector, StackFactory
+    from support import AuditTrail, ServiceConnector, StackFactory
 
 NOW = 1_000_000.0
 
@@ -97,16 +94,7 @@ def test_an_outcome_without_decision_ran_undecided() -> None:
 
 # -- through the CLI, over a real chain ---------------------------------------------------------
 
-runner = CliRunner()
-
-
-async def _invoke(args: Sequence[str]) -> Result:
-    return await asyncio.to_thread(runner.invoke, app, list(args))
-
-
-@pytest.fixture(autouse=True)
-def _operator_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("SIGNALBOX_SECRETS_DIR", str(tmp_path / "data" / "secrets"))
+pytestmark = pytest.mark.usefixtures("cli_operator")
 
 
 async def test_audit_verify_lists_unknown_outcomes_and_complete_fails_on_them(
@@ -129,15 +117,15 @@ async def test_audit_verify_lists_unknown_outcomes_and_complete_fails_on_them(
     assert settings.nats_url
     url = settings.nats_url
 
-    text = await _invoke(["audit", "verify", "--nats-url", url])
+    text = await ainvoke(["audit", "verify", "--nats-url", url])
     assert text.exit_code == 0, text.output  # the chain is sound; reported, not failed
     assert "2 outcome unknown" in text.output
     assert "lost-1" in text.output and "loans 2" in text.output
 
-    complete = await _invoke(["audit", "verify", "--complete", "--nats-url", url])
+    complete = await ainvoke(["audit", "verify", "--complete", "--nats-url", url])
     assert complete.exit_code == 1, complete.output
 
-    as_json = await _invoke(["audit", "verify", "--complete", "--json", "--nats-url", url])
+    as_json = await ainvoke(["audit", "verify", "--complete", "--json", "--nats-url", url])
     assert as_json.exit_code == 1
     calls = json.loads(as_json.output)["calls"]
     assert [c["call_id"] for c in calls["outcome_unknown"]] == ["lost-1", "lost-2"]
@@ -145,7 +133,7 @@ async def test_audit_verify_lists_unknown_outcomes_and_complete_fails_on_them(
     assert (calls["decided"], calls["completed"]) == (3, 1)
 
     # A grace longer than their age: still in flight, nothing unknown.
-    patient = await _invoke(
+    patient = await ainvoke(
         ["audit", "verify", "--complete", "--grace", "7200", "--nats-url", url]
     )
     assert patient.exit_code == 0, patient.output

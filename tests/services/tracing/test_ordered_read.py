@@ -27,7 +27,7 @@ from schemas import AuditEvent
 from services.tracing.reader import OrderedRead, follow, scan, scan_raw
 
 if TYPE_CHECKING:
-    from conftest import ServiceConnector
+    from support import ServiceConnector
 
 STREAM = "T_ORDERED"
 #: Short heartbeats: a lost consumer is noticed after two (well under a second).

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pytest
-from conftest import Rule, cedar_policies, enroll
 from msgspec import UNSET
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, TracerProvider
+from support import Rule, cedar_policies, enroll
 
 from broker import telemetry
 from broker.agent import Agent, CallContext
@@ -31,13 +31,13 @@ from broker.runtime import otel
 from broker.settings import Settings
 from schemas import AgentManifest, AuditEvent
 from services.cli.trace_cmds import build_tree
-from services.policy.cedar import LABEL_FILE, SCHEMA_FILE, shipped_policy_dir
+from services.policy.cedar.policy_set import LABEL_FILE, SCHEMA_FILE, shipped_policy_dir
 from services.runner import Stack
 from services.tracing.chain import GENESIS, chain, record_hash
 from services.tracing.verify import verify
 
 if TYPE_CHECKING:
-    from conftest import AuditTrail
+    from support import AuditTrail
 
 #: Model use allowed for every agent (the shipped schema's action and resource).
 USE_MODELS = """
