@@ -40,16 +40,15 @@ from types import TracebackType
 from typing import Any, TypeVar, overload
 
 import msgspec
-import nats.errors
 from nats.aio.client import Client
 from opentelemetry import context as otel_context
 from opentelemetry.trace import Span, SpanKind, TracerProvider
 
-from broker.codec import decode, encode
+from broker.codec import encode
 from broker.connection import connect, sync_connection
 from broker.dedup import Deduplicator, validate_idempotency_key
 from broker.diagnostics import cancel_and_wait, finish_within
-from broker.errors import ConfigError, ControlPlaneUnavailable, OutcomeUnknown, SignalboxError
+from broker.errors import ConfigError, SignalboxError
 from broker.ids import new_id
 from broker.membership import Membership
 from broker.modelcall import ModelCall, authz_request
@@ -62,8 +61,7 @@ from broker.replies import (
     H_TARGET_VERSION,
     H_TIMEOUT_MS,
     H_TRACEPARENT,
-    error_from_reply,
-    is_error,
+    mediated_request,
 )
 from broker.replies import request as request_reply
 from broker.serving import (
@@ -308,14 +306,9 @@ class Agent(Membership):
         drain_timeout: float = 25.0,
         signals: Sequence[signal.Signals] = STOP_SIGNALS,
     ) -> None:
-        """Serve until SIGTERM or SIGINT, then shut down without losing a call.
-
-        Starts the agent if needed. On the signal it takes no new calls,
-        leaves the registry (this instance), lets running calls finish (up to
-        ``drain_timeout``: below Kubernetes' default 30 s grace period),
-        sends their replies and disconnects, then returns (the process exits
-        normally). For several agents in one process: :func:`broker.serve`.
-        """
+        """Serve until SIGTERM or SIGINT, then stop without losing a call (:func:`broker.serve`:
+        no new calls, leave the registry, finish the running ones within ``drain_timeout``,
+        under Kubernetes' default 30 s grace period, reply, disconnect, return)."""
         await serve(self, drain_timeout=drain_timeout, signals=signals)
 
     async def __aenter__(self) -> Agent:
@@ -434,49 +427,12 @@ class Agent(Membership):
             annotate(span, lambda: self._span_attributes(target=target, capability=capability))
             inject(hdrs, span)
             try:
-                return await self._request(
-                    subject, payload, returns, hdrs, timeout, idempotency_key, target, capability
-                )
+                return await mediated_request(
+                    self.nc, subject, payload, returns, hdrs, timeout,
+                    target=target, capability=capability, idempotency_key=idempotency_key,
+                )  # fmt: skip
             except SignalboxError as err:
                 raise err.with_trace(f"{span.get_span_context().trace_id:032x}") from err.__cause__
-
-    async def _request(
-        self,
-        subject: str,
-        payload: Any,
-        returns: Any,
-        hdrs: dict[str, str],
-        timeout: float,
-        idempotency_key: str,
-        target: str,
-        capability: str,
-    ) -> Any:
-        """One mediated request of :meth:`call`: its reply decoded, or the error it means."""
-        try:
-            msg = await self.nc.request(subject, encode(payload), timeout=timeout, headers=hdrs)
-        except nats.errors.NoRespondersError as exc:
-            raise ControlPlaneUnavailable(
-                "no policy service is mediating calls; start one with `signalbox up`",
-                details={"subject": subject},
-            ) from exc
-        except nats.errors.TimeoutError as exc:
-            # Nothing came back, not even the policy service's time-out: the call
-            # may have been forwarded and run. Only a keyed retry is safe.
-            details: dict[str, Any] = {
-                "target": target, "capability": capability, "timeout": timeout,
-            }  # fmt: skip
-            retry = "pass idempotency_key= to retry safely"
-            if idempotency_key:
-                details["idempotency_key"] = idempotency_key
-                retry = f"retry with idempotency_key={idempotency_key!r} to run it at most once"
-            raise OutcomeUnknown(
-                f"{target}.{capability} did not answer within {timeout:g}s; it may have "
-                f"run: {retry}",
-                details=details,
-            ) from exc
-        if is_error(msg.headers):
-            raise error_from_reply(msg.data, msg.headers)
-        return decode(msg.data, returns)
 
     @overload
     async def authorize(self, request: AuthzRequest, /, *, timeout: float = ...) -> Decision: ...

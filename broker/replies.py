@@ -17,6 +17,7 @@ from broker.codec import decode, encode
 from broker.errors import (
     CallTimeout,
     ControlPlaneUnavailable,
+    OutcomeUnknown,
     SchemaError,
     SignalboxError,
     code_to_error,
@@ -42,6 +43,7 @@ __all__ = [
     "error_from_reply",
     "error_reply",
     "is_error",
+    "mediated_request",
     "request",
 ]
 
@@ -133,6 +135,52 @@ async def request(
         raise CallTimeout(
             f"no reply on {subject} within {timeout:g}s; check the services' logs",
             details={"subject": subject, "timeout": timeout},
+        ) from exc
+    if is_error(msg.headers):
+        raise error_from_reply(msg.data, msg.headers)
+    return decode(msg.data, returns)
+
+
+async def mediated_request(
+    nc: Client,
+    subject: str,
+    payload: Any,
+    returns: Any,
+    hdrs: dict[str, str],
+    timeout: float,
+    *,
+    target: str,
+    capability: str,
+    idempotency_key: str = "",
+) -> Any:
+    """One mediated call (``Agent.call``): its reply decoded, or the error it means.
+
+    A refusal or failure comes back as an error reply (:func:`error_from_reply`);
+    no policy service at all is :class:`ControlPlaneUnavailable` (not run); no
+    answer in time is :class:`OutcomeUnknown` (it may have run: only a retry
+    with the same idempotency key is safe).
+    """
+    try:
+        msg = await nc.request(subject, encode(payload), timeout=timeout, headers=hdrs)
+    except nats.errors.NoRespondersError as exc:
+        raise ControlPlaneUnavailable(
+            "no policy service is mediating calls; start one with `signalbox up`",
+            details={"subject": subject},
+        ) from exc
+    except nats.errors.TimeoutError as exc:
+        # Nothing came back, not even the policy service's time-out: the call
+        # may have been forwarded and run. Only a keyed retry is safe.
+        details: dict[str, Any] = {
+            "target": target, "capability": capability, "timeout": timeout,
+        }  # fmt: skip
+        retry = "pass idempotency_key= to retry safely"
+        if idempotency_key:
+            details["idempotency_key"] = idempotency_key
+            retry = f"retry with idempotency_key={idempotency_key!r} to run it at most once"
+        raise OutcomeUnknown(
+            f"{target}.{capability} did not answer within {timeout:g}s; it may have "
+            f"run: {retry}",
+            details=details,
         ) from exc
     if is_error(msg.headers):
         raise error_from_reply(msg.data, msg.headers)
