@@ -61,7 +61,9 @@ class Decision(Wire, frozen=True, tag="decision.v1"):
         reasons: Why, in words an operator can act on.
         policy_ids: Ids (``@id``) of the policies that decided; ``default-deny``
             when no policy allowed the request; empty when a fail-closed guard
-            denied it before any policy was evaluated (see ``reason_code``).
+            denied it before any policy was evaluated, or a budget guard denied
+            it after the policies allowed it (see ``reason_code`` and ``budget``;
+            the audit record keeps the allowing permits as ``allowed_by``).
         policy_version: Version of the active policy set.
         eval_us: Evaluation time in microseconds.
         reason_code: Stable machine-readable reason: ``allowed``,

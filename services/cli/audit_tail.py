@@ -37,7 +37,9 @@ def audit_tail(
     kind: Annotated[
         str | None,
         typer.Option(
-            "--kind", help="Only this kind: call, decision, rejected, registry, usage, admin."
+            "--kind",
+            help="Only this kind: call, decision, rejected, registry, usage, admin, auth, "
+            "shadow, budget, breaker, alert.",
         ),
     ] = None,
     agent: Annotated[

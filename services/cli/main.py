@@ -266,15 +266,17 @@ def demo(
         Path | None,
         typer.Option(
             "--data-dir",
-            help="Keep the demo's data here (default: a temporary folder, removed afterwards)",
+            help="Keep the demo's data and log here (default: a temporary folder, removed "
+            "afterwards)",
             show_default=False,
         ),
     ] = None,
 ) -> None:
     """Start a throwaway control plane and run four real agents through a lending scenario."""
     from services.demo.scenario import run_demo
-    from services.runner import configure_logging
 
-    configure_logging("WARNING")
+    # No log handler on the terminal: run_demo sends log records to a file
+    # (services/demo/logs.py) and says at the end how many, and where, so none
+    # lands in the middle of its tables.
     code = run(run_demo(Console(), data_dir))
     raise typer.Exit(code)

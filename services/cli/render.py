@@ -10,7 +10,6 @@ shown once goes on a line of its own (:func:`print_secret`), outside any table.
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from schemas import BINDING_FIELDS, AgentBinding, AgentRecord, AuditEvent, CredentialInfo
+from services.cli.audit_summaries import summarize
 
 __all__ = [
     "KIND_STYLES",
@@ -53,6 +53,9 @@ KIND_STYLES: dict[str, str] = {
     "admin": "bright_white",
     "auth": "bright_red",
     "shadow": "bright_magenta",
+    "budget": "yellow",
+    "breaker": "red",
+    "alert": "bold red",
 }
 
 #: A table cell or a field value: plain text (never Rich markup) or styled text.
@@ -375,54 +378,6 @@ def _clock(t: float, *, with_date: bool) -> str:
     stamp = datetime.fromtimestamp(t)
     text = stamp.strftime("%Y-%m-%d %H:%M:%S.%f" if with_date else "%H:%M:%S.%f")
     return text[:-3]
-
-
-def _compact(value: Any, limit: int = 80) -> str:
-    # Spaced separators: a long record wraps between its members, not inside a word.
-    text = json.dumps(value, default=str)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def summarize(event: AuditEvent) -> Text:
-    """The one thing worth reading about ``event``, styled (effect, outcome, error...).
-
-    Kept short: the actor and subject are shown next to it, so they are not repeated.
-    """
-    data = event.data
-    if event.kind == "decision":
-        decision = data.get("decision") or {}
-        effect = str(decision.get("effect", "?"))
-        ids = ", ".join(decision.get("policy_ids") or ())
-        target = f"{data.get('target', '?')}.{data.get('capability', '?')}"
-        style = "bold green" if effect == "allow" else "bold red"
-        return Text.assemble((effect, style), f" → {target}", (f" [{ids}]" if ids else "", "dim"))
-    if event.kind == "call":
-        target = f"{data.get('target', '?')}.{data.get('capability', '?')}"
-        latency = f"{float(data.get('latency_ms', 0.0)):.1f} ms"
-        if data.get("ok"):
-            return Text.assemble(("ok", "bold green"), f" {target} {latency}")
-        return Text.assemble(
-            ("error", "bold red"), f" {data.get('error_code', '?')} {target} {latency}"
-        )
-    if event.kind == "rejected":
-        details = data.get("details") or {}
-        about = ""
-        if "target" in details:
-            about = f" {details['target']}.{details.get('capability', '?')}"
-        elif "path" in details:
-            about = f" at {details['path']}"
-        message = "" if about else f" {data.get('message', '')}"
-        return Text.assemble((str(data.get("code", "?")), "bold yellow"), about + message)
-    if event.kind == "registry":
-        caps = ", ".join(data.get("capabilities") or ())
-        name = data.get("name", "?")
-        who = "" if name == event.actor else f" {name}"
-        text = f"{data.get('op', '?')}{who} {data.get('version', '')}".rstrip()
-        return Text(text + (f" [{caps}]" if caps else ""))
-    if event.kind == "usage":
-        tokens = int(data.get("input_tokens", 0)) + int(data.get("output_tokens", 0))
-        return Text(f"{data.get('model') or data.get('provider') or 'usage'} {tokens} tokens")
-    return Text(_compact(data))
 
 
 def audit_table(

@@ -32,7 +32,6 @@ from rich.text import Text
 from rich.tree import Tree
 
 from broker.errors import SchemaError
-from broker.money import usd
 from broker.subjects import Subjects
 from schemas import AuditEvent
 from services.cli.audit_cmds import parse_since
@@ -176,35 +175,17 @@ def _label(node: TraceNode, start: float) -> Text:
     text = Text()
     if node.linked_via:
         text.append(f"{r.actor}, serving that call: ", style="dim")
-    if r.kind == "decision" and "action" in data:
-        decision = data.get("decision") or {}
-        effect = str(decision.get("effect", "?"))
-        ids = ", ".join(decision.get("policy_ids") or ())
-        where = f" in {data['region']}" if data.get("region") else ""
-        text.append("authz ", style=KIND_STYLES["decision"])
-        text.append(f"{r.actor} {data.get('action', '?')} {data.get('resource', '?')}{where} ")
-        text.append(effect, style="bold green" if effect == "allow" else "bold red")
-        text.append(f" [{ids}]" if ids else "", style="dim")
-    elif r.kind == "decision":
-        text.append("decision ", style=KIND_STYLES["decision"])
+    if r.kind == "decision":
+        # A model or tool use (``sb.authz``) has no target: it is an authorization.
+        use = "capability" not in data and "target" not in data
+        text.append("authz " if use else "decision ", style=KIND_STYLES["decision"])
         text.append(f"{r.actor} ")
-        text.append_text(summarize(r))
     elif r.kind == "call":
         text.append("delivery ", style=KIND_STYLES["call"])
-        text.append_text(summarize(r))
-    elif r.kind == "usage":
-        cost = data.get("cost_nanos")
-        text.append("usage ", style=KIND_STYLES["usage"])
-        text.append(
-            f"{r.actor} {data.get('model') or data.get('provider') or '?'} "
-            f"{int(data.get('input_tokens', 0)):,} in / {int(data.get('output_tokens', 0)):,} out"
-        )
-        if isinstance(cost, int):
-            text.append(f" {usd(cost / 1e9)}")
     else:
         text.append(f"{r.kind} ", style=KIND_STYLES.get(r.kind, ""))
         text.append(f"{r.actor} ")
-        text.append_text(summarize(r))
+    text.append_text(summarize(r))
     extra = [_also(rec) for rec in node.records[1:]]
     text.append(f"  {offset}", style="dim")
     if duration is not None and r.kind != "call":
@@ -276,13 +257,15 @@ def _node_dict(node: TraceNode, start: float) -> dict[str, Any]:
         "offset_ms": round((node.time - start) * 1000, 3),
         "duration_ms": node.duration_ms,
         "outcome": node.outcome,
+        "summary": summarize(node.record).plain,
         "records": [msgspec.to_builtins(r) for r in node.records],
         "children": [_node_dict(c, start) for c in node.children],
     }
 
 
 def tree_dict(trace_id: str, roots: Sequence[TraceNode]) -> dict[str, Any]:
-    """The tree as JSON-ready builtins (each span with its records and children)."""
+    """The tree as JSON-ready builtins (each span with its one-line summary, as the tree
+    shows it, its records and children)."""
     start = min((n.time for n in roots), default=0.0)
     return {
         "trace_id": trace_id,

@@ -317,10 +317,10 @@ class BudgetDesk:
             self.stats["overspent"] += 1
             c = over.charge
             log.warning(
-                "cost: overspend: %s's usage report %s took budget %s to $%.4f spent + $%.4f "
-                "reserved of $%.2f (%s); its breaker is tripped until reset",
-                over.agent, over.report_id, over.budget.key, c.spent_usd, c.reserved_usd,
-                c.limit_usd, over.cause,
+                "cost: overspend: %s's usage report %s took budget %s to %s spent + %s "
+                "reserved of %s (%s); its breaker is tripped until reset",
+                over.agent, over.report_id, over.budget.key, usd(c.spent_usd),
+                usd(c.reserved_usd), usd(c.limit_usd), over.cause,
             )  # fmt: skip
             await self.service.audit.emit(
                 "alert",
@@ -391,9 +391,9 @@ class BudgetDesk:
         self.stats["exhausted" if alert.hard else "soft_alerts"] += 1
         event = "exhausted" if alert.hard else "soft_threshold"
         log.warning(
-            "cost: budget %s %s: spent $%.4f + reserved $%.4f of $%.2f",
-            alert.budget.key, event.replace("_", " "), alert.charge.spent_usd,
-            alert.charge.reserved_usd, alert.charge.limit_usd,
+            "cost: budget %s %s: spent %s + reserved %s of %s",
+            alert.budget.key, event.replace("_", " "), usd(alert.charge.spent_usd),
+            usd(alert.charge.reserved_usd), usd(alert.charge.limit_usd),
         )  # fmt: skip
         if alert.hard and trip:
             await self.trip_exhausted(alert)

@@ -9,13 +9,16 @@ demo claims actually happened (the demo exits 1 otherwise).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
 import nats
 from nats.aio.client import Client
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from broker.errors import CallDenied, SignalboxError, UnknownTarget
 from broker.subjects import Subjects, inbox_prefix
@@ -62,24 +65,29 @@ async def show_policy_examples(
     subjects: Subjects,
     application: LoanApplication,
 ) -> bool:
-    """The three example policies of ``policies/``, one outcome each, in one table
+    """The three example policies of ``policies/``, one outcome each, one row each
     (``application`` is the one screened in the call that needs approval)."""
-    table = Table(title="Policy examples (policies/*.cedar)")
-    for column in ("who", "asks", "outcome", "policy ids"):
-        table.add_column(column, overflow="fold")
+    # Each example: its outcome, then who asked what and the policies that decided.
+    table = Table.grid(padding=(0, 2))
+    table.add_column(no_wrap=True)
+    table.add_column()
     ok = True
 
+    def add(outcome: str, style: str, asked: str, policy_ids: Iterable[str] = ()) -> None:
+        ids = ", ".join(policy_ids)
+        table.add_row(
+            Text(outcome, style), Text.assemble(asked, (f"  {ids}" if ids else "", "dim"))
+        )
+
     # 1. finance namespace: only pci-dss capabilities (credit-check.score is tagged pii).
+    asked = "fraud-detection (finance) → credit-check.score [pii]"
     try:
         await agents.fraud.call("credit-check", "score", CreditRequest(
             applicant_id="A-1815", annual_income=96_000, monthly_debt=650))  # fmt: skip
-        table.add_row("fraud-detection", "credit-check.score", "[bold red]allowed?![/]", "")
+        add("allowed?!", "bold red", asked)
         ok = False
     except CallDenied as err:
-        table.add_row(
-            "fraud-detection (finance)", "call credit-check.score (pii)", "[red]denied[/]",
-            ", ".join(err.details.get("policy_ids") or ()),
-        )  # fmt: skip
+        add("denied", "red", asked, err.details.get("policy_ids") or ())
 
     # 2. EU data residency: model endpoints in the EU only.
     for region in ("us-east-1", "eu-west-1"):
@@ -89,9 +97,9 @@ async def show_policy_examples(
         expected = "deny" if region.startswith("us") else "allow"
         ok = ok and decision.effect == expected
         style = "green" if decision.effect == "allow" else "red"
-        table.add_row(
-            "customer-support (EU)", f"use gpt-4o in {region}",
-            f"[{style}]{decision.effect}[/]", ", ".join(decision.policy_ids),
+        add(
+            decision.effect, style, f"customer-support (EU) → gpt-4o in {region}",
+            decision.policy_ids,
         )  # fmt: skip
 
     # 3. Over 10,000 estimated tokens: parked until an operator approves.
@@ -118,27 +126,24 @@ async def show_policy_examples(
         if pending or parked.done():
             break
         await asyncio.sleep(0.02)
+    asked = "loan-origination → fraud-detection.check, ~24,000 tokens"
     if not pending:
         parked.cancel()
-        table.add_row("loan-origination", "fraud-detection.check, 24,000 tokens",
-                      "[bold red]not parked?![/]", "")  # fmt: skip
+        add("not parked?!", "bold red", asked)
         console.print(table)
         return False
     request = pending[0]
-    table.add_row(
-        "loan-origination", "call fraud-detection.check, ~24,000 tokens",
-        f"[yellow]needs approval[/] (request {request.id[:8]}…)",
-        ", ".join(request.policy_ids),
-    )  # fmt: skip
+    add("needs approval", "yellow", f"{asked} (request {request.id[:8]}…)", request.policy_ids)
     await admin_request(
         nc, subjects, "approve",
         DecideApproval(id=request.id, reason="demo: checked by a human", requested_by="demo"),
         ApprovalRequest, service="approvals",
     )  # fmt: skip
     report = await parked
-    table.add_row(
-        "operator (demo)", f"approve {request.id[:8]}…",
-        f"[green]approved[/]: the call went through (fraud risk {report.risk:.2f})", "",
+    add(
+        "approved", "green",
+        f"the operator (demo) approves {request.id[:8]}…: the call goes through (fraud risk "
+        f"{report.risk:.2f})",
     )  # fmt: skip
     console.print(table)
     return ok
@@ -168,9 +173,12 @@ async def show_impostor(console: Console, url: str, credential: str) -> bool:
         ("read the audit stream", nc.subscribe("sb.audit.>")),
         ("enroll a new agent", nc.publish("sb.admin.registry.enroll", b"{}")),
     ]  # fmt: skip
-    table = Table(title="customer-support's credential, used by a plain nats-py client")
-    table.add_column("attempt")
-    table.add_column("the NATS server says", style="red")
+    table = Table(
+        title="customer-support's credential, used by a plain nats-py client",
+        title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, header_style="bold",
+    )  # fmt: skip
+    table.add_column("attempt", ratio=2)
+    table.add_column("the NATS server says", style="red", ratio=3, overflow="fold")
     refused = 0
     try:
         for what, attempt in attempts:

@@ -1,17 +1,23 @@
 """``signalbox demo``: the whole control plane and four real agents, in one scripted story.
 
-Steps (each printed under its own heading):
+Steps (each printed under its own heading, the whole in under 250 lines at 80
+columns; log records go to a file, :mod:`services.demo.logs`):
 
 1. start the embedded nats-server and the four services with the default Cedar
    set and the lending example (``policies/examples/lending``: deny by default,
    permits for this lending desk);
-2. the agents register (the registry lists them; discovery finds the pii-tagged ones);
+2. the agents are enrolled and register (the registry lists them; discovery
+   finds the pii-tagged ones);
 3. allowed calls: loan-origination scores and screens applications, then decides;
 4. a customer question, answered by customer-support from policy documents;
 5. a denied call: customer-support asks credit-check for a credit score;
-6. an unknown target: loan-origination asks an agent that does not exist;
-7. the audit trail, once the tracing service has chained every event;
-8. an audit replay summary of the run, and the trace tree of one call (from the trail alone).
+6. the shipped policy examples (finance namespace, EU residency, approval);
+7. impostors refused by the NATS server itself;
+8. an unknown target: loan-origination asks an agent that does not exist;
+9. a runaway agent: its team's budget refuses its model calls, its breaker trips;
+10. a canary rollout rolled back by its guard;
+11. the audit trail, once the tracing service has chained every event;
+12. an audit replay summary of the run, and the trace tree of one call (from the trail alone).
 """
 
 from __future__ import annotations
@@ -23,10 +29,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from rich.console import Console, Group
-from rich.markup import escape
-from rich.panel import Panel
-from rich.table import Table
+from rich.console import Console
 from rich.text import Text
 
 from broker.connection import connect
@@ -36,34 +39,27 @@ from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import Enrolled
 from services.cli.client import admin_request, list_agents
-from services.cli.render import agents_table, audit_table
 from services.demo.agents import (
     AGENT_NAMES,
     Answer,
     FraudReport,
     FraudRequest,
     LoanApplication,
-    LoanDecision,
     Question,
     build_agents,
     enrollment,
 )
-from services.demo.fleet_ops import (
-    PORTAL,
-    RECOMMENDER,
-    Screener,
-    build_recommenders,
-    show_canary,
-    show_runaway,
-)
+from services.demo.fleet_ops import PORTAL, RECOMMENDER, build_recommenders, show_canary
 from services.demo.guardrails import (
     show_denied,
     show_impostor,
     show_policy_examples,
     show_unknown,
 )
-from services.demo.trail import show_chain, show_replay_and_trace
-from services.policy.cedar.decider import CedarDecider
+from services.demo.logs import DemoLog, capture_logs
+from services.demo.runaway import Screener, show_runaway
+from services.demo.trail import show_chain, show_replay_and_trace, show_trail
+from services.demo.views import agents_view, answer_panel, decisions_view, stack_view
 from services.policy.cedar.policy_set import compose_example
 from services.policy.service import PolicyService
 from services.runner import Stack
@@ -115,25 +111,38 @@ QUESTIONS: tuple[str, ...] = (
     "How long do you keep my credit report?",
 )
 
-_OUTCOME_STYLE = {"approved": "bold green", "referred": "bold yellow", "declined": "bold red"}
-
 
 async def run_demo(console: Console, data_dir: Path | None = None) -> int:
     """Run the demo, printing to ``console``; returns the exit code (0: every step as expected).
 
     Args:
         console: Where the story is printed.
-        data_dir: Keep the demo's data (JetStream store) here;
-            default: a temporary folder removed afterwards.
+        data_dir: Keep the demo's data (JetStream store) and its log (``demo.log``)
+            here; default: a temporary folder removed afterwards, and a log file in
+            the temporary folder if anything was logged.
 
     Raises:
         SignalboxError: the stack could not start, or a step failed unexpectedly.
     """
     if data_dir is not None:
         await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
-        return await _run(console, data_dir)
+        return await _logged_run(console, data_dir, data_dir / "demo.log")
     with tempfile.TemporaryDirectory(prefix="signalbox-demo-") as tmp:
-        return await _run(console, Path(tmp))
+        # The log file (if anything is logged) outlives the temporary data folder.
+        return await _logged_run(console, Path(tmp), None)
+
+
+async def _logged_run(console: Console, data_dir: Path, log: Path | None) -> int:
+    """The demo, its log records in ``log`` (None: a temporary file); the count of them
+    is printed at the end, also when a step fails unexpectedly (the records may say why)."""
+    with capture_logs(log) as logged:
+        try:
+            return await _run(console, data_dir, logged)
+        except BaseException:
+            summary = logged.summary()
+            if summary is not None:
+                console.print(summary)
+            raise
 
 
 def _step(console: Console, number: int, title: str, note: str = "") -> None:
@@ -143,7 +152,7 @@ def _step(console: Console, number: int, title: str, note: str = "") -> None:
         console.print(Text(note, style="dim"))
 
 
-async def _run(console: Console, data_dir: Path) -> int:
+async def _run(console: Console, data_dir: Path, logged: DemoLog) -> int:
     started = time.perf_counter()
     console.rule("[bold cyan]Signalbox demo[/] · a lending desk run by four AI agents")
     # The lending example on the default set (policies/examples/lending permits this
@@ -184,17 +193,15 @@ async def _run(console: Console, data_dir: Path) -> int:
         js = nc.jetstream()
         baseline_seq = (await js.stream_info(AUDIT_STREAM)).state.last_seq
         emitted_before = _emitted(stack)
-        console.print(_stack_panel(stack))
+        console.print(stack_view(stack))
 
         _step(
             console,
             2,
             "Four agents are enrolled, connect and register",
-            "Each gets a credential of its own and the attributes policies and budgets read "
-            "(team, owner, namespace, tags, project), bound by the operator, not declared by "
-            "the agent; the NATS server checks the credential through the registry's auth "
-            "callout and lets the agent publish and subscribe only on its own subjects. Each "
-            "registers its manifest; policy sees them within ms.",
+            "The operator binds each one's team, owner, namespace and tags to a credential of "
+            "its own; the NATS server checks it (the registry's auth callout) and lets the "
+            "agent use only its own subjects.",
         )
         # Enrolled with the attributes policies and budgets read (team, owner,
         # namespace, tags, project): bound by the operator, not declared by the agents.
@@ -209,7 +216,7 @@ async def _run(console: Console, data_dir: Path) -> int:
         for agent in agents.all:
             await resources.enter_async_context(agent)
         await _until_policy_knows(stack, [a.name for a in agents.all])
-        console.print(agents_table(await list_agents(nc, subjects)))
+        console.print(agents_view(await list_agents(nc, subjects)))
         # Capability discovery, as an agent would ask it (sb.registry.discover.<agent>).
         pii = await agents.loans.discover(tag="pii", health="healthy")
         console.print(
@@ -225,7 +232,7 @@ async def _run(console: Console, data_dir: Path) -> int:
             "policy (sb.out.loan-origination.<target>.<capability>); rules allow both.",
         )
         decisions = [await agents.process(app) for app in APPLICATIONS]
-        console.print(_decisions_view(APPLICATIONS, decisions))
+        console.print(decisions_view(APPLICATIONS, decisions))
 
         _step(
             console,
@@ -238,8 +245,9 @@ async def _run(console: Console, data_dir: Path) -> int:
             answer = await agents.loans.call(
                 "customer-support", "answer", Question(text=question), returns=Answer
             )
-            console.print(_answer_panel(question, answer))
+            console.print(answer_panel(question, answer))
 
+        allowed_records = await _chained_since(stack, emitted_before)  # steps 2-4
         _step(
             console,
             5,
@@ -256,9 +264,7 @@ async def _run(console: Console, data_dir: Path) -> int:
             "customer-support (EU data residency) may only use EU model endpoints; an "
             "invocation estimated over 10,000 tokens waits for a human's approval.",
         )
-        examples_ok = await show_policy_examples(
-            console, agents, nc, subjects, APPLICATIONS[0]
-        )
+        examples_ok = await show_policy_examples(console, agents, nc, subjects, APPLICATIONS[0])
 
         _step(
             console,
@@ -275,19 +281,18 @@ async def _run(console: Console, data_dir: Path) -> int:
             "An unknown target: loan-origination asks mortgage-pricing for a quote",
         )
         unknown_ok = await show_unknown(console, agents)
-        desk_records = _emitted(stack) - emitted_before
+        desk_records = await _chained_since(stack, emitted_before)  # steps 2-8
 
         _step(
             console,
             9,
-            "A runaway agent is stopped: fraud-detection's prompt regression",
-            "Each screening asks the model once; after a bad prompt change it retries 15 "
-            "times. Team risk has a budget (reserved before every model call), and the "
-            "policy service's rate detector trips fraud-detection's circuit breaker "
-            "(fleet-wide, in sb_breakers). Then: the cost report by team.",
+            "A runaway agent: fraud-detection's prompt regression",
+            "Each screening asks the model once; after a bad prompt change, 15 times at "
+            "once. Two guards: team risk's budget (every model call reserves its worst-case "
+            "cost first) and the policy service's rate detector (a fleet-wide breaker).",
         )
         runaway_ok = await show_runaway(
-            console, nc, subjects, agents.loans, screener,
+            console, nc, subjects, screener,
             lambda i: agents.loans.call(
                 "fraud-detection", "check", _screening(i), returns=FraudReport, timeout=5.0
             ),
@@ -298,9 +303,8 @@ async def _run(console: Console, data_dir: Path) -> int:
             10,
             "A canary rollout goes wrong and rolls itself back",
             "web-portal asks recommender which product to show; 2.0.0 gets 20% of the calls "
-            "(sticky per customer) with a guard: an "
-            "error rate over 5% after 15 calls sends its share back to 1.0.0. Its new "
-            "feature-store lookup times out on every third call.",
+            "(sticky per customer), guarded: an error rate over 5% after 15 calls sends its "
+            "share back to 1.0.0. Its new feature-store lookup fails every third call.",
         )
         fleet_credentials = {
             name: (await admin_request(nc, subjects, "enroll", enrollment(name), Enrolled)).token
@@ -327,20 +331,13 @@ async def _run(console: Console, data_dir: Path) -> int:
         events = await read(
             js, audit_filter(subjects), start_seq=baseline_seq + 1, count=expected, timeout=10
         )
-        console.print(
-            audit_table(
-                events[:desk_records],
-                title=f"{AUDIT_STREAM}: {desk_records} records of the lending desk's run "
-                f"(steps 2-8; {len(events)} in all)",
-                subject=console.width >= 150,
-            )
-        )
+        show_trail(console, events, desk=desk_records, allowed=allowed_records)
         trail_ok = show_chain(console, events, expected)
 
         _step(
             console,
             12,
-            "Replay and trace: the run in the audit trail, and one call's causal tree",
+            "Replay and trace: the run, and one call's causal tree",
             "Every record carries its trace and span ids; `signalbox trace <id>` rebuilds a "
             "call's tree from them (here: the call that waited for a human).",
         )
@@ -358,6 +355,9 @@ async def _run(console: Console, data_dir: Path) -> int:
         and len(decisions) == len(APPLICATIONS)
     )
     console.print()
+    logs = logged.summary()
+    if logs is not None:
+        console.print(logs)
     if ok:
         console.rule(
             f"[bold green]Demo complete[/] in {time.perf_counter() - started:.1f}s · "
@@ -386,6 +386,18 @@ def _emitted(stack: Stack) -> int:
     return sum(service.audit.stats.emitted for service in stack.services.values())
 
 
+async def _chained_since(stack: Stack, emitted_before: int) -> int:
+    """Audit events emitted since ``emitted_before``, every one of them sent to be chained.
+
+    Flushed first, so the events of one step precede the next step's in the
+    trail (a service's emitter may hold a few back for a moment), and a count
+    of them marks where the step ends.
+    """
+    for service in stack.services.values():
+        await service.audit.flush()
+    return _emitted(stack) - emitted_before
+
+
 async def _until_policy_knows(stack: Stack, names: Iterable[str], timeout: float = 5.0) -> None:
     """Wait until the policy service's registry cache holds every agent in ``names``.
 
@@ -402,83 +414,3 @@ async def _until_policy_knows(stack: Stack, names: Iterable[str], timeout: float
         if policy.agents is not None and all(n in policy.agents for n in wanted):
             return
         await asyncio.sleep(0.01)
-
-
-def _stack_panel(stack: Stack) -> Group:
-    info = Table.grid(padding=(0, 2))
-    info.add_column(style="bold")
-    info.add_column()
-    info.add_row("NATS", f"{stack.settings.nats_url}  (embedded nats-server, JetStream)")
-    info.add_row("data dir", str(stack.settings.data_dir))
-    info.add_row("services", ", ".join(stack.services))
-    panel = Panel(info, title="Control plane running", border_style="cyan")
-    policy = stack.services.get("policy")
-    decider = policy.decider if isinstance(policy, PolicyService) else None
-    if not isinstance(decider, CedarDecider):
-        return Group(panel)
-    policies = decider.policies
-    info.add_row("policies", f"{stack.settings.policy_dir}  (Cedar, version {policies.version})")
-    rules = Table(
-        title="Cedar policies (deny by default: what no permit allows is denied)",
-        title_justify="left",
-        header_style="bold",
-    )
-    rules.add_column("policy id")
-    rules.add_column("effect")
-    rules.add_column("file")
-    rules.add_column("what it says")
-    for p in policies.policies.values():
-        effect = "forbid unless approved" if p.needs_approval else p.effect
-        rules.add_row(p.id, effect, p.source, p.description)
-    rules.add_row(
-        Text("(none)", style="dim"),
-        "",
-        "",
-        Text("customer-support: no permit names it, so it may call nothing", style="dim"),
-    )
-    return Group(panel, rules)
-
-
-def _decisions_view(
-    applications: Iterable[LoanApplication], decisions: Iterable[LoanDecision]
-) -> Group:
-    table = Table(header_style="bold", title="Loan decisions", title_justify="left")
-    table.add_column("application", no_wrap=True)
-    table.add_column("applicant")
-    table.add_column("amount", justify="right", no_wrap=True)
-    table.add_column("score", justify="right", no_wrap=True)
-    table.add_column("fraud", justify="right", no_wrap=True)
-    table.add_column("decision", no_wrap=True)
-    table.add_column("APR", justify="right", no_wrap=True)
-    why = Table.grid(padding=(0, 1))
-    why.add_column(no_wrap=True)
-    why.add_column()
-    for app, decision in zip(applications, decisions, strict=True):
-        style = _OUTCOME_STYLE[decision.outcome]
-        table.add_row(
-            app.application_id,
-            app.name,
-            f"{app.amount:,.0f} · {app.term_months} mo",
-            str(decision.credit_score),
-            f"{decision.fraud_risk:.2f}",
-            Text(decision.outcome, style=style),
-            f"{decision.apr}%" if decision.apr is not None else "—",
-        )
-        why.add_row(
-            Text.assemble(f"  {app.application_id} ", (decision.outcome, style), ":"),
-            "; ".join(decision.reasons),
-        )
-    return Group(table, why)
-
-
-def _answer_panel(question: str, answer: Answer) -> Panel:
-    body = Text(answer.text)
-    source = f"source: {answer.source}" if answer.source else "no matching policy"
-    return Panel(
-        body,
-        title=f"[bold]Q:[/] {escape(question)}",
-        title_align="left",
-        subtitle=f"[dim]{escape(source)}[/]",
-        subtitle_align="right",
-        border_style="green",
-    )

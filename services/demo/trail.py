@@ -1,4 +1,5 @@
-"""Demo steps of the audit trail: the chain checked, a replay summary, one call's trace tree.
+"""Demo steps of the audit trail: the desk's records and the chain checked, a replay
+summary, one call's trace tree.
 
 Called by :mod:`services.demo.scenario` with the records the run wrote; each
 step returns whether what the demo claims actually happened.
@@ -7,17 +8,48 @@ step returns whether what the demo claims actually happened.
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
+from broker.runtime.jetstream import AUDIT_STREAM
 from schemas import AuditEvent
-from services.cli.render import KIND_STYLES
+from services.cli.render import KIND_STYLES, summarize
 from services.cli.trace_cmds import build_tree, trace_tree
 from services.tracing.chain import GENESIS, record_hash
 
-__all__ = ["show_chain", "show_replay_and_trace"]
+__all__ = ["show_chain", "show_replay_and_trace", "show_trail"]
+
+
+def show_trail(console: Console, events: list[AuditEvent], *, desk: int, allowed: int) -> None:
+    """The lending desk's records (the first ``desk`` of ``events``): the ``allowed`` ones
+    of steps 2-4 (enrollments, connections, registrations, allowed calls) counted by
+    kind, the rest (steps 5-8: refusals, the approval, the rejection) one line each."""
+    console.print(
+        Text(
+            f"{AUDIT_STREAM}: {desk} records of the lending desk's run (steps 2-8; "
+            f"{len(events)} in all; `signalbox audit tail` lists them)",
+            style="bold",
+        )
+    )
+    earlier = events[:allowed]
+    if earlier:
+        kinds = Counter(e.kind for e in earlier)
+        console.print(
+            f"records {earlier[0].seq}-{earlier[-1].seq} (steps 2-4): "
+            + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+        )
+    # One line per record, aligned; what was done is cut to the width there is.
+    for e in events[allowed:desk]:
+        line = Text.assemble(
+            (f"{e.seq:>3} ", "dim"),
+            (f"{e.kind:<8} ", KIND_STYLES.get(e.kind, "")),
+            f"{e.actor:<16} ",
+            summarize(e),
+        )
+        line.truncate(console.width, overflow="ellipsis")
+        console.print(line, no_wrap=True)
 
 
 def show_chain(console: Console, events: list[AuditEvent], expected: int) -> bool:
@@ -57,11 +89,12 @@ def show_replay_and_trace(console: Console, events: list[AuditEvent]) -> bool:
         if isinstance(effect, str):
             effects[effect] = effects.get(effect, 0) + 1
     traces = {e.trace_id for e in events if e.trace_id}
-    summary = Table(title=f"Audit replay of this run: {len(events)} records", title_justify="left")
-    summary.add_column("kind")
-    summary.add_column("records", justify="right")
-    for kind, count in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-        summary.add_row(Text(kind, style=KIND_STYLES.get(kind, "")), str(count))
+    summary = Text(f"Audit replay of this run: {len(events)} records (", style="bold")
+    for n, (kind, count) in enumerate(sorted(by_kind.items(), key=lambda kv: -kv[1])):
+        summary.append(", " if n else "")
+        summary.append(kind, style=KIND_STYLES.get(kind, ""))
+        summary.append(f" {count}")
+    summary.append(")")
     console.print(summary)
     console.print(
         f"{len(traces)} traces; decisions: "

@@ -40,6 +40,7 @@ from schemas import (
     ResetBreaker,
     TripBreaker,
 )
+from services.policy.decider import UseRequest
 from services.policy.guards import Guards, format_chain, parse_chain
 from services.policy.stats import PolicyStats
 
@@ -183,13 +184,13 @@ class BreakerGate:
             return None
         return CallGate(chain=forward, probes=admitted)
 
-    async def check_use(
-        self, agent: str, record: AgentRecord | None, subject: str, trace_id: str
-    ) -> Decision | Probes:
+    async def check_use(self, use: UseRequest, subject: str, trace_id: str) -> Decision | Probes:
         """Before Cedar, for ``sb.authz``: the agent's and its team's breakers.
 
-        Returns the probes this request makes, or the refusal (audited, counted).
+        Returns the probes this request makes, or the refusal (audited, counted;
+        the record names the use refused, as every use decision does, and the breaker).
         """
+        agent, record = use.agent, use.agent_record
         self._observe_rate(agent)
         board = self.board
         if not board.any_open():
@@ -213,7 +214,8 @@ class BreakerGate:
         await self._host.audit.emit(
             "decision", actor=agent, subject=subject, trace_id=trace_id,
             policy_version=decision.policy_version,
-            data={"request_id": request_id, "agent": agent,
+            data={"request_id": request_id, "agent": agent, "action": use.action,
+                  "resource": use.resource, "provider": use.provider, "region": use.region,
                   "decision": msgspec.to_builtins(decision),
                   "breaker": msgspec.to_builtins(admitted)},
         )  # fmt: skip

@@ -5,9 +5,17 @@ service watches the budget definitions (``sb_budgets``) and asks only when a
 budget applies to the use, so unbudgeted agents pay nothing. Fails closed:
 no estimate, a refusal, no answer or an unreadable budget record turns the
 allow into a deny that says why.
+
+Such a deny is the budget's, not the policies': it carries no ``policy_ids``
+and only the budget's reason (the permit that allowed the use is not why it
+was refused). What the decision record needs to explain itself (the budget:
+scope, name, window, limit, spent, what the call needed; the permit, as
+``allowed_by``) comes back beside the decision (:class:`BudgetVerdict`).
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -21,7 +29,23 @@ from broker.runtime.kvcache import KVCache
 from schemas import AgentRecord, AuthzRequest, Budget, Decision, Reservation, ReserveBudget
 from services.policy.stats import PolicyStats
 
-__all__ = ["BudgetCheck"]
+__all__ = ["BudgetCheck", "BudgetVerdict"]
+
+
+class BudgetVerdict(NamedTuple):
+    """What :meth:`BudgetCheck.reserve` decided, and what its decision record should say.
+
+    Attributes:
+        decision: The decision (the allow, with its reservation, or the budget's deny).
+        record: Fields for the decision record's ``data``: ``budget`` (the budget that
+            refused: ``key``, ``scope``, ``name``, ``window``, ``limit_usd``,
+            ``spent_usd``, ``reserved_usd``, ``needed_usd``; or the unreadable one and
+            why), ``budgets`` (the keys charged, or that apply), ``allowed_by`` (the
+            policies that allowed the use before the budget refused it).
+    """
+
+    decision: Decision
+    record: dict[str, Any]
 
 
 class BudgetCheck:
@@ -57,7 +81,7 @@ class BudgetCheck:
         decision: Decision,
         trace_id: str,
         parents: tuple[str, ...] = (),
-    ) -> Decision:
+    ) -> BudgetVerdict:
         """Reserve an allowed model call's worst-case cost if any budget applies to it.
 
         ``parents`` are the agents the call is made for, from the signed
@@ -81,17 +105,29 @@ class BudgetCheck:
             )  # fmt: skip
             if bad:
                 self._stats.budget_unreadable += 1
-                err = unreadable_budget(*bad[0])
-                return _budget_denial(decision, "budget_unreadable", err.message)
-        if not len(self.budgets) or not applicable_keys(
-            self.budgets, agent=agent, team=team, project=request.project, on_behalf_of=parents
-        ):
-            return decision
+                key, why = bad[0]
+                err = unreadable_budget(key, why)
+                return _budget_denial(
+                    decision, "budget_unreadable", err.message,
+                    budget={**_named(key), "unreadable": why},
+                )  # fmt: skip
+        applicable = (
+            applicable_keys(
+                self.budgets, agent=agent, team=team, project=request.project,
+                on_behalf_of=parents,
+            )
+            if len(self.budgets)
+            else []
+        )  # fmt: skip
+        if not applicable:
+            return BudgetVerdict(decision, {})
+        keys = [b.key for b in applicable]
         if not request.estimated_tokens:
             return _budget_denial(
                 decision, "estimate_required",
                 f"{agent} has a budget: authorize model calls with estimated_tokens (and "
                 "max_output_tokens) so their worst-case cost can be reserved before the call",
+                budgets=keys,
             )  # fmt: skip
         ask = ReserveBudget(
             agent=agent, model=request.resource, input_tokens=request.estimated_tokens,
@@ -111,28 +147,45 @@ class BudgetCheck:
                 decision, "budget_unavailable",
                 f"the budget of {agent} could not be checked ({err.message}); model calls "
                 "of budgeted agents are refused until the cost service answers",
+                budgets=keys,
             )  # fmt: skip
         if not reservation.granted:
             self._stats.budget_refused += 1
             b = reservation.refused
             assert b is not None
-            return msgspec.structs.replace(
-                _budget_denial(
-                    decision, "budget_exceeded",
-                    f"budget {b.key} would be exceeded: limit {usd(b.limit_usd)}, spent "
-                    f"{usd(b.spent_usd)}, reserved {usd(b.reserved_usd)}, this call needs up "
-                    f"to {usd(reservation.amount_usd)}; raise it with `signalbox budgets set` "
-                    "or wait for the window to end",
-                ),
-                budget=b,
+            denied = _budget_denial(
+                decision, "budget_exceeded",
+                f"budget {b.key} would be exceeded: limit {usd(b.limit_usd)}, spent "
+                f"{usd(b.spent_usd)}, reserved {usd(b.reserved_usd)}, this call needs up "
+                f"to {usd(reservation.amount_usd)}; raise it with `signalbox budgets set` "
+                "or wait for the window to end",
+                budget={
+                    **_named(b.key), "limit_usd": b.limit_usd, "spent_usd": b.spent_usd,
+                    "reserved_usd": b.reserved_usd, "needed_usd": reservation.amount_usd,
+                },
             )  # fmt: skip
-        return msgspec.structs.replace(
+            return denied._replace(decision=msgspec.structs.replace(denied.decision, budget=b))
+        granted = msgspec.structs.replace(
             decision, reservation_id=reservation.id, reserved_usd=reservation.amount_usd
         )
+        return BudgetVerdict(granted, {"budgets": [c.key for c in reservation.charges]})
 
 
-def _budget_denial(decision: Decision, code: str, reason: str) -> Decision:
-    """``decision`` (an allow) turned into a deny by a budget guard."""
-    return msgspec.structs.replace(
-        decision, effect="deny", reason_code=code, reasons=(*decision.reasons, reason)
+def _named(key: str) -> dict[str, str]:
+    """A budget key (``<scope>.<name>.<window>``) and its parts, for a decision record."""
+    scope, _, rest = key.partition(".")
+    name, _, window = rest.rpartition(".")
+    return {"key": key, "scope": scope, "name": name, "window": window}
+
+
+def _budget_denial(decision: Decision, code: str, reason: str, **record: Any) -> BudgetVerdict:
+    """``decision`` (an allow) turned into a deny by a budget guard.
+
+    The deny is the budget's: no ``policy_ids``, only the budget's reason (the
+    permit's ids and reasons would read as why it was refused). The permit is
+    kept in the record's ``allowed_by``, with the ``record`` fields given.
+    """
+    denied = msgspec.structs.replace(
+        decision, effect="deny", reason_code=code, reasons=(reason,), policy_ids=()
     )
+    return BudgetVerdict(denied, {**record, "allowed_by": list(decision.policy_ids)})

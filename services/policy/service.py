@@ -505,7 +505,7 @@ class PolicyService(Service):
                 on_behalf_of=request.on_behalf_of,
             ),
         )
-        probes = await self.breaker_gate.check_use(agent, use.agent_record, subject, trace_id)
+        probes = await self.breaker_gate.check_use(use, subject, trace_id)
         if isinstance(probes, Decision):
             return probes  # a breaker refused it (audited, counted)
         decision = self.decider.decide(use)
@@ -514,8 +514,9 @@ class PolicyService(Service):
             await self.policy_sets.compare_shadow(
                 use, decision, actor=agent, subject=subject, trace_id=trace_id
             )
+        budget: dict[str, Any] = {}  # the budget's explanation, for the record
         if decision.effect == "allow" and request.action == "use_model":
-            decision = await self.budget_check.reserve(
+            decision, budget = await self.budget_check.reserve(
                 agent, use.agent_record, request, decision, trace_id, parents
             )
         if probes:  # an allowed request closes the breaker; a denied one tested nothing
@@ -544,7 +545,7 @@ class PolicyService(Service):
                 "estimated_tokens_known": use.context.estimated_tokens_known,
                 "data_tags": list(request.data_tags),
                 "on_behalf_of": list(request.on_behalf_of),
-                "decision": _builtins(decision),
+                "decision": _builtins(decision), **budget,
             },
             **extra,
             )  # fmt: skip

@@ -112,6 +112,8 @@ def _context(data: Mapping[str, Any], when: float) -> RequestContext:
 _APPROVAL_OUTCOMES = frozenset(
     {"approved", "approval_denied", "approval_expired", "approval_unavailable"}
 )
+#: Refused before any policy ran (an open circuit breaker): nothing to compare.
+_NOT_EVALUATED = frozenset({"breaker_open"})
 
 
 def request_from_record(
@@ -126,7 +128,7 @@ def request_from_record(
     decision = data.get("decision")
     if event.kind != "decision" or not isinstance(decision, dict):
         return None
-    if decision.get("reason_code") in _APPROVAL_OUTCOMES:  # not an evaluation
+    if decision.get("reason_code") in _APPROVAL_OUTCOMES | _NOT_EVALUATED:  # not an evaluation
         return None
     if "capability" in data:
         caller, target, capability = (

@@ -71,7 +71,10 @@ async def test_trace_prints_the_causal_tree(traced_call: str, settings: Settings
 
     decision = at(r"decision a allow → b\.work")
     delivery = at(r"delivery ok b\.work \d+\.\d ms")
-    authz = at(r"b, serving that call: authz b use_model gpt-4o in eu-west-1 allow \[any-model\]")
+    authz = at(
+        r"b, serving that call: authz b allow use_model gpt-4o @ eu-west-1 \(openai\) "
+        r"\[any-model\]"
+    )
     nested = at(r"b, serving that call: decision b allow → c\.leaf")
     inner = at(r"delivery ok c\.leaf")
     # caller → decision → delivery → (authz, nested decision → its delivery)
