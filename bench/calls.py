@@ -102,7 +102,6 @@ PATHS = (
 )  # fmt: skip
 
 
-
 @dataclass(frozen=True, slots=True)
 class Plan:
     """How much to measure."""
@@ -704,7 +703,6 @@ def write_policies(folder: Path) -> Path:
     return folder
 
 
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sigterm_unwinds()
@@ -772,9 +770,7 @@ def main(argv: list[str] | None = None) -> int:
                         child.start()
                         assert child.proc is not None
                         pids["+".join(old.services) or "services"] = child.proc.pid
-                    extra, chained = uvloop.run(
-                        run(plan, settings, pids, log, paths=("mediated",))
-                    )
+                    extra, chained = uvloop.run(run(plan, settings, pids, log, paths=("mediated",)))
                     results["mediated-no-write-ahead"] = extra["mediated"]
             finally:
                 for child in reversed(children):

@@ -130,6 +130,7 @@ __all__ = [
     "up_server_kill",
 ]
 
+
 async def policy_kill(
     root: Path, *, kills: int = 3, rate: float = 100.0, write_ahead: bool = True,
     pause: float = 0.3, log: Log = quiet, pace: Pace = STEADY,
@@ -604,4 +605,3 @@ if __name__ == "__main__":
         sys.exit(main())
     except KeyboardInterrupt:
         sys.exit(130)
-

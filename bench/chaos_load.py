@@ -592,5 +592,3 @@ async def call_run(
         await work.stop()
     audit = await audit_findings(plane)
     return CallRun(fault, write_ahead, load.offered_rate, load.ops, faults, work.executed, audit)
-
-

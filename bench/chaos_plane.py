@@ -441,5 +441,3 @@ class UpProcess(Plane):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             await asyncio.to_thread(proc.wait, 5)
-
-

@@ -133,7 +133,6 @@ ESTIMATED_TOKENS, MAX_OUTPUT_TOKENS = 1_000, 500
 AUTHZ_PATHS = ("raw", "authorize", "authorize+reserve", "model_call")
 
 
-
 @dataclass(frozen=True, slots=True)
 class Plan:
     """How much to measure."""

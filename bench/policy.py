@@ -110,7 +110,6 @@ ASK = AuthzRequest(
 )
 
 
-
 @dataclass(frozen=True, slots=True)
 class Plan:
     """How much to measure."""
@@ -261,7 +260,9 @@ def measure_decider(plan: Plan, log: Console) -> tuple[list[DeciderRow], CedarPo
     shipped = CedarPolicies.from_dir(shipped_policy_dir())
     callers, target = fleet(plan.agents)
     files = {
-        **shipped.files, "bench.cedar": bench_permits(callers), MODEL_USE_FILE: MODEL_USE_PERMIT
+        **shipped.files,
+        "bench.cedar": bench_permits(callers),
+        MODEL_USE_FILE: MODEL_USE_PERMIT,
     }
     policies = CedarPolicies.from_texts(files, shipped.schema_text, label="bench")
     log.log(f"decider: {len(policies.policies)} policies, {plan.agents} agents")
@@ -563,7 +564,6 @@ def report_tables(
 
 
 # -- entry point -----------------------------------------------------------------
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -572,8 +572,13 @@ class Agent(Membership):
             # The chain a handler serves: the only delegation the cost service charges.
             headers = inject({H_MSG_ID: report.id, **chain_headers(), **origin}, span)
             await publish_usage(
-                self.nc, self.subjects.usage(self.name), report, encode(report), headers,
-                retry_for=self.usage_retry_for, agent=self.name,
+                self.nc,
+                self.subjects.usage(self.name),
+                report,
+                encode(report),
+                headers,
+                retry_for=self.usage_retry_for,
+                agent=self.name,
             )
             return report.id
 

@@ -88,9 +88,7 @@ class Deduplicator:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.stats = DedupStats()
-        self._entries: collections.OrderedDict[tuple[str, str], _Entry] = (
-            collections.OrderedDict()
-        )
+        self._entries: collections.OrderedDict[tuple[str, str], _Entry] = collections.OrderedDict()
         self._bytes = 0
 
     def __len__(self) -> int:

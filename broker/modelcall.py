@@ -268,8 +268,7 @@ class ModelCall:
                 raise
             # Never mask the block's own error; the reservation expires unsettled.
             log.warning(
-                "%s: could not report the usage of a failed %s call; its reservation "
-                "will expire",
+                "%s: could not report the usage of a failed %s call; its reservation will expire",
                 self._agent.name,
                 self.request.resource,
                 exc_info=True,

@@ -178,8 +178,7 @@ async def mediated_request(
             details["idempotency_key"] = idempotency_key
             retry = f"retry with idempotency_key={idempotency_key!r} to run it at most once"
         raise OutcomeUnknown(
-            f"{target}.{capability} did not answer within {timeout:g}s; it may have "
-            f"run: {retry}",
+            f"{target}.{capability} did not answer within {timeout:g}s; it may have run: {retry}",
             details=details,
         ) from exc
     if is_error(msg.headers):

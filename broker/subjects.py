@@ -166,9 +166,7 @@ def operator_inbox(operator: str) -> str:
     return f"{OPERATOR_INBOX}.{validate_token(operator, what='operator name')}"
 
 
-def reply_fault(
-    reply: str, audience: Audience, agent: str = "", operator: str = ""
-) -> str | None:
+def reply_fault(reply: str, audience: Audience, agent: str = "", operator: str = "") -> str | None:
     """Why a request's ``reply`` subject is not one its sender may name, or None.
 
     The sender's reply space is: an agent's own inbox

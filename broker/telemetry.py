@@ -196,9 +196,7 @@ def trusted_parent(
         return parent, ""
     if vouched is not None and vouched(claimed):
         return parent, ""
-    moved = SpanContext(
-        int(owned_trace_id(sender, claimed), 16), sc.span_id, True, sc.trace_flags
-    )
+    moved = SpanContext(int(owned_trace_id(sender, claimed), 16), sc.span_id, True, sc.trace_flags)
     return trace.set_span_in_context(NonRecordingSpan(moved), otel_context.Context()), claimed
 
 
@@ -425,9 +423,7 @@ def is_recording(span: Span) -> bool:
     return span.is_recording()
 
 
-def annotate(
-    span: Span, attributes: Mapping[str, Any] | Callable[[], Mapping[str, Any]]
-) -> None:
+def annotate(span: Span, attributes: Mapping[str, Any] | Callable[[], Mapping[str, Any]]) -> None:
     """Set ``attributes`` on ``span`` if it records (a callable is only called then).
 
     ``None`` and empty values are left out; sequences become tuples of strings.

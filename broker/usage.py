@@ -90,7 +90,9 @@ async def publish_usage(
                 else "resend the same report (err.report) once the control plane is back"
             ),
             details={
-                "report_id": report.id, "attempts": attempts, "may_be_recorded": reached,
+                "report_id": report.id,
+                "attempts": attempts,
+                "may_be_recorded": reached,
                 "error": type(exc).__name__,
             },
             report=report,

@@ -14,8 +14,17 @@ __all__ = ["AuditBatch", "AuditEvent", "AuditKind"]
 #: ``alert``: something an operator must fix that the system works around meanwhile
 #: (a stored KV record that cannot be read: a budget, a breaker, the policy pointer).
 AuditKind = Literal[
-    "call", "decision", "rejected", "registry", "usage", "admin", "auth", "shadow",
-    "budget", "breaker", "alert",
+    "call",
+    "decision",
+    "rejected",
+    "registry",
+    "usage",
+    "admin",
+    "auth",
+    "shadow",
+    "budget",
+    "breaker",
+    "alert",
 ]
 
 

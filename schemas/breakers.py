@@ -37,9 +37,7 @@ BreakerState = Literal["closed", "open", "half_open"]
 #: threshold, a call chain looped, or an operator tripped it. ``unreadable``:
 #: its stored record cannot be read, so it is held open (fail closed) until an
 #: operator resets it, which writes a clean record.
-BreakerReason = Literal[
-    "budget", "rate_anomaly", "error_rate", "call_loop", "manual", "unreadable"
-]
+BreakerReason = Literal["budget", "rate_anomaly", "error_rate", "call_loop", "manual", "unreadable"]
 
 #: ``agent.<name>`` or ``team.<name>``; names are subject tokens.
 BreakerKey = Annotated[str, msgspec.Meta(pattern=r"^(agent|team)\.[A-Za-z0-9_-]{1,64}$(?!\n)")]
@@ -132,8 +130,9 @@ class TripBreaker(Wire, frozen=True, tag="trip_breaker.v1"):
     """
 
     key: BreakerKey
-    text: Annotated[str, msgspec.Meta(min_length=1, max_length=512,
-                                      pattern=r"^[^\x00-\x1f\x7f]*$(?!\n)")]
+    text: Annotated[
+        str, msgspec.Meta(min_length=1, max_length=512, pattern=r"^[^\x00-\x1f\x7f]*$(?!\n)")
+    ]
     cooldown: _Cooldown | None = None
     requested_by: _Short = ""
 

@@ -344,9 +344,7 @@ class AuditEmitter:
     @property
     def pending(self) -> int:
         """Events emitted and not yet acknowledged by JetStream."""
-        return (
-            len(self._buffer) + len(self._wal) + sum(b.events for b in self._inflight.values())
-        )
+        return len(self._buffer) + len(self._wal) + sum(b.events for b in self._inflight.values())
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Ship the buffer now and wait until everything is acknowledged; False on timeout."""

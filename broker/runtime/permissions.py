@@ -133,9 +133,7 @@ OPERATOR_READ_OPS: frozenset[tuple[str, str]] = frozenset(
 OPERATOR_ROLES = ("admin", "viewer")
 
 
-def operator_permissions(
-    subjects: Subjects, name: str = "", role: str = "admin"
-) -> Permissions:
+def operator_permissions(subjects: Subjects, name: str = "", role: str = "admin") -> Permissions:
     """Operators: admin endpoints, registry reads, micro discovery, read-only JetStream.
 
     The shared bootstrap operator (``name`` empty: the static user
@@ -245,7 +243,10 @@ def service_permissions(subjects: Subjects, service: str) -> Permissions:
     }[service]
     subscribe = {
         "registry": (
-            f"{p}.registry.>", f"{p}.admin.registry.>", f"{p}.admin.operators.>", "$SRV.>"
+            f"{p}.registry.>",
+            f"{p}.admin.registry.>",
+            f"{p}.admin.operators.>",
+            "$SRV.>",
         ),
         "policy": (
             f"{p}.out.>",

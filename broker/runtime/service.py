@@ -161,9 +161,9 @@ class Service:
         self.started_at = 0.0
         self._health_task: asyncio.Task[None] | None = None
         # Every replica answers (no queue group): `signalbox status` gathers them all.
-        self.endpoint(
-            self.subjects.admin(self.name, "status"), HealthRequest, queue=""
-        )(self.status)
+        self.endpoint(self.subjects.admin(self.name, "status"), HealthRequest, queue="")(
+            self.status
+        )
 
     async def _error_cb(self, exc: Exception) -> None:
         log.debug("%s connection: %r", self.name, exc)

@@ -62,6 +62,7 @@ T = TypeVar("T")
 
 agents_app = typer.Typer(help="Inspect registered agents.", no_args_is_help=True)
 
+
 @agents_app.command("list")
 def agents_list(
     nats_url: NatsUrlOption = None,
@@ -336,9 +337,7 @@ def print_enrolled(console: Console, enrolled: Enrolled) -> None:
     fields = Fields(Text("Agent credential · shown once, store it now", style="bold green"))
     fields.add("agent", cred.agent)
     fields.add("credential id", cred.id)
-    fields.add(
-        "expires", time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(cred.expires_at))
-    )
+    fields.add("expires", time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(cred.expires_at)))
     fields.add(
         "token",
         "on the next line, alone: give it to the agent as SIGNALBOX_AGENT_CREDENTIAL "
@@ -456,5 +455,3 @@ def agents_credentials(
         Console().print("No credentials" + (f" for {name}." if name else "."))
         return
     Console().print(credentials_table(listed.items, now=time.time()))
-
-

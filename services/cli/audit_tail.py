@@ -32,6 +32,7 @@ from services.tracing.reader import audit_filter, follow, start_of_last
 
 __all__ = ["audit_tail"]
 
+
 def audit_tail(
     nats_url: NatsUrlOption = None,
     kind: Annotated[
@@ -96,4 +97,3 @@ def audit_tail(
             await nc.close()
 
     run(main(), interrupted=0)
-

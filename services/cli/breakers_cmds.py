@@ -42,9 +42,7 @@ breakers_app = typer.Typer(
 
 TargetArgument = Annotated[
     str,
-    typer.Argument(
-        help="An agent (NAME or agent:NAME) or a team (team:NAME).", show_default=False
-    ),
+    typer.Argument(help="An agent (NAME or agent:NAME) or a team (team:NAME).", show_default=False),
 ]
 
 _STATE_STYLE = {"open": "bold red", "half_open": "yellow", "closed": "green"}

@@ -143,7 +143,8 @@ def budgets_set(
     limit: Annotated[
         float | None,
         typer.Option(
-            "--limit", help="Hard limit in USD per window (required for a new budget).",
+            "--limit",
+            help="Hard limit in USD per window (required for a new budget).",
             min=0.000001,
         ),
     ] = None,

@@ -130,7 +130,14 @@ def _csv(report: CostReport) -> str:
 def cost_report(
     by: Annotated[
         Literal[
-            "team", "agent", "model", "project", "provider", "hour", "day", "caller",
+            "team",
+            "agent",
+            "model",
+            "project",
+            "provider",
+            "hour",
+            "day",
+            "caller",
             "caller-team",
         ],
         typer.Option(

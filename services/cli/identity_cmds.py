@@ -43,6 +43,7 @@ identity_app = typer.Typer(
     help="Secrets and server configuration of server-enforced identity.", no_args_is_help=True
 )
 
+
 @identity_app.command("init")
 def identity_init(
     secrets_dir: Annotated[
@@ -99,8 +100,6 @@ def identity_init(
         "services", f"SIGNALBOX_SECRETS_DIR={folder} (or SIGNALBOX_NATS_USER/_PASSWORD)", Fit.WRAP
     )
     Console().print(fields)
-
-
 
 
 def nats_context_dir() -> Path:

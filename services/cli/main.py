@@ -237,9 +237,7 @@ def _up_fields(stack: Stack) -> Fields:
     policy = stack.services.get("policy")
     version = getattr(getattr(policy, "decider", None), "version", "")
     policies = s.policy_dir or "shipped policies"
-    fields.add(
-        "policies", f"{policies}" + (f"  (version {version})" if version else ""), Fit.WRAP
-    )
+    fields.add("policies", f"{policies}" + (f"  (version {version})" if version else ""), Fit.WRAP)
     if stack.server is not None:
         fields.add("identity", "enforced by the server", Fit.WRAP)
         fields.add("secrets", f"{resolve_secrets_dir(s).resolve()}")

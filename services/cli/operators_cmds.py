@@ -60,9 +60,7 @@ def operators_table(result: OperatorList, now: float) -> CliTable:
         title="Operators",
     )
     for op in result.operators:
-        table.add_row(
-            op.name, op.role, op.id, op.status(now), clock(op.expires_at), op.created_by
-        )
+        table.add_row(op.name, op.role, op.id, op.status(now), clock(op.expires_at), op.created_by)
     return table
 
 

@@ -151,9 +151,7 @@ def rollout_set(
     max_cost_ratio: Annotated[float, typer.Option("--max-cost-ratio", min=1.0)] = 1.5,
     min_calls: Annotated[int, typer.Option("--min-calls", min=1)] = 50,
     guard_window: Annotated[str, typer.Option("--guard-window")] = "5m",
-    no_guard: Annotated[
-        bool, typer.Option("--no-guard", help="No automatic rollback.")
-    ] = False,
+    no_guard: Annotated[bool, typer.Option("--no-guard", help="No automatic rollback.")] = False,
     as_json: JsonOption = False,
     nats_url: NatsUrlOption = None,
 ) -> None:
@@ -210,9 +208,7 @@ def rollout_deprecate(
     nats_url: NatsUrlOption = None,
 ) -> None:
     """Stop new calls to VERSION of TARGET (calls in flight still finish)."""
-    request = DeprecateVersion(
-        target=target, version=version, archive=archive, requested_by=who()
-    )
+    request = DeprecateVersion(target=target, version=version, archive=archive, requested_by=who())
     _show(admin_call(nats_url, "rollout", "deprecate", request, RolloutStatus), as_json)
 
 

@@ -135,7 +135,9 @@ def status_command(
     service: Annotated[
         list[str] | None,
         typer.Option(
-            "--service", "-s", help="Only this service (repeatable; default: all four)",
+            "--service",
+            "-s",
+            help="Only this service (repeatable; default: all four)",
             show_default=False,
         ),
     ] = None,
@@ -209,7 +211,8 @@ def probe_command(
     data_dir: Annotated[
         Path | None,
         typer.Option(
-            "--data-dir", help="The services' data folder (default: $SIGNALBOX_DATA_DIR)",
+            "--data-dir",
+            help="The services' data folder (default: $SIGNALBOX_DATA_DIR)",
             show_default=False,
         ),
     ] = None,

@@ -121,11 +121,10 @@ TABLES: Final = (_W, _R)
 _WINDOW_COLUMNS = '"key", window_start, spent_nanos, reserved_nanos, soft_alerted, exhausted'
 _ENSURE_WINDOW = text(
     f"INSERT INTO cost_budget_window ({_WINDOW_COLUMNS}) "
-    "VALUES (:key, :start, 0, 0, false, false) ON CONFLICT (\"key\", window_start) DO NOTHING"
+    'VALUES (:key, :start, 0, 0, false, false) ON CONFLICT ("key", window_start) DO NOTHING'
 )
 _LOCK_WINDOW = (
-    f"SELECT {_WINDOW_COLUMNS} FROM cost_budget_window "
-    'WHERE "key" = :key AND window_start = :start'
+    f'SELECT {_WINDOW_COLUMNS} FROM cost_budget_window WHERE "key" = :key AND window_start = :start'
 )
 _LOCK_SQLITE = text(_LOCK_WINDOW)  # the write lock of BEGIN IMMEDIATE covers it
 _LOCK_POSTGRES = text(_LOCK_WINDOW + " FOR UPDATE")
@@ -225,9 +224,7 @@ class BudgetLedger:
         return {(k, w): conn.execute(lock, {"key": k, "start": w}).one() for k, w in wanted}
 
     @staticmethod
-    def _set(
-        conn: Connection, key: str, start: int, row: Any, **changes: Any
-    ) -> None:
+    def _set(conn: Connection, key: str, start: int, row: Any, **changes: Any) -> None:
         """Write a locked window row back with ``changes`` (absolute values: the lock is held)."""
         values = {
             "spent": row.spent_nanos, "reserved": row.reserved_nanos,

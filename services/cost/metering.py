@@ -194,9 +194,7 @@ class UsageMeter:
         sc = trace.get_current_span(parent).get_span_context()
         return parent, moved_from or (f"{sc.trace_id:032x}" if sc.is_valid else "")
 
-    def _checked_trace(
-        self, msg: Msg, report: UsageReport
-    ) -> tuple[str, otel_context.Context]:
+    def _checked_trace(self, msg: Msg, report: UsageReport) -> tuple[str, otel_context.Context]:
         """The trace the report is stored and audited under, and the context its span
         continues (worked out once per report): its headers' trace as
         :meth:`_trusted_trace` keeps or moves it; a trace id the body names beyond that is
@@ -383,4 +381,3 @@ class UsageMeter:
             await msg.ack()
         for msg in bad:
             await msg.term()
-

@@ -93,6 +93,7 @@ def unknown_estimate(default: int, payload_bytes: int = 0) -> int:
     (``SIGNALBOX_DEFAULT_TOKEN_ESTIMATE``), or the payload in tokens if that is more."""
     return min(MAX_ESTIMATED_TOKENS, max(default, -(-payload_bytes // BYTES_PER_TOKEN)))
 
+
 _MAX_TAGS = 64
 _MAX_CHAIN = 32
 _MAX_TEXT = 256
@@ -123,9 +124,7 @@ class RequestContext:
     estimated_tokens_known: bool = True
 
     @classmethod
-    def from_headers(
-        cls, headers: Mapping[str, str], *, unknown_tokens: int = 0
-    ) -> RequestContext:
+    def from_headers(cls, headers: Mapping[str, str], *, unknown_tokens: int = 0) -> RequestContext:
         """Read the context headers of a mediated call; never raises (see ``error``).
 
         Args:

@@ -396,8 +396,7 @@ class Guards:
             )
         except InvalidInput as err:
             raise ConfigError(
-                "SIGNALBOX_BREAKER_RATE_BASELINE must be longer than "
-                "SIGNALBOX_BREAKER_RATE_WINDOW",
+                "SIGNALBOX_BREAKER_RATE_BASELINE must be longer than SIGNALBOX_BREAKER_RATE_WINDOW",
                 details=err.details,
             ) from err
         self.errors = ErrorRate(

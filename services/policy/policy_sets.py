@@ -152,8 +152,7 @@ class PolicySetDesk:
                 pass  # another replica seeded first
             except SignalboxError as err:  # version 1 is there but unreadable
                 problem = (
-                    "policy set version 1 cannot be read, so it was not made active: "
-                    f"{err.message}"
+                    f"policy set version 1 cannot be read, so it was not made active: {err.message}"
                 )
             if not problem:
                 pointer, _, problem = await store.pointer()

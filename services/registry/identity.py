@@ -347,9 +347,7 @@ class Identity:
         async def on_answer(msg: Msg) -> None:
             try:
                 body = json.loads(msg.data)
-                answers.append(
-                    (body["server"]["id"], list(body["data"].get("connections") or []))
-                )
+                answers.append((body["server"]["id"], list(body["data"].get("connections") or [])))
             except (ValueError, KeyError, TypeError):
                 log.warning("revoke: unreadable CONNZ answer %r", msg.data[:200])
 

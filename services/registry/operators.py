@@ -165,9 +165,7 @@ class OperatorStore:
     def list(self, *, include_inactive: bool = False) -> Sequence[OperatorInfo]:
         """Operator credentials, newest first; only active ones unless ``include_inactive``."""
         now = time.time()
-        query = select(OperatorCredentialRow).order_by(
-            col(OperatorCredentialRow.created_at).desc()
-        )
+        query = select(OperatorCredentialRow).order_by(col(OperatorCredentialRow.created_at).desc())
         with Session(self._engine) as session:
             rows = [r.info() for r in session.scalars(query)]
         return rows if include_inactive else [r for r in rows if r.status(now) == "active"]

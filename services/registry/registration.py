@@ -204,9 +204,7 @@ def remove_versions(conn: Connection, name: str, version: str | None) -> list[Ag
     return [msgspec.structs.replace(to_record(r, None), status="deregistered") for r in rows]
 
 
-def leave_instance(
-    conn: Connection, name: str, version: str, instance: str
-) -> list[StoredVersion]:
+def leave_instance(conn: Connection, name: str, version: str, instance: str) -> list[StoredVersion]:
     """Forget one instance of ``name`` ``version`` (it shut down); the versions of ``name``.
 
     Raises:

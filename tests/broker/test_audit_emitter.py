@@ -22,9 +22,7 @@ from schemas import AuditBatch, AuditEvent, CallOutcome
 
 @pytest.fixture
 async def nc(settings: Settings) -> AsyncIterator[Client]:
-    conn = await connect(
-        settings.nats_url, name="test-audit", **service_connect_options(settings)
-    )
+    conn = await connect(settings.nats_url, name="test-audit", **service_connect_options(settings))
     await ensure_streams(conn.jetstream(), settings)
     yield conn
     await conn.close()

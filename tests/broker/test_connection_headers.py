@@ -33,7 +33,6 @@ def test_known_shapes() -> None:
     }  # fmt: skip
 
 
-
 # -- raw subscriptions ------------------------------------------------------------------
 
 

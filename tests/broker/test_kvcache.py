@@ -63,9 +63,7 @@ def listener() -> Listener:
 @pytest.fixture
 async def started(kv: KeyValue, listener: Listener) -> AsyncIterator[KVCache[Budget]]:
     """A started cache of Budget values on the empty bucket."""
-    cache = KVCache(
-        kv, Budget, on_change=listener.on_change, on_unreadable=listener.on_unreadable
-    )
+    cache = KVCache(kv, Budget, on_change=listener.on_change, on_unreadable=listener.on_unreadable)
     await cache.start(timeout=5)
     yield cache
     await cache.stop()

@@ -154,9 +154,7 @@ def test_annotate_builds_attributes_only_for_recording_spans() -> None:
     telemetry.annotate(telemetry.Telemetry("t", telemetry.ID_ONLY).start("x"), attrs)
     assert calls == []
     exporter = InMemorySpanExporter()
-    span = telemetry.Telemetry("t", otel.tracer_provider(Settings(), exporter=exporter)).start(
-        "x"
-    )
+    span = telemetry.Telemetry("t", otel.tracer_provider(Settings(), exporter=exporter)).start("x")
     telemetry.annotate(span, attrs)
     span.end()
     [done] = exporter.get_finished_spans()
@@ -348,6 +346,8 @@ def test_other_traceparent_versions_go_to_opentelemetry() -> None:
     sc = _trace.get_current_span(telemetry.extract({"traceparent": future})).get_span_context()
     assert sc.is_valid and sc.trace_id == 0x4BF92F3577B34DA6A3CE929D0E0E4736
     zero = "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
-    assert not _trace.get_current_span(
-        telemetry.extract({"traceparent": zero})
-    ).get_span_context().is_valid
+    assert (
+        not _trace.get_current_span(telemetry.extract({"traceparent": zero}))
+        .get_span_context()
+        .is_valid
+    )

@@ -129,9 +129,7 @@ def test_a_timeout_counts_only_under_a_deadline_the_target_deserved() -> None:
 async def test_short_caller_deadlines_to_a_slow_target_never_open_its_breaker(
     deadline: float, make_stack: StackFactory, make_agent: AgentFactory
 ) -> None:
-    policy = policy_of(
-        await make_stack(allow=[("a", "b", ["slow"])], breaker_error_min_calls=6)
-    )
+    policy = policy_of(await make_stack(allow=[("a", "b", ["slow"])], breaker_error_min_calls=6))
     a = await slow_pair(make_agent, seconds=deadline + 1.0)
     results = await asyncio.gather(
         *(a.call("b", "slow", {"i": i}, timeout=deadline) for i in range(30)),
@@ -150,9 +148,7 @@ async def test_short_caller_deadlines_to_a_slow_target_never_open_its_breaker(
 async def test_undecodable_payloads_never_open_the_targets_breaker(
     make_stack: StackFactory, make_agent: AgentFactory
 ) -> None:
-    policy = policy_of(
-        await make_stack(allow=[("a", "b", ["score"])], breaker_error_min_calls=6)
-    )
+    policy = policy_of(await make_stack(allow=[("a", "b", ["score"])], breaker_error_min_calls=6))
     b = make_agent("b")
 
     @b.capability("score")

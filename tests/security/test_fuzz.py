@@ -333,7 +333,8 @@ async def world(
         await eventually(  # every replica watches the definitions
             lambda key=key: (
                 policy.budgets.get(key) is not None and cost._budget_cache().get(key) is not None
-            ), "both services to see the budget"
+            ),
+            "both services to see the budget",
         )
     answers: list[str] = []
     raw = await connect_mallory(settings, answers)

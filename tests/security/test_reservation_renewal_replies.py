@@ -74,9 +74,12 @@ async def agent_a(stack: Stack, settings: Settings, make_agent: AgentFactory) ->
     await a.start()
     policy: Any = stack.services["policy"]
     await eventually(
-        lambda: policy.budgets.get("agent.a.day") == status.budget
-        and cost_of(stack)._budget_cache().get("agent.a.day") == status.budget
-        and cost_of(stack)._team("a") == "team-1", "policy and cost to see the budget"
+        lambda: (
+            policy.budgets.get("agent.a.day") == status.budget
+            and cost_of(stack)._budget_cache().get("agent.a.day") == status.budget
+            and cost_of(stack)._team("a") == "team-1"
+        ),
+        "policy and cost to see the budget",
     )
     return a
 
@@ -147,9 +150,7 @@ async def test_an_agent_cannot_renew_as_another_agent(
     try:
         decision = await agent_a.authorize("use_model", "gpt-4o", estimated_tokens=1_000)
         body = encode(RenewReservation(reservation_id=decision.reservation_id))
-        await mallory.violation(
-            lambda nc: nc.publish("sb.cost.renew.a", body), "sb.cost.renew.a"
-        )
+        await mallory.violation(lambda nc: nc.publish("sb.cost.renew.a", body), "sb.cost.renew.a")
         # Under its own name it is asked as itself, and a's reservation is not its own.
         assert mallory.nc is not None
         reply = await mallory.nc.request("sb.cost.renew.mallory", body, timeout=5)

@@ -67,9 +67,7 @@ async def test_a_viewer_may_read_it_and_replies_go_only_to_the_askers_inbox(
     await bootstrap.publish(
         "sb.admin.policy.status", encode(HealthRequest()), reply="_INBOX.agent.victim.x"
     )
-    await eventually(
-        lambda: policy.rejected["invalid_reply_subject"] == before + 1, "the refusal"
-    )
+    await eventually(lambda: policy.rejected["invalid_reply_subject"] == before + 1, "the refusal")
 
 
 @pytest.mark.parametrize("body", [b"", b"\xff\xfe", b"{" * 10_000, b'{"type":"nope.v9"}'])

@@ -153,8 +153,8 @@ async def test_an_unreadable_budget_denies_the_model_calls_it_governs(
     # Never skipped as "no budget": refused, saying which record and how to fix it.
     denied = await spender.authorize("use_model", "gpt-4o", estimated_tokens=100)
     assert (denied.effect, denied.reason_code) == ("deny", "budget_unreadable")
-    assert "budget record team.risk.day in KV bucket sb_budgets is unreadable" in (
-        denied.reasons[-1]
+    assert (
+        "budget record team.risk.day in KV bucket sb_budgets is unreadable" in (denied.reasons[-1])
     )
     assert "signalbox budgets set team:risk --limit USD --window day" in denied.reasons[-1]
     assert policy.stats.budget_unreadable == 1

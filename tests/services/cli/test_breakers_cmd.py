@@ -26,9 +26,7 @@ from support import echo_pair, enroll
 
 
 @pytest.fixture
-def cli(
-    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Any:
+def cli(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("SIGNALBOX_SECRETS_DIR", str(tmp_path / "data" / "secrets"))
     monkeypatch.setenv("COLUMNS", "220")
     assert settings.nats_url is not None

@@ -466,9 +466,16 @@ def test_status_table() -> None:
     host = "ip-10-0-12-34.eu-west-1.compute.internal"
     reports = [
         ServiceHealth(
-            service=service, instance=f"{service[:2]}0123456789a", host=host, pid=1,
-            started_at=NOW - 93_784, time=NOW, connected=True, ready=service != "cost",
-            audit_pending=1_234, audit_last_ack=NOW - 1.5,
+            service=service,
+            instance=f"{service[:2]}0123456789a",
+            host=host,
+            pid=1,
+            started_at=NOW - 93_784,
+            time=NOW,
+            connected=True,
+            ready=service != "cost",
+            audit_pending=1_234,
+            audit_last_ack=NOW - 1.5,
             consumers=(
                 ConsumerHealth(stream="SB_USAGE", durable="usage", pending=12_345, ack_pending=3),
             ),
@@ -558,11 +565,13 @@ def test_trace_tree_keeps_models_names_and_ids_whole() -> None:
     # under the delivery it happened under).
     decision = msgspec.structs.replace(
         _event(seq=10, kind="decision", call_id="c1"),
-        span_id="a1b2c3d4e5f60718", parent_span_id="0102030405060708",
+        span_id="a1b2c3d4e5f60718",
+        parent_span_id="0102030405060708",
     )
     usage = msgspec.structs.replace(
         _event(seq=11, actor=OTHER, latency_ms=812.5, cost_nanos=1_234_000),
-        span_id="1112131415161718", via_span_id="a1b2c3d4e5f60718",
+        span_id="1112131415161718",
+        via_span_id="a1b2c3d4e5f60718",
         parent_span_id="ffffffffffffffff",
     )
     roots = build_tree([decision, usage])
@@ -594,8 +603,11 @@ def test_policy_show_history_diff_and_what_if_tables() -> None:
         [HASH[:12], STAMP, "operator:alice-the-platform-engineer"],
         LABEL.split(),
     )
-    diff = PolicyDiff(from_name="v11", to_name="candidate",
-                      added_ids=("pii-stays-in-the-eu", "large-payments-need-approval"))
+    diff = PolicyDiff(
+        from_name="v11",
+        to_name="candidate",
+        added_ids=("pii-stays-in-the-eu", "large-payments-need-approval"),
+    )
     check(shown(policy_ids_table(diff)), ["pii-stays-in-the-eu", "large-payments-need-approval"])
     resource_id = 'Signalbox::Capability::"credit-check/score-transaction"'
     change = Change(
@@ -620,9 +632,7 @@ def test_policy_show_history_diff_and_what_if_tables() -> None:
 
 async def _cli(*args: str) -> Result:
     """A command with its output in a pipe (CliRunner is no TTY), 80 columns wide."""
-    return await asyncio.to_thread(
-        CliRunner().invoke, app, list(args), terminal_width=WIDTH
-    )
+    return await asyncio.to_thread(CliRunner().invoke, app, list(args), terminal_width=WIDTH)
 
 
 def _lines(result: Result) -> list[str]:

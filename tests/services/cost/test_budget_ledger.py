@@ -66,9 +66,11 @@ def test_windows_are_utc_calendar_days_and_months() -> None:
     )
     start, end = window_bounds("month", NOON)
     assert (end - start) == 31 * 86_400
-    assert window_bounds("month", dt.datetime(2028, 2, 10, tzinfo=dt.UTC).timestamp())[1] - (
-        window_bounds("month", dt.datetime(2028, 2, 10, tzinfo=dt.UTC).timestamp())[0]
-    ) == 29 * 86_400
+    assert (
+        window_bounds("month", dt.datetime(2028, 2, 10, tzinfo=dt.UTC).timestamp())[1]
+        - (window_bounds("month", dt.datetime(2028, 2, 10, tzinfo=dt.UTC).timestamp())[0])
+        == 29 * 86_400
+    )
 
 
 def test_reserve_up_to_the_limit_then_refuse_naming_the_budget(store: UsageStore) -> None:

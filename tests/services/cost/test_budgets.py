@@ -61,9 +61,7 @@ async def stack(make_stack: StackFactory, tmp_path: Path) -> Stack:
         'action == Signalbox::Action::"call", '
         'resource == Signalbox::Capability::"worker/work");\n'
     )
-    return await make_stack(
-        policy_dir=policies, services=["tracing", "registry", "policy", "cost"]
-    )
+    return await make_stack(policy_dir=policies, services=["tracing", "registry", "policy", "cost"])
 
 
 @pytest.fixture
@@ -86,8 +84,10 @@ async def _set(operator: Client, stack: Stack, scope: str, name: str, limit: flo
     policy = stack.services["policy"]
     # Every replica watches the definitions: wait until policy and cost both see it.
     await eventually(
-        lambda: policy.budgets.get(key) == status.budget  # type: ignore[attr-defined]
-        and cost_of(stack)._budget_cache().get(key) == status.budget,
+        lambda: (
+            policy.budgets.get(key) == status.budget  # type: ignore[attr-defined]
+            and cost_of(stack)._budget_cache().get(key) == status.budget
+        ),
         "policy and cost to see the budget",
     )
     return status
@@ -263,9 +263,7 @@ async def test_a_parent_task_pays_for_calls_made_on_its_behalf(
     assert shown.budgets[0].reserved_usd == 0 and shown.budgets[0].spent_usd == 0
 
 
-async def test_agents_cannot_reserve_or_change_budgets(
-    stack: Stack, settings: Settings
-) -> None:
+async def test_agents_cannot_reserve_or_change_budgets(stack: Stack, settings: Settings) -> None:
     raw = RawAgent()
     assert settings.nats_url
     await raw.connect(settings.nats_url, "mallory", enroll(settings, "mallory"))
@@ -364,7 +362,8 @@ async def test_an_exhausted_budget_trips_the_breaker_until_it_is_raised(
 
     await _set(operator, stack, "agent", "runaway", 1.0)
     await eventually(
-        lambda: policy.breakers.get("agent.runaway").state == "closed", "runaway's breaker closed"  # type: ignore[attr-defined]
+        lambda: policy.breakers.get("agent.runaway").state == "closed",
+        "runaway's breaker closed",  # type: ignore[attr-defined]
     )
     again = await runaway.authorize("use_model", MODEL, estimated_tokens=10)
     assert again.effect == "allow" and again.reservation_id

@@ -212,9 +212,7 @@ def test_usage_beyond_its_reservation_or_without_one_over_the_limit_is_an_oversp
 @pytest.fixture
 def settings(settings: Settings, database_url: str) -> Settings:
     """A short TTL (calls here outlive it), on SQLite and on PostgreSQL (when configured)."""
-    return settings.model_copy(
-        update={"database_url": database_url, "budget_reservation_ttl": TTL}
-    )
+    return settings.model_copy(update={"database_url": database_url, "budget_reservation_ttl": TTL})
 
 
 async def _stack(make_stack: StackFactory, **overrides: Any) -> Stack:
@@ -246,9 +244,11 @@ async def _set(operator: Client, stack: Stack, scope: str, name: str, limit: flo
     key = f"{scope}.{name}.day"
     policy = policy_of(stack)
     await eventually(
-        lambda: policy.budgets is not None
-        and policy.budgets.get(key) == status.budget
-        and cost_of(stack)._budget_cache().get(key) == status.budget,
+        lambda: (
+            policy.budgets is not None
+            and policy.budgets.get(key) == status.budget
+            and cost_of(stack)._budget_cache().get(key) == status.budget
+        ),
         "policy and cost to see the budget",
     )
 
@@ -271,7 +271,10 @@ async def _reservation(stack: Stack, rid: str) -> dict[str, Any]:
 
 async def _status(operator: Client, scope: str, name: str) -> BudgetStatus:
     shown = await request(
-        operator, "sb.admin.budgets.show", ShowBudget(scope=scope, name=name), BudgetList  # type: ignore[arg-type]
+        operator,
+        "sb.admin.budgets.show",
+        ShowBudget(scope=scope, name=name),
+        BudgetList,  # type: ignore[arg-type]
     )
     return shown.budgets[0]
 
@@ -369,7 +372,9 @@ async def test_late_usage_of_an_expired_reservation_over_the_limit_alerts_and_st
     await eventually(expired, "the unrenewed reservation released")
     assert (await other.authorize("use_model", MODEL, estimated_tokens=2_000)).effect == "allow"
     report_id = await slow.report_usage(
-        model=MODEL, output_tokens=4_000, reservation_id=rid  # $0.04: more than the limit
+        model=MODEL,
+        output_tokens=4_000,
+        reservation_id=rid,  # $0.04: more than the limit
     )
     [alert] = await audit_trail.wait_for(
         lambda r: r.kind == "alert" and r.data.get("event") == "overspend"
@@ -428,4 +433,3 @@ async def test_a_failed_renewal_warns_once_and_the_call_goes_on(
     warnings = [r for r in caplog.records if r.name == "broker.modelcall"]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
     assert call.decision is not None and call.decision.reservation_id in warnings[0].getMessage()
-

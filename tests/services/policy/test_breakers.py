@@ -182,9 +182,11 @@ async def test_a_failing_target_trips_and_its_callers_fail_fast(
     assert refused.value.details["breaker"] == "agent.b"
     assert refused.value.details["reason"] == "error_rate"
     await audit_trail.wait_for(
-        lambda r: r.kind == "decision"
-        and r.data["decision"]["reason_code"] == "breaker_open"
-        and r.data["target"] == "b"
+        lambda r: (
+            r.kind == "decision"
+            and r.data["decision"]["reason_code"] == "breaker_open"
+            and r.data["target"] == "b"
+        )
     )
 
 

@@ -498,7 +498,7 @@ def test_answers_are_reused_for_contexts_the_policies_cannot_tell_apart() -> Non
 )  # fmt: skip
 def test_the_projection_keeps_what_the_policies_can_observe(condition: str, expected: str) -> None:
     policies = CedarPolicies.from_texts(
-        {"p.cedar": f"@id(\"x\") forbid (principal, action, resource) when {{ {condition} }};"},
+        {"p.cedar": f'@id("x") forbid (principal, action, resource) when {{ {condition} }};'},
         SCHEMA,
     )
     projection = policies.slice(("Signalbox::Agent", "a"), ("Signalbox::Action", "call"),

@@ -100,7 +100,10 @@ class _Desk:
         return (
             declare_endpoint(f"{self.prefix}.admin.demo.list", ListBreakers, self.list_breakers),
             declare_endpoint(
-                f"{self.prefix}.demo.reset", ResetBreaker, self.reset, audience=Audience.SERVICE,
+                f"{self.prefix}.demo.reset",
+                ResetBreaker,
+                self.reset,
+                audience=Audience.SERVICE,
                 queue="",
             ),
         )

@@ -164,7 +164,9 @@ async def test_an_unknown_target_is_reported_and_audited(
     with pytest.raises(UnknownTarget) as info:
         await a.call("nobody", "lookup", GOOD)
     assert info.value.details == {
-        "trace_id": info.value.trace_id, "target": "nobody", "capability": "lookup"
+        "trace_id": info.value.trace_id,
+        "target": "nobody",
+        "capability": "lookup",
     }
     assert "not a registered agent" in info.value.message
     [rejected] = await audit_trail.wait_for(lambda r: r.kind == "rejected")
@@ -189,7 +191,9 @@ async def test_a_registered_target_that_is_not_running_is_unavailable(
     with pytest.raises(TargetUnavailable) as info:
         await a.call("b", "lookup", GOOD)
     assert info.value.details == {
-        "trace_id": info.value.trace_id, "target": "b", "capability": "lookup"
+        "trace_id": info.value.trace_id,
+        "target": "b",
+        "capability": "lookup",
     }
     [call] = await audit_trail.wait_for(lambda r: r.kind == "call")
     assert call.data["ok"] is False
@@ -206,7 +210,9 @@ async def test_a_slow_target_times_out_without_blocking_the_caller(
         await a.call("b", "slow", {}, timeout=30)
     assert isinstance(info.value, CallTimeout)
     assert info.value.details == {
-        "trace_id": info.value.trace_id, "target": "b", "capability": "slow"
+        "trace_id": info.value.trace_id,
+        "target": "b",
+        "capability": "slow",
     }
     RELEASE["b"].set()  # its late reply is dropped by policy, not relayed
     # The caller is free at once, and the next call goes through.

@@ -155,8 +155,10 @@ async def test_a_route_splits_traffic_within_statistical_tolerance(
     assert counts[V1] + counts[V2] == 2_000
     # Per-version figures from every replica, within the status window.
     await eventually(
-        lambda: sum(r.calls for r in policy_of(stack).routes.merged("recommender", 0).values())
-        >= 2_050, "2,050 calls counted for recommender"
+        lambda: (
+            sum(r.calls for r in policy_of(stack).routes.merged("recommender", 0).values()) >= 2_050
+        ),
+        "2,050 calls counted for recommender",
     )
     shown = await _rollout(operator, "status", RolloutStatusRequest(target="recommender"))
     by_version = {v.version: v for v in shown.versions}
@@ -177,8 +179,7 @@ async def test_sticky_routes_keep_a_customer_on_one_version(
     await _routed(stack, status)
     for customer in ("ada", "grace", "linus", "barbara"):
         answers = {
-            await shop.call("recommender", "suggest", Ask(), route_key=customer)
-            for _ in range(10)
+            await shop.call("recommender", "suggest", Ask(), route_key=customer) for _ in range(10)
         }
         assert len(answers) == 1, (customer, answers)
     # A pin beats the route.
@@ -375,7 +376,8 @@ async def test_every_policy_replica_applies_a_route_change_within_a_second(
         await eventually(
             lambda status=status: all(
                 p.routes.routes.get("recommender") == status.route for p in (first, second)
-            ), "both replicas to see the route",
+            ),
+            "both replicas to see the route",
             timeout=1.0,
         )
         assert loop.time() - applied < 1.0
@@ -385,7 +387,8 @@ async def test_every_policy_replica_applies_a_route_change_within_a_second(
         lambda: all(
             sum(m.calls for m in p.routes.merged("recommender", 0).values()) == 200
             for p in (first, second)
-        ), "200 calls counted by both replicas"
+        ),
+        "200 calls counted by both replicas",
     )
     assert sum(counts.values()) == 200
 

@@ -58,9 +58,7 @@ async def identity_stack(make_stack: StackFactory) -> Stack:
 
 
 @pytest.fixture
-async def raw_alice(
-    identity_stack: Stack, settings: Settings
-) -> AsyncIterator[RawAgent]:
+async def raw_alice(identity_stack: Stack, settings: Settings) -> AsyncIterator[RawAgent]:
     raw = RawAgent()
     assert settings.nats_url
     await raw.connect(settings.nats_url, "alice", enroll(settings, "alice"))
@@ -234,9 +232,7 @@ async def test_a_static_user_with_a_wrong_password_is_refused(
 ) -> None:
     assert settings.nats_url
     with pytest.raises(nats.errors.Error) as info:
-        await RawAgent().connect(
-            settings.nats_url, "x", None, user="sb-service", password="guess"
-        )
+        await RawAgent().connect(settings.nats_url, "x", None, user="sb-service", password="guess")
     assert is_auth_error(info.value)
 
 
@@ -310,7 +306,9 @@ async def test_enrollment_rejects_bad_names_with_a_structured_error(operator: Cl
 
     with pytest.raises(SchemaError) as info:
         await request(
-            operator, "sb.admin.registry.enroll", {"type": "enroll_agent.v1", "name": "a.b"},
+            operator,
+            "sb.admin.registry.enroll",
+            {"type": "enroll_agent.v1", "name": "a.b"},
             Enrolled,
         )
     assert "name" in str(info.value.details)

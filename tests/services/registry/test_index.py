@@ -191,9 +191,7 @@ def pages(source: Any, q: DiscoverAgents, now: float) -> Iterator[DiscoverResult
 
 def lookup(source: Any, name: str, version: str | None, now: float) -> AgentRecord | str:
     try:
-        record: AgentRecord = source.get(
-            name, version, now=now, stale_after=STALE, down_after=DOWN
-        )
+        record: AgentRecord = source.get(name, version, now=now, stale_after=STALE, down_after=DOWN)
         return record
     except NotFound as err:
         return f"{err.message} {err.details}"

@@ -106,7 +106,8 @@ async def test_audit_verify_lists_unknown_outcomes_and_complete_fails_on_them(
     emitter = AuditEmitter(nc, Subjects("sb"), "service:policy")
     long_ago = time.time() - 3600
     for record in (
-        _decision("done", long_ago), _outcome("done", long_ago + 1),
+        _decision("done", long_ago),
+        _outcome("done", long_ago + 1),
         _decision("lost-1", long_ago + 2, caller="loans"),
         _decision("lost-2", long_ago + 3, caller="loans"),
     ):
@@ -133,7 +134,5 @@ async def test_audit_verify_lists_unknown_outcomes_and_complete_fails_on_them(
     assert (calls["decided"], calls["completed"]) == (3, 1)
 
     # A grace longer than their age: still in flight, nothing unknown.
-    patient = await ainvoke(
-        ["audit", "verify", "--complete", "--grace", "7200", "--nats-url", url]
-    )
+    patient = await ainvoke(["audit", "verify", "--complete", "--grace", "7200", "--nats-url", url])
     assert patient.exit_code == 0, patient.output

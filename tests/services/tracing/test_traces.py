@@ -161,9 +161,9 @@ async def test_one_mediated_call_is_one_connected_trace(
     assert call.attributes["signalbox.agent.team"] == "lending"
     assert call.attributes["signalbox.capability"] == "echo"
     assert decision.attributes["signalbox.decision.effect"] == "allow"
-    assert decision.attributes["signalbox.decision.reason"] == decided.data["decision"][
-        "reason_code"
-    ]
+    assert (
+        decision.attributes["signalbox.decision.reason"] == decided.data["decision"]["reason_code"]
+    )
     assert decision.attributes["signalbox.caller.version"] == "2.1.0"
     assert decision.attributes["signalbox.target.team"] == "risk"
     assert serve.attributes is not None and serve.attributes["signalbox.agent.name"] == "b"
@@ -228,9 +228,7 @@ async def test_nested_call_authz_and_usage_in_a_handler_stay_in_the_trace(
     assert consumed[0].attributes["gen_ai.usage.input_tokens"] == 120
     assert consumed[0].attributes["signalbox.cost.usd"] > 0
     serve_c = _one(spans, "sb.serve", **{"signalbox.agent.name": "c"})
-    inner_decision = [
-        s for s in spans if s.name == "sb.decision" and _parent(s) == _hex(nested)
-    ]
+    inner_decision = [s for s in spans if s.name == "sb.decision" and _parent(s) == _hex(nested)]
     assert len(inner_decision) == 1
     inner_delivery = _one(spans, "sb.delivery", **{"signalbox.target": "c"})
     assert _parent(serve_c) == _hex(inner_delivery)
@@ -250,9 +248,7 @@ async def test_nested_call_authz_and_usage_in_a_handler_stay_in_the_trace(
     assert len(roots) == 1 and roots[0].record.kind == "decision"
     [delivery_node] = roots[0].children
     assert delivery_node.span_id == _hex(outer_delivery)
-    kinds = sorted(
-        (n.record.kind, n.outcome) for n in delivery_node.children
-    )
+    kinds = sorted((n.record.kind, n.outcome) for n in delivery_node.children)
     assert kinds == [("decision", "allow"), ("decision", "allow"), ("decision", "deny"),
                      ("usage", "usage")]  # fmt: skip
     assert all(n.linked_via for n in delivery_node.children)
