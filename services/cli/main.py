@@ -236,7 +236,9 @@ def _up_fields(stack: Stack) -> Fields:
     fields.add("data dir", str(s.data_dir.resolve()))
     policy = stack.services.get("policy")
     version = getattr(getattr(policy, "decider", None), "version", "")
-    policies = s.policy_dir or "shipped policies"
+    # Without SIGNALBOX_POLICY_DIR: the default set, which permits nothing until an
+    # operator applies a set (decision 36); the panel says how to start one.
+    policies = s.policy_dir or "default set: permits nothing until `signalbox policy apply`"
     fields.add("policies", f"{policies}" + (f"  (version {version})" if version else ""), Fit.WRAP)
     if stack.server is not None:
         fields.add("identity", "enforced by the server", Fit.WRAP)

@@ -111,7 +111,7 @@ def test_the_agent_builds_a_model_call_from_keywords_or_takes_the_request() -> N
 async def test_authorize_decides_the_request_or_its_keywords_alike(
     make_stack: StackFactory, make_agent: AgentFactory
 ) -> None:
-    # The shipped policies allow model use by a plain agent, and deny unknown actions.
+    # The lending example allows model use by a plain agent; unknown actions are denied.
     await make_stack(services=["tracing", "registry", "policy"], policy_dir=lending_policy_dir())
     agent = make_agent("asker", heartbeat_interval=0)
     await agent.start()

@@ -15,7 +15,7 @@ def test_defaults_describe_an_embedded_local_setup() -> None:
     assert s.nats_url is None
     assert s.subject_prefix == "sb"
     assert s.nats_sync_always is True
-    assert s.policy_dir is None  # the shipped policies
+    assert s.policy_dir is None  # the default set (permits nothing)
     assert s.resolved_database_url.startswith("sqlite:///")
     assert s.resolved_database_url.endswith("signalbox.db")
 

@@ -75,7 +75,7 @@ async def test_a_report_that_cannot_be_stored_raises_a_typed_error_with_the_repo
 async def test_a_model_call_whose_usage_cannot_be_stored_says_so_with_its_report(
     make_stack: StackFactory, make_agent: AgentFactory, service_nc: ServiceConnector
 ) -> None:
-    # The shipped policies allow model use (no budget: no reservation needed).
+    # The lending example allows model use (no budget: no reservation needed).
     await make_stack(services=["tracing", "registry", "policy"], policy_dir=lending_policy_dir())
     agent = make_agent("metered", heartbeat_interval=0, usage_retry_for=1.0)
     await agent.start()

@@ -54,7 +54,7 @@ FRAUD = "fraud-detection"  # fraud-may-score (policies/lending-demo.cedar) lets 
 
 @pytest.fixture
 async def desk(make_stack: StackFactory, make_agent: AgentFactory) -> Stack:
-    """The shipped policies, and credit-check serving its pii-tagged score."""
+    """The lending example policies, and credit-check serving its pii-tagged score."""
     stack = await make_stack(policy_dir=lending_policy_dir())
     credit = make_agent("credit-check", team="risk", owner="risk-eng")
 

@@ -51,7 +51,7 @@ def settings(settings: Settings, database_url: str) -> Settings:
 
 @pytest.fixture
 async def stack(make_stack: StackFactory, tmp_path: Path) -> Stack:
-    """The four services on the shipped policies, plus: orchestrator may ask worker to work."""
+    """The four services on the lending example, plus: orchestrator may ask worker to work."""
     policies = tmp_path / "policies"
     shutil.copytree(lending_policy_dir(), policies)
     (policies / "delegation.cedar").write_text(
