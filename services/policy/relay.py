@@ -261,7 +261,8 @@ class CallRelay:
         """Send an allowed call to ``sb.in.<target>.<capability>[.<version>]``; relay its reply.
 
         The version comes from the target's route or the caller's pin
-        (:meth:`RouteDesk.resolve`); without either, any version's instance takes it.
+        (:meth:`RouteDesk.resolve`), else the established one of several versions; with
+        a single version, any instance takes it.
         """
         host = self._host
         try:

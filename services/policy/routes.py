@@ -4,8 +4,10 @@ The route of an agent name splits its calls across registered versions
 (:mod:`services.policy.rollout` picks one per call). Every replica watches
 ``sb_routes``, so a change applies to the next call everywhere (well within
 a second). A routed call is forwarded to ``sb.in.<target>.<capability>.<version
-token>``, which only that version's instances subscribe to; without a route
-it goes to ``sb.in.<target>.<capability>`` (any version), as before.
+token>``, which only that version's instances subscribe to. Without a route it
+goes to the established version's subject while several versions are
+registered (decision 38), and to ``sb.in.<target>.<capability>`` (any
+instance) while there is one.
 
 Operators manage routes on ``sb.admin.rollout.<op>`` (:class:`RouteDesk`):
 every change is validated against the registry (versions must be registered,
