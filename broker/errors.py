@@ -10,6 +10,7 @@ structured error replies) plus free-form ``details``::
     │   └── UsageNotRecorded             a usage report not stored    "usage_not_recorded"
     ├── ServerError                      embedded nats-server         "server_error"
     │   ├── NatsUnreachable (ConnectionError) no server answered      "nats_unreachable"
+    │   ├── JetStreamUnavailable (ConnectionError) JetStream unsettled "jetstream_unavailable"
     │   ├── AuthenticationFailed (PermissionError) credentials refused "authentication_failed"
     │   ├── ServerBinaryNotFound         wheel binary missing         "server_binary_missing"
     │   ├── PortInUse                    port taken                   "port_in_use"
@@ -65,6 +66,7 @@ __all__ = [
     "InvalidInput",
     "InvalidReplySubject",
     "InvalidSubjectToken",
+    "JetStreamUnavailable",
     "NatsUnreachable",
     "NotFound",
     "OutcomeUnknown",
@@ -174,6 +176,12 @@ class NatsUnreachable(ServerError, ConnectionError):
     """No NATS server answered within the connect timeout."""
 
     code = "nats_unreachable"
+
+
+class JetStreamUnavailable(ServerError, ConnectionError):
+    """NATS answered but JetStream did not (no meta leader, no peers to place on) in time."""
+
+    code = "jetstream_unavailable"
 
 
 class PortInUse(ServerError):

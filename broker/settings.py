@@ -57,7 +57,10 @@ class Settings(BaseSettings):
         default=1024 * 1024, gt=0, description="Server max_payload in bytes (embedded server)."
     )
     connect_timeout: float = Field(
-        default=30.0, gt=0, description="Seconds a service waits for NATS at start before failing."
+        default=30.0,
+        gt=0,
+        description="Seconds a service waits at start for NATS to answer, and then for "
+        "JetStream to settle (a cluster electing its meta leader), before failing.",
     )
     server_start_timeout: float = Field(
         default=15.0, gt=0, description="Seconds to wait for the embedded server to be ready."

@@ -48,6 +48,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from broker.connection import SessionClient
 from broker.diagnostics import cancel_and_wait
+from broker.runtime.jetstream import while_jetstream_settles
 from schemas import ConsumerHealth
 
 __all__ = ["PullWorker"]
@@ -96,6 +97,9 @@ class PullWorker:
         prefetch: Messages requested ahead (buffered or on their way);
             default ``2 * batch``.
         expires: Seconds a pull request waits on the server for messages.
+        settle_within: Seconds :meth:`start` retries creating the consumer while
+            JetStream settles (no stream leader yet); services pass
+            ``settings.connect_timeout``.
 
     Attributes:
         failures: Batches whose handler raised.
@@ -115,6 +119,7 @@ class PullWorker:
         concurrency: int = 1,
         prefetch: int | None = None,
         expires: float = 5.0,
+        settle_within: float = 30.0,
     ) -> None:
         if batch < 1 or concurrency < 1:
             raise ValueError("batch and concurrency must be at least 1")
@@ -130,6 +135,7 @@ class PullWorker:
         self.concurrency = concurrency
         self.prefetch = max(prefetch if prefetch is not None else 2 * batch, batch)
         self.expires = expires
+        self.settle_within = settle_within
         self.failures = 0
         self.batches = 0
         self.delivered = 0
@@ -149,16 +155,21 @@ class PullWorker:
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
-        """Create or bind the consumer and start the loop."""
-        await self.js.add_consumer(
-            self.stream,
-            ConsumerConfig(
-                durable_name=self.durable,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=self.ack_wait,
-                max_ack_pending=self.batch * 8,
-                max_deliver=-1,
-            ),
+        """Create or bind the consumer (waiting up to ``settle_within`` seconds for a
+        stream leader, as after a cluster formed), then start the loop."""
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait,
+            max_ack_pending=self.batch * 8,
+            max_deliver=-1,
+        )
+
+        async def bind() -> None:  # the same config again is a no-op on the server
+            await self.js.add_consumer(self.stream, config)
+
+        await while_jetstream_settles(
+            f"for consumer {self.stream}/{self.durable}", bind, within=self.settle_within
         )
         self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)

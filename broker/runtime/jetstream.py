@@ -8,7 +8,11 @@ changed (retention, replicas...) is updated in place.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -17,9 +21,24 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.errors import (
+    BadRequestError,
+    BucketNotFoundError,
+    NotFoundError,
+    ServerError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    RetryError,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
+from broker.errors import JetStreamUnavailable
 from broker.settings import Settings
 from broker.subjects import USAGE_DUPLICATE_WINDOW, Subjects
 
@@ -33,6 +52,7 @@ __all__ = [
     "KV_POLICIES",
     "KV_ROLLOUT_STATS",
     "KV_ROUTES",
+    "SETTLING_ERRORS",
     "USAGE_STREAM",
     "approvals_bucket_config",
     "bucket_configs",
@@ -42,6 +62,7 @@ __all__ = [
     "ensure_stream",
     "ensure_streams",
     "stream_configs",
+    "while_jetstream_settles",
 ]
 
 log = logging.getLogger(__name__)
@@ -231,12 +252,90 @@ async def bucket_keys(js: JetStreamContext, bucket: str, prefix: str = "") -> li
     return sorted(subject[len(base) :] for subject in (info.state.subjects or {}))
 
 
-async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
-    """Create or update every Signalbox stream."""
+#: What JetStream answers (or fails to) while it settles: a cluster that has just
+#: formed or lost a node has no meta leader for a few seconds (requests time out or
+#: find no responder), or no peers yet to place a replicated stream on (500/503).
+#: Each of these passes on its own; anything else (a 400, a config the server
+#: refuses) is a real error and is raised at once.
+SETTLING_ERRORS: tuple[type[BaseException], ...] = (
+    NatsTimeoutError,
+    NoRespondersError,
+    ServiceUnavailableError,
+    ServerError,
+)
+
+_T = TypeVar("_T")
+
+
+async def while_jetstream_settles(
+    what: str, step: Callable[[], Awaitable[_T]], *, within: float
+) -> _T:
+    """Run ``step``, retrying it while JetStream settles, for at most ``within`` seconds.
+
+    Services start in any order with the NATS servers (a Kubernetes rollout, a
+    cluster that is electing its meta leader): a service that exits because
+    its first ``STREAM.INFO`` timed out would make a supervisor restart it in a
+    loop. ``step`` must be idempotent (``ensure_*`` are). After ``within``
+    seconds the last error is raised as :class:`~broker.errors.JetStreamUnavailable`
+    with what to check.
+    """
+
+    def _warn(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "JetStream did not answer %s yet (%r, attempt %d); retrying for up to %gs",
+            what, exc, state.attempt_number, within,
+        )  # fmt: skip
+
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(SETTLING_ERRORS),
+            stop=stop_after_delay(within),
+            wait=wait_exponential(multiplier=0.1, max=2.0),
+            before_sleep=_warn,
+        ):
+            with attempt:
+                return await step()
+    except RetryError as exc:
+        last = exc.last_attempt.exception()
+        raise JetStreamUnavailable(
+            f"JetStream did not answer {what} within {within:g}s ({last!r}); check that "
+            "every NATS server runs with JetStream enabled and that a cluster has a meta "
+            "leader (`nats server report jetstream`), or raise SIGNALBOX_CONNECT_TIMEOUT",
+            details={"what": what, "error": repr(last)},
+        ) from last
+    raise AssertionError("unreachable: AsyncRetrying returns or raises")  # pragma: no cover
+
+
+async def ensure_streams(
+    js: JetStreamContext, settings: Settings, *, within: float | None = None
+) -> None:
+    """Create or update every Signalbox stream, waiting for JetStream to settle.
+
+    ``within`` defaults to ``settings.connect_timeout``: the same bound a service
+    gives the server to answer at all.
+    """
+    bound = settings.connect_timeout if within is None else within
     for config in stream_configs(settings):
-        await ensure_stream(js, config)
+
+        async def step(config: StreamConfig = config) -> None:
+            await ensure_stream(js, config)
+
+        await while_jetstream_settles(f"for stream {config.name}", step, within=bound)
 
 
-async def ensure_buckets(js: JetStreamContext, settings: Settings) -> dict[str, KeyValue]:
-    """Create every Signalbox KV bucket; returns them by name."""
-    return {c.bucket: await ensure_bucket(js, c) for c in bucket_configs(settings)}
+async def ensure_buckets(
+    js: JetStreamContext, settings: Settings, *, within: float | None = None
+) -> dict[str, KeyValue]:
+    """Create every Signalbox KV bucket, waiting for JetStream to settle; by name."""
+    bound = settings.connect_timeout if within is None else within
+    buckets: dict[str, KeyValue] = {}
+    for config in bucket_configs(settings):
+
+        async def step(config: KeyValueConfig = config) -> KeyValue:
+            return await ensure_bucket(js, config)
+
+        buckets[config.bucket] = await while_jetstream_settles(
+            f"for bucket {config.bucket}", step, within=bound
+        )
+    return buckets

@@ -194,7 +194,7 @@ class CostService(Service):
         # trip overlap the next one's decoding and costing (bench/cost.py).
         self._worker = PullWorker(
             self.js, USAGE_STREAM, CONSUMER, meter.meter_batch, batch=self.batch,
-            ack_wait=self.ack_wait, concurrency=2,
+            ack_wait=self.ack_wait, concurrency=2, settle_within=self.settings.connect_timeout,
         )  # fmt: skip
         await self._worker.start()
 

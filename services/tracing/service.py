@@ -27,7 +27,11 @@ from broker.errors import PublishRefused, SchemaError
 from broker.ids import new_id
 from broker.replies import H_MSG_ID
 from broker.runtime.consumer import PullWorker
-from broker.runtime.jetstream import AUDIT_INTAKE_STREAM, AUDIT_STREAM
+from broker.runtime.jetstream import (
+    AUDIT_INTAKE_STREAM,
+    AUDIT_STREAM,
+    while_jetstream_settles,
+)
 from broker.runtime.jspub import JetStreamPublisher, PubAck
 from broker.runtime.service import Service
 from broker.settings import Settings
@@ -73,7 +77,12 @@ class TracingService(Service):
         # Not js.publish_async: see broker.runtime.jspub (refusals must resolve).
         self._publisher = JetStreamPublisher(self.nc)
         await self._publisher.start()
-        await self._load_head()
+        # A freshly created replicated stream elects its own leader after the
+        # meta group answered: reading the head may have to wait for it.
+        await while_jetstream_settles(
+            f"for the head of {AUDIT_STREAM}", self._load_head,
+            within=self.settings.connect_timeout,
+        )  # fmt: skip
         self._worker = PullWorker(
             self.js,
             AUDIT_INTAKE_STREAM,
@@ -81,6 +90,7 @@ class TracingService(Service):
             self.chain_batch,
             batch=self.batch,
             ack_wait=self.ack_wait,
+            settle_within=self.settings.connect_timeout,
         )
         await self._worker.start()
 
