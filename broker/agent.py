@@ -76,7 +76,6 @@ from broker.settings import Settings
 from broker.subjects import Subjects, inbox_prefix, validate_token
 from broker.telemetry import (
     ATTR,
-    LAST_AUTHZ_TRACE,
     Telemetry,
     annotate,
     current_trace_id,
@@ -494,7 +493,6 @@ class Agent(Membership):
             ask = request
         origin: dict[str, str] = {}
         with self._hop("sb.authz", SpanKind.CLIENT, origin) as span:
-            LAST_AUTHZ_TRACE.set(f"{span.get_span_context().trace_id:032x}")
             annotate(span, lambda: {
                 **self._span_attributes(), ATTR["action"]: ask.action,
                 ATTR["resource"]: ask.resource, ATTR["provider"]: ask.provider,

@@ -59,7 +59,6 @@ from broker.errors import (
 from broker.ids import new_id
 from broker.replies import request
 from broker.subjects import Subjects
-from broker.telemetry import LAST_AUTHZ_TRACE
 from schemas import AuthzRequest, Decision, RenewReservation, ReservationRenewed, UsageReport
 
 __all__ = ["ModelCall", "ModelUser", "authz_request"]
@@ -177,12 +176,13 @@ class ModelCall:
         if decision.effect != "allow":
             details = msgspec.to_builtins(decision)
             details["model"] = self.request.resource
+            del details["trace_id"]  # with_trace() names it, in the message too
             error = BudgetExceeded if decision.reason_code == "budget_exceeded" else CallDenied
             raise error(
                 f"{self._agent.name} may not use {self.request.resource} now: "
                 + "; ".join(decision.reasons or (decision.reason_code,)),
                 details=details,
-            ).with_trace(LAST_AUTHZ_TRACE.get())
+            ).with_trace(decision.trace_id)
         self._started = time.perf_counter()
         if decision.reservation_id:
             self._renewer = asyncio.ensure_future(self._keep_reserved(decision.reservation_id))

@@ -84,7 +84,6 @@ from schemas import AgentRecord, Decision
 __all__ = [
     "ATTR",
     "ID_ONLY",
-    "LAST_AUTHZ_TRACE",
     "STATE_KEY",
     "AuditIds",
     "IdOnlyTracerProvider",
@@ -143,11 +142,6 @@ _PARENT: contextvars.ContextVar[str] = contextvars.ContextVar("sb_parent_span_id
 _SPAN_HEX = re.compile(r"[0-9a-f]{16}")
 _TRACEPARENT_V00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _TRACE_HEX = re.compile(r"[0-9a-f]{32}")
-#: The trace of the last ``sb.authz`` this task asked (set by ``Agent.authorize``, read
-#: by ``ModelCall`` to name it in a refusal: an awaited coroutine shares its context).
-LAST_AUTHZ_TRACE: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "sb_last_authz_trace", default=""
-)
 #: The trace id the next root span gets (0: a random one); see :func:`owned_trace_id`.
 _ROOT_TRACE: contextvars.ContextVar[int] = contextvars.ContextVar("sb_root_trace", default=0)
 

@@ -81,6 +81,8 @@ class Decision(Wire, frozen=True, tag="decision.v1"):
         budget: The budget that refused the call (``budget_exceeded``): its
             limit, spent and reserved amounts.
         breaker: The open circuit breaker that refused it (``breaker_open``).
+        trace_id: The trace the decision is recorded in (32 hex; ``signalbox
+            trace <id>`` shows it); set on answers to ``sb.authz``.
     """
 
     effect: Effect
@@ -93,6 +95,7 @@ class Decision(Wire, frozen=True, tag="decision.v1"):
     reserved_usd: float = 0.0
     budget: BudgetCharge | None = None
     breaker: Breaker | None = None
+    trace_id: str = ""
 
 
 class AuthzRequest(Wire, frozen=True, tag="authz_request.v1", omit_defaults=True):

@@ -85,7 +85,7 @@ class Desk(Protocol):
 class ServiceHost(Protocol):
     """What a desk of a service (approvals, routes, identity...) may use of the service
     it lives in: its connection and JetStream, subjects, settings, spans, audit, actor,
-    the authenticated operator of the request being handled, rejections and endpoints.
+    the authenticated operator or agent of the request being handled, rejections and endpoints.
 
     Desks take this (and explicit callbacks for anything else), never the concrete
     service, so no desk imports the service that composes it.
@@ -118,6 +118,10 @@ class ServiceHost(Protocol):
 
     def operator(self, requested_by: str = "") -> str:
         """The authenticated actor of the admin request being handled."""
+        ...
+
+    def requesting_agent(self) -> str:
+        """The agent whose own subject carried the agent-scoped request being handled."""
         ...
 
     async def reject(self, err: SignalboxError, *, subject: str, actor: str | None = None) -> None:

@@ -82,6 +82,8 @@ SERVER = SpanKind.SERVER
 #: The named operator whose admin request is being handled ("": the bootstrap
 #: operator, or not an admin request); see :meth:`Service.operator`.
 _OPERATOR: contextvars.ContextVar[str] = contextvars.ContextVar("sb_operator", default="")
+#: The agent an agent-scoped endpoint's subject names (``sb.<…>.<agent>``).
+_AGENT: contextvars.ContextVar[str] = contextvars.ContextVar("sb_agent", default="")
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +190,15 @@ class Service:
         if named:
             return f"operator:{named}"
         return f"bootstrap:{requested_by}" if requested_by else "bootstrap"
+
+    @staticmethod
+    def requesting_agent() -> str:
+        """The agent that sent the request being handled, on an endpoint an agent
+        serves itself from (audience ``AGENT``, subject ``sb.<…>.<agent>``): the
+        subject's last token, which the NATS server lets only that agent publish.
+        ``""`` on every other endpoint. Never read an agent from the body instead.
+        """
+        return _AGENT.get()
 
     @property
     def nc(self) -> Client:
@@ -394,9 +405,11 @@ class Service:
                     return
                 await self._slots.acquire()
                 token = _OPERATOR.set(operator)  # the task copies this context
+                sender = _AGENT.set(agent)
                 try:
                     task = asyncio.ensure_future(self._respond(msg, ep.request_type, ep.fn))
                 finally:
+                    _AGENT.reset(sender)
                     _OPERATOR.reset(token)
                 self._inflight.add(task)
                 task.add_done_callback(self._request_done)

@@ -30,7 +30,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import msgspec
 from nats.js.errors import KeyNotFoundError
@@ -42,9 +43,11 @@ from broker.ids import new_id
 from broker.money import usd
 from broker.runtime.breakers import BreakerBoard, breaker_key
 from broker.runtime.budgets import applicable_keys, unreadable_budget, unreadable_keys
+from broker.runtime.desk import EndpointSpec, declare_endpoint
 from broker.runtime.jetstream import KV_BREAKERS, KV_BUDGETS
 from broker.runtime.kvcache import KVCache
 from broker.runtime.service import ServiceHost
+from broker.subjects import Audience
 from schemas import (
     Budget,
     BudgetList,
@@ -105,11 +108,12 @@ def _overspend_text(over: Overspend) -> str:
 class BudgetDesk:
     """Reserves, renews and settles budgets' alerts; answers ``sb.admin.budgets.<op>``.
 
+    Built with the service (it declares its endpoints, :meth:`endpoints`), bound
+    to the store and prices at :meth:`start`.
+
     Args:
-        service: The cost service it lives in (settings, subjects, audit, operator).
-        store: The cost store (its :attr:`~services.cost.store.UsageStore.ledger`).
-        prices: The prices a reservation's worst case is costed with.
-        kv: The ``sb_budgets`` bucket.
+        service: The cost service it lives in (settings, subjects, audit, operator,
+            the agent of the request being handled).
         team: The team an agent is bound to now (``""``: unknown agent).
         project: A project named for an agent if it is bound to it, else ``""``.
         stats: The service's budget counters (:func:`new_budget_stats`): reservations
@@ -124,34 +128,74 @@ class BudgetDesk:
     def __init__(
         self,
         service: ServiceHost,
-        store: UsageStore,
-        prices: Prices,
-        kv: KeyValue,
         *,
         team: Callable[[str], str],
         project: Callable[[str, str], str],
         stats: dict[str, int],
     ) -> None:
         self.service = service
-        self.store = store
-        self.prices = prices
-        self.kv = kv
         self._team = team
         self._project = project
         self.stats = stats
+        self._store: UsageStore | None = None
+        self._prices: Prices | None = None
+        self._kv: KeyValue | None = None
         self._cache: KVCache[Budget] | None = None
         self.breakers: BreakerBoard | None = None
         self._expiry: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        """Watch the budget definitions and the breakers; release expired reservations."""
-        self._cache = KVCache(self.kv, Budget, on_unreadable=self._unreadable)
+    def endpoints(self) -> Sequence[EndpointSpec[Any]]:
+        """``sb.cost.reserve`` (services), ``sb.cost.renew.<agent>`` (that agent) and
+        ``sb.admin.budgets.{set,remove,list,show}`` (operators)."""
+        s = self.service.subjects
+        return [
+            declare_endpoint(
+                s.cost_reserve, ReserveBudget, self.reserve, audience=Audience.SERVICE
+            ),
+            # Agent-scoped: the subject's last token is the agent (requesting_agent()).
+            declare_endpoint(
+                s.cost_renew_wildcard, RenewReservation, self.renew, audience=Audience.AGENT
+            ),
+            declare_endpoint(s.admin("budgets", "set"), SetBudget, self.set_budget),
+            declare_endpoint(s.admin("budgets", "remove"), RemoveBudget, self.remove_budget),
+            declare_endpoint(s.admin("budgets", "list"), ListBudgets, self.list_budgets),
+            declare_endpoint(s.admin("budgets", "show"), ShowBudget, self.show_budget),
+        ]  # fmt: skip
+
+    async def start(self, store: UsageStore, prices: Prices) -> None:
+        """Watch the budget definitions and the breakers; release expired reservations.
+
+        Args:
+            store: The cost store (its :attr:`~services.cost.store.UsageStore.ledger`).
+            prices: The prices a reservation's worst case is costed with.
+        """
+        self._store, self._prices = store, prices
+        self._kv = await self.service.js.key_value(KV_BUDGETS)
+        self._cache = KVCache(self._kv, Budget, on_unreadable=self._unreadable)
         await self._cache.start()
         self.breakers = BreakerBoard(
             await self.service.js.key_value(KV_BREAKERS), self.service.audit, self.service.actor
         )
         await self.breakers.start()
         self._expiry = asyncio.ensure_future(self._expire_reservations())
+
+    @property
+    def store(self) -> UsageStore:
+        """The cost store (after start)."""
+        assert self._store is not None, "budget desk not started"
+        return self._store
+
+    @property
+    def prices(self) -> Prices:
+        """The prices in use (after start)."""
+        assert self._prices is not None, "budget desk not started"
+        return self._prices
+
+    @property
+    def kv(self) -> KeyValue:
+        """The ``sb_budgets`` bucket (after start)."""
+        assert self._kv is not None, "budget desk not started"
+        return self._kv
 
     async def stop(self) -> None:
         """Stop the expiry loop and the watches."""
@@ -260,8 +304,11 @@ class BudgetDesk:
             charges=tuple(grant.charges), priced_by_fallback=priced.fallback,
         )  # fmt: skip
 
-    async def renew(self, request: RenewReservation, agent: str = "") -> ReservationRenewed:
+    async def renew(self, request: RenewReservation) -> ReservationRenewed:
         """``sb.cost.renew.<agent>``: keep the reservation of ``agent``'s model call in progress.
+
+        ``agent`` is the one the subject names (:meth:`ServiceHost.requesting_agent`:
+        only that agent may publish it), never a body field.
 
         Only ``agent``'s own open reservation is renewed, to at most
         ``SIGNALBOX_BUDGET_RESERVATION_TTL`` from now and never past
@@ -272,6 +319,7 @@ class BudgetDesk:
             NotFound: ``agent`` has no reservation with that id (another
                 agent's is not touched, nor said to exist).
         """
+        agent = self.service.requesting_agent()
         ttl = self.service.settings.budget_reservation_ttl
         now = time.time()
         outcome = None

@@ -27,15 +27,12 @@ whose call the usage was made while serving, or its team (``caller``,
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 from broker.errors import InvalidInput
 from broker.runtime.breakers import BreakerBoard
 from broker.runtime.consumer import PullWorker
 from broker.runtime.identity import chain_key
-from broker.runtime.jetstream import KV_AGENTS, KV_BUDGETS, USAGE_STREAM
+from broker.runtime.jetstream import KV_AGENTS, USAGE_STREAM
 from broker.runtime.kvcache import KVCache
 from broker.runtime.service import Service
 from broker.settings import Settings
@@ -43,22 +40,10 @@ from broker.subjects import Audience
 from schemas import (
     AgentManifest,
     AgentRecord,
-    Budget,
-    BudgetList,
-    BudgetStatus,
     CostByVersion,
     CostByVersionRequest,
     CostReport,
     CostReportRequest,
-    ListBudgets,
-    RemoveBudget,
-    RenewReservation,
-    Reservation,
-    ReservationRenewed,
-    ReserveBudget,
-    SetBudget,
-    ShowBudget,
-    Wire,
 )
 from services.cost.budget_desk import BudgetDesk, new_budget_stats
 from services.cost.metering import MeteringStats, UsageMeter
@@ -69,8 +54,6 @@ __all__ = ["CONSUMER", "CostService", "bound_projects"]
 
 #: Durable consumer of every cost replica on ``SB_USAGE``.
 CONSUMER = "sb-cost-meter"
-
-Req = TypeVar("Req")
 
 
 def bound_projects(manifest: AgentManifest) -> frozenset[str]:
@@ -116,21 +99,17 @@ class CostService(Service):
         self._store: UsageStore | None = None
         self._agents: KVCache[AgentRecord] | None = None
         self._worker: PullWorker | None = None
-        self._budgets: BudgetDesk | None = None
         s = self.subjects
         self.endpoint(s.admin("cost", "report"), CostReportRequest)(self.cost_report)
-        self.endpoint(s.cost_reserve, ReserveBudget, audience=Audience.SERVICE)(self.reserve)
-        # Agent-scoped: the subject's last token is the agent (see handle()).
-        self.endpoint(s.cost_renew_wildcard, RenewReservation, audience=Audience.AGENT)(
-            self.renew_reservation
-        )
         self.endpoint(s.cost_versions, CostByVersionRequest, audience=Audience.SERVICE)(
             self.cost_by_version
         )
-        self.endpoint(s.admin("budgets", "set"), SetBudget)(self.set_budget)
-        self.endpoint(s.admin("budgets", "remove"), RemoveBudget)(self.remove_budget)
-        self.endpoint(s.admin("budgets", "list"), ListBudgets)(self.list_budgets)
-        self.endpoint(s.admin("budgets", "show"), ShowBudget)(self.show_budget)
+        #: Reservations, renewals, definitions and budget alerts
+        #: (:class:`~services.cost.budget_desk.BudgetDesk`; bound to the store at start).
+        self.budgets = BudgetDesk(
+            self, team=self._team, project=self._project, stats=self.budget_stats
+        )
+        self.include(self.budgets)
 
     @property
     def store(self) -> UsageStore:
@@ -145,16 +124,10 @@ class CostService(Service):
         return self._prices
 
     @property
-    def budgets(self) -> BudgetDesk:
-        """Reservations, renewals, definitions and budget alerts (after start)."""
-        assert self._budgets is not None, "service not started"
-        return self._budgets
-
-    @property
     def breakers(self) -> BreakerBoard | None:
         """Breakers this service trips when an agent's or a team's budget is exhausted
         or overspent (None unless started)."""
-        return self._budgets.breakers if self._budgets is not None else None
+        return self.budgets.breakers
 
     @property
     def metered(self) -> int:
@@ -181,13 +154,9 @@ class CostService(Service):
         await asyncio.to_thread(self._store.create_schema)
         self._agents = KVCache(await self.js.key_value(KV_AGENTS), AgentRecord)
         await self._agents.start()
-        self._budgets = BudgetDesk(
-            self, self._store, self._prices, await self.js.key_value(KV_BUDGETS),
-            team=self._team, project=self._project, stats=self.budget_stats,
-        )  # fmt: skip
-        await self._budgets.start()
+        await self.budgets.start(self._store, self._prices)
         meter = UsageMeter(
-            self, self._store, budgets=self._budgets, chain_key=self._chain_key,
+            self, self._store, budgets=self.budgets, chain_key=self._chain_key,
             team=self._team, project=self._project, stats=self.metering_stats,
         )  # fmt: skip
         # Two batches in flight: one's SQL write (in a thread) and audit round
@@ -199,9 +168,7 @@ class CostService(Service):
         await self._worker.start()
 
     async def on_stop(self) -> None:
-        if self._budgets is not None:
-            await self._budgets.stop()
-            self._budgets = None
+        await self.budgets.stop()
         if self._worker is not None:
             await self._worker.stop()
             self._worker = None
@@ -242,50 +209,3 @@ class CostService(Service):
         """``sb.cost.versions``: an agent's spend per version (canary guards, rollout status)."""
         rows = await asyncio.to_thread(self.store.by_version, request.agent, request.since)
         return CostByVersion(agent=request.agent, since=request.since, versions=tuple(rows))
-
-    # -- budgets (services.cost.budget_desk) -------------------------------------------
-
-    def _budget_cache(self) -> KVCache[Budget]:
-        return self.budgets.cache
-
-    async def reserve(self, request: ReserveBudget) -> Reservation:
-        """``sb.cost.reserve``: reserve a model call's worst-case cost on every applicable
-        budget (:meth:`BudgetDesk.reserve`)."""
-        return await self.budgets.reserve(request)
-
-    async def handle(
-        self,
-        data: bytes,
-        subject: str,
-        request_type: type[Req],
-        fn: Callable[[Req], Awaitable[Wire]],
-    ) -> tuple[bytes, dict[str, str]]:
-        """The endpoint contract; a renewal is asked by the agent its subject names
-        (``sb.cost.renew.<agent>``, which only that agent may publish), never a body field."""
-        if request_type is RenewReservation:
-            agent = self.subjects.sender_of(subject) or ""
-            fn = functools.partial(self.renew_reservation, agent=agent)
-        return await super().handle(data, subject, request_type, fn)
-
-    async def renew_reservation(
-        self, request: RenewReservation, agent: str = ""
-    ) -> ReservationRenewed:
-        """``sb.cost.renew.<agent>``: keep the reservation of ``agent``'s model call in
-        progress (:meth:`BudgetDesk.renew`)."""
-        return await self.budgets.renew(request, agent)
-
-    async def set_budget(self, request: SetBudget) -> BudgetStatus:
-        """``budgets.set``: create or change a budget (audited with the previous definition)."""
-        return await self.budgets.set_budget(request)
-
-    async def remove_budget(self, request: RemoveBudget) -> BudgetStatus:
-        """``budgets.remove``: delete a budget's definition (its windows stay in the store)."""
-        return await self.budgets.remove_budget(request)
-
-    async def list_budgets(self, request: ListBudgets) -> BudgetList:
-        """``budgets.list``: every budget (or one scope's) in its current window."""
-        return await self.budgets.list_budgets(request)
-
-    async def show_budget(self, request: ShowBudget) -> BudgetList:
-        """``budgets.show``: one scope/name's budgets, current and past windows."""
-        return await self.budgets.show_budget(request)

@@ -52,6 +52,32 @@ __all__ = ["CallRelay", "PendingCall"]
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class AllowedCall:
+    """An allowed call on its way to its target: what to send, and where to answer.
+
+    Attributes:
+        reply: The caller's reply subject (checked to be in its reply space at intake).
+        payload: The request body, as the caller sent it.
+        headers: The caller's headers (read for its version pin, deadline, trace
+            context and idempotency key; not passed on as they are).
+        call_id: The id the decision was recorded under.
+        caller: The calling agent (from its subject, never a header).
+        target: The agent called.
+        capability: The capability called.
+        trace_id: The trace the decision and the outcome are recorded in.
+    """
+
+    reply: str
+    payload: bytes
+    headers: dict[str, str]
+    call_id: str
+    caller: str
+    target: str
+    capability: str
+    trace_id: str
+
+
 @dataclass(slots=True)
 class PendingCall:
     """A forwarded call waiting for its target's answer."""
@@ -145,31 +171,17 @@ class CallRelay:
     # -- write-ahead -------------------------------------------------------------------
 
     async def forward_when_stored(
-        self,
-        record: dict[str, Any],
-        reply: str,
-        payload: bytes,
-        headers: dict[str, str],
-        call_id: str,
-        caller: str,
-        target: str,
-        capability: str,
-        trace_id: str,
-        timeout: float,
-        gate: CallGate,
+        self, record: dict[str, Any], call: AllowedCall, timeout: float, gate: CallGate
     ) -> None:
         """Forward an allowed call once its decision record is stored (write-ahead)."""
         started = time.monotonic()
-        if not await self.write_ahead(record, reply, call_id, timeout, gate):
+        if not await self.write_ahead(record, call, timeout, gate):
             return
         self._stats.allowed += 1
-        await self.forward(
-            reply, payload, headers, call_id, caller, target, capability, trace_id,
-            timeout - (time.monotonic() - started), gate=gate,
-        )  # fmt: skip
+        await self.forward(call, timeout - (time.monotonic() - started), gate=gate)
 
     async def write_ahead(
-        self, record: dict[str, Any], reply: str, call_id: str, timeout: float, gate: CallGate
+        self, record: dict[str, Any], call: AllowedCall, timeout: float, gate: CallGate
     ) -> bool:
         """Store an allowed call's decision record before it is forwarded; False: it could
         not be stored in time, so the call was refused unrun (answered ``audit_unavailable``,
@@ -189,11 +201,11 @@ class CallRelay:
             details={"target": data["target"], "capability": data["capability"]},
         )
         body, headers = error_reply(err)
-        await host.nc.publish(reply, body, headers=headers)
+        await host.nc.publish(call.reply, body, headers=headers)
         if gate.probes:
             self._release_probes(gate.probes)
         outcome = CallOutcome(
-            call_id=call_id, caller=data["caller"], target=data["target"],
+            call_id=call.call_id, caller=data["caller"], target=data["target"],
             capability=data["capability"], ok=False, latency_ms=wait * 1000,
             error_code=err.code,
         )  # fmt: skip
@@ -226,38 +238,24 @@ class CallRelay:
                 },
             },
         }  # fmt: skip
+        call = AllowedCall(
+            parked.reply, parked.data, parked.headers, record.call_id, record.caller,
+            record.target, record.capability, parked.trace_id,
+        )  # fmt: skip
         settings = self._host.settings
         remaining = min(parked.deadline - time.time(), settings.call_timeout)
         if settings.write_ahead:
             started = time.monotonic()
-            if not await self.write_ahead(
-                decided, parked.reply, record.call_id, max(remaining, 0.001), NO_GATE
-            ):
+            if not await self.write_ahead(decided, call, max(remaining, 0.001), NO_GATE):
                 return
             remaining -= time.monotonic() - started
         else:
             await self._host.audit.emit("decision", **decided)
-        await self.forward(
-            parked.reply, parked.data, parked.headers, record.call_id, record.caller,
-            record.target, record.capability, parked.trace_id, max(remaining, 0.001),
-        )  # fmt: skip
+        await self.forward(call, max(remaining, 0.001))
 
     # -- forwarding and relaying ---------------------------------------------------------
 
-    async def forward(
-        self,
-        reply: str,
-        payload: bytes,
-        headers: dict[str, str],
-        call_id: str,
-        caller: str,
-        target: str,
-        capability: str,
-        trace_id: str,
-        timeout: float,
-        *,
-        gate: CallGate = NO_GATE,
-    ) -> None:
+    async def forward(self, call: AllowedCall, timeout: float, *, gate: CallGate = NO_GATE) -> None:
         """Send an allowed call to ``sb.in.<target>.<capability>[.<version>]``; relay its reply.
 
         The version comes from the target's route or the caller's pin
@@ -265,26 +263,29 @@ class CallRelay:
         a single version, any instance takes it.
         """
         host = self._host
+        headers, target, capability = call.headers, call.target, call.capability
         try:
             version = self._resolve_version(target, headers)
         except SignalboxError as err:
             body, refused = error_reply(err)
-            await host.nc.publish(reply, body, headers=refused)
-            await host.reject(err, subject=host.subjects.inbound(target, capability), actor=caller)
+            await host.nc.publish(call.reply, body, headers=refused)
+            await host.reject(
+                err, subject=host.subjects.inbound(target, capability), actor=call.caller
+            )
             return
         self._next += 1
         token = str(self._next)
         loop = asyncio.get_running_loop()
-        span, parent_span_id = self._delivery_span(headers, call_id, target, capability)
+        span, parent_span_id = self._delivery_span(headers, call.call_id, target, capability)
         self._pending[token] = PendingCall(
-            reply=reply,
-            call_id=call_id,
-            caller=caller,
+            reply=call.reply,
+            call_id=call.call_id,
+            caller=call.caller,
             target=target,
             capability=capability,
-            trace_id=trace_id,
+            trace_id=call.trace_id,
             started=time.perf_counter(),
-            request_bytes=len(payload),
+            request_bytes=len(call.payload),
             timer=loop.call_later(timeout, self._expire, token),
             span=span,
             parent_span_id=parent_span_id,
@@ -296,8 +297,8 @@ class CallRelay:
             idempotency_key=headers.get(H_IDEMPOTENCY_KEY, ""),
         )
         forward = {
-            H_CALL_ID: call_id,
-            H_CALLER: caller,
+            H_CALL_ID: call.call_id,
+            H_CALLER: call.caller,
             H_CAPABILITY: capability,
             # Microseconds: rounding to ms could put the deadline past the timeout.
             H_DEADLINE: f"{time.time() + timeout:.6f}",
@@ -308,14 +309,14 @@ class CallRelay:
         inject(forward, span, via=True)
         if gate.chain:
             forward[H_CHAIN] = gate.chain
-            signature = self._sign_chain(target, gate.chain, timeout, span, trace_id)
+            signature = self._sign_chain(target, gate.chain, timeout, span, call.trace_id)
             if signature:
                 forward[H_CHAIN_SIG] = signature
         await host.nc.publish(
             host.subjects.inbound_version(target, capability, version)
             if version
             else host.subjects.inbound(target, capability),
-            payload,
+            call.payload,
             reply=f"{self._inbox}.{token}",
             headers=forward,
         )

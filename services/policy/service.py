@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -96,7 +95,7 @@ from services.policy.decider import (
 )
 from services.policy.guards import Guards, parse_chain
 from services.policy.policy_sets import PolicySetDesk
-from services.policy.relay import CallRelay
+from services.policy.relay import AllowedCall, CallRelay
 from services.policy.routes import RouteDesk
 from services.policy.shadow import Shadow
 from services.policy.stats import PolicyStats
@@ -401,13 +400,10 @@ class PolicyService(Service):
             # Write-ahead: nothing runs without a durable decision (docs/decisions.md 29).
             # In a task of its own: nats-py runs a subscription's callbacks one after
             # the other, and calls waiting here together share one JetStream write.
-            self._spawn(
-                self.relay.forward_when_stored(
-                    record, msg.reply, msg.data, headers, call_id, caller, target,
-                    capability, trace_id, timeout, gate,
-                ),
-                msg,
-            )  # fmt: skip
+            allowed = AllowedCall(
+                msg.reply, msg.data, headers, call_id, caller, target, capability, trace_id
+            )
+            self._spawn(self.relay.forward_when_stored(record, allowed, timeout, gate), msg)
             return
         await self.audit.emit("decision", **record)
         if decision.effect != "allow" and gate.probes:
@@ -424,10 +420,10 @@ class PolicyService(Service):
             await self.nc.publish(msg.reply, body, headers=hdrs)
             return
         self.stats.allowed += 1
-        await self.relay.forward(
-            msg.reply, msg.data, headers, call_id, caller, target, capability, trace_id, timeout,
-            gate=gate,
-        )  # fmt: skip
+        allowed = AllowedCall(
+            msg.reply, msg.data, headers, call_id, caller, target, capability, trace_id
+        )
+        await self.relay.forward(allowed, timeout, gate=gate)
 
     def _concurrently(
         self, handler: Callable[[Msg], Awaitable[None]]
@@ -470,9 +466,12 @@ class PolicyService(Service):
             parents = parse_chain(self.chains.verified(agent, msg.headers, current_trace_id()))
         except InvalidInput:
             parents = ()
-        decide = functools.partial(
-            self._authorize, agent, msg.subject, current_trace_id(), parents=parents
-        )
+        trace_id = current_trace_id()
+
+        async def decide(request: AuthzRequest) -> Decision:
+            decision = await self._authorize(agent, msg.subject, trace_id, request, parents=parents)
+            return msgspec.structs.replace(decision, trace_id=trace_id)
+
         body, headers = await self.handle(msg.data, msg.subject, AuthzRequest, decide)
         await self.nc.publish(msg.reply, body, headers=headers or None)
 

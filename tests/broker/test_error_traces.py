@@ -47,7 +47,7 @@ async def test_a_refused_call_names_the_trace_of_its_decision(
 
 
 async def test_a_refused_model_use_names_its_trace(
-    make_stack: StackFactory, make_agent: AgentFactory
+    make_stack: StackFactory, make_agent: AgentFactory, audit_trail: AuditTrail
 ) -> None:
     await make_stack(allow=[])  # no permit: model use is denied by default
     a = make_agent("a", heartbeat_interval=0)
@@ -55,5 +55,28 @@ async def test_a_refused_model_use_names_its_trace(
     with pytest.raises(CallDenied) as denied:
         async with a.model_call("gpt-4o", provider="openai", region="eu-west-1"):
             pytest.fail("a denied model use must not run")
-    assert len(denied.value.trace_id) == 32
-    assert f"signalbox trace {denied.value.trace_id}" in denied.value.message
+    trace_id = denied.value.trace_id
+    assert len(trace_id) == 32
+    assert f"signalbox trace {trace_id}" in denied.value.message
+    # The policy service says where it recorded the decision (the Decision's trace_id,
+    # on the wire for raw clients too), and the record is there.
+    assert denied.value.details["trace_id"] == trace_id
+    records = await audit_trail.wait_for(
+        lambda r: r.kind == "decision" and r.actor == "a" and r.trace_id == trace_id
+    )
+    assert records[0].data["resource"] == "gpt-4o"
+
+
+async def test_every_authz_decision_names_the_trace_it_is_recorded_in(
+    make_stack: StackFactory, make_agent: AgentFactory, audit_trail: AuditTrail
+) -> None:
+    await make_stack(allow=[])
+    a = make_agent("a", heartbeat_interval=0)
+    await a.start()
+    first = await a.authorize("use_model", "gpt-4o", provider="openai", region="eu-west-1")
+    second = await a.authorize("use_tool", "search")
+    assert len(first.trace_id) == 32 and first.trace_id != second.trace_id
+    for decision in (first, second):
+        assert await audit_trail.wait_for(
+            lambda r, d=decision: r.kind == "decision" and r.trace_id == d.trace_id
+        )

@@ -179,14 +179,14 @@ async def _budget(operator: Client, stack: Stack, scope: str, name: str, limit: 
         BudgetStatus,
     )  # fmt: skip
     key = status.budget.key
-    cache = cost_of(stack)._budget_cache()
+    cache = cost_of(stack).budgets.cache
     await eventually(lambda: cache.get(key) == status.budget, f"the cost service to see {key}")
     return key
 
 
 def _spent(stack: Stack, key: str) -> float:
     cost = cost_of(stack)
-    budget = cost._budget_cache().get(key)
+    budget = cost.budgets.cache.get(key)
     assert budget is not None
     return cost.store.ledger.status(budget, time.time())[0].spent_usd
 

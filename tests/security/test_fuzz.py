@@ -332,7 +332,7 @@ async def world(
         key = status.budget.key
         await eventually(  # every replica watches the definitions
             lambda key=key: (
-                policy.budgets.get(key) is not None and cost._budget_cache().get(key) is not None
+                policy.budgets.get(key) is not None and cost.budgets.cache.get(key) is not None
             ),
             "both services to see the budget",
         )

@@ -76,7 +76,7 @@ async def agent_a(stack: Stack, settings: Settings, make_agent: AgentFactory) ->
     await eventually(
         lambda: (
             policy.budgets.get("agent.a.day") == status.budget
-            and cost_of(stack)._budget_cache().get("agent.a.day") == status.budget
+            and cost_of(stack).budgets.cache.get("agent.a.day") == status.budget
             and cost_of(stack)._team("a") == "team-1"
         ),
         "policy and cost to see the budget",

@@ -24,7 +24,6 @@ from broker.connection import connect
 from broker.runtime.identity import operator_connect_options
 from broker.settings import Settings
 from broker.subjects import Subjects
-from broker.telemetry import LAST_AUTHZ_TRACE
 from schemas import (
     AuditEvent,
     AuditKind,
@@ -395,11 +394,11 @@ async def test_refusals_name_their_breaker_budget_and_model_in_traces_and_replay
 
     ask: dict[str, Any] = {"provider": "openai", "region": "eu-west-1", "estimated_tokens": 10_000}
     allowed = await user.authorize("use_model", "gpt-4o-mini", **ask)
-    allowed_trace = LAST_AUTHZ_TRACE.get()
+    allowed_trace = allowed.trace_id
     over = await spender.authorize("use_model", "gpt-4o-mini", **ask)
-    over_trace = LAST_AUTHZ_TRACE.get()
+    over_trace = over.trace_id
     refused = await tripped.authorize("use_model", "gpt-4o-mini", **ask)
-    refused_trace = LAST_AUTHZ_TRACE.get()
+    refused_trace = refused.trace_id
     assert (allowed.effect, allowed.policy_ids) == ("allow", ("any-model",))
     # The budget's deny is the budget's: the permit that allowed the use is not its reason.
     assert (over.effect, over.reason_code, over.policy_ids) == ("deny", "budget_exceeded", ())

@@ -86,7 +86,7 @@ async def _set(operator: Client, stack: Stack, scope: str, name: str, limit: flo
     await eventually(
         lambda: (
             policy.budgets.get(key) == status.budget  # type: ignore[attr-defined]
-            and cost_of(stack)._budget_cache().get(key) == status.budget
+            and cost_of(stack).budgets.cache.get(key) == status.budget
         ),
         "policy and cost to see the budget",
     )
@@ -316,7 +316,7 @@ async def test_operators_manage_budgets_from_the_cli(
 
     async def spent() -> bool:
         [status] = await asyncio.to_thread(
-            cost.store.ledger.status, cost._budget_cache().get("team.risk.day"), time.time()
+            cost.store.ledger.status, cost.budgets.cache.get("team.risk.day"), time.time()
         )
         return status.spent_usd > 0
 

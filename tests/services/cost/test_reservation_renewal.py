@@ -247,7 +247,7 @@ async def _set(operator: Client, stack: Stack, scope: str, name: str, limit: flo
         lambda: (
             policy.budgets is not None
             and policy.budgets.get(key) == status.budget
-            and cost_of(stack)._budget_cache().get(key) == status.budget
+            and cost_of(stack).budgets.cache.get(key) == status.budget
         ),
         "policy and cost to see the budget",
     )
