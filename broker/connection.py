@@ -82,7 +82,13 @@ async def connect(
 
     async def _error_cb(exc: Exception) -> None:
         denial = permission_violation(exc)
-        if denial:
+        if denial and is_refused_reply(denial):
+            state.refused_replies += 1
+            if _sampled(state.refused_replies):
+                log.warning("nats connection %s: %s", name, refused_reply_text(denial, state))
+            if state.client is not None:
+                state.client.note_violation(denial)
+        elif denial:
             # The server refused one command and kept the connection: say so where
             # the operator looks (it was a debug line, so only the server log told).
             log.warning(
@@ -116,6 +122,8 @@ async def connect(
 
     async def _reconnected_cb() -> None:
         state.refusals = 0
+        state.reconnects += 1
+        state.refused_replies = 0
         log.info("nats connection %s: reconnected", name)
         if user_reconnected_cb is not None:
             await user_reconnected_cb()
@@ -401,6 +409,9 @@ class _ReconnectState:
         self._turn = 0
         #: The client being connected (told about permission violations).
         self.client: SessionClient | None = None
+        #: Reconnections so far, and replies refused since the last (re)connection.
+        self.reconnects = 0
+        self.refused_replies = 0
 
     def delay(self) -> float:
         if self.refusals == 0:
@@ -435,6 +446,38 @@ def permission_violation(exc: BaseException) -> str:
     marker = "permissions violation for "
     at = text.lower().find(marker)
     return text[at + len(marker) :].strip() if at >= 0 else ""
+
+
+def is_refused_reply(denial: str) -> bool:
+    """True if ``denial`` (see :func:`permission_violation`) is a publish to an inbox:
+    a reply the server did not grant (agents may answer only requests they received)."""
+    return denial.startswith('publish to "_inbox.')
+
+
+def _sampled(count: int) -> bool:
+    """Log the 1st, 10th, 100th... of a burst (each line says how many so far)."""
+    return count == 1 or (count % 10 == 0 and str(count).rstrip("0") == "1")
+
+
+def refused_reply_text(denial: str, state: _ReconnectState) -> str:
+    """Why the server refused a reply, in words an operator can act on."""
+    subject = denial.removeprefix("publish to ")
+    count = state.refused_replies
+    so_far = f" ({count} since the connection was (re)established)" if count > 1 else ""
+    if state.reconnects:
+        why = (
+            "it answers a request received before the connection was re-established: the "
+            "server grants a reply only on the connection the request arrived on, once. The "
+            "caller sees that call time out as one that may have run (outcome_unknown); make "
+            "handlers idempotent (the Sb-Idempotency-Key header) so its retry is safe"
+        )
+    else:
+        why = (
+            "an agent may answer each request it received once, and publish to no other "
+            "inbox: a second reply to the same request, or a reply to a request this "
+            "connection never received, is refused"
+        )
+    return f"the server refused a reply to {subject}{so_far}: {why}"
 
 
 def is_auth_error(exc: BaseException) -> bool:
