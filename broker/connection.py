@@ -468,8 +468,8 @@ def refused_reply_text(denial: str, state: _ReconnectState) -> str:
         why = (
             "it answers a request received before the connection was re-established: the "
             "server grants a reply only on the connection the request arrived on, once. The "
-            "caller sees that call time out as one that may have run (outcome_unknown); make "
-            "handlers idempotent (the Sb-Idempotency-Key header) so its retry is safe"
+            "caller sees that call as one that may have run (outcome_unknown); a retry with "
+            "the same idempotency key (Sb-Idempotency-Key) gets this run's result"
         )
     else:
         why = (

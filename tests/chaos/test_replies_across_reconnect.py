@@ -5,7 +5,8 @@ connection it received it on. A handler that finishes after the server
 restarted answers on a new connection: the server refuses the reply. The
 target's log must say that in words (not "credentials do not allow it",
 which reads as a misconfiguration), and the caller must get
-``OutcomeUnknown``: its call was delivered and may have run.
+``OutcomeUnknown``: its call was delivered and may have run. A retry with
+the same idempotency key gets the first run's result, without a second run.
 """
 
 from __future__ import annotations
@@ -39,19 +40,23 @@ async def test_a_reply_after_a_server_restart_is_refused_and_explained(
 ) -> None:
     await make_stack(allow=[("a", "b", ["slow"])])
     received, release = asyncio.Event(), asyncio.Event()
+    runs: list[str] = []
     b = make_agent("b", heartbeat_interval=0)
 
     @b.capability("slow")
     async def slow(req: dict[str, Any]) -> dict[str, Any]:
+        runs.append("run")
         received.set()
         await release.wait()
-        return {"ran": True}
+        return {"ran": len(runs)}
 
     a = make_agent("a", heartbeat_interval=0)
     await b.start()
     await a.start()
     caplog.set_level(logging.WARNING, logger="broker.connection")
-    calling = asyncio.ensure_future(a.call("b", "slow", {}, timeout=15.0))
+    calling = asyncio.ensure_future(
+        a.call("b", "slow", {}, timeout=15.0, idempotency_key="order-1")
+    )
     await asyncio.wait_for(received.wait(), 10)
 
     await asyncio.to_thread(fresh_server.stop)
@@ -64,10 +69,13 @@ async def test_a_reply_after_a_server_restart_is_refused_and_explained(
     await eventually(lambda: "refused a reply" in caplog.text, "the refused reply to be logged")
     said = next(r.getMessage() for r in caplog.records if "refused a reply" in r.getMessage())
     assert "before the connection was re-established" in said
-    assert "outcome_unknown" in said and "Sb-Idempotency-Key" in said
+    assert "outcome_unknown" in said and "same idempotency key" in said
     assert "credentials do not allow it" not in said
     with pytest.raises(OutcomeUnknown):
         await calling
+    # As the log says: the retry with the same key gets the first run's result.
+    again = await a.call("b", "slow", {}, timeout=10.0, idempotency_key="order-1")
+    assert again == {"ran": 1} and runs == ["run"]
 
 
 async def test_a_reply_to_a_request_never_received_is_refused_and_explained(
