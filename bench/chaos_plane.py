@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from broker.runtime.identity import (
     service_connect_options,
 )
 from broker.runtime.permissions import auth_config
-from broker.runtime.server import EmbeddedServer
+from broker.runtime.server import EmbeddedServer, pick_ports
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import AgentBinding, AgentManifest
@@ -215,13 +214,6 @@ def write_policies(folder: Path) -> Path:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _healthy(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as reply:
@@ -312,8 +304,8 @@ class Deployment(Plane):
             self.servers.append(server)
             self.url = server.start()
             return
-        routes = [_free_port() for _ in range(3)]
-        self.monitor_ports = [_free_port() for _ in range(3)]
+        *routes, m1, m2, m3 = pick_ports(6)
+        self.monitor_ports = [m1, m2, m3]
         listed = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in routes)
         for i in range(3):
             extra = (

@@ -116,14 +116,17 @@ async def connect(
             await user_error_cb(exc)
 
     async def _disconnected_cb() -> None:
+        # Counted here, not on reconnect: nats-py flushes what was written meanwhile
+        # (a handler's reply) before it calls reconnected_cb, so the server's refusal
+        # of that reply can arrive first.
+        state.interruptions += 1
+        state.refused_replies = 0
         log.info("nats connection %s: disconnected", name)
         if user_disconnected_cb is not None:
             await user_disconnected_cb()
 
     async def _reconnected_cb() -> None:
         state.refusals = 0
-        state.reconnects += 1
-        state.refused_replies = 0
         log.info("nats connection %s: reconnected", name)
         if user_reconnected_cb is not None:
             await user_reconnected_cb()
@@ -409,8 +412,8 @@ class _ReconnectState:
         self._turn = 0
         #: The client being connected (told about permission violations).
         self.client: SessionClient | None = None
-        #: Reconnections so far, and replies refused since the last (re)connection.
-        self.reconnects = 0
+        #: Disconnections so far, and replies refused since the last one (or connecting).
+        self.interruptions = 0
         self.refused_replies = 0
 
     def delay(self) -> float:
@@ -464,7 +467,7 @@ def refused_reply_text(denial: str, state: _ReconnectState) -> str:
     subject = denial.removeprefix("publish to ")
     count = state.refused_replies
     so_far = f" ({count} since the connection was (re)established)" if count > 1 else ""
-    if state.reconnects:
+    if state.interruptions:
         why = (
             "it answers a request received before the connection was re-established: the "
             "server grants a reply only on the connection the request arrived on, once. The "

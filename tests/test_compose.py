@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -53,7 +52,7 @@ from broker.runtime.identity import (
     service_connect_options,
 )
 from broker.runtime.jetstream import AUDIT_STREAM
-from broker.runtime.server import find_server_binary
+from broker.runtime.server import find_server_binary, pick_ports
 from broker.settings import Settings
 from broker.subjects import Subjects
 from schemas import AgentManifest, EnrollAgent, Enrolled
@@ -753,13 +752,6 @@ def test_image_ships_the_cedar_policies() -> None:
 # --------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _render(conf: dict[str, Any], indent: str = "") -> str:
     """Write a parsed config back out (every scalar quoted or numeric)."""
     lines = []
@@ -835,7 +827,8 @@ def local_cluster(
     rewritten only; the include points at the auth config the identity service's
     command wrote on the secrets volume's stand-in."""
     binary = find_server_binary()
-    ports = {name: (_free_port(), _free_port(), _free_port()) for name in nodes}
+    picked = iter(pick_ports(3 * len(nodes)))
+    ports = {name: (next(picked), next(picked), next(picked)) for name in nodes}
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for name, node in nodes.items():

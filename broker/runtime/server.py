@@ -12,6 +12,7 @@ import ctypes
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -26,7 +27,7 @@ from typing import Any
 
 from broker.errors import PortInUse, ServerBinaryNotFound, ServerError, ServerStartTimeout
 
-__all__ = ["EmbeddedServer", "find_server_binary", "render_blocks"]
+__all__ = ["EmbeddedServer", "find_server_binary", "pick_ports", "render_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,61 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _ephemeral_low(default: int = 32768) -> int:
+    """The first port of the kernel's ephemeral range (``bind(0)``, outgoing connections)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def pick_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports free on ``host`` now, for configs that must name each
+    other's ports before any server starts (cluster routes, monitoring, ``up --port``).
+
+    Picked *below* the kernel's ephemeral range: a port from ``bind(0)`` is in
+    that range, and so is the local port of every outgoing connection, so any
+    process connecting anywhere could take it before the server binds it (a CI
+    run lost a cluster node to "address already in use" that way). Each is
+    checked by binding it, and all stay bound until every one is picked, so
+    none repeats. Falls back to ``bind(0)`` ports if that range is too small.
+
+    Raises:
+        PortInUse: no free port was found below the ephemeral range.
+    """
+    low = _ephemeral_low()
+    start, stop = max(10_000, low - 12_000), low
+    held: list[socket.socket] = []
+    try:
+        if stop - start < 4 * count:
+            for _ in range(count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(sock)
+                sock.bind((host, 0))
+            return [int(sock.getsockname()[1]) for sock in held]
+        tries = random.Random()
+        for _ in range(64 * count):
+            if len(held) == count:
+                break
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind((host, tries.randrange(start, stop)))
+            except OSError:
+                sock.close()
+                continue
+            held.append(sock)
+        if len(held) < count:
+            raise PortInUse(
+                f"found only {len(held)} of {count} free ports on {host} in {start}-{stop - 1}",
+                details={"host": host, "count": count},
+            )
+        return [int(sock.getsockname()[1]) for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def render_blocks(blocks: Mapping[str, Any]) -> str:

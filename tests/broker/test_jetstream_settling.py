@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,21 +18,15 @@ import pytest
 from broker.connection import connect
 from broker.errors import JetStreamUnavailable
 from broker.runtime.jetstream import AUDIT_STREAM, ensure_buckets, ensure_streams
-from broker.runtime.server import EmbeddedServer
+from broker.runtime.server import EmbeddedServer, pick_ports
 from broker.settings import Settings
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Cluster:
     """Three open (no auth) nodes routed to each other; started one by one."""
 
     def __init__(self, root: Path) -> None:
-        routes = [_free_port() for _ in range(3)]
+        routes = pick_ports(3)
         listed = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in routes)
         self.nodes = [
             EmbeddedServer(

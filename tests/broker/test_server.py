@@ -17,7 +17,7 @@ import nats
 import pytest
 
 from broker.errors import PortInUse, ServerBinaryNotFound, ServerError, ServerStartTimeout
-from broker.runtime.server import EmbeddedServer, find_server_binary
+from broker.runtime.server import EmbeddedServer, find_server_binary, pick_ports
 
 
 def _gone(pid: int) -> bool:
@@ -86,6 +86,32 @@ def test_a_taken_port_is_reported_with_what_to_do(tmp_path: Path) -> None:
     assert "SIGNALBOX_NATS_PORT=0" in info.value.message
     assert "--nats-url" in info.value.message
     assert server.pid is None
+
+
+def test_pick_ports_are_distinct_free_and_below_the_ephemeral_range() -> None:
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = pick_ports(9)
+    assert len(set(ports)) == 9
+    assert all(1024 < port < low for port in ports)  # no bind(0) or outgoing connection gets one
+    for port in ports:  # free now (nothing held them after picking)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_pick_ports_skips_a_taken_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as holder:
+        [taken] = pick_ports(1)
+        holder.bind(("127.0.0.1", taken))
+        holder.listen()
+        [other] = pick_ports(1)  # while taken is held: another port
+        draws = iter([taken, taken, other])
+
+        class Fixed:
+            def randrange(self, start: int, stop: int) -> int:
+                return next(draws)
+
+        monkeypatch.setattr("broker.runtime.server.random.Random", Fixed)
+        assert pick_ports(1) == [other]  # the taken port was drawn twice and skipped
 
 
 def test_the_port_of_a_running_nats_server_is_reported_taken(

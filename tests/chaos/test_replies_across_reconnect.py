@@ -32,12 +32,16 @@ def test_a_burst_of_refused_replies_is_logged_at_1_10_100() -> None:
     assert [n for n in range(1, 1001) if _sampled(n)] == [1, 10, 100, 1000]
 
 
+@pytest.mark.parametrize("answered", ["after reconnecting", "while disconnected"])
 async def test_a_reply_after_a_server_restart_is_refused_and_explained(
     make_stack: StackFactory,
     make_agent: AgentFactory,
     fresh_server: EmbeddedServer,
     caplog: pytest.LogCaptureFixture,
+    answered: str,
 ) -> None:
+    """``while disconnected``: nats-py buffers the reply and flushes it on reconnect
+    before it calls ``reconnected_cb``, so the server's refusal can arrive first."""
     await make_stack(allow=[("a", "b", ["slow"])])
     received, release = asyncio.Event(), asyncio.Event()
     runs: list[str] = []
@@ -60,6 +64,10 @@ async def test_a_reply_after_a_server_restart_is_refused_and_explained(
     await asyncio.wait_for(received.wait(), 10)
 
     await asyncio.to_thread(fresh_server.stop)
+    if answered == "while disconnected":
+        await eventually(lambda: not b.nc.is_connected, "b to notice the server is gone")
+        release.set()  # the reply waits in nats-py's buffer
+        await asyncio.sleep(0.2)
     await asyncio.to_thread(fresh_server.restart)
     await eventually(
         lambda: b.nc.is_connected and a.nc.is_connected, "the agents to reconnect", timeout=30

@@ -301,7 +301,9 @@ async def test_the_registry_answers_an_agent_only_into_its_own_inbox(
     assert registry.rejected["invalid_reply_subject"] == len(BAD_REPLIES)
     assert await kv_revisions(svc) == kv_before
     first_seq, messages = await audit_stream_state(svc)
-    assert first_seq == audit_before[0] and messages >= audit_before[1]
+    # Nothing removed from the trail. An empty stream reports first_seq 0, and 1 once
+    # its first record (maybe this test's refusals) is chained.
+    assert first_seq <= (audit_before[0] or 1) and messages >= audit_before[1]
     assert world.raw.errors == []  # all of it was the agent's to publish
     # b still answers calls, and the attacker is accountable for every attempt.
     assert await world.a.call("b", "echo", Echo("hi"), returns=Echo) == Echo("hi")

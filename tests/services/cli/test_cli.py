@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from typer.testing import CliRunner, Result
 from broker.agent import Agent
 from broker.errors import CallDenied
 from broker.runtime.jetstream import AUDIT_STREAM
-from broker.runtime.server import EmbeddedServer
+from broker.runtime.server import EmbeddedServer, pick_ports
 from broker.settings import Settings
 from schemas import AgentManifest, AuditEvent
 from services.cli import common as cli
@@ -42,9 +41,7 @@ def assert_clean_failure(result: Result, *needles: str) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    [port] = pick_ports(1)
     return port
 
 
