@@ -469,7 +469,8 @@ def refused_reply_text(denial: str, state: _ReconnectState) -> str:
     so_far = f" ({count} since the connection was (re)established)" if count > 1 else ""
     if state.interruptions:
         why = (
-            "it answers a request received before the connection was re-established: the "
+            "most likely it answers a request received before the connection was "
+            "re-established (else a second reply, or one to a request never received): the "
             "server grants a reply only on the connection the request arrived on, once. The "
             "caller sees that call as one that may have run (outcome_unknown); a retry with "
             "the same idempotency key (Sb-Idempotency-Key) gets this run's result"
